@@ -1,0 +1,72 @@
+//! xdplb data plane. The main path reads top to bottom:
+//! parse → classify → select → rewrite and forward, counting as it goes.
+#![no_std]
+#![no_main]
+
+mod classify;
+mod counters;
+mod forward;
+mod maps;
+mod parse;
+mod select;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::GlobalCounter;
+
+use crate::{
+    counters::{count, count_traffic},
+    parse::{Parsed, Unclassifiable},
+};
+
+#[xdp]
+pub fn xdplb(ctx: XdpContext) -> u32 {
+    let packet = match parse::parse(&ctx) {
+        Parsed::Packet(packet) => packet,
+        Parsed::Unclassifiable { dst, family, reason } => {
+            return drop_if_vip_address(dst, family, reason);
+        }
+        Parsed::OtherProtocol => return pass(GlobalCounter::PassNonVip),
+        Parsed::Unparsed => return pass(GlobalCounter::PassUnparsed),
+    };
+
+    let Some(vip) = classify::lookup_vip(&packet.flow) else {
+        return pass(GlobalCounter::PassNonVip);
+    };
+
+    let Some(selection) = select::select_backend(&packet, &vip) else {
+        count(GlobalCounter::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    };
+
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    count_traffic(vip.id, selection.backend_id, bytes, selection.new_flow);
+    forward::forward_dsr(&ctx, unsafe { &*selection.backend })
+}
+
+#[inline(always)]
+fn pass(counter: GlobalCounter) -> u32 {
+    count(counter);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn drop_if_vip_address(dst: [u32; 4], family: u8, reason: Unclassifiable) -> u32 {
+    if !classify::is_vip_address(dst, family) {
+        return pass(GlobalCounter::PassNonVip);
+    }
+    count(match reason {
+        Unclassifiable::Ipv4Fragment => GlobalCounter::DropFragment,
+        Unclassifiable::Ipv6ExtensionHeader => GlobalCounter::DropIpv6ExtHeader,
+    });
+    xdp_action::XDP_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

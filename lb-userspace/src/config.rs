@@ -1,0 +1,358 @@
+//! The TOML configuration: parsing, and validation whose errors name the
+//! file, line and column of the offending value.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S, MAX_VIPS};
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+pub const MAX_WEIGHT: u32 = 1000;
+/// Backend slots are shared by all services; id 0 means "none".
+pub const MAX_BACKENDS_PER_SERVICE: usize = 1000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The interface clients' packets for the VIPs arrive on.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpModeConfig,
+    /// Maglev lookup-table size of every service; a prime.
+    #[serde(default = "default_ring_size")]
+    pub ring_size: Spanned<u32>,
+    /// How many services the ring map is sized for (memory: 4 × ring_size × this).
+    #[serde(default = "default_max_services")]
+    pub max_services: Spanned<u32>,
+    #[serde(default = "default_conntrack_size")]
+    pub conntrack_size: u32,
+    #[serde(default = "default_udp_idle_timeout_s")]
+    pub udp_idle_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    #[default]
+    Driver,
+    Skb,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: Spanned<String>,
+    pub vip: Spanned<SocketAddr>,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// L2 direct server return: only MAC addresses are rewritten.
+    #[default]
+    Dsr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: Spanned<IpAddr>,
+    #[serde(default = "default_weight")]
+    pub weight: Weight,
+}
+
+/// A backend weight, 0..=MAX_WEIGHT; 0 keeps the backend out of the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Weight(pub u32);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = i64::deserialize(d)?;
+        if !(0..=MAX_WEIGHT as i64).contains(&value) {
+            return Err(serde::de::Error::custom(format!(
+                "weight {value} is out of range 0..={MAX_WEIGHT}"
+            )));
+        }
+        Ok(Weight(value as u32))
+    }
+}
+
+fn default_weight() -> Weight {
+    Weight(1)
+}
+fn default_ring_size() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_RING_SIZE)
+}
+fn default_max_services() -> Spanned<u32> {
+    Spanned::new(0..0, 64)
+}
+fn default_conntrack_size() -> u32 {
+    DEFAULT_CONNTRACK_SIZE
+}
+fn default_udp_idle_timeout_s() -> u64 {
+    DEFAULT_UDP_IDLE_TIMEOUT_S
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read config: {e}", path.display()))?;
+        Ok(Config::parse(&text, path)?)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let located = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_column(text, span.map_or(0, |s| s.start));
+            ConfigError { path: path.to_path_buf(), line, column, message }
+        };
+        let config: Config =
+            toml::from_str(text).map_err(|e| located(e.span(), e.message().to_string()))?;
+        config.validate().map_err(|(span, message)| located(Some(span), message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (Range<usize>, String)> {
+        let ring_size = *self.agent.ring_size.get_ref();
+        if !is_prime(ring_size) || ring_size < 3 {
+            return Err((self.agent.ring_size.span(), format!("ring_size {ring_size} is not a prime ≥ 3")));
+        }
+        let max_services = *self.agent.max_services.get_ref();
+        if max_services == 0 || max_services > MAX_VIPS {
+            return Err((
+                self.agent.max_services.span(),
+                format!("max_services {max_services} is out of range 1..={MAX_VIPS}"),
+            ));
+        }
+        if (max_services as u64) * (ring_size as u64) > u32::MAX as u64 / 4 {
+            return Err((self.agent.max_services.span(), "max_services × ring_size is too large".into()));
+        }
+        if self.services.len() > max_services as usize {
+            let span = self.services[max_services as usize].name.span();
+            return Err((span, format!("more than max_services = {max_services} services")));
+        }
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        for service in &self.services {
+            let name = service.name.get_ref();
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err((service.name.span(), format!("duplicate or empty service name {name:?}")));
+            }
+            let vip = *service.vip.get_ref();
+            if !vips.insert((vip, service.protocol)) {
+                return Err((service.vip.span(), format!("duplicate VIP {vip}/{}", service.protocol)));
+            }
+            if service.backends.len() > MAX_BACKENDS_PER_SERVICE {
+                return Err((service.name.span(), format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends")));
+            }
+            let mut addresses = HashSet::new();
+            for backend in &service.backends {
+                let addr = *backend.address.get_ref();
+                if addr.is_ipv4() != vip.is_ipv4() {
+                    return Err((backend.address.span(), format!("backend {addr} is not of the same IP family as VIP {vip}")));
+                }
+                if !addresses.insert(addr) {
+                    return Err((backend.address.span(), format!("duplicate backend {addr} in service {name:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
+    (line, column)
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = n as u64;
+    let mut d = 2u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("lb.toml"))
+    }
+
+    const GOOD: &str = r#"
+[agent]
+interface = "eth0"
+
+[[service]]
+name = "web"
+vip = "198.18.0.100:80"
+protocol = "tcp"
+forwarding = "dsr"
+
+[[service.backend]]
+address = "198.18.1.11"
+weight = 2
+
+[[service]]
+name = "web6"
+vip = "[2001:db8::100]:80"
+protocol = "tcp"
+
+[[service.backend]]
+address = "2001:db8:0:2::11"
+"#;
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.agent.xdp_mode, XdpModeConfig::Driver);
+        assert_eq!(*config.agent.ring_size.get_ref(), 65537);
+        assert_eq!(config.services.len(), 2);
+        assert_eq!(config.services[0].backends[0].weight, Weight(2));
+        assert_eq!(config.services[1].backends[0].weight, Weight(1));
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = GOOD.replace("forwarding = \"dsr\"", "forwardin = \"dsr\"");
+        let err = error_of(&text);
+        assert!(err.starts_with("lb.toml:9:1: "), "{err}");
+        assert!(err.contains("unknown field `forwardin`"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_located() {
+        let err = error_of(&GOOD.replace("198.18.1.11", "198.18.1.311"));
+        assert!(err.starts_with("lb.toml:12:11: "), "{err}");
+        assert!(err.contains("invalid IP address"), "{err}");
+    }
+
+    #[test]
+    fn weight_out_of_range_is_located() {
+        let err = error_of(&GOOD.replace("weight = 2", "weight = 1001"));
+        assert!(err.starts_with("lb.toml:13:10: "), "{err}");
+        assert!(err.contains("weight 1001 is out of range 0..=1000"), "{err}");
+        let err = error_of(&GOOD.replace("weight = 2", "weight = -1"));
+        assert!(err.contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_vip_is_located() {
+        let err = error_of(&GOOD.replace("[2001:db8::100]:80", "198.18.0.100:80").replace("2001:db8:0:2::11", "198.18.1.12"));
+        assert!(err.starts_with("lb.toml:17:7: "), "{err}");
+        assert!(err.contains("duplicate VIP 198.18.0.100:80/tcp"), "{err}");
+    }
+
+    #[test]
+    fn same_vip_on_udp_and_tcp_is_allowed() {
+        let text = GOOD.replace("[2001:db8::100]:80", "198.18.0.100:80").replace("2001:db8:0:2::11", "198.18.1.12");
+        let text = text.replacen("protocol = \"tcp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"", "protocol = \"udp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"", 1);
+        parse(&text).unwrap();
+    }
+
+    #[test]
+    fn mixed_family_and_duplicate_backends_are_rejected() {
+        let err = error_of(&GOOD.replace("2001:db8:0:2::11", "198.18.1.12"));
+        assert!(err.contains("not of the same IP family"), "{err}");
+        let text = GOOD.replace("weight = 2\n", "weight = 2\n\n[[service.backend]]\naddress = \"198.18.1.11\"\n");
+        let err = error_of(&text);
+        assert!(err.contains("duplicate backend 198.18.1.11"), "{err}");
+    }
+
+    #[test]
+    fn ring_size_must_be_prime() {
+        let err = error_of(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nring_size = 65536"));
+        assert!(err.starts_with("lb.toml:4:13: "), "{err}");
+        assert!(err.contains("not a prime"), "{err}");
+        parse(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nring_size = 251")).unwrap();
+    }
+
+    #[test]
+    fn bad_enum_value_is_reported() {
+        let err = error_of(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+        assert!(err.contains("unknown variant `sctp`"), "{err}");
+        let err = error_of(&GOOD.replace("forwarding = \"dsr\"", "forwarding = \"nat\""));
+        assert!(err.contains("unknown variant `nat`"), "{err}");
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65537) && is_prime(2) && is_prime(251));
+        assert!(!is_prime(65536) && !is_prime(1) && !is_prime(65535));
+    }
+}

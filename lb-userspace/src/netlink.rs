@@ -1,0 +1,177 @@
+//! Kernel routing and neighbour lookups over rtnetlink: where a backend is
+//! reached from (egress interface, next hop) and at which MAC address.
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    link::LinkAttribute,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
+    route::{RouteAddress, RouteAttribute},
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// How a backend is reached at layer 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Path {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    pub fn connect() -> Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    pub async fn ifindex_by_name(&self, name: &str) -> Result<u32> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+            .with_context(|| format!("interface {name:?} not found"))?
+            .ok_or_else(|| anyhow!("interface {name:?} not found"))?;
+        Ok(link.header.index)
+    }
+
+    pub async fn mac_of(&self, ifindex: u32) -> Result<[u8; 6]> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(ifindex)
+            .execute()
+            .try_next()
+            .await?
+            .ok_or_else(|| anyhow!("interface {ifindex} not found"))?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(mac) if mac.len() == 6 => mac.as_slice().try_into().ok(),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
+    }
+
+    /// Resolves the L2 path to `addr` from the kernel's route and neighbour
+    /// tables, asking the kernel to resolve the neighbour when it is unknown
+    /// and waiting up to `timeout` for the answer.
+    pub async fn resolve(&self, addr: IpAddr, timeout: Duration) -> Result<L2Path> {
+        let (ifindex, next_hop) = self.route_to(addr).await?;
+        let src_mac = self.mac_of(ifindex).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut asked = false;
+        loop {
+            if let Some(dst_mac) = self.neighbour_mac(ifindex, next_hop).await? {
+                return Ok(L2Path { ifindex, src_mac, dst_mac });
+            }
+            if !asked {
+                self.request_resolution(ifindex, next_hop).await;
+                asked = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("no neighbour entry for {next_hop} on interface {ifindex} after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Egress interface and next hop (gateway, or the address itself when it
+    /// is on-link) of the kernel's route to `addr`.
+    async fn route_to(&self, addr: IpAddr) -> Result<(u32, IpAddr)> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let request = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(addr, prefix)
+            .context("building route request")?
+            .build();
+        let route = self
+            .handle
+            .route()
+            .get(request)
+            .execute()
+            .try_next()
+            .await
+            .with_context(|| format!("no route to backend {addr}"))?
+            .ok_or_else(|| anyhow!("no route to backend {addr}"))?;
+        let mut ifindex = None;
+        let mut next_hop = addr;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Oif(index) => ifindex = Some(*index),
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => next_hop = IpAddr::V4(*gw),
+                RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => next_hop = IpAddr::V6(*gw),
+                _ => {}
+            }
+        }
+        let ifindex = ifindex.ok_or_else(|| anyhow!("route to {addr} has no output interface"))?;
+        Ok((ifindex, next_hop))
+    }
+
+    async fn neighbour_mac(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
+        let mut neighbours = self.handle.neighbours().get().execute();
+        while let Some(neigh) = neighbours.try_next().await.context("dumping neighbours")? {
+            if neigh.header.ifindex != ifindex || !usable(neigh.header.state) {
+                continue;
+            }
+            let mut dst = None;
+            let mut mac = None;
+            for attr in &neigh.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(*a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(*a))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                        mac = <[u8; 6]>::try_from(l.as_slice()).ok()
+                    }
+                    _ => {}
+                }
+            }
+            if dst == Some(addr) && mac.is_some() {
+                return Ok(mac);
+            }
+        }
+        Ok(None)
+    }
+
+    /// `ip neigh add ADDR dev IF use`: the kernel creates the entry and sends
+    /// its ARP request / neighbour solicitation. An existing entry is fine.
+    async fn request_resolution(&self, ifindex: u32, addr: IpAddr) {
+        let result = self
+            .handle
+            .neighbours()
+            .add(ifindex, addr)
+            .state(NeighbourState::None)
+            .flags(NeighbourFlags::Use)
+            .execute()
+            .await;
+        if let Err(err) = result {
+            log::debug!("neighbour resolution request for {addr} on {ifindex}: {err}");
+        }
+    }
+}
+
+fn usable(state: NeighbourState) -> bool {
+    matches!(
+        state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    )
+}

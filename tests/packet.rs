@@ -1,0 +1,548 @@
+//! Packet-level tests of the real XDP program, loaded into the kernel and run
+//! with BPF_PROG_TEST_RUN. Maps are programmed through the same
+//! `Reconciler` → `Dataplane::apply` path the agent uses.
+//!
+//! Each test runs in a network namespace of its own (a thread-level
+//! `unshare`), where test runs see `lo` as the ingress interface and a dummy
+//! device serves as the XDP_REDIRECT target. Needs root.
+
+use std::{net::IpAddr, process::Command, thread, time::Duration};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{FlowKey, GlobalCounter, PROTO_TCP};
+use xdplb::{
+    config::Protocol,
+    dataplane::{Dataplane, DataplaneParams},
+    netlink::L2Path,
+    reconcile::{DesiredBackend, DesiredService, Reconciler, address_words},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
+const EGRESS_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0xee];
+const RING: u32 = 1021;
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const RST: u8 = 0x04;
+const PSH_ACK: u8 = 0x18;
+
+fn backend_mac(n: u8) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, 0, n]
+}
+
+/// A test world: its own netns, a loaded program, and a reconciler.
+struct World {
+    dataplane: Dataplane,
+    reconciler: Reconciler,
+    dummy_ifindex: u32,
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with_udp_timeout(Duration::from_secs(30))
+    }
+
+    fn with_udp_timeout(udp_idle_timeout: Duration) -> Self {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "add", "xdplbtest0", "type", "veth", "peer", "name", "xdplbtest1"],
+            &["link", "set", "xdplbtest0", "up"],
+        ] {
+            let status = Command::new("ip").args(args).status().expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        let dummy_ifindex = std::fs::read_to_string("/sys/class/net/xdplbtest0/ifindex")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| ifindex_via_ip("xdplbtest0"));
+        let params = DataplaneParams {
+            ring_size: RING,
+            max_services: 8,
+            conntrack_size: 4096,
+            udp_idle_timeout_ns: udp_idle_timeout.as_nanos() as u64,
+        };
+        World { dataplane: Dataplane::load(params).expect("load XDP program"), reconciler: Reconciler::new(RING, 8), dummy_ifindex }
+    }
+
+    fn set(&mut self, services: &[DesiredService]) {
+        let (writes, errors) = self.reconciler.plan(services);
+        assert!(errors.is_empty(), "{errors:?}");
+        self.dataplane.apply(&writes).expect("apply");
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let result = self.dataplane.program().unwrap().test_run(opts).expect("test_run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counter(&self, which: GlobalCounter) -> u64 {
+        self.dataplane.global_counters().unwrap().into_iter().find(|(c, _)| *c == which).unwrap().1
+    }
+
+    fn flows(&self) -> Vec<FlowKey> {
+        self.dataplane.flows().unwrap().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// A backend reached through `lo` (the test-run ingress): XDP_TX.
+    fn tx_backend(&self, address: &str, n: u8, weight: u32) -> DesiredBackend {
+        self.backend_on(1, address, n, weight)
+    }
+
+    /// A backend behind the veth device: XDP_REDIRECT.
+    fn redirect_backend(&self, address: &str, n: u8) -> DesiredBackend {
+        self.backend_on(self.dummy_ifindex, address, n, 1)
+    }
+
+    fn backend_on(&self, ifindex: u32, address: &str, n: u8, weight: u32) -> DesiredBackend {
+        let src_mac = if ifindex == 1 { LB_MAC } else { EGRESS_MAC };
+        DesiredBackend {
+            address: address.parse().unwrap(),
+            weight,
+            path: Some(L2Path { ifindex, src_mac, dst_mac: backend_mac(n) }),
+        }
+    }
+}
+
+fn ifindex_via_ip(name: &str) -> u32 {
+    let out = Command::new("ip").args(["-o", "link", "show", name]).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).split(':').next().unwrap().trim().parse().unwrap()
+}
+
+fn service(name: &str, vip: &str, protocol: Protocol, backends: Vec<DesiredBackend>) -> DesiredService {
+    DesiredService { name: name.into(), vip: vip.parse().unwrap(), protocol, backends }
+}
+
+// ---- frame building -------------------------------------------------------
+
+#[derive(Clone)]
+struct Frame {
+    vlan: Option<u16>,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    ipv4_option_words: u8,
+    frag: u16,
+    ipv6_next_header: Option<u8>,
+    payload: Vec<u8>,
+}
+
+fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Frame {
+    Frame {
+        vlan: None,
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        proto: PROTO_TCP,
+        sport,
+        dport,
+        tcp_flags: flags,
+        ipv4_option_words: 0,
+        frag: 0,
+        ipv6_next_header: None,
+        payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    }
+}
+
+fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame {
+    Frame { proto: 17, tcp_flags: 0, payload: b"query".to_vec(), ..tcp(src, sport, dst, dport, 0) }
+}
+
+impl Frame {
+    fn bytes(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend(self.sport.to_be_bytes());
+        l4.extend(self.dport.to_be_bytes());
+        if self.proto == PROTO_TCP {
+            l4.extend(1000u32.to_be_bytes());
+            l4.extend(0u32.to_be_bytes());
+            l4.push(5 << 4);
+            l4.push(self.tcp_flags);
+            l4.extend(65535u16.to_be_bytes());
+            l4.extend([0, 0, 0, 0]);
+        } else {
+            l4.extend((8 + self.payload.len() as u16).to_be_bytes());
+            l4.extend([0, 0]);
+        }
+        l4.extend(&self.payload);
+
+        let mut f = Vec::new();
+        f.extend(LB_MAC);
+        f.extend(CLIENT_MAC);
+        if let Some(tci) = self.vlan {
+            f.extend(0x8100u16.to_be_bytes());
+            f.extend(tci.to_be_bytes());
+        }
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                f.extend(0x0800u16.to_be_bytes());
+                let ihl = 5 + self.ipv4_option_words;
+                f.push(0x40 | ihl);
+                f.push(0);
+                f.extend((ihl as u16 * 4 + l4.len() as u16).to_be_bytes());
+                f.extend([0x12, 0x34]);
+                f.extend(self.frag.to_be_bytes());
+                f.push(64);
+                f.push(self.proto);
+                f.extend([0, 0]);
+                f.extend(s.octets());
+                f.extend(d.octets());
+                // NOP options, then the L4 header.
+                f.extend(std::iter::repeat_n(1u8, self.ipv4_option_words as usize * 4));
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                f.extend(0x86ddu16.to_be_bytes());
+                f.extend([0x60, 0, 0, 0]);
+                let ext = self.ipv6_next_header.is_some();
+                f.extend((l4.len() as u16 + if ext { 8 } else { 0 }).to_be_bytes());
+                f.push(self.ipv6_next_header.unwrap_or(self.proto));
+                f.push(64);
+                f.extend(s.octets());
+                f.extend(d.octets());
+                if ext {
+                    // An empty hop-by-hop / destination options header.
+                    f.extend([self.proto, 0, 1, 4, 0, 0, 0, 0]);
+                }
+            }
+            _ => panic!("mixed families"),
+        }
+        f.extend(l4);
+        f
+    }
+}
+
+/// The frame as DSR must emit it: only the Ethernet addresses differ.
+fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out
+}
+
+fn dst_mac(out: &[u8]) -> [u8; 6] {
+    out[0..6].try_into().unwrap()
+}
+
+const VIP4: &str = "198.18.0.100";
+const VIP6: &str = "2001:db8::100";
+
+fn web4(w: &World) -> DesiredService {
+    service(
+        "web",
+        "198.18.0.100:80",
+        Protocol::Tcp,
+        vec![w.tx_backend("198.18.1.11", 11, 1), w.tx_backend("198.18.1.12", 12, 1), w.tx_backend("198.18.1.13", 13, 1)],
+    )
+}
+
+fn web6(w: &World) -> DesiredService {
+    service(
+        "web6",
+        "[2001:db8::100]:80",
+        Protocol::Tcp,
+        vec![w.tx_backend("2001:db8:0:2::11", 11, 1), w.tx_backend("2001:db8:0:2::12", 12, 1), w.tx_backend("2001:db8:0:2::13", 13, 1)],
+    )
+}
+
+fn in_world(test: impl FnOnce() + Send + 'static) {
+    // A thread of its own: unshare() changes the calling thread's namespace.
+    thread::spawn(test).join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+// ---- tests ----------------------------------------------------------------
+
+#[test]
+fn ipv4_tcp_syn_ack_rst_are_forwarded_with_only_macs_rewritten() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
+        let (action, out) = w.run(&syn);
+        assert_eq!(action, XDP_TX);
+        let chosen = dst_mac(&out);
+        assert!([11, 12, 13].map(backend_mac).contains(&chosen), "{chosen:02x?}");
+        assert_eq!(out, rewritten(&syn, chosen, LB_MAC));
+        assert_eq!(w.flows().len(), 1);
+
+        let ack = tcp("198.18.0.2", 40000, VIP4, 80, PSH_ACK).bytes();
+        let (action, out) = w.run(&ack);
+        assert_eq!((action, out), (XDP_TX, rewritten(&ack, chosen, LB_MAC)));
+        assert_eq!(w.counter(GlobalCounter::ConntrackHit), 1);
+
+        let rst = tcp("198.18.0.2", 40000, VIP4, 80, RST).bytes();
+        let (action, out) = w.run(&rst);
+        assert_eq!((action, out), (XDP_TX, rewritten(&rst, chosen, LB_MAC)));
+        assert_eq!(w.counter(GlobalCounter::ActionTx), 3);
+    });
+}
+
+#[test]
+fn rst_of_an_unknown_flow_is_forwarded_but_never_pinned() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        let rst = tcp("198.18.0.2", 40001, VIP4, 80, RST | ACK).bytes();
+        let (action, _) = w.run(&rst);
+        assert_eq!(action, XDP_TX);
+        assert!(w.flows().is_empty(), "a RST created a connection-table entry");
+        assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 1);
+    });
+}
+
+#[test]
+fn ipv6_tcp_syn_and_ack() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web6(&w)]);
+        let syn = tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN).bytes();
+        let (action, out) = w.run(&syn);
+        assert_eq!(action, XDP_TX);
+        let chosen = dst_mac(&out);
+        assert_eq!(out, rewritten(&syn, chosen, LB_MAC));
+        let ack = tcp("2001:db8:0:1::2", 40000, VIP6, 80, ACK).bytes();
+        assert_eq!(w.run(&ack), (XDP_TX, rewritten(&ack, chosen, LB_MAC)));
+        let flows = w.flows();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].dst, address_words(VIP6.parse().unwrap()));
+    });
+}
+
+#[test]
+fn udp_vip_and_tcp_vip_on_the_same_address_are_distinct() {
+    in_world(|| {
+        let mut w = World::new();
+        let dns = service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend("198.18.1.21", 21, 1)]);
+        w.set(&[web4(&w), dns]);
+        let query = udp("198.18.0.2", 5353, VIP4, 53).bytes();
+        assert_eq!(w.run(&query), (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC)));
+        // TCP to port 53 is not a VIP: passed untouched.
+        let tcp53 = tcp("198.18.0.2", 5353, VIP4, 53, SYN).bytes();
+        assert_eq!(w.run(&tcp53), (XDP_PASS, tcp53.clone()));
+        // UDP to port 80 neither.
+        let udp80 = udp("198.18.0.2", 5353, VIP4, 80).bytes();
+        assert_eq!(w.run(&udp80), (XDP_PASS, udp80.clone()));
+        let udp6 = udp("2001:db8:0:1::2", 5353, VIP6, 53).bytes();
+        assert_eq!(w.run(&udp6), (XDP_PASS, udp6.clone()));
+    });
+}
+
+#[test]
+fn ipv6_udp_vip() {
+    in_world(|| {
+        let mut w = World::new();
+        let dns = service("dns6", "[2001:db8::100]:53", Protocol::Udp, vec![w.tx_backend("2001:db8:0:2::21", 21, 1)]);
+        w.set(&[dns]);
+        let query = udp("2001:db8:0:1::2", 5353, VIP6, 53).bytes();
+        assert_eq!(w.run(&query), (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC)));
+    });
+}
+
+#[test]
+fn vlan_tagged_frames_keep_their_tag() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w), web6(&w)]);
+        for frame in [tcp("198.18.0.2", 40000, VIP4, 80, SYN), tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)] {
+            let tagged = Frame { vlan: Some(0x0064), ..frame }.bytes();
+            let (action, out) = w.run(&tagged);
+            assert_eq!(action, XDP_TX);
+            assert_eq!(out, rewritten(&tagged, dst_mac(&out), LB_MAC));
+            assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 0x64]);
+        }
+    });
+}
+
+#[test]
+fn non_vip_traffic_passes_untouched() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        let frames = [
+            tcp("198.18.0.2", 40000, "198.18.0.101", 80, SYN).bytes(),
+            tcp("198.18.0.2", 40000, VIP4, 81, SYN).bytes(),
+            tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN).bytes(),
+        ];
+        for frame in &frames {
+            assert_eq!(w.run(frame), (XDP_PASS, frame.clone()));
+        }
+        // ARP is not IP at all.
+        let mut arp = rewritten(&frames[0][..42], LB_MAC, CLIENT_MAC);
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert_eq!(w.run(&arp), (XDP_PASS, arp.clone()));
+        assert_eq!(w.counter(GlobalCounter::PassNonVip), 3);
+        assert_eq!(w.counter(GlobalCounter::PassUnparsed), 1);
+        assert!(w.flows().is_empty());
+    });
+}
+
+#[test]
+fn wildcard_vip_takes_every_port_but_exact_vip_wins() {
+    in_world(|| {
+        let mut w = World::new();
+        let any = service("any", "198.18.0.100:0", Protocol::Tcp, vec![w.tx_backend("198.18.1.31", 31, 1)]);
+        let exact = service("exact", "198.18.0.100:443", Protocol::Tcp, vec![w.tx_backend("198.18.1.32", 32, 1)]);
+        w.set(&[any, exact]);
+        for port in [80, 8080, 22] {
+            let f = tcp("198.18.0.2", 40000, VIP4, port, SYN).bytes();
+            assert_eq!(w.run(&f), (XDP_TX, rewritten(&f, backend_mac(31), LB_MAC)), "port {port}");
+        }
+        let f = tcp("198.18.0.2", 40000, VIP4, 443, SYN).bytes();
+        assert_eq!(w.run(&f), (XDP_TX, rewritten(&f, backend_mac(32), LB_MAC)));
+    });
+}
+
+#[test]
+fn truncated_frames_at_every_boundary_pass_without_faults() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w), web6(&w)]);
+        let frames = [
+            Frame { vlan: Some(7), payload: vec![], ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes(),
+            Frame { payload: vec![], ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN) }.bytes(),
+            Frame { payload: vec![], ..udp("198.18.0.2", 40000, VIP4, 80) }.bytes(),
+        ];
+        let mut runs = 0;
+        for full in &frames {
+            // The kernel refuses test runs shorter than an Ethernet header.
+            for len in 14..full.len() {
+                let cut = &full[..len];
+                assert_eq!(w.run(cut), (XDP_PASS, cut.to_vec()), "frame cut to {len} bytes");
+                runs += 1;
+            }
+        }
+        assert_eq!(w.counter(GlobalCounter::PassUnparsed), runs);
+        assert!(w.flows().is_empty());
+    });
+}
+
+#[test]
+fn ipv4_options_are_skipped_and_bad_ihl_is_rejected() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        for words in [1, 3, 10] {
+            let f = Frame { ipv4_option_words: words, ..tcp("198.18.0.2", 40000 + words as u16, VIP4, 80, SYN) }.bytes();
+            let (action, out) = w.run(&f);
+            assert_eq!(action, XDP_TX, "IHL {}", 5 + words);
+            assert_eq!(out, rewritten(&f, dst_mac(&out), LB_MAC));
+        }
+        let mut bad = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
+        bad[14] = 0x44; // IHL 4 < 5
+        assert_eq!(w.run(&bad), (XDP_PASS, bad.clone()));
+        let keys = w.flows();
+        assert_eq!(keys.len(), 3);
+        assert!(keys.iter().all(|k| u16::from_be(k.dport) == 80));
+    });
+}
+
+#[test]
+fn fragments_to_a_vip_address_are_dropped_and_counted() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w), web6(&w)]);
+        for frag in [0x2000u16 /* MF, offset 0 */, 0x0010 /* last fragment */] {
+            let f = Frame { frag, ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes();
+            assert_eq!(w.run(&f).0, XDP_DROP);
+            let other = Frame { frag, ..tcp("198.18.0.2", 40000, "198.18.0.101", 80, SYN) }.bytes();
+            assert_eq!(w.run(&other), (XDP_PASS, other.clone()));
+        }
+        // DF alone is not a fragment.
+        let df = Frame { frag: 0x4000, ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes();
+        assert_eq!(w.run(&df).0, XDP_TX);
+        assert_eq!(w.counter(GlobalCounter::DropFragment), 2);
+
+        let ext = Frame { ipv6_next_header: Some(0), ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN) }.bytes();
+        assert_eq!(w.run(&ext).0, XDP_DROP);
+        let ext_other = Frame { ipv6_next_header: Some(60), ..tcp("2001:db8:0:1::2", 40000, "2001:db8::101", 80, SYN) }.bytes();
+        assert_eq!(w.run(&ext_other), (XDP_PASS, ext_other.clone()));
+        assert_eq!(w.counter(GlobalCounter::DropIpv6ExtHeader), 1);
+    });
+}
+
+#[test]
+fn backend_behind_another_interface_is_redirected() {
+    in_world(|| {
+        let mut w = World::new();
+        let remote = service("remote", "198.18.0.100:80", Protocol::Tcp, vec![w.redirect_backend("198.18.1.41", 41)]);
+        w.set(&[remote]);
+        let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
+        assert_eq!(w.run(&syn), (XDP_REDIRECT, rewritten(&syn, backend_mac(41), EGRESS_MAC)));
+        assert_eq!(w.counter(GlobalCounter::ActionRedirect), 1);
+    });
+}
+
+#[test]
+fn service_without_backends_drops() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[service("empty", "198.18.0.100:80", Protocol::Tcp, vec![])]);
+        let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
+        assert_eq!(w.run(&syn).0, XDP_DROP);
+        assert_eq!(w.counter(GlobalCounter::DropNoBackend), 1);
+    });
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_the_ring_changes() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        // Open 60 flows and remember where each went.
+        let mut pinned = Vec::new();
+        for port in 0..60u16 {
+            let (_, out) = w.run(&tcp("198.18.0.2", 41000 + port, VIP4, 80, SYN).bytes());
+            pinned.push(dst_mac(&out));
+        }
+        let victim = pinned[0];
+        // Rewrite the ring: remove the first flow's backend, add two, change weights.
+        let n = victim[5];
+        let mut backends: Vec<DesiredBackend> =
+            [11u8, 12, 13].into_iter().filter(|b| *b != n).map(|b| w.tx_backend(&format!("198.18.1.{b}"), b, 3)).collect();
+        backends.push(w.tx_backend("198.18.1.14", 14, 1));
+        backends.push(w.tx_backend("198.18.1.15", 15, 2));
+        w.set(&[service("web", "198.18.0.100:80", Protocol::Tcp, backends)]);
+
+        for (port, mac) in (0..60u16).zip(&pinned) {
+            let ack = tcp("198.18.0.2", 41000 + port, VIP4, 80, ACK).bytes();
+            assert_eq!(w.run(&ack), (XDP_TX, rewritten(&ack, *mac, LB_MAC)), "flow {port} moved");
+        }
+        // A new SYN on a reused five-tuple is a new connection: it follows the new ring.
+        let (_, out) = w.run(&tcp("198.18.0.2", 41000, VIP4, 80, SYN).bytes());
+        assert_ne!(dst_mac(&out), victim);
+        // New flows now reach the added backends.
+        let mut seen = std::collections::HashSet::new();
+        for port in 0..200u16 {
+            let (_, out) = w.run(&tcp("198.18.0.3", 42000 + port, VIP4, 80, SYN).bytes());
+            seen.insert(dst_mac(&out)[5]);
+        }
+        assert!(seen.contains(&14) && seen.contains(&15) && !seen.contains(&n), "{seen:?}");
+    });
+}
+
+#[test]
+fn idle_udp_flows_are_scheduled_afresh() {
+    in_world(|| {
+        let mut w = World::with_udp_timeout(Duration::from_secs(1));
+        let dns = |w: &World, b: u8| service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend(&format!("198.18.1.{b}"), b, 1)]);
+        w.set(&[dns(&w, 21)]);
+        let query = udp("198.18.0.2", 5353, VIP4, 53).bytes();
+        assert_eq!(dst_mac(&w.run(&query).1), backend_mac(21));
+        w.set(&[dns(&w, 22)]);
+        // Within the timeout the flow stays where it was.
+        assert_eq!(dst_mac(&w.run(&query).1), backend_mac(21));
+        thread::sleep(Duration::from_millis(1600));
+        // Idle past the timeout: a new flow, through the new ring.
+        assert_eq!(dst_mac(&w.run(&query).1), backend_mac(22));
+    });
+}
