@@ -72,7 +72,12 @@ impl Dataplane {
         let program: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).expect("loaded").try_into()?;
         let link = program
             .attach(interface, mode)
-            .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
+            .with_context(|| {
+                format!(
+                    "attaching XDP to {interface} in {mode:?} mode (EBUSY means another XDP program, \
+                     perhaps another xdplb, is attached there)"
+                )
+            })?;
         self.attached = Some(link);
         Ok(())
     }

@@ -32,29 +32,22 @@ impl Netlink {
     }
 
     pub async fn ifindex_by_name(&self, name: &str) -> Result<u32> {
-        let link = self
+        let links: Vec<_> = self
             .handle
             .link()
             .get()
             .match_name(name.to_string())
             .execute()
-            .try_next()
+            .try_collect()
             .await
-            .with_context(|| format!("interface {name:?} not found"))?
-            .ok_or_else(|| anyhow!("interface {name:?} not found"))?;
+            .with_context(|| format!("interface {name:?} not found"))?;
+        let link = links.first().ok_or_else(|| anyhow!("interface {name:?} not found"))?;
         Ok(link.header.index)
     }
 
     pub async fn mac_of(&self, ifindex: u32) -> Result<[u8; 6]> {
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(ifindex)
-            .execute()
-            .try_next()
-            .await?
-            .ok_or_else(|| anyhow!("interface {ifindex} not found"))?;
+        let links: Vec<_> = self.handle.link().get().match_index(ifindex).execute().try_collect().await?;
+        let link = links.first().ok_or_else(|| anyhow!("interface {ifindex} not found"))?;
         link.attributes
             .iter()
             .find_map(|a| match a {
@@ -95,15 +88,15 @@ impl Netlink {
             .destination_prefix(addr, prefix)
             .context("building route request")?
             .build();
-        let route = self
+        let routes: Vec<_> = self
             .handle
             .route()
             .get(request)
             .execute()
-            .try_next()
+            .try_collect()
             .await
-            .with_context(|| format!("no route to backend {addr}"))?
-            .ok_or_else(|| anyhow!("no route to backend {addr}"))?;
+            .with_context(|| format!("no route to backend {addr}"))?;
+        let route = routes.first().ok_or_else(|| anyhow!("no route to backend {addr}"))?;
         let mut ifindex = None;
         let mut next_hop = addr;
         for attr in &route.attributes {
@@ -119,8 +112,9 @@ impl Netlink {
     }
 
     async fn neighbour_mac(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
-        let mut neighbours = self.handle.neighbours().get().execute();
-        while let Some(neigh) = neighbours.try_next().await.context("dumping neighbours")? {
+        let neighbours: Vec<_> =
+            self.handle.neighbours().get().execute().try_collect().await.context("dumping neighbours")?;
+        for neigh in neighbours {
             if neigh.header.ifindex != ifindex || !usable(neigh.header.state) {
                 continue;
             }

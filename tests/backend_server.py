@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Test backend for the xdplb harness: an HTTP/1.1 server (keep-alive) that
+answers every GET with its own name, on IPv4 and IPv6."""
+import argparse
+import socket
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def handler_for(name):
+    body = (name + "\n").encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, default=80)
+    args = parser.parse_args()
+    DualStackServer(("::", args.port), handler_for(args.name)).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
