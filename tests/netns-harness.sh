@@ -5,7 +5,8 @@
 #
 #   netns-harness.sh up PREFIX          create the topology, start the backends' HTTP servers
 #   netns-harness.sh down PREFIX        remove everything PREFIX created
-#   netns-harness.sh run PREFIX CMD...  up, run CMD, then down (also on failure or Ctrl-C)
+#   netns-harness.sh run PREFIX CMD...  up, run CMD (with HARNESS_PREFIX set), then down,
+#                                       also on failure or Ctrl-C
 #   netns-harness.sh names PREFIX       print the namespace names
 #
 # Topology (namespaces are PREFIX-NAME):
@@ -60,7 +61,8 @@ up() {
     # Switch/router: br0 = client segment, br1 = backend segment.
     in_ns "$sw" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
     for br in br0 br1; do
-        in_ns "$sw" ip link add "$br" type bridge
+        # No multicast snooping: ND must not depend on MLD state in a fresh topology.
+        in_ns "$sw" ip link add "$br" type bridge mcast_snooping 0
         in_ns "$sw" ip link set "$br" up
     done
     in_ns "$sw" ip addr add 198.18.2.1/24 dev br0
@@ -118,9 +120,10 @@ up() {
     backend b2 1 12
     backend b3 2 13
 
-    # Wait until every backend answers on its own address.
+    # Wait until every backend answers on its own addresses, IPv4 and IPv6.
     local deadline=$((SECONDS + 10))
-    for spec in b1:198.18.1.11 b2:198.18.1.12 b3:198.18.2.13; do
+    for spec in b1:198.18.1.11 b2:198.18.1.12 b3:198.18.2.13 \
+        b1:[2001:db8:1::11] b2:[2001:db8:1::12] b3:[2001:db8:2::13]; do
         local name=${spec%%:*} addr=${spec#*:}
         until in_ns "$client" curl -sf --max-time 1 "http://$addr:$HTTP_PORT/" 2>/dev/null | grep -qx "$name"; do
             (( SECONDS < deadline )) || die "backend $name at $addr did not come up"
@@ -155,7 +158,7 @@ case "$cmd" in
         [ $# -gt 0 ] || die "run needs a command"
         trap 'down "$prefix"' EXIT
         up "$prefix"
-        "$@"
+        HARNESS_PREFIX=$prefix "$@"
         ;;
     *) die "unknown command $cmd" ;;
 esac

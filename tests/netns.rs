@@ -106,6 +106,9 @@ impl Agent {
             .expect("starting xdplb");
         let agent = Agent { child: Some(child), config: config_path, log, _dir: TempDir(dir) };
         agent.wait_for_log("attached to", 1);
+        // Backends whose neighbours are still being resolved are not in the
+        // ring yet; the distribution tests need all of them.
+        agent.wait_for_log("all backends resolved", 1);
         agent
     }
 

@@ -2,7 +2,7 @@
 //! detach on SIGINT/SIGTERM. SIGHUP re-reads the configuration; an invalid
 //! one is reported and the running state is kept.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
@@ -19,6 +19,8 @@ use crate::{
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often neighbours are re-resolved and retired backends collected.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
+/// How soon an unresolved backend is tried again.
+const UNRESOLVED_RETRY: Duration = Duration::from_secs(1);
 
 pub struct Agent {
     config_path: PathBuf,
@@ -27,6 +29,8 @@ pub struct Agent {
     dataplane: Dataplane,
     reconciler: Reconciler,
     desired: Vec<DesiredService>,
+    /// Some backend's neighbour is not resolved yet: retry soon.
+    unresolved: bool,
 }
 
 impl Agent {
@@ -44,9 +48,10 @@ impl Agent {
         };
         let dataplane = Dataplane::load(params)?;
         let reconciler = Reconciler::new(params.ring_size, params.max_services);
-        let mut agent = Self { config_path, config, netlink, dataplane, reconciler, desired: Vec::new() };
+        let mut agent =
+            Self { config_path, config, netlink, dataplane, reconciler, desired: Vec::new(), unresolved: false };
         // Program the maps before attaching, so the first packet already finds its VIP.
-        agent.refresh_desired().await;
+        agent.unresolved = !agent.refresh_desired().await;
         agent.reconcile()?;
         let mode = match agent.config.agent.xdp_mode {
             XdpModeConfig::Driver => XdpMode::Driver,
@@ -59,6 +64,9 @@ impl Agent {
             mode,
             agent.config.services.len()
         );
+        if !agent.unresolved {
+            log::info!("all backends resolved");
+        }
         Ok(agent)
     }
 
@@ -66,14 +74,13 @@ impl Agent {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sighup = signal(SignalKind::hangup())?;
-        let mut maintenance = tokio::time::interval(MAINTENANCE_PERIOD);
-        maintenance.tick().await;
         loop {
+            let next_maintenance = if self.unresolved { UNRESOLVED_RETRY } else { MAINTENANCE_PERIOD };
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = sighup.recv() => self.reload().await,
-                _ = maintenance.tick() => self.maintain().await,
+                _ = tokio::time::sleep(next_maintenance) => self.maintain().await,
             }
         }
         self.dataplane.detach()?;
@@ -103,7 +110,7 @@ impl Agent {
             log::warn!("reload: [agent] changes take effect only after a restart; applying [[service]] changes");
         }
         self.config.services = config.services;
-        self.refresh_desired().await;
+        self.unresolved = !self.refresh_desired().await;
         match self.reconcile() {
             Ok(()) => log::info!("reloaded {}", self.config_path.display()),
             Err(err) => log::error!("reload: {err:#}"),
@@ -111,7 +118,11 @@ impl Agent {
     }
 
     async fn maintain(&mut self) {
-        self.refresh_desired().await;
+        let was_unresolved = self.unresolved;
+        self.unresolved = !self.refresh_desired().await;
+        if was_unresolved && !self.unresolved {
+            log::info!("all backends resolved");
+        }
         if let Err(err) = self.reconcile() {
             log::error!("{err:#}");
         }
@@ -130,18 +141,31 @@ impl Agent {
     }
 
     /// Desired state from the config, with each backend's L2 path resolved.
-    async fn refresh_desired(&mut self) {
+    /// Returns whether every backend was resolved.
+    async fn refresh_desired(&mut self) -> bool {
+        let addresses: Vec<IpAddr> = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| *b.address.get_ref()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let paths = self.netlink.resolve_all(&addresses, RESOLVE_TIMEOUT).await;
+        let mut all_resolved = true;
         let mut desired = Vec::with_capacity(self.config.services.len());
         for service in &self.config.services {
             let mut backends = Vec::with_capacity(service.backends.len());
             for backend in &service.backends {
                 let address = *backend.address.get_ref();
-                let path = match self.netlink.resolve(address, RESOLVE_TIMEOUT).await {
-                    Ok(path) => Some(path),
-                    Err(err) => {
-                        log::warn!("service {}: backend {address} unreachable, left out: {err:#}", service.name.get_ref());
+                let path = match paths.get(&address) {
+                    Some(Ok(path)) => Some(*path),
+                    Some(Err(err)) => {
+                        log::warn!("service {}: backend {address} unreachable, left out: {err}", service.name.get_ref());
+                        all_resolved = false;
                         None
                     }
+                    None => None,
                 };
                 backends.push(DesiredBackend { address, weight: backend.weight.0, path });
             }
@@ -153,6 +177,7 @@ impl Agent {
             });
         }
         self.desired = desired;
+        all_resolved
     }
 
     fn reconcile(&mut self) -> Result<()> {

@@ -351,6 +351,17 @@ address = "2001:db8:0:2::11"
     }
 
     #[test]
+    fn shipped_configs_are_valid() {
+        for (name, text) in [
+            ("config/example.toml", include_str!("../../config/example.toml")),
+            ("config/harness.toml", include_str!("../../config/harness.toml")),
+        ] {
+            let config = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!config.services.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
     fn primes() {
         assert!(is_prime(65537) && is_prime(2) && is_prime(251));
         assert!(!is_prime(65536) && !is_prime(1) && !is_prime(65535));

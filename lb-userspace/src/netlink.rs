@@ -1,9 +1,9 @@
 //! Kernel routing and neighbour lookups over rtnetlink: where a backend is
 //! reached from (egress interface, next hop) and at which MAC address.
 
-use std::{net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     link::LinkAttribute,
@@ -57,27 +57,77 @@ impl Netlink {
             .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
     }
 
-    /// Resolves the L2 path to `addr` from the kernel's route and neighbour
-    /// tables, asking the kernel to resolve the neighbour when it is unknown
-    /// and waiting up to `timeout` for the answer.
-    pub async fn resolve(&self, addr: IpAddr, timeout: Duration) -> Result<L2Path> {
-        let (ifindex, next_hop) = self.route_to(addr).await?;
-        let src_mac = self.mac_of(ifindex).await?;
+    /// Resolves the L2 paths to `addresses` from the kernel's route and
+    /// neighbour tables. Unknown neighbours are resolved by the kernel on our
+    /// request; all of them are waited for together, up to `timeout`.
+    pub async fn resolve_all(
+        &self,
+        addresses: &[IpAddr],
+        timeout: Duration,
+    ) -> HashMap<IpAddr, Result<L2Path, String>> {
+        let mut results = HashMap::new();
+        let mut pending = Vec::new(); // (address, ifindex, next hop, interface MAC)
+        let mut interface_macs: HashMap<u32, [u8; 6]> = HashMap::new();
+        let routes = futures::future::join_all(addresses.iter().map(|a| self.route_to(*a))).await;
+        for (address, route) in addresses.iter().zip(routes) {
+            let (ifindex, next_hop) = match route {
+                Ok(route) => route,
+                Err(err) => {
+                    results.insert(*address, Err(format!("{err:#}")));
+                    continue;
+                }
+            };
+            let src_mac = match interface_macs.get(&ifindex) {
+                Some(mac) => *mac,
+                None => match self.mac_of(ifindex).await {
+                    Ok(mac) => *interface_macs.entry(ifindex).or_insert(mac),
+                    Err(err) => {
+                        results.insert(*address, Err(format!("{err:#}")));
+                        continue;
+                    }
+                },
+            };
+            pending.push((*address, ifindex, next_hop, src_mac));
+        }
+
         let deadline = tokio::time::Instant::now() + timeout;
         let mut asked = false;
-        loop {
-            if let Some(dst_mac) = self.neighbour_mac(ifindex, next_hop).await? {
-                return Ok(L2Path { ifindex, src_mac, dst_mac });
-            }
-            if !asked {
-                self.request_resolution(ifindex, next_hop).await;
-                asked = true;
+        while !pending.is_empty() {
+            let neighbours = match self.neighbour_macs().await {
+                Ok(n) => n,
+                Err(err) => {
+                    for (address, ..) in pending.drain(..) {
+                        results.insert(address, Err(format!("{err:#}")));
+                    }
+                    break;
+                }
+            };
+            pending.retain(|(address, ifindex, next_hop, src_mac)| {
+                let Some(dst_mac) = neighbours.get(&(*ifindex, *next_hop)) else { return true };
+                results.insert(*address, Ok(L2Path { ifindex: *ifindex, src_mac: *src_mac, dst_mac: *dst_mac }));
+                false
+            });
+            if pending.is_empty() {
+                break;
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("no neighbour entry for {next_hop} on interface {ifindex} after {timeout:?}");
+                for (address, ifindex, next_hop, _) in pending.drain(..) {
+                    results.insert(
+                        address,
+                        Err(format!("no neighbour entry for {next_hop} on interface {ifindex} after {timeout:?}")),
+                    );
+                }
+                break;
+            }
+            if !asked {
+                for (_, ifindex, next_hop, _) in &pending {
+                    self.request_resolution(*ifindex, *next_hop).await;
+                }
+                asked = true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        results
     }
 
     /// Egress interface and next hop (gateway, or the address itself when it
@@ -111,34 +161,30 @@ impl Netlink {
         Ok((ifindex, next_hop))
     }
 
-    async fn neighbour_mac(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
+    /// Every usable neighbour entry: (ifindex, address) → MAC.
+    async fn neighbour_macs(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
         let neighbours: Vec<_> =
             self.handle.neighbours().get().execute().try_collect().await.context("dumping neighbours")?;
+        let mut macs = HashMap::new();
         for neigh in neighbours {
-            if neigh.header.ifindex != ifindex || !usable(neigh.header.state) {
+            if !usable(neigh.header.state) {
                 continue;
             }
             let mut dst = None;
             let mut mac = None;
             for attr in &neigh.attributes {
                 match attr {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                        dst = Some(IpAddr::V4(*a))
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                        dst = Some(IpAddr::V6(*a))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
-                        mac = <[u8; 6]>::try_from(l.as_slice()).ok()
-                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
                     _ => {}
                 }
             }
-            if dst == Some(addr) && mac.is_some() {
-                return Ok(mac);
+            if let (Some(dst), Some(mac)) = (dst, mac) {
+                macs.insert((neigh.header.ifindex, dst), mac);
             }
         }
-        Ok(None)
+        Ok(macs)
     }
 
     /// `ip neigh add ADDR dev IF use`: the kernel creates the entry and sends

@@ -1,1 +1,108 @@
-fn main() {}
+//! `cargo xtask`: set up the toolchain, build, test and demo xdplb.
+//!
+//!   cargo xtask setup   idempotent bootstrap: rust-src for nightly, bpf-linker
+//!                       built against nightly's own libLLVM, Debian packages
+//!   cargo xtask build   setup, then build the xdplb binary (eBPF embedded)
+//!   cargo xtask test    setup, then every test (unit, packet, namespace)
+//!   cargo xtask demo    setup, build, then the namespace demo with traffic
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (safe to run again).
+    Setup,
+    /// Build the xdplb binary.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test (needs root: XDP, namespaces).
+    Test,
+    /// Build, create the namespace topology, run xdplb, send traffic, show the result.
+    Demo {
+        /// HTTP requests per address family.
+        #[arg(long, default_value_t = 300)]
+        requests: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build(&root, release)
+        }
+        Task::Test => {
+            setup::run()?;
+            require_root("the tests")?;
+            // One test at a time: the packet and namespace tests load XDP
+            // programs and build topologies; on 2 cores that is kinder and
+            // keeps timings honest.
+            exec(Command::new("cargo").current_dir(&root).args(["test", "--", "--test-threads=1"]))
+        }
+        Task::Demo { requests } => {
+            setup::run()?;
+            require_root("the demo")?;
+            build(&root, false)?;
+            let prefix = format!("xd{}", std::process::id() % 100_000);
+            exec(Command::new("bash")
+                .current_dir(&root)
+                .arg("tests/netns-harness.sh")
+                .args(["run", &prefix, "bash", "tests/demo.sh"])
+                .env("XDPLB", root.join("target/debug/xdplb"))
+                .env("DEMO_REQUESTS", requests.to_string()))
+        }
+    }
+}
+
+fn build(root: &Path, release: bool) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).args(["build", "--package", "lb-userspace"]);
+    if release {
+        cmd.arg("--release");
+    }
+    exec(&mut cmd)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("{what} need root (XDP programs, network namespaces)");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub(crate) fn exec(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
