@@ -35,7 +35,10 @@ struct Topology {
 
 impl Topology {
     fn up() -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
         let prefix = format!("xl{:x}", (std::process::id() << 12) ^ nanos);
         let prefix = prefix[..prefix.len().min(10)].to_string();
         let status = Command::new("bash")
@@ -55,7 +58,10 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _ = Command::new("bash").arg(harness()).args(["down", &self.prefix]).status();
+        let _ = Command::new("bash")
+            .arg(harness())
+            .args(["down", &self.prefix])
+            .status();
     }
 }
 
@@ -104,7 +110,12 @@ impl Agent {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("starting xdplb");
-        let agent = Agent { child: Some(child), config: config_path, log, _dir: TempDir(dir) };
+        let agent = Agent {
+            child: Some(child),
+            config: config_path,
+            log,
+            _dir: TempDir(dir),
+        };
         agent.wait_for_log("attached to", 1);
         // Backends whose neighbours are still being resolved are not in the
         // ring yet; the distribution tests need all of them.
@@ -119,7 +130,11 @@ impl Agent {
     fn wait_for_log(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.log_text().matches(needle).count() < count {
-            assert!(Instant::now() < deadline, "xdplb never logged {needle:?} ×{count}; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "xdplb never logged {needle:?} ×{count}; log:\n{}",
+                self.log_text()
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -132,9 +147,20 @@ impl Agent {
         self.wait_for_log("reloaded", before + 1);
     }
 
+    /// Writes an invalid config and sends SIGHUP; returns once it was rejected.
+    fn reload_rejected(&self, config: &str) {
+        let before = self.log_text().matches("reload rejected").count();
+        std::fs::write(&self.config, config).unwrap();
+        self.signal("HUP");
+        self.wait_for_log("reload rejected", before + 1);
+    }
+
     fn signal(&self, name: &str) {
         let pid = self.child.as_ref().unwrap().id();
-        let status = Command::new("kill").args(["-s", name, &pid.to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-s", name, &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -143,9 +169,18 @@ impl Agent {
         self.signal("INT");
         let mut child = self.child.take().unwrap();
         let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         let status = child.wait().unwrap();
-        assert!(status.success(), "xdplb exited with {status}; log:\n{}", self.log_text());
+        assert!(
+            status.success(),
+            "xdplb exited with {status}; log:\n{}",
+            self.log_text()
+        );
         out
     }
 }
@@ -153,7 +188,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
             let _ = child.wait();
         }
     }
@@ -162,7 +199,9 @@ impl Drop for Agent {
 fn config(weights: [u32; 3]) -> String {
     let mut text = String::from("[agent]\ninterface = \"eth0\"\n");
     for (name, vip, backends) in [("web", VIP4, BACKENDS4), ("web6", VIP6, BACKENDS6)] {
-        text += &format!("\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n");
+        text += &format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n"
+        );
         for (address, weight) in backends.iter().zip(weights) {
             text += &format!("\n[[service.backend]]\naddress = \"{address}\"\nweight = {weight}\n");
         }
@@ -171,22 +210,32 @@ fn config(weights: [u32; 3]) -> String {
 }
 
 fn config_with(backends: &[(usize, u32)]) -> String {
-    let mut text = format!("[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\n");
+    let mut text = format!(
+        "[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\n"
+    );
     for (i, weight) in backends {
-        text += &format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n", BACKENDS4[*i]);
+        text += &format!(
+            "\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n",
+            BACKENDS4[*i]
+        );
     }
     text
 }
 
 /// One HTTP GET on a new connection; returns the backend's name.
 fn get_new_connection(vip: SocketAddr) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("write: {e}"))?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| format!("read: {e}"))?;
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
     body_of(&response)
 }
 
@@ -204,7 +253,8 @@ fn spread(topology: &Topology, vip: &str, n: usize) -> BTreeMap<String, usize> {
     in_netns(&topology.ns("client"), move || {
         let mut counts = BTreeMap::new();
         for i in 0..n {
-            let name = get_new_connection(vip).unwrap_or_else(|e| panic!("request {i} to {vip} failed: {e}"));
+            let name = get_new_connection(vip)
+                .unwrap_or_else(|e| panic!("request {i} to {vip} failed: {e}"));
             *counts.entry(name).or_insert(0) += 1;
         }
         counts
@@ -240,7 +290,10 @@ fn tcp_segments_sent(topology: &Topology) -> u64 {
 
 /// Values of `key=` in the summary lines that contain `line_marker`.
 fn summary_value(summary: &str, line_marker: &str, key: &str) -> u64 {
-    let line = summary.lines().find(|l| l.contains(line_marker)).unwrap_or_else(|| panic!("no {line_marker:?} in\n{summary}"));
+    let line = summary
+        .lines()
+        .find(|l| l.contains(line_marker))
+        .unwrap_or_else(|| panic!("no {line_marker:?} in\n{summary}"));
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
@@ -265,12 +318,26 @@ fn new_connections_follow_equal_then_weighted_shares_and_replies_bypass_the_lb()
     let summary = agent.stop();
     // Direct server return: the XDP program saw exactly the client's
     // segments to the VIPs, and none of the backends' replies.
-    let vip_packets = summary_value(&summary, "service web tcp", "packets") + summary_value(&summary, "service web6 tcp", "packets");
-    assert_eq!(vip_packets, sent, "VIP packets seen by the LB vs TCP segments the client sent\n{summary}");
-    let other = summary_value(&summary, "global:", "pass_non_vip") + summary_value(&summary, "global:", "pass_unparsed");
-    assert!(other < 50, "the LB saw {other} non-VIP packets: replies are flowing through it?\n{summary}");
-    assert!(summary_value(&summary, "global:", "action_tx") > 0, "no XDP_TX to b3\n{summary}");
-    assert!(summary_value(&summary, "global:", "action_redirect") > 0, "no XDP_REDIRECT to b1/b2\n{summary}");
+    let vip_packets = summary_value(&summary, "service web tcp", "packets")
+        + summary_value(&summary, "service web6 tcp", "packets");
+    assert_eq!(
+        vip_packets, sent,
+        "VIP packets seen by the LB vs TCP segments the client sent\n{summary}"
+    );
+    let other = summary_value(&summary, "global:", "pass_non_vip")
+        + summary_value(&summary, "global:", "pass_unparsed");
+    assert!(
+        other < 50,
+        "the LB saw {other} non-VIP packets: replies are flowing through it?\n{summary}"
+    );
+    assert!(
+        summary_value(&summary, "global:", "action_tx") > 0,
+        "no XDP_TX to b3\n{summary}"
+    );
+    assert!(
+        summary_value(&summary, "global:", "action_redirect") > 0,
+        "no XDP_REDIRECT to b1/b2\n{summary}"
+    );
 }
 
 /// A keep-alive HTTP connection that must keep answering from one backend.
@@ -282,17 +349,28 @@ struct LongLived {
 impl LongLived {
     fn open(topology: &Topology, vip: &str) -> Self {
         let vip: SocketAddr = vip.parse().unwrap();
-        let stream = in_netns(&topology.ns("client"), move || TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap());
-        stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let stream = in_netns(&topology.ns("client"), move || {
+            TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap()
+        });
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         LongLived { stream, reader }
     }
 
     fn get(&mut self) -> String {
-        self.stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n").expect("long-lived connection: write");
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+            .expect("long-lived connection: write");
         let mut status = String::new();
-        self.reader.read_line(&mut status).expect("long-lived connection: read");
-        assert!(status.starts_with("HTTP/1.1 200"), "long-lived connection: {status:?}");
+        self.reader
+            .read_line(&mut status)
+            .expect("long-lived connection: read");
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "long-lived connection: {status:?}"
+        );
         let mut length = 0;
         loop {
             let mut line = String::new();
@@ -325,22 +403,94 @@ fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
         ("add b3", vec![(0, 1), (1, 1), (2, 1)]),
         ("reweight", vec![(home_index, 1), (other, 5), (2, 3)]),
         ("remove the other backend", vec![(home_index, 1), (2, 3)]),
-        ("remove the connection's own backend", vec![(2, 1), (other, 1)]),
+        (
+            "remove the connection's own backend",
+            vec![(2, 1), (other, 1)],
+        ),
         ("add everything back", vec![(0, 2), (1, 2), (2, 2)]),
     ];
     for (step, backends) in steps {
+        if step == "remove the other backend" {
+            // A broken file on reload is rejected and changes nothing.
+            agent.reload_rejected("[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100:80\"\nprotocol = \"tcp\"\n\n[[service.backend]]\naddress = \"198.18.1.300\"\n");
+            assert_eq!(conn.get(), home, "after a rejected reload");
+            assert!(
+                agent
+                    .log_text()
+                    .contains("xdplb.toml:10:11: invalid IP address syntax"),
+                "{}",
+                agent.log_text()
+            );
+            let counts = spread(&topology, VIP4, 30);
+            assert!(
+                counts.len() >= 2,
+                "a rejected reload changed the backends: {counts:?}"
+            );
+        }
         agent.reload(&config_with(&backends));
         for _ in 0..5 {
-            assert_eq!(conn.get(), home, "after {step:?} the long-lived connection moved or broke");
+            assert_eq!(
+                conn.get(),
+                home,
+                "after {step:?} the long-lived connection moved or broke"
+            );
         }
         // New connections keep working and only reach configured backends.
         let counts = spread(&topology, VIP4, 60);
         for name in counts.keys() {
             let i = NAMES.iter().position(|n| n == name).unwrap();
-            assert!(backends.iter().any(|(b, w)| *b == i && *w > 0), "after {step:?} a new connection reached {name}: {counts:?}");
+            assert!(
+                backends.iter().any(|(b, w)| *b == i && *w > 0),
+                "after {step:?} a new connection reached {name}: {counts:?}"
+            );
         }
         thread::sleep(Duration::from_millis(300));
     }
     assert_eq!(conn.get(), home);
     agent.stop();
+}
+
+#[test]
+fn invalid_config_is_refused_with_its_location_and_nothing_is_attached() {
+    let topology = Topology::up();
+    let dir = std::env::temp_dir().join(format!("xdplb-test-{}-bad", topology.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        config([1, 1, 1]).replace("weight = 1\n", "weight = 5000\n"),
+    )
+    .unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
+        .args([XDPLB, "run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "xdplb accepted a bad config");
+    assert!(
+        stderr.contains(&format!(
+            "{}:12:10: weight 5000 is out of range 0..=1000",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    let link = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topology.ns("lb"),
+            "ip",
+            "link",
+            "show",
+            "eth0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "an XDP program is attached after a refused config"
+    );
 }

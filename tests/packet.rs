@@ -49,10 +49,20 @@ impl World {
     }
 
     fn with_udp_timeout(udp_idle_timeout: Duration) -> Self {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): run as root");
         for args in [
             &["link", "set", "lo", "up"][..],
-            &["link", "add", "xdplbtest0", "type", "veth", "peer", "name", "xdplbtest1"],
+            &[
+                "link",
+                "add",
+                "xdplbtest0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "xdplbtest1",
+            ],
             &["link", "set", "xdplbtest0", "up"],
         ] {
             let status = Command::new("ip").args(args).status().expect("ip");
@@ -68,7 +78,11 @@ impl World {
             conntrack_size: 4096,
             udp_idle_timeout_ns: udp_idle_timeout.as_nanos() as u64,
         };
-        World { dataplane: Dataplane::load(params).expect("load XDP program"), reconciler: Reconciler::new(RING, 8), dummy_ifindex }
+        World {
+            dataplane: Dataplane::load(params).expect("load XDP program"),
+            reconciler: Reconciler::new(RING, 8),
+            dummy_ifindex,
+        }
     }
 
     fn set(&mut self, services: &[DesiredService]) {
@@ -79,18 +93,38 @@ impl World {
 
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
-        let result = self.dataplane.program().unwrap().test_run(opts).expect("test_run");
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = self
+            .dataplane
+            .program()
+            .unwrap()
+            .test_run(opts)
+            .expect("test_run");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
 
     fn counter(&self, which: GlobalCounter) -> u64 {
-        self.dataplane.global_counters().unwrap().into_iter().find(|(c, _)| *c == which).unwrap().1
+        self.dataplane
+            .global_counters()
+            .unwrap()
+            .into_iter()
+            .find(|(c, _)| *c == which)
+            .unwrap()
+            .1
     }
 
     fn flows(&self) -> Vec<FlowKey> {
-        self.dataplane.flows().unwrap().into_iter().map(|(k, _)| k).collect()
+        self.dataplane
+            .flows()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
     }
 
     /// A backend reached through `lo` (the test-run ingress): XDP_TX.
@@ -108,18 +142,41 @@ impl World {
         DesiredBackend {
             address: address.parse().unwrap(),
             weight,
-            path: Some(L2Path { ifindex, src_mac, dst_mac: backend_mac(n) }),
+            path: Some(L2Path {
+                ifindex,
+                src_mac,
+                dst_mac: backend_mac(n),
+            }),
         }
     }
 }
 
 fn ifindex_via_ip(name: &str) -> u32 {
-    let out = Command::new("ip").args(["-o", "link", "show", name]).output().expect("ip");
-    String::from_utf8_lossy(&out.stdout).split(':').next().unwrap().trim().parse().unwrap()
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", name])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
-fn service(name: &str, vip: &str, protocol: Protocol, backends: Vec<DesiredBackend>) -> DesiredService {
-    DesiredService { name: name.into(), vip: vip.parse().unwrap(), protocol, backends }
+fn service(
+    name: &str,
+    vip: &str,
+    protocol: Protocol,
+    backends: Vec<DesiredBackend>,
+) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        vip: vip.parse().unwrap(),
+        protocol,
+        backends,
+    }
 }
 
 // ---- frame building -------------------------------------------------------
@@ -156,7 +213,12 @@ fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Frame {
 }
 
 fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame {
-    Frame { proto: 17, tcp_flags: 0, payload: b"query".to_vec(), ..tcp(src, sport, dst, dport, 0) }
+    Frame {
+        proto: 17,
+        tcp_flags: 0,
+        payload: b"query".to_vec(),
+        ..tcp(src, sport, dst, dport, 0)
+    }
 }
 
 impl Frame {
@@ -199,7 +261,10 @@ impl Frame {
                 f.extend(s.octets());
                 f.extend(d.octets());
                 // NOP options, then the L4 header.
-                f.extend(std::iter::repeat_n(1u8, self.ipv4_option_words as usize * 4));
+                f.extend(std::iter::repeat_n(
+                    1u8,
+                    self.ipv4_option_words as usize * 4,
+                ));
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 f.extend(0x86ddu16.to_be_bytes());
@@ -242,7 +307,11 @@ fn web4(w: &World) -> DesiredService {
         "web",
         "198.18.0.100:80",
         Protocol::Tcp,
-        vec![w.tx_backend("198.18.1.11", 11, 1), w.tx_backend("198.18.1.12", 12, 1), w.tx_backend("198.18.1.13", 13, 1)],
+        vec![
+            w.tx_backend("198.18.1.11", 11, 1),
+            w.tx_backend("198.18.1.12", 12, 1),
+            w.tx_backend("198.18.1.13", 13, 1),
+        ],
     )
 }
 
@@ -251,13 +320,19 @@ fn web6(w: &World) -> DesiredService {
         "web6",
         "[2001:db8::100]:80",
         Protocol::Tcp,
-        vec![w.tx_backend("2001:db8:0:2::11", 11, 1), w.tx_backend("2001:db8:0:2::12", 12, 1), w.tx_backend("2001:db8:0:2::13", 13, 1)],
+        vec![
+            w.tx_backend("2001:db8:0:2::11", 11, 1),
+            w.tx_backend("2001:db8:0:2::12", 12, 1),
+            w.tx_backend("2001:db8:0:2::13", 13, 1),
+        ],
     )
 }
 
 fn in_world(test: impl FnOnce() + Send + 'static) {
     // A thread of its own: unshare() changes the calling thread's namespace.
-    thread::spawn(test).join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    thread::spawn(test)
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
 // ---- tests ----------------------------------------------------------------
@@ -271,7 +346,10 @@ fn ipv4_tcp_syn_ack_rst_are_forwarded_with_only_macs_rewritten() {
         let (action, out) = w.run(&syn);
         assert_eq!(action, XDP_TX);
         let chosen = dst_mac(&out);
-        assert!([11, 12, 13].map(backend_mac).contains(&chosen), "{chosen:02x?}");
+        assert!(
+            [11, 12, 13].map(backend_mac).contains(&chosen),
+            "{chosen:02x?}"
+        );
         assert_eq!(out, rewritten(&syn, chosen, LB_MAC));
         assert_eq!(w.flows().len(), 1);
 
@@ -295,13 +373,16 @@ fn rst_of_an_unknown_flow_is_forwarded_but_never_pinned() {
         let rst = tcp("198.18.0.2", 40001, VIP4, 80, RST | ACK).bytes();
         let (action, _) = w.run(&rst);
         assert_eq!(action, XDP_TX);
-        assert!(w.flows().is_empty(), "a RST created a connection-table entry");
+        assert!(
+            w.flows().is_empty(),
+            "a RST created a connection-table entry"
+        );
         assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 1);
     });
 }
 
 #[test]
-fn ipv6_tcp_syn_and_ack() {
+fn ipv6_tcp_syn_ack_rst() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web6(&w)]);
@@ -315,6 +396,12 @@ fn ipv6_tcp_syn_and_ack() {
         let flows = w.flows();
         assert_eq!(flows.len(), 1);
         assert_eq!(flows[0].dst, address_words(VIP6.parse().unwrap()));
+        // RST of the pinned flow follows it; RST of an unknown flow pins nothing.
+        let rst = tcp("2001:db8:0:1::2", 40000, VIP6, 80, RST).bytes();
+        assert_eq!(w.run(&rst), (XDP_TX, rewritten(&rst, chosen, LB_MAC)));
+        let stray = tcp("2001:db8:0:1::2", 40001, VIP6, 80, RST).bytes();
+        assert_eq!(w.run(&stray).0, XDP_TX);
+        assert_eq!(w.flows().len(), 1);
     });
 }
 
@@ -322,10 +409,18 @@ fn ipv6_tcp_syn_and_ack() {
 fn udp_vip_and_tcp_vip_on_the_same_address_are_distinct() {
     in_world(|| {
         let mut w = World::new();
-        let dns = service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend("198.18.1.21", 21, 1)]);
+        let dns = service(
+            "dns",
+            "198.18.0.100:53",
+            Protocol::Udp,
+            vec![w.tx_backend("198.18.1.21", 21, 1)],
+        );
         w.set(&[web4(&w), dns]);
         let query = udp("198.18.0.2", 5353, VIP4, 53).bytes();
-        assert_eq!(w.run(&query), (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC)));
+        assert_eq!(
+            w.run(&query),
+            (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC))
+        );
         // TCP to port 53 is not a VIP: passed untouched.
         let tcp53 = tcp("198.18.0.2", 5353, VIP4, 53, SYN).bytes();
         assert_eq!(w.run(&tcp53), (XDP_PASS, tcp53.clone()));
@@ -341,10 +436,18 @@ fn udp_vip_and_tcp_vip_on_the_same_address_are_distinct() {
 fn ipv6_udp_vip() {
     in_world(|| {
         let mut w = World::new();
-        let dns = service("dns6", "[2001:db8::100]:53", Protocol::Udp, vec![w.tx_backend("2001:db8:0:2::21", 21, 1)]);
+        let dns = service(
+            "dns6",
+            "[2001:db8::100]:53",
+            Protocol::Udp,
+            vec![w.tx_backend("2001:db8:0:2::21", 21, 1)],
+        );
         w.set(&[dns]);
         let query = udp("2001:db8:0:1::2", 5353, VIP6, 53).bytes();
-        assert_eq!(w.run(&query), (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC)));
+        assert_eq!(
+            w.run(&query),
+            (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC))
+        );
     });
 }
 
@@ -353,8 +456,15 @@ fn vlan_tagged_frames_keep_their_tag() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web4(&w), web6(&w)]);
-        for frame in [tcp("198.18.0.2", 40000, VIP4, 80, SYN), tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)] {
-            let tagged = Frame { vlan: Some(0x0064), ..frame }.bytes();
+        for frame in [
+            tcp("198.18.0.2", 40000, VIP4, 80, SYN),
+            tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN),
+        ] {
+            let tagged = Frame {
+                vlan: Some(0x0064),
+                ..frame
+            }
+            .bytes();
             let (action, out) = w.run(&tagged);
             assert_eq!(action, XDP_TX);
             assert_eq!(out, rewritten(&tagged, dst_mac(&out), LB_MAC));
@@ -390,12 +500,26 @@ fn non_vip_traffic_passes_untouched() {
 fn wildcard_vip_takes_every_port_but_exact_vip_wins() {
     in_world(|| {
         let mut w = World::new();
-        let any = service("any", "198.18.0.100:0", Protocol::Tcp, vec![w.tx_backend("198.18.1.31", 31, 1)]);
-        let exact = service("exact", "198.18.0.100:443", Protocol::Tcp, vec![w.tx_backend("198.18.1.32", 32, 1)]);
+        let any = service(
+            "any",
+            "198.18.0.100:0",
+            Protocol::Tcp,
+            vec![w.tx_backend("198.18.1.31", 31, 1)],
+        );
+        let exact = service(
+            "exact",
+            "198.18.0.100:443",
+            Protocol::Tcp,
+            vec![w.tx_backend("198.18.1.32", 32, 1)],
+        );
         w.set(&[any, exact]);
         for port in [80, 8080, 22] {
             let f = tcp("198.18.0.2", 40000, VIP4, port, SYN).bytes();
-            assert_eq!(w.run(&f), (XDP_TX, rewritten(&f, backend_mac(31), LB_MAC)), "port {port}");
+            assert_eq!(
+                w.run(&f),
+                (XDP_TX, rewritten(&f, backend_mac(31), LB_MAC)),
+                "port {port}"
+            );
         }
         let f = tcp("198.18.0.2", 40000, VIP4, 443, SYN).bytes();
         assert_eq!(w.run(&f), (XDP_TX, rewritten(&f, backend_mac(32), LB_MAC)));
@@ -408,16 +532,33 @@ fn truncated_frames_at_every_boundary_pass_without_faults() {
         let mut w = World::new();
         w.set(&[web4(&w), web6(&w)]);
         let frames = [
-            Frame { vlan: Some(7), payload: vec![], ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes(),
-            Frame { payload: vec![], ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN) }.bytes(),
-            Frame { payload: vec![], ..udp("198.18.0.2", 40000, VIP4, 80) }.bytes(),
+            Frame {
+                vlan: Some(7),
+                payload: vec![],
+                ..tcp("198.18.0.2", 40000, VIP4, 80, SYN)
+            }
+            .bytes(),
+            Frame {
+                payload: vec![],
+                ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)
+            }
+            .bytes(),
+            Frame {
+                payload: vec![],
+                ..udp("198.18.0.2", 40000, VIP4, 80)
+            }
+            .bytes(),
         ];
         let mut runs = 0;
         for full in &frames {
             // The kernel refuses test runs shorter than an Ethernet header.
             for len in 14..full.len() {
                 let cut = &full[..len];
-                assert_eq!(w.run(cut), (XDP_PASS, cut.to_vec()), "frame cut to {len} bytes");
+                assert_eq!(
+                    w.run(cut),
+                    (XDP_PASS, cut.to_vec()),
+                    "frame cut to {len} bytes"
+                );
                 runs += 1;
             }
         }
@@ -432,7 +573,11 @@ fn ipv4_options_are_skipped_and_bad_ihl_is_rejected() {
         let mut w = World::new();
         w.set(&[web4(&w)]);
         for words in [1, 3, 10] {
-            let f = Frame { ipv4_option_words: words, ..tcp("198.18.0.2", 40000 + words as u16, VIP4, 80, SYN) }.bytes();
+            let f = Frame {
+                ipv4_option_words: words,
+                ..tcp("198.18.0.2", 40000 + words as u16, VIP4, 80, SYN)
+            }
+            .bytes();
             let (action, out) = w.run(&f);
             assert_eq!(action, XDP_TX, "IHL {}", 5 + words);
             assert_eq!(out, rewritten(&f, dst_mac(&out), LB_MAC));
@@ -451,20 +596,43 @@ fn fragments_to_a_vip_address_are_dropped_and_counted() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web4(&w), web6(&w)]);
-        for frag in [0x2000u16 /* MF, offset 0 */, 0x0010 /* last fragment */] {
-            let f = Frame { frag, ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes();
+        for frag in [
+            0x2000u16, /* MF, offset 0 */
+            0x0010,    /* last fragment */
+        ] {
+            let f = Frame {
+                frag,
+                ..tcp("198.18.0.2", 40000, VIP4, 80, SYN)
+            }
+            .bytes();
             assert_eq!(w.run(&f).0, XDP_DROP);
-            let other = Frame { frag, ..tcp("198.18.0.2", 40000, "198.18.0.101", 80, SYN) }.bytes();
+            let other = Frame {
+                frag,
+                ..tcp("198.18.0.2", 40000, "198.18.0.101", 80, SYN)
+            }
+            .bytes();
             assert_eq!(w.run(&other), (XDP_PASS, other.clone()));
         }
         // DF alone is not a fragment.
-        let df = Frame { frag: 0x4000, ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes();
+        let df = Frame {
+            frag: 0x4000,
+            ..tcp("198.18.0.2", 40000, VIP4, 80, SYN)
+        }
+        .bytes();
         assert_eq!(w.run(&df).0, XDP_TX);
         assert_eq!(w.counter(GlobalCounter::DropFragment), 2);
 
-        let ext = Frame { ipv6_next_header: Some(0), ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN) }.bytes();
+        let ext = Frame {
+            ipv6_next_header: Some(0),
+            ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)
+        }
+        .bytes();
         assert_eq!(w.run(&ext).0, XDP_DROP);
-        let ext_other = Frame { ipv6_next_header: Some(60), ..tcp("2001:db8:0:1::2", 40000, "2001:db8::101", 80, SYN) }.bytes();
+        let ext_other = Frame {
+            ipv6_next_header: Some(60),
+            ..tcp("2001:db8:0:1::2", 40000, "2001:db8::101", 80, SYN)
+        }
+        .bytes();
         assert_eq!(w.run(&ext_other), (XDP_PASS, ext_other.clone()));
         assert_eq!(w.counter(GlobalCounter::DropIpv6ExtHeader), 1);
     });
@@ -474,10 +642,18 @@ fn fragments_to_a_vip_address_are_dropped_and_counted() {
 fn backend_behind_another_interface_is_redirected() {
     in_world(|| {
         let mut w = World::new();
-        let remote = service("remote", "198.18.0.100:80", Protocol::Tcp, vec![w.redirect_backend("198.18.1.41", 41)]);
+        let remote = service(
+            "remote",
+            "198.18.0.100:80",
+            Protocol::Tcp,
+            vec![w.redirect_backend("198.18.1.41", 41)],
+        );
         w.set(&[remote]);
         let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
-        assert_eq!(w.run(&syn), (XDP_REDIRECT, rewritten(&syn, backend_mac(41), EGRESS_MAC)));
+        assert_eq!(
+            w.run(&syn),
+            (XDP_REDIRECT, rewritten(&syn, backend_mac(41), EGRESS_MAC))
+        );
         assert_eq!(w.counter(GlobalCounter::ActionRedirect), 1);
     });
 }
@@ -507,15 +683,22 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
         let victim = pinned[0];
         // Rewrite the ring: remove the first flow's backend, add two, change weights.
         let n = victim[5];
-        let mut backends: Vec<DesiredBackend> =
-            [11u8, 12, 13].into_iter().filter(|b| *b != n).map(|b| w.tx_backend(&format!("198.18.1.{b}"), b, 3)).collect();
+        let mut backends: Vec<DesiredBackend> = [11u8, 12, 13]
+            .into_iter()
+            .filter(|b| *b != n)
+            .map(|b| w.tx_backend(&format!("198.18.1.{b}"), b, 3))
+            .collect();
         backends.push(w.tx_backend("198.18.1.14", 14, 1));
         backends.push(w.tx_backend("198.18.1.15", 15, 2));
         w.set(&[service("web", "198.18.0.100:80", Protocol::Tcp, backends)]);
 
         for (port, mac) in (0..60u16).zip(&pinned) {
             let ack = tcp("198.18.0.2", 41000 + port, VIP4, 80, ACK).bytes();
-            assert_eq!(w.run(&ack), (XDP_TX, rewritten(&ack, *mac, LB_MAC)), "flow {port} moved");
+            assert_eq!(
+                w.run(&ack),
+                (XDP_TX, rewritten(&ack, *mac, LB_MAC)),
+                "flow {port} moved"
+            );
         }
         // A new SYN on a reused five-tuple is a new connection: it follows the new ring.
         let (_, out) = w.run(&tcp("198.18.0.2", 41000, VIP4, 80, SYN).bytes());
@@ -526,7 +709,10 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
             let (_, out) = w.run(&tcp("198.18.0.3", 42000 + port, VIP4, 80, SYN).bytes());
             seen.insert(dst_mac(&out)[5]);
         }
-        assert!(seen.contains(&14) && seen.contains(&15) && !seen.contains(&n), "{seen:?}");
+        assert!(
+            seen.contains(&14) && seen.contains(&15) && !seen.contains(&n),
+            "{seen:?}"
+        );
     });
 }
 
@@ -534,7 +720,14 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
 fn idle_udp_flows_are_scheduled_afresh() {
     in_world(|| {
         let mut w = World::with_udp_timeout(Duration::from_secs(1));
-        let dns = |w: &World, b: u8| service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend(&format!("198.18.1.{b}"), b, 1)]);
+        let dns = |w: &World, b: u8| {
+            service(
+                "dns",
+                "198.18.0.100:53",
+                Protocol::Udp,
+                vec![w.tx_backend(&format!("198.18.1.{b}"), b, 1)],
+            )
+        };
         w.set(&[dns(&w, 21)]);
         let query = udp("198.18.0.2", 5353, VIP4, 53).bytes();
         assert_eq!(dst_mac(&w.run(&query).1), backend_mac(21));

@@ -211,7 +211,10 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
 fn mix(h: u32, word: u32) -> u32 {
     let mut k = word.wrapping_mul(0xcc9e_2d51);
     k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]

@@ -23,6 +23,10 @@ pub fn lookup_vip(flow: &FlowKey) -> Option<VipInfo> {
 /// Whether some VIP lives on this address (for packets without ports).
 #[inline(always)]
 pub fn is_vip_address(dst: [u32; 4], family: u8) -> bool {
-    let key = VipAddressKey { addr: dst, family, _pad: [0; 3] };
+    let key = VipAddressKey {
+        addr: dst,
+        family,
+        _pad: [0; 3],
+    };
     unsafe { VIP_ADDRESSES.get(&key) }.is_some()
 }

@@ -1,5 +1,14 @@
-//! Host-side stub: the XDP program itself is the `lb-ebpf` binary target,
-//! built for `bpfel-unknown-none` by `lb-userspace/build.rs`. This library
-//! exists so that the userspace crate can depend on this package and be
-//! rebuilt when it changes.
+//! What the eBPF binaries of this package share. The XDP programs themselves
+//! are the binary targets (`lb-ebpf`: the load balancer; `xdp-pass`: a
+//! test-topology helper), built for `bpfel-unknown-none` by
+//! `lb-userspace/build.rs`. On the host this library is empty: it exists so
+//! that lb-userspace can depend on this package and be rebuilt when it changes.
 #![no_std]
+
+/// BPF programs cannot unwind, and the verifier rejects any path that could
+/// reach this; it exists because `no_std` binaries must name one.
+#[cfg(all(target_arch = "bpf", not(test)))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -12,6 +12,7 @@ mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::GlobalCounter;
+use lb_ebpf as _; // panic handler
 
 use crate::{
     counters::{count, count_traffic},
@@ -22,7 +23,11 @@ use crate::{
 pub fn xdplb(ctx: XdpContext) -> u32 {
     let packet = match parse::parse(&ctx) {
         Parsed::Packet(packet) => packet,
-        Parsed::Unclassifiable { dst, family, reason } => {
+        Parsed::Unclassifiable {
+            dst,
+            family,
+            reason,
+        } => {
             return drop_if_vip_address(dst, family, reason);
         }
         Parsed::OtherProtocol => return pass(GlobalCounter::PassNonVip),
@@ -59,12 +64,6 @@ fn drop_if_vip_address(dst: [u32; 4], family: u8, reason: Unclassifiable) -> u32
         Unclassifiable::Ipv6ExtensionHeader => GlobalCounter::DropIpv6ExtHeader,
     });
     xdp_action::XDP_DROP
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }
 
 #[unsafe(link_section = "license")]

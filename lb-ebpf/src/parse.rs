@@ -46,7 +46,11 @@ pub enum Parsed {
     Packet(Packet),
     /// An IP packet whose ports cannot be read; dropped if it is addressed to
     /// a VIP address (hashing it without ports would split its flow).
-    Unclassifiable { dst: [u32; 4], family: u8, reason: Unclassifiable },
+    Unclassifiable {
+        dst: [u32; 4],
+        family: u8,
+        reason: Unclassifiable,
+    },
     /// IP, but neither TCP nor UDP (ICMP, ...): never a VIP.
     OtherProtocol,
     /// Not IP, or too short to hold the headers it claims.

@@ -7,8 +7,8 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_IN_USE, Backend, FlowState, GlobalCounter, LAST_SEEN_REFRESH_NS, PROTO_UDP,
-    VipInfo, flow_hash,
+    BACKEND_F_IN_USE, Backend, FlowState, GlobalCounter, LAST_SEEN_REFRESH_NS, PROTO_UDP, VipInfo,
+    flow_hash,
 };
 
 use crate::{
@@ -37,12 +37,20 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     let backend = usable_backend(backend_id)?;
     let new_flow = packet.tcp_flags & TCP_RST == 0;
     if new_flow {
-        let state = FlowState { backend_id, flags: 0, last_seen_ns: now };
+        let state = FlowState {
+            backend_id,
+            flags: 0,
+            last_seen_ns: now,
+        };
         if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
             count(GlobalCounter::ConntrackInsertFailed);
         }
     }
-    Some(Selection { backend_id, backend, new_flow })
+    Some(Selection {
+        backend_id,
+        backend,
+        new_flow,
+    })
 }
 
 #[inline(always)]
@@ -56,7 +64,11 @@ fn pinned_backend(packet: &Packet, now: u64) -> Option<Selection> {
     if idle_ns > LAST_SEEN_REFRESH_NS {
         state.last_seen_ns = now;
     }
-    Some(Selection { backend_id: state.backend_id, backend, new_flow: false })
+    Some(Selection {
+        backend_id: state.backend_id,
+        backend,
+        new_flow: false,
+    })
 }
 
 #[inline(always)]
@@ -65,7 +77,10 @@ fn ring_lookup(packet: &Packet, vip: &VipInfo) -> Option<u32> {
     if size == 0 {
         return None; // Never loaded so; also removes the divide-by-zero panic path.
     }
-    let slot = vip.id.wrapping_mul(size).wrapping_add(flow_hash(&packet.flow) % size);
+    let slot = vip
+        .id
+        .wrapping_mul(size)
+        .wrapping_add(flow_hash(&packet.flow) % size);
     RINGS.get(slot).copied()
 }
 

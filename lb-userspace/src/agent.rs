@@ -48,8 +48,15 @@ impl Agent {
         };
         let dataplane = Dataplane::load(params)?;
         let reconciler = Reconciler::new(params.ring_size, params.max_services);
-        let mut agent =
-            Self { config_path, config, netlink, dataplane, reconciler, desired: Vec::new(), unresolved: false };
+        let mut agent = Self {
+            config_path,
+            config,
+            netlink,
+            dataplane,
+            reconciler,
+            desired: Vec::new(),
+            unresolved: false,
+        };
         // Program the maps before attaching, so the first packet already finds its VIP.
         agent.unresolved = !agent.refresh_desired().await;
         agent.reconcile()?;
@@ -57,7 +64,9 @@ impl Agent {
             XdpModeConfig::Driver => XdpMode::Driver,
             XdpModeConfig::Skb => XdpMode::Skb,
         };
-        agent.dataplane.attach(&agent.config.agent.interface, mode)?;
+        agent
+            .dataplane
+            .attach(&agent.config.agent.interface, mode)?;
         log::info!(
             "attached to {} ({:?} mode) with {} service(s)",
             agent.config.agent.interface,
@@ -75,7 +84,11 @@ impl Agent {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sighup = signal(SignalKind::hangup())?;
         loop {
-            let next_maintenance = if self.unresolved { UNRESOLVED_RETRY } else { MAINTENANCE_PERIOD };
+            let next_maintenance = if self.unresolved {
+                UNRESOLVED_RETRY
+            } else {
+                MAINTENANCE_PERIOD
+            };
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -107,7 +120,9 @@ impl Agent {
             || old.conntrack_size != new.conntrack_size
             || old.udp_idle_timeout_s != new.udp_idle_timeout_s
         {
-            log::warn!("reload: [agent] changes take effect only after a restart; applying [[service]] changes");
+            log::warn!(
+                "reload: [agent] changes take effect only after a restart; applying [[service]] changes"
+            );
         }
         self.config.services = config.services;
         self.unresolved = !self.refresh_desired().await;
@@ -161,13 +176,20 @@ impl Agent {
                 let path = match paths.get(&address) {
                     Some(Ok(path)) => Some(*path),
                     Some(Err(err)) => {
-                        log::warn!("service {}: backend {address} unreachable, left out: {err}", service.name.get_ref());
+                        log::warn!(
+                            "service {}: backend {address} unreachable, left out: {err}",
+                            service.name.get_ref()
+                        );
                         all_resolved = false;
                         None
                     }
                     None => None,
                 };
-                backends.push(DesiredBackend { address, weight: backend.weight.0, path });
+                backends.push(DesiredBackend {
+                    address,
+                    weight: backend.weight.0,
+                    path,
+                });
             }
             desired.push(DesiredService {
                 name: service.name.get_ref().clone(),
@@ -188,26 +210,41 @@ impl Agent {
         if !writes.is_empty() {
             log::debug!("applying {} map write(s)", writes.len());
         }
-        self.dataplane.apply(&writes).context("updating the data plane")
+        self.dataplane
+            .apply(&writes)
+            .context("updating the data plane")
     }
 
     /// Per-service and per-backend counters, for the log at exit.
     pub fn summary(&self) -> String {
         let mut out = String::from("xdplb counters:\n");
         for service in &self.desired {
-            let Some(vip_id) = self.reconciler.vip_id(&service.name) else { continue };
+            let Some(vip_id) = self.reconciler.vip_id(&service.name) else {
+                continue;
+            };
             if let Ok(c) = self.dataplane.vip_counters(vip_id) {
-                out += &format!("  service {} {} {}: packets={} bytes={} new_flows={}\n", service.name, service.protocol, service.vip, c.packets, c.bytes, c.new_flows);
+                out += &format!(
+                    "  service {} {} {}: packets={} bytes={} new_flows={}\n",
+                    service.name, service.protocol, service.vip, c.packets, c.bytes, c.new_flows
+                );
             }
             for backend in &service.backends {
-                let Some(id) = self.reconciler.backend_id(&service.name, backend.address) else { continue };
+                let Some(id) = self.reconciler.backend_id(&service.name, backend.address) else {
+                    continue;
+                };
                 if let Ok(c) = self.dataplane.backend_counters(id) {
-                    out += &format!("    backend {}: packets={} bytes={} new_flows={}\n", backend.address, c.packets, c.bytes, c.new_flows);
+                    out += &format!(
+                        "    backend {}: packets={} bytes={} new_flows={}\n",
+                        backend.address, c.packets, c.bytes, c.new_flows
+                    );
                 }
             }
         }
         if let Ok(globals) = self.dataplane.global_counters() {
-            let line: Vec<String> = globals.iter().map(|(c, v)| format!("{}={v}", c.name())).collect();
+            let line: Vec<String> = globals
+                .iter()
+                .map(|(c, v)| format!("{}={v}", c.name()))
+                .collect();
             out += &format!("  global: {}\n", line.join(" "));
         }
         out

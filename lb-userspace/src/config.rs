@@ -148,7 +148,14 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -164,18 +171,28 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let located = |span: Option<Range<usize>>, message: String| {
             let (line, column) = line_column(text, span.map_or(0, |s| s.start));
-            ConfigError { path: path.to_path_buf(), line, column, message }
+            ConfigError {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
         };
         let config: Config =
             toml::from_str(text).map_err(|e| located(e.span(), e.message().to_string()))?;
-        config.validate().map_err(|(span, message)| located(Some(span), message))?;
+        config
+            .validate()
+            .map_err(|(span, message)| located(Some(span), message))?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), (Range<usize>, String)> {
         let ring_size = *self.agent.ring_size.get_ref();
         if !is_prime(ring_size) || ring_size < 3 {
-            return Err((self.agent.ring_size.span(), format!("ring_size {ring_size} is not a prime ≥ 3")));
+            return Err((
+                self.agent.ring_size.span(),
+                format!("ring_size {ring_size} is not a prime ≥ 3"),
+            ));
         }
         let max_services = *self.agent.max_services.get_ref();
         if max_services == 0 || max_services > MAX_VIPS {
@@ -185,34 +202,55 @@ impl Config {
             ));
         }
         if (max_services as u64) * (ring_size as u64) > u32::MAX as u64 / 4 {
-            return Err((self.agent.max_services.span(), "max_services × ring_size is too large".into()));
+            return Err((
+                self.agent.max_services.span(),
+                "max_services × ring_size is too large".into(),
+            ));
         }
         if self.services.len() > max_services as usize {
             let span = self.services[max_services as usize].name.span();
-            return Err((span, format!("more than max_services = {max_services} services")));
+            return Err((
+                span,
+                format!("more than max_services = {max_services} services"),
+            ));
         }
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
         for service in &self.services {
             let name = service.name.get_ref();
             if name.is_empty() || !names.insert(name.clone()) {
-                return Err((service.name.span(), format!("duplicate or empty service name {name:?}")));
+                return Err((
+                    service.name.span(),
+                    format!("duplicate or empty service name {name:?}"),
+                ));
             }
             let vip = *service.vip.get_ref();
             if !vips.insert((vip, service.protocol)) {
-                return Err((service.vip.span(), format!("duplicate VIP {vip}/{}", service.protocol)));
+                return Err((
+                    service.vip.span(),
+                    format!("duplicate VIP {vip}/{}", service.protocol),
+                ));
             }
             if service.backends.len() > MAX_BACKENDS_PER_SERVICE {
-                return Err((service.name.span(), format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends")));
+                return Err((
+                    service.name.span(),
+                    format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends"),
+                ));
             }
             let mut addresses = HashSet::new();
             for backend in &service.backends {
                 let addr = *backend.address.get_ref();
                 if addr.is_ipv4() != vip.is_ipv4() {
-                    return Err((backend.address.span(), format!("backend {addr} is not of the same IP family as VIP {vip}")));
+                    return Err((
+                        backend.address.span(),
+                        format!("backend {addr} is not of the same IP family as VIP {vip}"),
+                    ));
                 }
                 if !addresses.insert(addr) {
-                    return Err((backend.address.span(), format!("duplicate backend {addr} in service {name:?}")));
+                    return Err((
+                        backend.address.span(),
+                        format!("duplicate backend {addr} in service {name:?}"),
+                    ));
                 }
             }
         }
@@ -223,7 +261,9 @@ impl Config {
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
+    let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
+        before[nl + 1..].chars().count()
+    }) + 1;
     (line, column)
 }
 
@@ -234,7 +274,7 @@ pub fn is_prime(n: u32) -> bool {
     let n = n as u64;
     let mut d = 2u64;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -306,22 +346,35 @@ address = "2001:db8:0:2::11"
     fn weight_out_of_range_is_located() {
         let err = error_of(&GOOD.replace("weight = 2", "weight = 1001"));
         assert!(err.starts_with("lb.toml:13:10: "), "{err}");
-        assert!(err.contains("weight 1001 is out of range 0..=1000"), "{err}");
+        assert!(
+            err.contains("weight 1001 is out of range 0..=1000"),
+            "{err}"
+        );
         let err = error_of(&GOOD.replace("weight = 2", "weight = -1"));
         assert!(err.contains("out of range"), "{err}");
     }
 
     #[test]
     fn duplicate_vip_is_located() {
-        let err = error_of(&GOOD.replace("[2001:db8::100]:80", "198.18.0.100:80").replace("2001:db8:0:2::11", "198.18.1.12"));
+        let err = error_of(
+            &GOOD
+                .replace("[2001:db8::100]:80", "198.18.0.100:80")
+                .replace("2001:db8:0:2::11", "198.18.1.12"),
+        );
         assert!(err.starts_with("lb.toml:17:7: "), "{err}");
         assert!(err.contains("duplicate VIP 198.18.0.100:80/tcp"), "{err}");
     }
 
     #[test]
     fn same_vip_on_udp_and_tcp_is_allowed() {
-        let text = GOOD.replace("[2001:db8::100]:80", "198.18.0.100:80").replace("2001:db8:0:2::11", "198.18.1.12");
-        let text = text.replacen("protocol = \"tcp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"", "protocol = \"udp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"", 1);
+        let text = GOOD
+            .replace("[2001:db8::100]:80", "198.18.0.100:80")
+            .replace("2001:db8:0:2::11", "198.18.1.12");
+        let text = text.replacen(
+            "protocol = \"tcp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"",
+            "protocol = \"udp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"",
+            1,
+        );
         parse(&text).unwrap();
     }
 
@@ -329,17 +382,27 @@ address = "2001:db8:0:2::11"
     fn mixed_family_and_duplicate_backends_are_rejected() {
         let err = error_of(&GOOD.replace("2001:db8:0:2::11", "198.18.1.12"));
         assert!(err.contains("not of the same IP family"), "{err}");
-        let text = GOOD.replace("weight = 2\n", "weight = 2\n\n[[service.backend]]\naddress = \"198.18.1.11\"\n");
+        let text = GOOD.replace(
+            "weight = 2\n",
+            "weight = 2\n\n[[service.backend]]\naddress = \"198.18.1.11\"\n",
+        );
         let err = error_of(&text);
         assert!(err.contains("duplicate backend 198.18.1.11"), "{err}");
     }
 
     #[test]
     fn ring_size_must_be_prime() {
-        let err = error_of(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nring_size = 65536"));
+        let err = error_of(&GOOD.replace(
+            "interface = \"eth0\"",
+            "interface = \"eth0\"\nring_size = 65536",
+        ));
         assert!(err.starts_with("lb.toml:4:13: "), "{err}");
         assert!(err.contains("not a prime"), "{err}");
-        parse(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nring_size = 251")).unwrap();
+        parse(&GOOD.replace(
+            "interface = \"eth0\"",
+            "interface = \"eth0\"\nring_size = 251",
+        ))
+        .unwrap();
     }
 
     #[test]
@@ -353,8 +416,14 @@ address = "2001:db8:0:2::11"
     #[test]
     fn shipped_configs_are_valid() {
         for (name, text) in [
-            ("config/example.toml", include_str!("../../config/example.toml")),
-            ("config/harness.toml", include_str!("../../config/harness.toml")),
+            (
+                "config/example.toml",
+                include_str!("../../config/example.toml"),
+            ),
+            (
+                "config/harness.toml",
+                include_str!("../../config/harness.toml"),
+            ),
         ] {
             let config = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{e}"));
             assert!(!config.services.is_empty(), "{name}");

@@ -43,7 +43,11 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("ring_size × max_services overflows"))?;
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_RING_SIZE, &params.ring_size, true)
-            .override_global(names::GLOBAL_UDP_IDLE_TIMEOUT_NS, &params.udp_idle_timeout_ns, true)
+            .override_global(
+                names::GLOBAL_UDP_IDLE_TIMEOUT_NS,
+                &params.udp_idle_timeout_ns,
+                true,
+            )
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::CONNTRACK, params.conntrack_size)
             .load(XDP_OBJECT)
@@ -53,7 +57,11 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("program {} missing from object", names::PROGRAM))?
             .try_into()?;
         program.load().context("verifying the XDP program")?;
-        Ok(Self { ebpf, params, attached: None })
+        Ok(Self {
+            ebpf,
+            params,
+            attached: None,
+        })
     }
 
     pub fn params(&self) -> DataplaneParams {
@@ -69,22 +77,28 @@ impl Dataplane {
     }
 
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<()> {
-        let program: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).expect("loaded").try_into()?;
-        let link = program
-            .attach(interface, mode)
-            .with_context(|| {
-                format!(
-                    "attaching XDP to {interface} in {mode:?} mode (EBUSY means another XDP program, \
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROGRAM)
+            .expect("loaded")
+            .try_into()?;
+        let link = program.attach(interface, mode).with_context(|| {
+            format!(
+                "attaching XDP to {interface} in {mode:?} mode (EBUSY means another XDP program, \
                      perhaps another xdplb, is attached there)"
-                )
-            })?;
+            )
+        })?;
         self.attached = Some(link);
         Ok(())
     }
 
     pub fn detach(&mut self) -> Result<()> {
         if let Some(link) = self.attached.take() {
-            let program: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).expect("loaded").try_into()?;
+            let program: &mut Xdp = self
+                .ebpf
+                .program_mut(names::PROGRAM)
+                .expect("loaded")
+                .try_into()?;
             program.detach(link)?;
         }
         Ok(())
@@ -93,7 +107,8 @@ impl Dataplane {
     /// Executes the writes in order. Stops at the first failure, naming it.
     pub fn apply(&mut self, writes: &[MapWrite]) -> Result<()> {
         for write in writes {
-            self.apply_one(write).with_context(|| format!("map write {}", describe(write)))?;
+            self.apply_one(write)
+                .with_context(|| format!("map write {}", describe(write)))?;
         }
         Ok(())
     }
@@ -128,11 +143,13 @@ impl Dataplane {
                 map.remove(key)?;
             }
             MapWrite::AddVipAddress { key } => {
-                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(names::VIP_ADDRESSES)?;
+                let mut map: HashMap<&mut MapData, VipAddressKey, u32> =
+                    self.map_mut(names::VIP_ADDRESSES)?;
                 map.insert(key, 1, 0)?;
             }
             MapWrite::RemoveVipAddress { key } => {
-                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(names::VIP_ADDRESSES)?;
+                let mut map: HashMap<&mut MapData, VipAddressKey, u32> =
+                    self.map_mut(names::VIP_ADDRESSES)?;
                 map.remove(key)?;
             }
         }
@@ -143,12 +160,21 @@ impl Dataplane {
         &'a mut self,
         name: &str,
     ) -> Result<T> {
-        let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from object"))?;
         Ok(T::try_from(map)?)
     }
 
-    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(&'a self, name: &str) -> Result<T> {
-        let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
+    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
+        &'a self,
+        name: &str,
+    ) -> Result<T> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from object"))?;
         Ok(T::try_from(map)?)
     }
 
@@ -174,12 +200,14 @@ impl Dataplane {
     fn traffic_counters(&self, name: &str, index: u32) -> Result<TrafficCounters> {
         let map: PerCpuArray<&MapData, TrafficCounters> = self.map(name)?;
         let values = map.get(&index, 0)?;
-        Ok(values.iter().fold(TrafficCounters::default(), |mut sum, c| {
-            sum.packets += c.packets;
-            sum.bytes += c.bytes;
-            sum.new_flows += c.new_flows;
-            sum
-        }))
+        Ok(values
+            .iter()
+            .fold(TrafficCounters::default(), |mut sum, c| {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+                sum.new_flows += c.new_flows;
+                sum
+            }))
     }
 
     /// Backend ids that some live connection-table entry points at. UDP
@@ -208,7 +236,10 @@ impl Dataplane {
 
 /// The clock `bpf_ktime_get_coarse_ns` reads.
 pub fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC_COARSE always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -219,7 +250,9 @@ fn describe(write: &MapWrite) -> String {
         MapWrite::AddEgressDevice { ifindex } => format!("add egress device {ifindex}"),
         MapWrite::SetBackend { id, .. } => format!("set backend {id}"),
         MapWrite::ClearBackend { id } => format!("clear backend {id}"),
-        MapWrite::SetRingSlots { vip_id, slots } => format!("set {} ring slots of VIP {vip_id}", slots.len()),
+        MapWrite::SetRingSlots { vip_id, slots } => {
+            format!("set {} ring slots of VIP {vip_id}", slots.len())
+        }
         MapWrite::SetVip { info, .. } => format!("set VIP {}", info.id),
         MapWrite::RemoveVip { .. } => "remove VIP".into(),
         MapWrite::AddVipAddress { .. } => "add VIP address".into(),

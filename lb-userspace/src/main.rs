@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use xdplb::{agent::Agent, config::Config};
 
 #[derive(Parser)]
-#[command(name = "xdplb", version, about = "XDP L4 load balancer (Maglev, L2 DSR)")]
+#[command(
+    name = "xdplb",
+    version,
+    about = "XDP L4 load balancer (Maglev, L2 DSR)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(config: PathBuf) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let agent = Agent::start(config).await?;
         agent.run().await

@@ -86,8 +86,12 @@ pub enum ReconcileError {
 impl std::fmt::Display for ReconcileError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ReconcileError::OutOfVipIds(s) => write!(f, "service {s:?}: no free VIP slot (raise max_services)"),
-            ReconcileError::OutOfBackendIds(s, a) => write!(f, "service {s:?}: no free backend slot for {a}"),
+            ReconcileError::OutOfVipIds(s) => {
+                write!(f, "service {s:?}: no free VIP slot (raise max_services)")
+            }
+            ReconcileError::OutOfBackendIds(s, a) => {
+                write!(f, "service {s:?}: no free backend slot for {a}")
+            }
         }
     }
 }
@@ -128,8 +132,12 @@ impl Reconciler {
         let mut errors = Vec::new();
         let wanted: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
 
-        let gone: Vec<String> =
-            self.services.keys().filter(|name| !wanted.contains(name.as_str())).cloned().collect();
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|name| !wanted.contains(name.as_str()))
+            .cloned()
+            .collect();
         for name in gone {
             self.remove_service(&name, &mut writes);
         }
@@ -147,10 +155,17 @@ impl Reconciler {
         (writes, errors)
     }
 
-    fn update_service(&mut self, desired: &DesiredService, writes: &mut Vec<MapWrite>) -> Result<(), ReconcileError> {
+    fn update_service(
+        &mut self,
+        desired: &DesiredService,
+        writes: &mut Vec<MapWrite>,
+    ) -> Result<(), ReconcileError> {
         let is_new = !self.services.contains_key(&desired.name);
         if is_new {
-            let vip_id = self.free_vip_ids.pop().ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
+            let vip_id = self
+                .free_vip_ids
+                .pop()
+                .ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
             self.services.insert(
                 desired.name.clone(),
                 AppliedService {
@@ -165,9 +180,18 @@ impl Reconciler {
 
         // Backends: keep ids of those that stay, retire those that left.
         let mut service = self.services.remove(&desired.name).expect("inserted above");
-        let resolved: BTreeMap<IpAddr, &DesiredBackend> =
-            desired.backends.iter().filter(|b| b.path.is_some()).map(|b| (b.address, b)).collect();
-        let left: Vec<IpAddr> = service.backends.keys().filter(|a| !resolved.contains_key(a)).copied().collect();
+        let resolved: BTreeMap<IpAddr, &DesiredBackend> = desired
+            .backends
+            .iter()
+            .filter(|b| b.path.is_some())
+            .map(|b| (b.address, b))
+            .collect();
+        let left: Vec<IpAddr> = service
+            .backends
+            .keys()
+            .filter(|a| !resolved.contains_key(a))
+            .copied()
+            .collect();
         let mut retiring = Vec::new();
         for address in left {
             retiring.push(service.backends.remove(&address).expect("listed above"));
@@ -182,14 +206,19 @@ impl Reconciler {
                         id
                     }
                     None => {
-                        result = Err(ReconcileError::OutOfBackendIds(desired.name.clone(), *address));
+                        result = Err(ReconcileError::OutOfBackendIds(
+                            desired.name.clone(),
+                            *address,
+                        ));
                         continue;
                     }
                 },
             };
             let path = backend.path.expect("filtered on resolved");
             if self.egress_devices.insert(path.ifindex) {
-                writes.push(MapWrite::AddEgressDevice { ifindex: path.ifindex });
+                writes.push(MapWrite::AddEgressDevice {
+                    ifindex: path.ifindex,
+                });
             }
             let slot = backend_slot(*address, path);
             if self.backends.get(&id) != Some(&slot) {
@@ -212,12 +241,21 @@ impl Reconciler {
             .map(|(i, (new, _))| (i as u32, *new))
             .collect();
         if !slots.is_empty() {
-            writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
+            writes.push(MapWrite::SetRingSlots {
+                vip_id: service.vip_id,
+                slots,
+            });
         }
         service.ring = ring;
 
         if is_new {
-            writes.push(MapWrite::SetVip { key: service.key, info: VipInfo { id: service.vip_id, flags: 0 } });
+            writes.push(MapWrite::SetVip {
+                key: service.key,
+                info: VipInfo {
+                    id: service.vip_id,
+                    flags: 0,
+                },
+            });
             let address = vip_address_key(&service.key);
             let count = self.vip_addresses.entry(address).or_insert(0);
             *count += 1;
@@ -231,7 +269,9 @@ impl Reconciler {
     }
 
     fn remove_service(&mut self, name: &str, writes: &mut Vec<MapWrite>) {
-        let Some(service) = self.services.remove(name) else { return };
+        let Some(service) = self.services.remove(name) else {
+            return;
+        };
         writes.push(MapWrite::RemoveVip { key: service.key });
         let address = vip_address_key(&service.key);
         if let Some(count) = self.vip_addresses.get_mut(&address) {
@@ -249,7 +289,10 @@ impl Reconciler {
             .map(|(i, _)| (i as u32, lb_common::NO_BACKEND))
             .collect();
         if !slots.is_empty() {
-            writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
+            writes.push(MapWrite::SetRingSlots {
+                vip_id: service.vip_id,
+                slots,
+            });
         }
         self.free_vip_ids.push(service.vip_id);
         self.retired.extend(service.backends.into_values());
@@ -257,7 +300,12 @@ impl Reconciler {
 
     /// Frees retired backend slots that no connection-table entry refers to.
     pub fn collect_retired(&mut self, referenced: &HashSet<u32>) -> Vec<MapWrite> {
-        let free: Vec<u32> = self.retired.iter().filter(|id| !referenced.contains(id)).copied().collect();
+        let free: Vec<u32> = self
+            .retired
+            .iter()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
         let mut writes = Vec::new();
         for id in free {
             self.retired.remove(&id);
@@ -279,7 +327,11 @@ pub fn vip_key(service: &DesiredService) -> VipKey {
 }
 
 fn vip_address_key(key: &VipKey) -> VipAddressKey {
-    VipAddressKey { addr: key.addr, family: key.family, _pad: [0; 3] }
+    VipAddressKey {
+        addr: key.addr,
+        family: key.family,
+        _pad: [0; 3],
+    }
 }
 
 fn backend_slot(address: IpAddr, path: L2Path) -> Backend {
@@ -295,7 +347,11 @@ fn backend_slot(address: IpAddr, path: L2Path) -> Backend {
 }
 
 pub fn family(address: IpAddr) -> u8 {
-    if address.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 }
+    if address.is_ipv4() {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    }
 }
 
 /// Address as stored in maps: wire bytes, IPv4 in the first word.
@@ -326,7 +382,11 @@ mod tests {
     const RING: u32 = 251;
 
     fn path(n: u8) -> Option<L2Path> {
-        Some(L2Path { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 1, n] })
+        Some(L2Path {
+            ifindex: 7,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 1, n],
+        })
     }
 
     fn service(name: &str, backends: &[(u8, u32)]) -> DesiredService {
@@ -336,7 +396,11 @@ mod tests {
             protocol: Protocol::Tcp,
             backends: backends
                 .iter()
-                .map(|(n, w)| DesiredBackend { address: IpAddr::from([198, 18, 1, *n]), weight: *w, path: path(*n) })
+                .map(|(n, w)| DesiredBackend {
+                    address: IpAddr::from([198, 18, 1, *n]),
+                    weight: *w,
+                    path: path(*n),
+                })
                 .collect(),
         }
     }
@@ -361,10 +425,21 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(kinds, ["egress", "backend", "backend", "ring", "vip", "vip-address"]);
-        let MapWrite::SetRingSlots { slots, .. } = &writes[3] else { unreachable!() };
-        assert_eq!(slots.len(), RING as usize, "every slot of a fresh ring is written");
-        let MapWrite::SetVip { key, info } = &writes[4] else { unreachable!() };
+        assert_eq!(
+            kinds,
+            ["egress", "backend", "backend", "ring", "vip", "vip-address"]
+        );
+        let MapWrite::SetRingSlots { slots, .. } = &writes[3] else {
+            unreachable!()
+        };
+        assert_eq!(
+            slots.len(),
+            RING as usize,
+            "every slot of a fresh ring is written"
+        );
+        let MapWrite::SetVip { key, info } = &writes[4] else {
+            unreachable!()
+        };
         assert_eq!(key.port, 80u16.to_be());
         assert_eq!(key.addr[0], u32::from_ne_bytes([198, 18, 0, 100]));
         assert_eq!(info.id, 0);
@@ -387,7 +462,9 @@ mod tests {
         let before = ring_of(&r, "web");
         let (writes, _) = r.plan(&[service("web", &[(11, 1), (12, 1), (13, 3)])]);
         assert_eq!(writes.len(), 1, "{writes:?}");
-        let MapWrite::SetRingSlots { slots, .. } = &writes[0] else { panic!("{writes:?}") };
+        let MapWrite::SetRingSlots { slots, .. } = &writes[0] else {
+            panic!("{writes:?}")
+        };
         let after = ring_of(&r, "web");
         let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         assert_eq!(slots.len(), changed);
@@ -400,7 +477,12 @@ mod tests {
         r.plan(&[service("web", &[(11, 1), (12, 1)])]);
         let id12 = r.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap();
         let (writes, _) = r.plan(&[service("web", &[(11, 1)])]);
-        assert!(!writes.iter().any(|w| matches!(w, MapWrite::ClearBackend { .. })), "slot stays for pinned flows");
+        assert!(
+            !writes
+                .iter()
+                .any(|w| matches!(w, MapWrite::ClearBackend { .. })),
+            "slot stays for pinned flows"
+        );
         assert!(!ring_of(&r, "web").contains(&id12));
         assert!(r.retired().contains(&id12));
 
@@ -408,9 +490,15 @@ mod tests {
         assert!(r.collect_retired(&HashSet::from([id12])).is_empty());
         // A new backend must not reuse the retired id.
         r.plan(&[service("web", &[(11, 1), (14, 1)])]);
-        assert_ne!(r.backend_id("web", IpAddr::from([198, 18, 1, 14])), Some(id12));
+        assert_ne!(
+            r.backend_id("web", IpAddr::from([198, 18, 1, 14])),
+            Some(id12)
+        );
         // Unreferenced: cleared and freed.
-        assert_eq!(r.collect_retired(&HashSet::new()), vec![MapWrite::ClearBackend { id: id12 }]);
+        assert_eq!(
+            r.collect_retired(&HashSet::new()),
+            vec![MapWrite::ClearBackend { id: id12 }]
+        );
         assert!(r.retired().is_empty());
     }
 
@@ -430,15 +518,29 @@ mod tests {
     #[test]
     fn removed_service_clears_vip_ring_and_retires_backends() {
         let mut r = Reconciler::new(RING, 4);
-        r.plan(&[service("web", &[(11, 1)]), service_on("dns", 53, &[(21, 1)])]);
+        r.plan(&[
+            service("web", &[(11, 1)]),
+            service_on("dns", 53, &[(21, 1)]),
+        ]);
         let (writes, _) = r.plan(&[service_on("dns", 53, &[(21, 1)])]);
-        assert!(matches!(writes[0], MapWrite::RemoveVip { .. }), "{writes:?}");
+        assert!(
+            matches!(writes[0], MapWrite::RemoveVip { .. }),
+            "{writes:?}"
+        );
         // Another service still lives on 198.18.0.100: the address stays.
-        assert!(!writes.iter().any(|w| matches!(w, MapWrite::RemoveVipAddress { .. })));
+        assert!(
+            !writes
+                .iter()
+                .any(|w| matches!(w, MapWrite::RemoveVipAddress { .. }))
+        );
         assert!(writes.iter().any(|w| matches!(w, MapWrite::SetRingSlots { slots, .. } if slots.iter().all(|(_, id)| *id == 0))));
         assert_eq!(r.retired().len(), 1);
         let (writes, _) = r.plan(&[]);
-        assert!(writes.iter().any(|w| matches!(w, MapWrite::RemoveVipAddress { .. })));
+        assert!(
+            writes
+                .iter()
+                .any(|w| matches!(w, MapWrite::RemoveVipAddress { .. }))
+        );
         // The freed VIP id is reused.
         r.plan(&[service("web", &[(11, 1)])]);
         assert!(r.vip_id("web").unwrap() <= 1);
@@ -447,7 +549,10 @@ mod tests {
     #[test]
     fn running_out_of_vip_ids_is_reported() {
         let mut r = Reconciler::new(RING, 1);
-        let (_, errors) = r.plan(&[service("web", &[(11, 1)]), service_on("dns", 53, &[(21, 1)])]);
+        let (_, errors) = r.plan(&[
+            service("web", &[(11, 1)]),
+            service_on("dns", 53, &[(21, 1)]),
+        ]);
         assert_eq!(errors, vec![ReconcileError::OutOfVipIds("dns".into())]);
         assert!(r.vip_id("web").is_some());
     }

@@ -56,26 +56,33 @@ fn main() -> Result<()> {
             // One test at a time: the packet and namespace tests load XDP
             // programs and build topologies; on 2 cores that is kinder and
             // keeps timings honest.
-            exec(Command::new("cargo").current_dir(&root).args(["test", "--", "--test-threads=1"]))
+            exec(
+                Command::new("cargo")
+                    .current_dir(&root)
+                    .args(["test", "--", "--test-threads=1"]),
+            )
         }
         Task::Demo { requests } => {
             setup::run()?;
             require_root("the demo")?;
             build(&root, false)?;
             let prefix = format!("xd{}", std::process::id() % 100_000);
-            exec(Command::new("bash")
-                .current_dir(&root)
-                .arg("tests/netns-harness.sh")
-                .args(["run", &prefix, "bash", "tests/demo.sh"])
-                .env("XDPLB", root.join("target/debug/xdplb"))
-                .env("DEMO_REQUESTS", requests.to_string()))
+            exec(
+                Command::new("bash")
+                    .current_dir(&root)
+                    .arg("tests/netns-harness.sh")
+                    .args(["run", &prefix, "bash", "tests/demo.sh"])
+                    .env("XDPLB", root.join("target/debug/xdplb"))
+                    .env("DEMO_REQUESTS", requests.to_string()),
+            )
         }
     }
 }
 
 fn build(root: &Path, release: bool) -> Result<()> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root).args(["build", "--package", "lb-userspace"]);
+    cmd.current_dir(root)
+        .args(["build", "--package", "lb-userspace"]);
     if release {
         cmd.arg("--release");
     }
@@ -83,7 +90,10 @@ fn build(root: &Path, release: bool) -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn require_root(what: &str) -> Result<()> {

@@ -26,7 +26,10 @@ pub fn run() -> Result<()> {
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -39,8 +42,14 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 /// The eBPF crate builds core from source (-Z build-std) with nightly.
 fn rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
-        .context("the nightly toolchain is required for the eBPF program")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("the nightly toolchain is required for the eBPF program")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -57,7 +66,9 @@ fn bpf_linker() -> Result<()> {
     if bpf_linker_runs() {
         return Ok(());
     }
-    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?);
+    let sysroot = PathBuf::from(output(
+        Command::new("rustc").args(["+nightly", "--print", "sysroot"]),
+    )?);
     let lib_dir = sysroot.join("lib");
     let libllvm = std::fs::read_dir(&lib_dir)?
         .filter_map(|e| e.ok())
@@ -78,16 +89,27 @@ fn bpf_linker() -> Result<()> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(lib_dir.join(&libllvm), &link)?;
     eprintln!("xtask setup: building bpf-linker against {libllvm} (about a minute)");
-    exec(Command::new("cargo")
-        .args(["+nightly", "install", "--force", "bpf-linker", "--no-default-features", "--features"])
-        .arg(format!("llvm-{major}"))
-        .env("LLVM_PREFIX", &prefix)
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO_TARGET_DIR"))?;
+    exec(
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "install",
+                "--force",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix)
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+    )?;
     if !bpf_linker_runs() {
-        bail!("bpf-linker was installed but does not run under `rustup run nightly`; is ~/.cargo/bin on PATH?");
+        bail!(
+            "bpf-linker was installed but does not run under `rustup run nightly`; is ~/.cargo/bin on PATH?"
+        );
     }
     Ok(())
 }
@@ -105,8 +127,15 @@ fn debian_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask setup: installing Debian packages {}", missing.join(" "));
+    eprintln!(
+        "xtask setup: installing Debian packages {}",
+        missing.join(" ")
+    );
     exec(Command::new("apt-get").arg("update").arg("-q"))?;
-    exec(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
