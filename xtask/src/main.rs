@@ -8,8 +8,9 @@
 mod setup;
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -56,11 +57,7 @@ fn main() -> Result<()> {
             // One test at a time: the packet and namespace tests load XDP
             // programs and build topologies; on 2 cores that is kinder and
             // keeps timings honest.
-            exec(
-                Command::new("cargo")
-                    .current_dir(&root)
-                    .args(["test", "--", "--test-threads=1"]),
-            )
+            test(&root)
         }
         Task::Demo { requests } => {
             setup::run()?;
@@ -77,6 +74,49 @@ fn main() -> Result<()> {
             )
         }
     }
+}
+
+/// `cargo test` on every default member, echoing its output, then one
+/// closing line with the totals over all test binaries.
+fn test(root: &Path) -> Result<()> {
+    let mut child = Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--", "--test-threads=1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        let Some(result) = line.strip_prefix("test result: ") else {
+            continue;
+        };
+        for part in result.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (
+                words.next().and_then(|n| n.parse::<u64>().ok()),
+                words.next(),
+            ) else {
+                continue;
+            };
+            match what {
+                "passed" => passed += n,
+                "failed" => failed += n,
+                "ignored" => ignored += n,
+                _ => {}
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask test: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }
 
 fn build(root: &Path, release: bool) -> Result<()> {
