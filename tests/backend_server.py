@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Test backend for the xdplb harness: an HTTP/1.1 server (keep-alive) that
-answers every GET with its own name, on IPv4 and IPv6."""
+answers every GET with its own name, on IPv4 and IPv6.
+
+/healthz answers with the status last set through /admin/healthz/CODE
+(200 at start), so tests can make a backend fail its HTTP health check."""
 import argparse
 import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,13 +19,20 @@ class DualStackServer(ThreadingHTTPServer):
 
 
 def handler_for(name):
-    body = (name + "\n").encode()
+    state = {"healthz": 200}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
-            self.send_response(200)
+            status, text = 200, name
+            if self.path.startswith("/admin/healthz/"):
+                state["healthz"] = int(self.path.rsplit("/", 1)[1])
+                text = f"{name} healthz {state['healthz']}"
+            elif self.path == "/healthz":
+                status, text = state["healthz"], f"{name} healthz"
+            body = (text + "\n").encode()
+            self.send_response(status)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -82,6 +82,7 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
 struct Agent {
     child: Option<Child>,
     config: PathBuf,
+    socket: PathBuf,
     log: PathBuf,
     _dir: TempDir,
 }
@@ -96,31 +97,49 @@ impl Drop for TempDir {
 
 impl Agent {
     fn start(topology: &Topology, config: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("xdplb-test-{}", topology.prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config_path = dir.join("xdplb.toml");
-        let log = dir.join("xdplb.log");
-        std::fs::write(&config_path, config).unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
-            .args([XDPLB, "run", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("starting xdplb");
-        let agent = Agent {
-            child: Some(child),
-            config: config_path,
-            log,
-            _dir: TempDir(dir),
-        };
+        let agent = Self::spawn(topology, config);
         agent.wait_for_log("attached to", 1);
         // Backends whose neighbours are still being resolved are not in the
         // ring yet; the distribution tests need all of them.
         agent.wait_for_log("all backends resolved", 1);
         agent
+    }
+
+    fn spawn(topology: &Topology, config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("xdplb-test-{}", topology.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("xdplb.toml");
+        let socket = dir.join("xdplb.sock");
+        let log = dir.join("xdplb.log");
+        let mut agent = Agent {
+            child: None,
+            config: config_path,
+            socket,
+            log,
+            _dir: TempDir(dir),
+        };
+        agent.write_config(config);
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
+            .args([XDPLB, "run", "--config"])
+            .arg(&agent.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(File::create(&agent.log).unwrap())
+            .spawn()
+            .expect("starting xdplb");
+        agent.child = Some(child);
+        agent
+    }
+
+    /// Writes `config` with this agent's own control socket.
+    fn write_config(&self, config: &str) {
+        let text = config.replacen(
+            "[agent]\n",
+            &format!("[agent]\ncontrol_socket = {:?}\n", self.socket),
+            1,
+        );
+        std::fs::write(&self.config, text).unwrap();
     }
 
     fn log_text(&self) -> String {
@@ -142,7 +161,7 @@ impl Agent {
     /// Rewrites the config file and sends SIGHUP; returns once applied.
     fn reload(&self, config: &str) {
         let before = self.log_text().matches("reloaded").count();
-        std::fs::write(&self.config, config).unwrap();
+        self.write_config(config);
         self.signal("HUP");
         self.wait_for_log("reloaded", before + 1);
     }
@@ -150,7 +169,7 @@ impl Agent {
     /// Writes an invalid config and sends SIGHUP; returns once it was rejected.
     fn reload_rejected(&self, config: &str) {
         let before = self.log_text().matches("reload rejected").count();
-        std::fs::write(&self.config, config).unwrap();
+        self.write_config(config);
         self.signal("HUP");
         self.wait_for_log("reload rejected", before + 1);
     }
@@ -162,6 +181,45 @@ impl Agent {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// Runs `xdplb --socket S ARGS...`; returns (success, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(XDPLB)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    /// `xdplb status --json`, parsed.
+    fn status(&self) -> serde_json::Value {
+        let (ok, out, err) = self.cli(&["status", "--json"]);
+        assert!(ok, "status failed: {err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// The status entry of one backend of one service.
+    fn backend(&self, service: &str, address: &str) -> serde_json::Value {
+        let status = self.status();
+        let services = status["services"].as_array().unwrap();
+        let s = services
+            .iter()
+            .find(|s| s["name"] == service)
+            .unwrap_or_else(|| panic!("no service {service}"));
+        s["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == address)
+            .cloned()
+            .unwrap_or_else(|| panic!("no backend {address}"))
     }
 
     /// Stops the agent and returns its exit summary (stdout).
@@ -417,7 +475,7 @@ fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
             assert!(
                 agent
                     .log_text()
-                    .contains("xdplb.toml:10:11: invalid IP address syntax"),
+                    .contains("xdplb.toml:11:11: invalid IP address syntax"),
                 "{}",
                 agent.log_text()
             );

@@ -147,6 +147,7 @@ impl World {
                 src_mac,
                 dst_mac: backend_mac(n),
             }),
+            down: false,
         }
     }
 }
@@ -737,5 +738,86 @@ fn idle_udp_flows_are_scheduled_afresh() {
         thread::sleep(Duration::from_millis(1600));
         // Idle past the timeout: a new flow, through the new ring.
         assert_eq!(dst_mac(&w.run(&query).1), backend_mac(22));
+    });
+}
+
+#[test]
+fn flows_pinned_to_a_down_backend_move_on_their_next_packet_and_stay_moved() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        let pinned: Vec<[u8; 6]> = (0..60u16)
+            .map(|port| {
+                dst_mac(
+                    &w.run(&tcp("198.18.0.2", 43000 + port, VIP4, 80, SYN).bytes())
+                        .1,
+                )
+            })
+            .collect();
+        let victim = pinned[0];
+        // What the agent writes when a backend fails: out of the ring, flagged down.
+        let mut failed = web4(&w);
+        for b in &mut failed.backends {
+            if b.path.unwrap().dst_mac == victim {
+                b.down = true;
+                b.weight = 0;
+            }
+        }
+        w.set(&[failed]);
+        let mut moved = Vec::new();
+        for (port, before) in (0..60u16).zip(&pinned) {
+            let ack = tcp("198.18.0.2", 43000 + port, VIP4, 80, ACK).bytes();
+            let (action, out) = w.run(&ack);
+            assert_eq!(action, XDP_TX);
+            let after = dst_mac(&out);
+            if *before == victim {
+                assert_ne!(after, victim, "flow {port} still goes to the down backend");
+                moved.push((port, after));
+            } else {
+                assert_eq!(after, *before, "flow {port} of a healthy backend moved");
+            }
+        }
+        assert!(!moved.is_empty());
+        // The new choice is pinned: it holds when the old backend comes back.
+        w.set(&[web4(&w)]);
+        for (port, mac) in moved {
+            let ack = tcp("198.18.0.2", 43000 + port, VIP4, 80, ACK).bytes();
+            assert_eq!(dst_mac(&w.run(&ack).1), mac);
+        }
+    });
+}
+
+#[test]
+fn the_clients_fin_or_rst_marks_a_flow_finished() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        let finished = |w: &World, sport: u16| {
+            let flows = w.dataplane.flows().unwrap();
+            let (_, state) = flows
+                .iter()
+                .find(|(k, _)| u16::from_be(k.sport) == sport)
+                .expect("flow entry");
+            state.flags & lb_common::FLOW_F_FINISHED != 0
+        };
+        for (sport, last) in [(44000u16, 0x11u8 /* FIN|ACK */), (44001, RST | ACK)] {
+            w.run(&tcp("198.18.0.2", sport, VIP4, 80, SYN).bytes());
+            w.run(&tcp("198.18.0.2", sport, VIP4, 80, PSH_ACK).bytes());
+            assert!(!finished(&w, sport));
+            let (action, _) = w.run(&tcp("198.18.0.2", sport, VIP4, 80, last).bytes());
+            assert_eq!(action, XDP_TX);
+            assert!(
+                finished(&w, sport),
+                "flags {last:#x} did not finish the flow"
+            );
+            // The last ACK still reaches the same backend.
+            assert_eq!(
+                w.run(&tcp("198.18.0.2", sport, VIP4, 80, ACK).bytes()).0,
+                XDP_TX
+            );
+        }
+        // A new SYN on the same five-tuple starts a live flow again.
+        w.run(&tcp("198.18.0.2", 44000, VIP4, 80, SYN).bytes());
+        assert!(!finished(&w, 44000));
     });
 }

@@ -78,6 +78,14 @@ pub struct VipAddressKey {
 
 /// The backend slot is in use; a cleared slot is never selected.
 pub const BACKEND_F_IN_USE: u8 = 1;
+/// The backend failed its health checks: flows pinned to it are scheduled
+/// afresh on their next packet (the agent sets this only when the service
+/// reschedules on failure).
+pub const BACKEND_F_DOWN: u8 = 2;
+
+/// The client has sent FIN or RST: the flow is ending and no longer counts as
+/// active (its entry stays for the last packets).
+pub const FLOW_F_FINISHED: u32 = 1;
 
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]

@@ -22,6 +22,7 @@ const VLAN_HDR_LEN: usize = 4;
 /// IPv4 "more fragments" flag and fragment offset mask.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;

@@ -3,18 +3,20 @@
 //!
 //! A TCP SYN always consults the ring (a reused five-tuple is a new
 //! connection); every other packet keeps the backend its flow is pinned to,
-//! so established flows survive ring changes. A RST never creates an entry.
+//! so established flows survive ring changes, unless their backend is marked
+//! down, in which case they are scheduled afresh. A RST never creates an
+//! entry; the client's FIN or RST marks the flow finished.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_IN_USE, Backend, FlowState, GlobalCounter, LAST_SEEN_REFRESH_NS, PROTO_UDP, VipInfo,
-    flow_hash,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowState, GlobalCounter,
+    LAST_SEEN_REFRESH_NS, PROTO_UDP, VipInfo, flow_hash,
 };
 
 use crate::{
     counters::count,
     maps::{BACKENDS, CONNTRACK, RINGS, ring_size, udp_idle_timeout_ns},
-    parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 pub struct Selection {
@@ -37,9 +39,14 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     let backend = usable_backend(backend_id)?;
     let new_flow = packet.tcp_flags & TCP_RST == 0;
     if new_flow {
+        let flags = if packet.tcp_flags & TCP_FIN != 0 {
+            FLOW_F_FINISHED
+        } else {
+            0
+        };
         let state = FlowState {
             backend_id,
-            flags: 0,
+            flags,
             last_seen_ns: now,
         };
         if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
@@ -61,8 +68,14 @@ fn pinned_backend(packet: &Packet, now: u64) -> Option<Selection> {
         return None;
     }
     let backend = usable_backend(state.backend_id)?;
+    if unsafe { (*backend).flags } & BACKEND_F_DOWN != 0 {
+        return None;
+    }
     if idle_ns > LAST_SEEN_REFRESH_NS {
         state.last_seen_ns = now;
+    }
+    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && state.flags & FLOW_F_FINISHED == 0 {
+        state.flags |= FLOW_F_FINISHED;
     }
     Some(Selection {
         backend_id: state.backend_id,

@@ -1,26 +1,51 @@
-//! `xdplb run`: attach, keep the maps reconciled to the configuration, and
-//! detach on SIGINT/SIGTERM. SIGHUP re-reads the configuration; an invalid
-//! one is reported and the running state is kept.
+//! `xdplb run`: the agent. One event loop owns all state; configuration,
+//! CLI commands and health results change the desired state, and
+//! `reconcile` is the only place that turns it into map writes.
+//!
+//! SIGINT/SIGTERM detach and exit; SIGHUP (or `xdplb reload`) re-reads the
+//! configuration file. Changes made through the CLI live until the next
+//! reload or restart: the file is the source of truth, and a reload keeps
+//! only the health and drain state of backends that are still in it.
 
-use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
 
 use crate::{
-    config::{Config, XdpModeConfig},
+    config::{BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Weight, XdpModeConfig},
+    control::{
+        self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status,
+    },
     dataplane::{Dataplane, DataplaneParams},
-    netlink::Netlink,
-    reconcile::{DesiredBackend, DesiredService, Reconciler},
+    health::{self, ProbeReport},
+    netlink::{L2Path, Netlink},
+    reconcile::{DesiredService, Reconciler},
+    state::{AdminState, FailOpen, Runtime, desired_services},
 };
 
 /// How long one neighbour resolution may wait for an answer.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often neighbours are re-resolved and retired backends collected.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
-/// How soon an unresolved backend is tried again.
-const UNRESOLVED_RETRY: Duration = Duration::from_secs(1);
+/// How often while something is pending (an unresolved neighbour, a drain).
+const BUSY_MAINTENANCE_PERIOD: Duration = Duration::from_secs(1);
+
+struct Checker {
+    check: HealthCheck,
+    generation: u64,
+    task: JoinHandle<()>,
+}
 
 pub struct Agent {
     config_path: PathBuf,
@@ -28,18 +53,29 @@ pub struct Agent {
     netlink: Netlink,
     dataplane: Dataplane,
     reconciler: Reconciler,
-    desired: Vec<DesiredService>,
-    /// Some backend's neighbour is not resolved yet: retry soon.
+    runtime: Runtime,
+    paths: HashMap<IpAddr, L2Path>,
     unresolved: bool,
+    desired: Vec<DesiredService>,
+    fail_open: FailOpen,
+    checkers: HashMap<(String, IpAddr), Checker>,
+    next_generation: u64,
+    probe_tx: mpsc::UnboundedSender<ProbeReport>,
+    probe_rx: mpsc::UnboundedReceiver<ProbeReport>,
+    control_rx: mpsc::Receiver<ControlCall>,
+    last_maintenance: tokio::time::Instant,
 }
 
 impl Agent {
-    /// Validates the config, loads and attaches the program, programs the maps.
+    /// Validates the config, loads the program, programs the maps, attaches,
+    /// opens the control socket and starts the health checks.
     pub async fn start(config_path: PathBuf) -> Result<Self> {
         let config = Config::load(&config_path)?;
         let netlink = Netlink::connect()?;
         let agent_config = &config.agent;
         netlink.ifindex_by_name(&agent_config.interface).await?;
+        // The socket first: a second agent must fail before touching XDP.
+        let listener = control::bind(&agent_config.control_socket)?;
         let params = DataplaneParams {
             ring_size: *agent_config.ring_size.get_ref(),
             max_services: *agent_config.max_services.get_ref(),
@@ -47,18 +83,29 @@ impl Agent {
             udp_idle_timeout_ns: agent_config.udp_idle_timeout_s * 1_000_000_000,
         };
         let dataplane = Dataplane::load(params)?;
-        let reconciler = Reconciler::new(params.ring_size, params.max_services);
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::channel(16);
         let mut agent = Self {
             config_path,
+            reconciler: Reconciler::new(params.ring_size, params.max_services),
             config,
             netlink,
             dataplane,
-            reconciler,
-            desired: Vec::new(),
+            runtime: Runtime::default(),
+            paths: HashMap::new(),
             unresolved: false,
+            desired: Vec::new(),
+            fail_open: FailOpen::new(),
+            checkers: HashMap::new(),
+            next_generation: 0,
+            probe_tx,
+            probe_rx,
+            control_rx,
+            last_maintenance: tokio::time::Instant::now(),
         };
+        agent.runtime.sync_with(&agent.config);
+        agent.resolve().await;
         // Program the maps before attaching, so the first packet already finds its VIP.
-        agent.unresolved = !agent.refresh_desired().await;
         agent.reconcile()?;
         let mode = match agent.config.agent.xdp_mode {
             XdpModeConfig::Driver => XdpMode::Driver,
@@ -67,11 +114,13 @@ impl Agent {
         agent
             .dataplane
             .attach(&agent.config.agent.interface, mode)?;
+        tokio::spawn(control::serve(listener, control_tx));
+        agent.sync_checkers();
         log::info!(
-            "attached to {} ({:?} mode) with {} service(s)",
+            "attached to {} ({mode:?} mode) with {} service(s); control socket {}",
             agent.config.agent.interface,
-            mode,
-            agent.config.services.len()
+            agent.config.services.len(),
+            agent.config.agent.control_socket.display()
         );
         if !agent.unresolved {
             log::info!("all backends resolved");
@@ -84,125 +133,62 @@ impl Agent {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sighup = signal(SignalKind::hangup())?;
         loop {
-            let next_maintenance = if self.unresolved {
-                UNRESOLVED_RETRY
-            } else {
-                MAINTENANCE_PERIOD
-            };
+            // A deadline, not a fresh sleep: other events must not postpone it.
+            let maintenance =
+                tokio::time::sleep_until(self.last_maintenance + self.maintenance_period());
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
-                _ = sighup.recv() => self.reload().await,
-                _ = tokio::time::sleep(next_maintenance) => self.maintain().await,
+                _ = sighup.recv() => {
+                    if let Err(err) = self.reload().await {
+                        log::error!("{err}");
+                    }
+                }
+                Some(report) = self.probe_rx.recv() => self.on_probe(report),
+                Some(call) = self.control_rx.recv() => {
+                    let response = self.on_request(call.request).await;
+                    let _ = call.reply.send(response);
+                }
+                _ = maintenance => self.maintain().await,
             }
         }
+        for checker in self.checkers.values() {
+            checker.task.abort();
+        }
+        let _ = std::fs::remove_file(&self.config.agent.control_socket);
         self.dataplane.detach()?;
         log::info!("detached from {}", self.config.agent.interface);
         print!("{}", self.summary());
         Ok(())
     }
 
-    /// Re-reads the config file; on error the running state is unchanged.
-    async fn reload(&mut self) {
-        let config = match Config::load(&self.config_path) {
-            Ok(config) => config,
-            Err(err) => {
-                log::error!("reload rejected, keeping the running configuration: {err:#}");
-                return;
-            }
-        };
-        let old = &self.config.agent;
-        let new = &config.agent;
-        if old.interface != new.interface
-            || old.xdp_mode != new.xdp_mode
-            || old.ring_size.get_ref() != new.ring_size.get_ref()
-            || old.max_services.get_ref() != new.max_services.get_ref()
-            || old.conntrack_size != new.conntrack_size
-            || old.udp_idle_timeout_s != new.udp_idle_timeout_s
-        {
-            log::warn!(
-                "reload: [agent] changes take effect only after a restart; applying [[service]] changes"
-            );
-        }
-        self.config.services = config.services;
-        self.unresolved = !self.refresh_desired().await;
-        match self.reconcile() {
-            Ok(()) => log::info!("reloaded {}", self.config_path.display()),
-            Err(err) => log::error!("reload: {err:#}"),
+    fn maintenance_period(&self) -> Duration {
+        let draining = self
+            .runtime
+            .backends
+            .values()
+            .any(|b| matches!(b.admin, AdminState::Draining { .. }));
+        if self.unresolved || draining {
+            BUSY_MAINTENANCE_PERIOD
+        } else {
+            MAINTENANCE_PERIOD
         }
     }
 
-    async fn maintain(&mut self) {
-        let was_unresolved = self.unresolved;
-        self.unresolved = !self.refresh_desired().await;
-        if was_unresolved && !self.unresolved {
-            log::info!("all backends resolved");
-        }
-        if let Err(err) = self.reconcile() {
-            log::error!("{err:#}");
-        }
-        if self.reconciler.retired().is_empty() {
-            return;
-        }
-        match self.dataplane.referenced_backends() {
-            Ok(referenced) => {
-                let writes = self.reconciler.collect_retired(&referenced);
-                if let Err(err) = self.dataplane.apply(&writes) {
-                    log::error!("freeing retired backends: {err:#}");
-                }
-            }
-            Err(err) => log::error!("scanning the connection table: {err:#}"),
-        }
-    }
-
-    /// Desired state from the config, with each backend's L2 path resolved.
-    /// Returns whether every backend was resolved.
-    async fn refresh_desired(&mut self) -> bool {
-        let addresses: Vec<IpAddr> = self
-            .config
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| *b.address.get_ref()))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let paths = self.netlink.resolve_all(&addresses, RESOLVE_TIMEOUT).await;
-        let mut all_resolved = true;
-        let mut desired = Vec::with_capacity(self.config.services.len());
-        for service in &self.config.services {
-            let mut backends = Vec::with_capacity(service.backends.len());
-            for backend in &service.backends {
-                let address = *backend.address.get_ref();
-                let path = match paths.get(&address) {
-                    Some(Ok(path)) => Some(*path),
-                    Some(Err(err)) => {
-                        log::warn!(
-                            "service {}: backend {address} unreachable, left out: {err}",
-                            service.name.get_ref()
-                        );
-                        all_resolved = false;
-                        None
-                    }
-                    None => None,
-                };
-                backends.push(DesiredBackend {
-                    address,
-                    weight: backend.weight.0,
-                    path,
-                });
-            }
-            desired.push(DesiredService {
-                name: service.name.get_ref().clone(),
-                vip: *service.vip.get_ref(),
-                protocol: service.protocol,
-                backends,
-            });
-        }
-        self.desired = desired;
-        all_resolved
-    }
-
+    /// The one place where desired state becomes map writes.
     fn reconcile(&mut self) -> Result<()> {
+        let (desired, fail_open) = desired_services(&self.config, &self.runtime, &self.paths);
+        for (service, failing) in &fail_open {
+            if *failing && !self.fail_open.get(service).copied().unwrap_or(false) {
+                log::error!(
+                    "service {service}: EVERY backend is down; failing open: keeping all enabled backends in its ring"
+                );
+            } else if !*failing && self.fail_open.get(service).copied().unwrap_or(false) {
+                log::warn!("service {service}: a backend is up again; no longer failing open");
+            }
+        }
+        self.fail_open = fail_open;
+        self.desired = desired;
         let (writes, errors) = self.reconciler.plan(&self.desired);
         for err in errors {
             log::error!("{err}");
@@ -215,7 +201,420 @@ impl Agent {
             .context("updating the data plane")
     }
 
-    /// Per-service and per-backend counters, for the log at exit.
+    fn reconcile_logged(&mut self) {
+        if let Err(err) = self.reconcile() {
+            log::error!("{err:#}");
+        }
+    }
+
+    fn on_probe(&mut self, report: ProbeReport) {
+        let key = (report.service.clone(), report.address);
+        let Some(checker) = self.checkers.get(&key) else {
+            return;
+        };
+        if checker.generation != report.generation {
+            return; // from a checker that has been replaced
+        }
+        let (rise, fall) = (checker.check.rise, checker.check.fall);
+        let Some(state) = self.runtime.get_mut(&report.service, report.address) else {
+            return;
+        };
+        let latency = report.outcome.latency;
+        let detail = report.outcome.detail.clone();
+        if let Some(up) = state.health.record(report.outcome, rise, fall) {
+            let (word, streak) = if up { ("UP", rise) } else { ("DOWN", fall) };
+            log::warn!(
+                "service {}: backend {} is {word} after {streak} consecutive probe(s): {detail} ({latency:.1?})",
+                report.service,
+                report.address
+            );
+            self.reconcile_logged();
+        }
+    }
+
+    /// Starts, replaces or stops health checkers to match the configuration.
+    fn sync_checkers(&mut self) {
+        let mut wanted = HashMap::new();
+        for service in &self.config.services {
+            for backend in &service.backends {
+                let check = service.health_check(backend);
+                if check.kind != HealthKind::None {
+                    wanted.insert(
+                        (service.name.get_ref().clone(), *backend.address.get_ref()),
+                        check,
+                    );
+                }
+            }
+        }
+        self.checkers.retain(|key, checker| {
+            let keep = wanted.get(key) == Some(&checker.check);
+            if !keep {
+                checker.task.abort();
+            }
+            keep
+        });
+        for (key, check) in wanted {
+            if self.checkers.contains_key(&key) {
+                continue;
+            }
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            let task = tokio::spawn(health::run_checker(
+                key.0.clone(),
+                key.1,
+                check.clone(),
+                generation,
+                self.probe_tx.clone(),
+            ));
+            self.checkers.insert(
+                key,
+                Checker {
+                    check,
+                    generation,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Resolves every configured backend's L2 path.
+    async fn resolve(&mut self) {
+        let addresses: Vec<IpAddr> = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| *b.address.get_ref()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let results = self.netlink.resolve_all(&addresses, RESOLVE_TIMEOUT).await;
+        let was_unresolved = self.unresolved;
+        self.unresolved = false;
+        self.paths.clear();
+        for (address, result) in results {
+            match result {
+                Ok(path) => {
+                    self.paths.insert(address, path);
+                }
+                Err(err) => {
+                    log::warn!("backend {address} unreachable, left out until resolved: {err}");
+                    self.unresolved = true;
+                }
+            }
+        }
+        if was_unresolved && !self.unresolved {
+            log::info!("all backends resolved");
+        }
+    }
+
+    async fn maintain(&mut self) {
+        self.last_maintenance = tokio::time::Instant::now();
+        self.resolve().await;
+        let tcp_idle_ns = self.config.agent.tcp_idle_timeout_s * 1_000_000_000;
+        match self.dataplane.scan_flows(tcp_idle_ns) {
+            Ok(scan) => {
+                self.update_active_flows(&scan.active);
+                for (service, address, why) in
+                    self.runtime.advance_drains(&self.config, Instant::now())
+                {
+                    log::info!("service {service}: backend {address} drained ({why})");
+                }
+                let writes = self.reconciler.collect_retired(&scan.referenced);
+                if let Err(err) = self.dataplane.apply(&writes) {
+                    log::error!("freeing retired backends: {err:#}");
+                }
+            }
+            Err(err) => log::error!("scanning the connection table: {err:#}"),
+        }
+        self.reconcile_logged();
+    }
+
+    fn update_active_flows(&mut self, active: &HashMap<u32, u64>) {
+        for ((service, address), state) in &mut self.runtime.backends {
+            let id = self.reconciler.backend_id(service, *address);
+            state.active_flows = id.and_then(|id| active.get(&id)).copied().unwrap_or(0);
+        }
+    }
+
+    /// Re-reads the config file. On error the running state is unchanged.
+    async fn reload(&mut self) -> Result<String, String> {
+        let config = Config::load(&self.config_path).map_err(|err| {
+            format!("reload rejected, keeping the running configuration: {err:#}")
+        })?;
+        if let Some(changed) = agent_section_change(&self.config, &config) {
+            log::warn!(
+                "reload: [agent] {changed} takes effect only after a restart; applying [[service]] changes"
+            );
+        }
+        self.config.services = config.services;
+        self.apply_config_change().await;
+        let message = format!("reloaded {}", self.config_path.display());
+        log::info!("{message}");
+        Ok(message)
+    }
+
+    /// After the configuration changed: runtime state, checkers, paths, maps.
+    async fn apply_config_change(&mut self) {
+        self.runtime.sync_with(&self.config);
+        self.sync_checkers();
+        self.resolve().await;
+        self.reconcile_logged();
+    }
+
+    /// Applies `change` to a copy of the configuration; if the result is
+    /// valid it replaces the running one. Nothing changes on error.
+    async fn change_config(
+        &mut self,
+        change: impl FnOnce(&mut Config) -> Result<String, String>,
+    ) -> Response {
+        let mut candidate = self.config.clone();
+        let message = match change(&mut candidate).and_then(|m| candidate.check().map(|()| m)) {
+            Ok(message) => message,
+            Err(err) => return Response::error(err),
+        };
+        self.config = candidate;
+        self.apply_config_change().await;
+        log::info!("{message}");
+        Response::done(message)
+    }
+
+    async fn on_request(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status {} => match self.status() {
+                Ok(status) => Response::Status { ok: true, status },
+                Err(err) => Response::error(format!("{err:#}")),
+            },
+            Request::Reload {} => match self.reload().await {
+                Ok(message) => Response::done(message),
+                Err(err) => {
+                    log::error!("{err}");
+                    Response::error(err)
+                }
+            },
+            Request::ServiceAdd { toml } => {
+                let services = match Config::parse_services(&toml, Path::new("<service add>")) {
+                    Ok(services) => services,
+                    Err(err) => return Response::error(err.to_string()),
+                };
+                self.change_config(|config| {
+                    let [service] =
+                        <[_; 1]>::try_from(services).map_err(|_| "give exactly one [[service]]")?;
+                    let message = format!("service {} added", service.name.get_ref());
+                    config.services.push(service);
+                    Ok(message)
+                })
+                .await
+            }
+            Request::ServiceRemove { name } => {
+                self.change_config(|config| {
+                    let before = config.services.len();
+                    config.services.retain(|s| *s.name.get_ref() != name);
+                    if config.services.len() == before {
+                        return Err(format!("no service named {name:?}"));
+                    }
+                    Ok(format!("service {name} removed"))
+                })
+                .await
+            }
+            Request::BackendAdd {
+                service,
+                address,
+                weight,
+            } => {
+                let Ok(address) = address.parse::<IpAddr>() else {
+                    return Response::error(format!("{address:?} is not an IP address"));
+                };
+                let weight = match checked_weight(weight.unwrap_or(1)) {
+                    Ok(w) => w,
+                    Err(e) => return Response::error(e),
+                };
+                self.change_config(|config| {
+                    let s = service_mut(config, &service)?;
+                    s.backends.push(BackendConfig {
+                        address: toml::Spanned::new(0..0, address),
+                        weight,
+                        health: None,
+                    });
+                    Ok(format!(
+                        "service {service}: backend {address} added with weight {}",
+                        weight.0
+                    ))
+                })
+                .await
+            }
+            Request::BackendRemove { service, address } => {
+                let Ok(address) = address.parse::<IpAddr>() else {
+                    return Response::error(format!("{address:?} is not an IP address"));
+                };
+                self.change_config(|config| {
+                    let s = service_mut(config, &service)?;
+                    let before = s.backends.len();
+                    s.backends.retain(|b| *b.address.get_ref() != address);
+                    if s.backends.len() == before {
+                        return Err(format!("service {service:?} has no backend {address}"));
+                    }
+                    Ok(format!("service {service}: backend {address} removed"))
+                })
+                .await
+            }
+            Request::BackendWeight {
+                service,
+                address,
+                weight,
+            } => {
+                let Ok(address) = address.parse::<IpAddr>() else {
+                    return Response::error(format!("{address:?} is not an IP address"));
+                };
+                let weight = match checked_weight(weight) {
+                    Ok(w) => w,
+                    Err(e) => return Response::error(e),
+                };
+                self.change_config(|config| {
+                    let s = service_mut(config, &service)?;
+                    let backend = s
+                        .backends
+                        .iter_mut()
+                        .find(|b| *b.address.get_ref() == address)
+                        .ok_or_else(|| format!("service {service:?} has no backend {address}"))?;
+                    backend.weight = weight;
+                    Ok(format!(
+                        "service {service}: backend {address} weight {}",
+                        weight.0
+                    ))
+                })
+                .await
+            }
+            Request::BackendDrain { service, address } => {
+                self.set_admin(&service, &address, |admin| match admin {
+                    AdminState::Enabled => Ok(AdminState::Draining {
+                        since: Instant::now(),
+                    }),
+                    other => Err(format!("already {}", other.name())),
+                })
+            }
+            Request::BackendEnable { service, address } => {
+                self.set_admin(&service, &address, |admin| match admin {
+                    AdminState::Enabled => Err("already enabled".into()),
+                    _ => Ok(AdminState::Enabled),
+                })
+            }
+        }
+    }
+
+    fn set_admin(
+        &mut self,
+        service: &str,
+        address: &str,
+        next: impl FnOnce(AdminState) -> Result<AdminState, String>,
+    ) -> Response {
+        let Ok(address) = address.parse::<IpAddr>() else {
+            return Response::error(format!("{address:?} is not an IP address"));
+        };
+        if !self
+            .config
+            .services
+            .iter()
+            .any(|s| s.name.get_ref() == service)
+        {
+            return Response::error(format!("no service named {service:?}"));
+        }
+        let Some(state) = self.runtime.get_mut(service, address) else {
+            return Response::error(format!("service {service:?} has no backend {address}"));
+        };
+        match next(state.admin) {
+            Ok(admin) => {
+                state.admin = admin;
+                let message = format!("service {service}: backend {address} {}", admin.name());
+                log::info!("{message}");
+                self.reconcile_logged();
+                Response::done(message)
+            }
+            Err(err) => Response::error(format!("service {service}: backend {address} is {err}")),
+        }
+    }
+
+    fn status(&mut self) -> Result<Status> {
+        let tcp_idle_ns = self.config.agent.tcp_idle_timeout_s * 1_000_000_000;
+        let scan = self.dataplane.scan_flows(tcp_idle_ns)?;
+        self.update_active_flows(&scan.active);
+        let ring_weights: BTreeMap<(&str, IpAddr), u32> = self
+            .desired
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .map(move |b| ((s.name.as_str(), b.address), b.weight))
+            })
+            .collect();
+        let now = SystemTime::now();
+        let mut services = Vec::new();
+        for service in &self.config.services {
+            let name = service.name.get_ref();
+            let counters = match self.reconciler.vip_id(name) {
+                Some(id) => self.dataplane.vip_counters(id)?,
+                None => Default::default(),
+            };
+            let mut backends = Vec::new();
+            for backend in &service.backends {
+                let address = *backend.address.get_ref();
+                let runtime = self.runtime.get(name, address).cloned().unwrap_or_default();
+                let id = self.reconciler.backend_id(name, address);
+                let counters = match id {
+                    Some(id) => self.dataplane.backend_counters(id)?,
+                    None => Default::default(),
+                };
+                let checked = service.health_check(backend).kind != HealthKind::None;
+                backends.push(BackendStatus {
+                    address: address.to_string(),
+                    weight: backend.weight.0,
+                    health: if !checked {
+                        "unchecked"
+                    } else if runtime.health.up {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                    .into(),
+                    last_probe: runtime.health.last.as_ref().map(|p| ProbeStatus {
+                        ok: p.ok,
+                        detail: p.detail.clone(),
+                        latency_ms: p.latency.as_secs_f64() * 1000.0,
+                        age_ms: now.duration_since(p.at).unwrap_or_default().as_millis() as u64,
+                    }),
+                    admin: runtime.admin.name().into(),
+                    in_ring: id.is_some()
+                        && ring_weights
+                            .get(&(name.as_str(), address))
+                            .copied()
+                            .unwrap_or(0)
+                            > 0,
+                    resolved: self.paths.contains_key(&address),
+                    active_flows: runtime.active_flows,
+                    packets: counters.packets,
+                    bytes: counters.bytes,
+                    new_flows: counters.new_flows,
+                });
+            }
+            services.push(ServiceStatus {
+                name: name.clone(),
+                vip: service.vip.get_ref().to_string(),
+                protocol: service.protocol.to_string(),
+                forwarding: "dsr".into(),
+                scheduler: "maglev".into(),
+                fail_open: self.fail_open.get(name).copied().unwrap_or(false),
+                packets: counters.packets,
+                bytes: counters.bytes,
+                new_flows: counters.new_flows,
+                backends,
+            });
+        }
+        Ok(Status {
+            interface: self.config.agent.interface.clone(),
+            services,
+        })
+    }
+
+    /// Per-service and per-backend counters, printed at exit.
     pub fn summary(&self) -> String {
         let mut out = String::from("xdplb counters:\n");
         for service in &self.desired {
@@ -249,4 +648,49 @@ impl Agent {
         }
         out
     }
+}
+
+fn service_mut<'a>(
+    config: &'a mut Config,
+    name: &str,
+) -> Result<&'a mut crate::config::ServiceConfig, String> {
+    config
+        .services
+        .iter_mut()
+        .find(|s| s.name.get_ref() == name)
+        .ok_or_else(|| format!("no service named {name:?}"))
+}
+
+fn checked_weight(weight: u32) -> Result<Weight, String> {
+    if weight > MAX_WEIGHT {
+        return Err(format!("weight {weight} is out of range 0..={MAX_WEIGHT}"));
+    }
+    Ok(Weight(weight))
+}
+
+/// The first `[agent]` setting that differs, if any (those need a restart).
+fn agent_section_change(old: &Config, new: &Config) -> Option<&'static str> {
+    let (a, b) = (&old.agent, &new.agent);
+    [
+        ("interface", a.interface != b.interface),
+        ("xdp_mode", a.xdp_mode != b.xdp_mode),
+        ("ring_size", a.ring_size.get_ref() != b.ring_size.get_ref()),
+        (
+            "max_services",
+            a.max_services.get_ref() != b.max_services.get_ref(),
+        ),
+        ("conntrack_size", a.conntrack_size != b.conntrack_size),
+        (
+            "udp_idle_timeout_s",
+            a.udp_idle_timeout_s != b.udp_idle_timeout_s,
+        ),
+        (
+            "tcp_idle_timeout_s",
+            a.tcp_idle_timeout_s != b.tcp_idle_timeout_s,
+        ),
+        ("control_socket", a.control_socket != b.control_socket),
+    ]
+    .into_iter()
+    .find(|(_, changed)| *changed)
+    .map(|(name, _)| name)
 }

@@ -42,6 +42,12 @@ pub struct AgentConfig {
     pub conntrack_size: u32,
     #[serde(default = "default_udp_idle_timeout_s")]
     pub udp_idle_timeout_s: u64,
+    /// A TCP flow silent this long no longer counts as active (drain, status).
+    #[serde(default = "default_tcp_idle_timeout_s")]
+    pub tcp_idle_timeout_s: u64,
+    /// Where the agent listens for `xdplb` CLI commands.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -60,9 +66,131 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// Health check of every backend; a backend may override any field.
+    #[serde(default)]
+    pub health: Option<Spanned<HealthSpec>>,
+    /// What happens to flows pinned to a backend that fails its checks.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// A draining backend is reported drained after this long at the latest.
+    #[serde(default = "default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Pinned flows move to another backend on their next packet.
+    #[default]
+    Reschedule,
+    /// Pinned flows stay on the failed backend.
+    Keep,
+}
+
+/// A health-check table as written; unset fields fall back to the service's
+/// table, then to the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    pub kind: Option<HealthKind>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub expect_status: Option<Vec<u16>>,
+    /// The response body must contain this.
+    pub expect_body: Option<String>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+    None,
+}
+
+/// The health check one backend gets, all fields resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub port: u16,
+    pub path: String,
+    pub expect_status: Vec<u16>,
+    pub expect_body: Option<String>,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl HealthSpec {
+    /// `self` over `base`: fields set here win.
+    fn over(&self, base: &HealthSpec) -> HealthSpec {
+        HealthSpec {
+            kind: self.kind.or(base.kind),
+            port: self.port.or(base.port),
+            path: self.path.clone().or_else(|| base.path.clone()),
+            expect_status: self
+                .expect_status
+                .clone()
+                .or_else(|| base.expect_status.clone()),
+            expect_body: self
+                .expect_body
+                .clone()
+                .or_else(|| base.expect_body.clone()),
+            interval_ms: self.interval_ms.or(base.interval_ms),
+            timeout_ms: self.timeout_ms.or(base.timeout_ms),
+            rise: self.rise.or(base.rise),
+            fall: self.fall.or(base.fall),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let interval = self.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS);
+        let timeout = self.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS);
+        if !(50..=3_600_000).contains(&interval) {
+            return Err(format!(
+                "interval_ms {interval} is out of range 50..=3600000"
+            ));
+        }
+        if timeout == 0 || timeout > interval {
+            return Err(format!(
+                "timeout_ms {timeout} must be between 1 and interval_ms ({interval})"
+            ));
+        }
+        for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if let Some(v) = value
+                && !(1..=100).contains(&v)
+            {
+                return Err(format!("{name} {v} is out of range 1..=100"));
+            }
+        }
+        if let Some(path) = &self.path
+            && !path.starts_with('/')
+        {
+            return Err(format!("path {path:?} must start with '/'"));
+        }
+        if let Some(codes) = &self.expect_status {
+            if codes.is_empty() {
+                return Err("expect_status is empty".into());
+            }
+            if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
+                return Err(format!("expect_status {bad} is not an HTTP status"));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 500;
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +231,45 @@ pub struct BackendConfig {
     pub address: Spanned<IpAddr>,
     #[serde(default = "default_weight")]
     pub weight: Weight,
+    #[serde(default)]
+    pub health: Option<Spanned<HealthSpec>>,
+}
+
+impl ServiceConfig {
+    /// The health check of one of this service's backends. TCP services are
+    /// checked with a TCP connect to the service port unless told otherwise;
+    /// UDP services are not checked unless told how.
+    pub fn health_check(&self, backend: &BackendConfig) -> HealthCheck {
+        let none = HealthSpec::default();
+        let service = self.health.as_ref().map_or(&none, |h| h.get_ref());
+        let spec = backend
+            .health
+            .as_ref()
+            .map_or(&none, |h| h.get_ref())
+            .over(service);
+        let default_kind = match self.protocol {
+            Protocol::Tcp => HealthKind::Tcp,
+            Protocol::Udp => HealthKind::None,
+        };
+        let service_port = self.vip.get_ref().port();
+        HealthCheck {
+            kind: spec.kind.unwrap_or(default_kind),
+            port: spec
+                .port
+                .unwrap_or(if service_port == 0 { 80 } else { service_port }),
+            path: spec.path.unwrap_or_else(|| "/".into()),
+            expect_status: spec.expect_status.unwrap_or_else(|| vec![200]),
+            expect_body: spec.expect_body,
+            interval: std::time::Duration::from_millis(
+                spec.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS),
+            ),
+            timeout: std::time::Duration::from_millis(
+                spec.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS),
+            ),
+            rise: spec.rise.unwrap_or(DEFAULT_RISE),
+            fall: spec.fall.unwrap_or(DEFAULT_FALL),
+        }
+    }
 }
 
 /// A backend weight, 0..=MAX_WEIGHT; 0 keeps the backend out of the ring.
@@ -135,6 +302,16 @@ fn default_conntrack_size() -> u32 {
 }
 fn default_udp_idle_timeout_s() -> u64 {
     DEFAULT_UDP_IDLE_TIMEOUT_S
+}
+fn default_tcp_idle_timeout_s() -> u64 {
+    900
+}
+fn default_drain_timeout_s() -> u64 {
+    300
+}
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/xdplb/xdplb.sock";
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
 
 /// A configuration error, located in its file.
@@ -184,6 +361,32 @@ impl Config {
             .validate()
             .map_err(|(span, message)| located(Some(span), message))?;
         Ok(config)
+    }
+
+    /// Validation without locations, for configurations changed at run time.
+    pub fn check(&self) -> Result<(), String> {
+        self.validate().map_err(|(_, message)| message)
+    }
+
+    /// Parses `[[service]]` tables alone (the control socket's `service add`).
+    pub fn parse_services(text: &str, origin: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Services {
+            #[serde(rename = "service")]
+            services: Vec<ServiceConfig>,
+        }
+        toml::from_str::<Services>(text)
+            .map(|s| s.services)
+            .map_err(|e| {
+                let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
+                ConfigError {
+                    path: origin.to_path_buf(),
+                    line,
+                    column,
+                    message: e.message().to_string(),
+                }
+            })
     }
 
     fn validate(&self) -> Result<(), (Range<usize>, String)> {
@@ -237,8 +440,31 @@ impl Config {
                     format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends"),
                 ));
             }
+            let service_health = service
+                .health
+                .as_ref()
+                .map(|h| h.get_ref().clone())
+                .unwrap_or_default();
+            if let Some(health) = &service.health {
+                health
+                    .get_ref()
+                    .validate()
+                    .map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
+            }
             let mut addresses = HashSet::new();
             for backend in &service.backends {
+                if let Some(health) = &backend.health {
+                    health
+                        .get_ref()
+                        .over(&service_health)
+                        .validate()
+                        .map_err(|e| {
+                            (
+                                health.span(),
+                                format!("backend {} health: {e}", backend.address.get_ref()),
+                            )
+                        })?;
+                }
                 let addr = *backend.address.get_ref();
                 if addr.is_ipv4() != vip.is_ipv4() {
                     return Err((

@@ -10,8 +10,8 @@ use aya::{
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    Backend, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, GlobalCounter, PROTO_UDP, TrafficCounters,
-    VipAddressKey, VipInfo, VipKey, names,
+    Backend, FLOW_F_FINISHED, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, GlobalCounter, PROTO_UDP,
+    TrafficCounters, VipAddressKey, VipInfo, VipKey, names,
 };
 
 use crate::reconcile::MapWrite;
@@ -210,20 +210,39 @@ impl Dataplane {
             }))
     }
 
-    /// Backend ids that some live connection-table entry points at. UDP
-    /// entries past their idle timeout are dead: the data plane re-selects.
-    pub fn referenced_backends(&self) -> Result<HashSet<u32>> {
+    /// One pass over the connection table: active flows per backend id, and
+    /// the ids some live entry may still send to.
+    pub fn scan_flows(&self, tcp_idle_timeout_ns: u64) -> Result<FlowScan> {
         let now = monotonic_coarse_ns();
-        let mut ids = HashSet::new();
+        let mut scan = FlowScan::default();
         for (key, state) in self.flows()? {
             let idle = now.saturating_sub(state.last_seen_ns);
-            if key.proto == PROTO_UDP && idle > self.params.udp_idle_timeout_ns {
-                continue;
+            let (timeout, finished) = if key.proto == PROTO_UDP {
+                (self.params.udp_idle_timeout_ns, false)
+            } else {
+                (tcp_idle_timeout_ns, state.flags & FLOW_F_FINISHED != 0)
+            };
+            if key.proto == PROTO_UDP && idle > timeout {
+                continue; // the data plane schedules it afresh
             }
-            ids.insert(state.backend_id);
+            if !finished || idle < FINISHED_LINGER_NS {
+                scan.referenced.insert(state.backend_id);
+            }
+            if !finished && idle <= timeout {
+                *scan.active.entry(state.backend_id).or_insert(0) += 1;
+            }
         }
-        Ok(ids)
+        Ok(scan)
     }
+}
+
+/// A finished TCP flow may still see its last ACKs for a moment.
+const FINISHED_LINGER_NS: u64 = 10_000_000_000;
+
+#[derive(Debug, Default)]
+pub struct FlowScan {
+    pub active: std::collections::HashMap<u32, u64>,
+    pub referenced: HashSet<u32>,
 }
 
 impl Dataplane {

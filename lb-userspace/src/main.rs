@@ -1,33 +1,12 @@
-//! `xdplb`: the agent (`xdplb run`) and, later, the CLI that talks to it.
+//! `xdplb`: the agent (`xdplb run`) and the CLI that manages a running agent.
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
-use xdplb::{agent::Agent, config::Config};
-
-#[derive(Parser)]
-#[command(
-    name = "xdplb",
-    version,
-    about = "XDP L4 load balancer (Maglev, L2 DSR)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Attach to the configured interface and run the agent until SIGINT/SIGTERM.
-    Run {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Validate a configuration file and exit.
-    Check {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-}
+use clap::Parser;
+use xdplb::{
+    agent::Agent,
+    cli::{self, Cli, Command},
+    config::Config,
+};
 
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -37,6 +16,7 @@ fn main() -> std::process::ExitCode {
         Command::Check { config } => Config::load(&config).map(|c| {
             println!("{}: ok, {} service(s)", config.display(), c.services.len());
         }),
+        command => cli::client(&cli.socket, command).map(|text| print!("{text}")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -17,8 +17,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, VipAddressKey, VipInfo,
-    VipKey,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
+    VipAddressKey, VipInfo, VipKey,
 };
 
 use crate::{
@@ -41,6 +41,8 @@ pub struct DesiredBackend {
     pub weight: u32,
     /// `None` until the neighbour is resolved; such a backend gets no slot.
     pub path: Option<L2Path>,
+    /// Failed health checks: the data plane reschedules its pinned flows.
+    pub down: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,7 +222,7 @@ impl Reconciler {
                     ifindex: path.ifindex,
                 });
             }
-            let slot = backend_slot(*address, path);
+            let slot = backend_slot(*address, path, backend.down);
             if self.backends.get(&id) != Some(&slot) {
                 self.backends.insert(id, slot);
                 writes.push(MapWrite::SetBackend { id, backend: slot });
@@ -334,11 +336,11 @@ fn vip_address_key(key: &VipKey) -> VipAddressKey {
     }
 }
 
-fn backend_slot(address: IpAddr, path: L2Path) -> Backend {
+fn backend_slot(address: IpAddr, path: L2Path, down: bool) -> Backend {
     Backend {
         addr: address_words(address),
         family: family(address),
-        flags: BACKEND_F_IN_USE,
+        flags: BACKEND_F_IN_USE | if down { BACKEND_F_DOWN } else { 0 },
         _pad: [0; 2],
         ifindex: path.ifindex,
         dst_mac: path.dst_mac,
@@ -400,6 +402,7 @@ mod tests {
                     address: IpAddr::from([198, 18, 1, *n]),
                     weight: *w,
                     path: path(*n),
+                    down: false,
                 })
                 .collect(),
         }
@@ -500,6 +503,30 @@ mod tests {
             vec![MapWrite::ClearBackend { id: id12 }]
         );
         assert!(r.retired().is_empty());
+    }
+
+    #[test]
+    fn a_down_backend_is_flagged_in_its_slot_and_cleared_when_up() {
+        let mut r = Reconciler::new(RING, 4);
+        let mut desired = service("web", &[(11, 1), (12, 1)]);
+        r.plan(&[desired.clone()]);
+        desired.backends[0].down = true;
+        desired.backends[0].weight = 0;
+        let (writes, _) = r.plan(&[desired.clone()]);
+        let id = r.backend_id("web", IpAddr::from([198, 18, 1, 11])).unwrap();
+        assert!(
+            matches!(&writes[0], MapWrite::SetBackend { id: i, backend } if *i == id && backend.flags == BACKEND_F_IN_USE | BACKEND_F_DOWN),
+            "{writes:?}"
+        );
+        assert!(matches!(&writes[1], MapWrite::SetRingSlots { .. }));
+        assert!(!ring_of(&r, "web").contains(&id));
+        desired.backends[0].down = false;
+        desired.backends[0].weight = 1;
+        let (writes, _) = r.plan(&[desired]);
+        assert!(
+            matches!(&writes[0], MapWrite::SetBackend { backend, .. } if backend.flags == BACKEND_F_IN_USE)
+        );
+        assert!(ring_of(&r, "web").contains(&id));
     }
 
     #[test]

@@ -1,0 +1,346 @@
+//! The agent's desired state: the configuration (file, changed by CLI
+//! commands) plus what the agent learns at run time (health, admin state,
+//! active flows). `desired_services` turns it into what the reconciler
+//! writes. Pure: no I/O, time passed in.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    config::{Config, HealthKind, OnFailure},
+    health::HealthState,
+    netlink::L2Path,
+    reconcile::{DesiredBackend, DesiredService},
+};
+
+/// Operator's wish for a backend, independent of its health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminState {
+    Enabled,
+    /// No new flows; established flows continue until they end.
+    Draining {
+        since: Instant,
+    },
+    /// Draining finished: no active flows left, or the drain timeout passed.
+    Drained,
+}
+
+impl AdminState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining { .. } => "draining",
+            AdminState::Drained => "drained",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendRuntime {
+    pub health: HealthState,
+    pub admin: AdminState,
+    /// Connection-table entries of this backend seen within the idle timeout
+    /// and not finished, at the last scan.
+    pub active_flows: u64,
+}
+
+impl Default for BackendRuntime {
+    fn default() -> Self {
+        Self {
+            health: HealthState::default(),
+            admin: AdminState::Enabled,
+            active_flows: 0,
+        }
+    }
+}
+
+/// Run-time facts per (service, backend address).
+#[derive(Debug, Default)]
+pub struct Runtime {
+    pub backends: BTreeMap<(String, IpAddr), BackendRuntime>,
+}
+
+impl Runtime {
+    /// Drops the state of backends no longer configured and creates it for
+    /// new ones; kept backends keep their health and admin state.
+    pub fn sync_with(&mut self, config: &Config) {
+        let mut wanted = BTreeMap::new();
+        for service in &config.services {
+            for backend in &service.backends {
+                let key = (service.name.get_ref().clone(), *backend.address.get_ref());
+                let state = self.backends.remove(&key).unwrap_or_default();
+                wanted.insert(key, state);
+            }
+        }
+        self.backends = wanted;
+    }
+
+    pub fn get(&self, service: &str, address: IpAddr) -> Option<&BackendRuntime> {
+        self.backends.get(&(service.to_string(), address))
+    }
+
+    pub fn get_mut(&mut self, service: &str, address: IpAddr) -> Option<&mut BackendRuntime> {
+        self.backends.get_mut(&(service.to_string(), address))
+    }
+
+    /// Moves draining backends to drained once they have no active flow or
+    /// their drain timeout has passed. Returns those that finished.
+    pub fn advance_drains(
+        &mut self,
+        config: &Config,
+        now: Instant,
+    ) -> Vec<(String, IpAddr, &'static str)> {
+        let timeouts: HashMap<&str, Duration> = config
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.get_ref().as_str(),
+                    Duration::from_secs(s.drain_timeout_s),
+                )
+            })
+            .collect();
+        let mut finished = Vec::new();
+        for ((service, address), state) in &mut self.backends {
+            let AdminState::Draining { since } = state.admin else {
+                continue;
+            };
+            let timeout = timeouts.get(service.as_str()).copied().unwrap_or_default();
+            let why = if state.active_flows == 0 {
+                "no active flows left"
+            } else if now.duration_since(since) >= timeout {
+                "drain timeout passed"
+            } else {
+                continue;
+            };
+            state.admin = AdminState::Drained;
+            finished.push((service.clone(), *address, why));
+        }
+        finished
+    }
+}
+
+/// Per service: whether it is failing open (every backend down).
+pub type FailOpen = BTreeMap<String, bool>;
+
+/// The data plane's desired state.
+///
+/// A backend takes new flows when it is enabled, healthy and weighted. When
+/// no backend of a service is healthy, the service fails open: its enabled
+/// backends stay in the ring as if healthy, since dropping every new flow is
+/// worse than trying. A backend that is down has its flows rescheduled by
+/// the data plane, unless the service says `on_failure = "keep"` or fails
+/// open.
+pub fn desired_services(
+    config: &Config,
+    runtime: &Runtime,
+    paths: &HashMap<IpAddr, L2Path>,
+) -> (Vec<DesiredService>, FailOpen) {
+    let mut services = Vec::with_capacity(config.services.len());
+    let mut fail_open = FailOpen::new();
+    for service in &config.services {
+        let name = service.name.get_ref();
+        let state_of = |address: IpAddr| runtime.get(name, address).cloned().unwrap_or_default();
+        let enabled = |address: IpAddr| state_of(address).admin == AdminState::Enabled;
+        let healthy = |address: IpAddr| state_of(address).health.up;
+        let candidates: Vec<_> = service
+            .backends
+            .iter()
+            .filter(|b| b.weight.0 > 0 && enabled(*b.address.get_ref()))
+            .collect();
+        let failing_open =
+            !candidates.is_empty() && candidates.iter().all(|b| !healthy(*b.address.get_ref()));
+        fail_open.insert(name.clone(), failing_open);
+
+        let backends = service
+            .backends
+            .iter()
+            .map(|b| {
+                let address = *b.address.get_ref();
+                let checked = service.health_check(b).kind != HealthKind::None;
+                let up = !checked || healthy(address);
+                let takes_new_flows = enabled(address) && (up || failing_open);
+                DesiredBackend {
+                    address,
+                    weight: if takes_new_flows { b.weight.0 } else { 0 },
+                    path: paths.get(&address).copied(),
+                    down: !up && !failing_open && service.on_failure == OnFailure::Reschedule,
+                }
+            })
+            .collect();
+        services.push(DesiredService {
+            name: name.clone(),
+            vip: *service.vip.get_ref(),
+            protocol: service.protocol,
+            backends,
+        });
+    }
+    (services, fail_open)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::health::ProbeOutcome;
+
+    fn config(extra_service_keys: &str) -> Config {
+        let text = format!(
+            "[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100:80\"\nprotocol = \"tcp\"\n{extra_service_keys}\n\
+             [[service.backend]]\naddress = \"198.18.1.11\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"\nweight = 3\n"
+        );
+        Config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn addr(n: u8) -> IpAddr {
+        IpAddr::from([198, 18, 1, n])
+    }
+
+    fn paths() -> HashMap<IpAddr, L2Path> {
+        [11, 12]
+            .map(|n| {
+                (
+                    addr(n),
+                    L2Path {
+                        ifindex: 2,
+                        src_mac: [0; 6],
+                        dst_mac: [n; 6],
+                    },
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+
+    fn set_health(runtime: &mut Runtime, n: u8, up: bool) {
+        let state = runtime.get_mut("web", addr(n)).unwrap();
+        let outcome = ProbeOutcome {
+            ok: up,
+            latency: Duration::ZERO,
+            detail: String::new(),
+            at: std::time::SystemTime::now(),
+        };
+        while state.health.up != up {
+            state.health.record(outcome.clone(), 1, 1);
+        }
+    }
+
+    fn weights_and_down(services: &[DesiredService]) -> Vec<(u32, bool)> {
+        services[0]
+            .backends
+            .iter()
+            .map(|b| (b.weight, b.down))
+            .collect()
+    }
+
+    #[test]
+    fn healthy_enabled_backends_keep_their_weights() {
+        let c = config("");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        let (services, fail_open) = desired_services(&c, &r, &paths());
+        assert_eq!(weights_and_down(&services), [(1, false), (3, false)]);
+        assert_eq!(services[0].backends[1].path.unwrap().dst_mac, [12; 6]);
+        assert!(!fail_open["web"]);
+    }
+
+    #[test]
+    fn a_down_backend_leaves_the_ring_and_its_flows_are_rescheduled() {
+        let c = config("");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        set_health(&mut r, 11, false);
+        let (services, _) = desired_services(&c, &r, &paths());
+        assert_eq!(weights_and_down(&services), [(0, true), (3, false)]);
+        // on_failure = "keep": out of the ring, but flows stay.
+        let c = config("on_failure = \"keep\"");
+        let (services, _) = desired_services(&c, &r, &paths());
+        assert_eq!(weights_and_down(&services), [(0, false), (3, false)]);
+    }
+
+    #[test]
+    fn all_down_fails_open() {
+        let c = config("");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        set_health(&mut r, 11, false);
+        set_health(&mut r, 12, false);
+        let (services, fail_open) = desired_services(&c, &r, &paths());
+        assert_eq!(weights_and_down(&services), [(1, false), (3, false)]);
+        assert!(fail_open["web"]);
+    }
+
+    #[test]
+    fn draining_takes_no_new_flows_but_keeps_flows_and_completes() {
+        let c = config("drain_timeout_s = 60");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        let start = Instant::now();
+        let state = r.get_mut("web", addr(12)).unwrap();
+        state.admin = AdminState::Draining { since: start };
+        state.active_flows = 2;
+        let (services, _) = desired_services(&c, &r, &paths());
+        assert_eq!(weights_and_down(&services), [(1, false), (0, false)]);
+
+        // Flows still active: still draining.
+        assert!(
+            r.advance_drains(&c, start + Duration::from_secs(1))
+                .is_empty()
+        );
+        // Flows gone: drained.
+        r.get_mut("web", addr(12)).unwrap().active_flows = 0;
+        assert_eq!(
+            r.advance_drains(&c, start + Duration::from_secs(2)),
+            [("web".to_string(), addr(12), "no active flows left")]
+        );
+        assert_eq!(r.get("web", addr(12)).unwrap().admin, AdminState::Drained);
+        // Or the timeout passes.
+        let state = r.get_mut("web", addr(11)).unwrap();
+        state.admin = AdminState::Draining { since: start };
+        state.active_flows = 5;
+        assert_eq!(
+            r.advance_drains(&c, start + Duration::from_secs(60))[0].2,
+            "drain timeout passed"
+        );
+    }
+
+    #[test]
+    fn draining_every_backend_is_not_failing_open() {
+        let c = config("");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        for n in [11, 12] {
+            r.get_mut("web", addr(n)).unwrap().admin = AdminState::Drained;
+        }
+        let (services, fail_open) = desired_services(&c, &r, &paths());
+        assert_eq!(weights_and_down(&services), [(0, false), (0, false)]);
+        assert!(!fail_open["web"]);
+    }
+
+    #[test]
+    fn unchecked_backends_are_never_down() {
+        let c = config("[service.health]\nkind = \"none\"");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        set_health(&mut r, 11, false);
+        let (services, _) = desired_services(&c, &r, &paths());
+        assert_eq!(weights_and_down(&services), [(1, false), (3, false)]);
+    }
+
+    #[test]
+    fn sync_keeps_state_of_remaining_backends_only() {
+        let c = config("");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        r.get_mut("web", addr(11)).unwrap().admin = AdminState::Drained;
+        let mut smaller = c.clone();
+        smaller.services[0].backends.remove(1);
+        r.sync_with(&smaller);
+        assert_eq!(r.backends.len(), 1);
+        assert_eq!(r.get("web", addr(11)).unwrap().admin, AdminState::Drained);
+    }
+}
