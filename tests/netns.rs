@@ -552,3 +552,528 @@ fn invalid_config_is_refused_with_its_location_and_nothing_is_attached() {
         "an XDP program is attached after a refused config"
     );
 }
+
+// ---- agent: health, drain, CLI, reload, permissions -----------------------
+
+/// Kills the HTTP server of backend `name` (the only process in its namespace).
+fn kill_backend_server(topology: &Topology, name: &str) {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill $(ip netns pids {}) ", topology.ns(name)))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn start_backend_server(topology: &Topology, name: &str) {
+    let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/backend_server.py");
+    // setsid --fork: the server outlives the launcher, which returns at once.
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topology.ns(name),
+            "setsid",
+            "--fork",
+            "python3",
+        ])
+        .arg(server)
+        .args(["--name", name, "--port", "80"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Polls the agent until `check` holds for the backend; returns when it did.
+fn wait_for_backend(
+    agent: &Agent,
+    address: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let backend = agent.backend("web", address);
+        if check(&backend) {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend {address} never became {what}: {backend}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// New connections, one after another, until stopped (or 60 s / 100k requests);
+/// returns (start time, outcome) of each.
+fn steady_stream(
+    topology: &Topology,
+    vip: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<Vec<(Instant, Result<String, String>)>> {
+    let vip: SocketAddr = vip.parse().unwrap();
+    let ns = topology.ns("client");
+    thread::spawn(move || {
+        in_netns(&ns, move || {
+            let mut results = Vec::new();
+            let limit = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && Instant::now() < limit
+                && results.len() < 100_000
+            {
+                let start = Instant::now();
+                results.push((
+                    start,
+                    get_new_connection_within(vip, Duration::from_secs(1)),
+                ));
+            }
+            results
+        })
+    })
+}
+
+fn get_new_connection_within(vip: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    body_of(&response)
+}
+
+const FAST_HTTP_HEALTH: &str = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 3\n";
+
+fn config_with_health(
+    health: &str,
+    backends: &[(usize, u32)],
+    extra_backend_tables: &str,
+) -> String {
+    let mut text = format!(
+        "[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\n{health}"
+    );
+    for (i, weight) in backends {
+        text += &format!(
+            "\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n",
+            BACKENDS4[*i]
+        );
+        if *i == 2 {
+            text += extra_backend_tables;
+        }
+    }
+    text
+}
+
+#[test]
+fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
+    let topology = Topology::up();
+    let agent = Agent::start(
+        &topology,
+        &config_with_health(FAST_HTTP_HEALTH, &[(0, 1), (1, 1), (2, 1)], ""),
+    );
+    let (interval, timeout, rise, fall) = (
+        Duration::from_millis(300),
+        Duration::from_millis(200),
+        2u32,
+        3u32,
+    );
+    wait_for_backend(&agent, BACKENDS4[0], "probed", |b| {
+        b["last_probe"]["ok"] == true
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    thread::sleep(Duration::from_millis(700));
+    let killed = Instant::now();
+    kill_backend_server(&topology, "b1");
+    let down = wait_for_backend(&agent, BACKENDS4[0], "down and out of the ring", |b| {
+        b["health"] == "down" && b["in_ring"] == false
+    });
+    let bound = interval * fall + timeout + Duration::from_millis(200);
+    assert!(
+        down - killed <= bound,
+        "left the ring {:?} after the kill, bound {bound:?}",
+        down - killed
+    );
+    thread::sleep(Duration::from_millis(1500));
+
+    let restarted = Instant::now();
+    start_backend_server(&topology, "b1");
+    let up = wait_for_backend(&agent, BACKENDS4[0], "up and in the ring", |b| {
+        b["health"] == "up" && b["in_ring"] == true
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+
+    let back = up - restarted;
+    eprintln!(
+        "measured: out of the ring {:?} after the kill (bound {bound:?}); back {back:?} after the restart",
+        down - killed
+    );
+    assert!(
+        back >= interval * (rise - 1),
+        "back after {back:?}: faster than {rise} probes allow"
+    );
+    // The first probe after the restart may come up to one interval later,
+    // and the server needs a moment to start.
+    assert!(
+        back <= interval * (rise + 1) + Duration::from_millis(500),
+        "back only after {back:?}"
+    );
+
+    let after_removal: Vec<_> = results.iter().filter(|(t, _)| *t > down).collect();
+    let failures: Vec<_> = after_removal.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        after_removal.len() > 50,
+        "only {} requests after the removal",
+        after_removal.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} new connections failed after the backend left the ring: {:?}",
+        failures.len(),
+        after_removal.len(),
+        failures.first()
+    );
+    // While it was down, nothing reached it.
+    let while_down = results
+        .iter()
+        .filter(|(t, r)| *t > down && *t < restarted && r.as_deref() == Ok("b1"))
+        .count();
+    assert_eq!(while_down, 0);
+    assert!(
+        spread(&topology, VIP4, 60).contains_key("b1"),
+        "b1 gets no new connections after coming back"
+    );
+    agent.stop();
+}
+
+#[test]
+fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
+    let topology = Topology::up();
+    let closed_port = "\n[service.backend.health]\nkind = \"tcp\"\nport = 8081\n";
+    let health = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n";
+    let agent = Agent::start(
+        &topology,
+        &config_with_health(health, &[(0, 1), (1, 1), (2, 1)], closed_port),
+    );
+    wait_for_backend(&agent, BACKENDS4[2], "down (closed TCP port)", |b| {
+        b["health"] == "down"
+            && b["last_probe"]["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("refused")
+    });
+    let set = |code: u16| {
+        let url: SocketAddr = format!("{}:80", BACKENDS4[1]).parse().unwrap();
+        in_netns(&topology.ns("client"), move || {
+            let mut s = TcpStream::connect_timeout(&url, Duration::from_secs(2)).unwrap();
+            write!(
+                s,
+                "GET /admin/healthz/{code} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut r = String::new();
+            s.read_to_string(&mut r).unwrap();
+            assert!(r.contains(&format!("healthz {code}")), "{r}");
+        })
+    };
+    set(503);
+    wait_for_backend(&agent, BACKENDS4[1], "down (HTTP 503)", |b| {
+        b["health"] == "down"
+            && b["last_probe"]["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("HTTP 503")
+    });
+    assert_eq!(agent.backend("web", BACKENDS4[0])["health"], "up");
+    let counts = spread(&topology, VIP4, 60);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"], "{counts:?}");
+    set(200);
+    wait_for_backend(&agent, BACKENDS4[1], "up again", |b| {
+        b["health"] == "up" && b["in_ring"] == true
+    });
+    let (ok, table, _) = agent.cli(&["status"]);
+    assert!(
+        ok && table.contains("HTTP 200") && table.contains("down") && table.contains("IN RING"),
+        "{table}"
+    );
+    agent.stop();
+}
+
+#[test]
+fn drain_keeps_the_established_connection_and_reports_drained_when_it_closes() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1), (2, 1)]));
+    let mut conn = LongLived::open(&topology, VIP4);
+    let home = conn.get();
+    let address = BACKENDS4[NAMES.iter().position(|n| *n == home).unwrap()];
+    let (ok, out, err) = agent.cli(&["backend", "drain", "web", address]);
+    assert!(ok, "{err}");
+    assert!(out.contains("draining"), "{out}");
+    let drained_at = Instant::now();
+    while drained_at.elapsed() < Duration::from_millis(5500) {
+        assert_eq!(
+            conn.get(),
+            home,
+            "the drained backend's connection moved or broke"
+        );
+        let counts = spread(&topology, VIP4, 15);
+        assert!(
+            !counts.contains_key(&home),
+            "a new connection reached the draining backend: {counts:?}"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    let b = agent.backend("web", address);
+    assert_eq!(
+        (b["admin"].as_str(), b["in_ring"].as_bool()),
+        (Some("draining"), Some(false)),
+        "{b}"
+    );
+    assert!(b["active_flows"].as_u64().unwrap() >= 1, "{b}");
+    drop(conn); // the client closes: FIN
+    let closed = Instant::now();
+    wait_for_backend(&agent, address, "drained", |b| {
+        b["admin"] == "drained" && b["active_flows"] == 0
+    });
+    assert!(
+        closed.elapsed() < Duration::from_secs(5),
+        "drained only after {:?}",
+        closed.elapsed()
+    );
+    eprintln!(
+        "measured: drained {:?} after the last connection closed",
+        closed.elapsed()
+    );
+    let (ok, _, err) = agent.cli(&["backend", "enable", "web", address]);
+    assert!(ok, "{err}");
+    assert!(spread(&topology, VIP4, 60).contains_key(&home));
+    agent.stop();
+}
+
+#[test]
+fn the_cli_manages_backends_and_services_of_a_running_agent() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
+    let cli_ok = |args: &[&str]| {
+        let (ok, out, err) = agent.cli(args);
+        assert!(ok, "xdplb {args:?} failed: {err}");
+        out
+    };
+    let cli_err = |args: &[&str], expected: &str| {
+        let (ok, _, err) = agent.cli(args);
+        assert!(!ok, "xdplb {args:?} succeeded");
+        assert!(
+            err.contains(expected),
+            "xdplb {args:?}: {err:?} lacks {expected:?}"
+        );
+    };
+    let b3 = BACKENDS4[2];
+
+    cli_ok(&["backend", "add", "web", b3]);
+    wait_for_backend(&agent, b3, "in the ring", |b| b["in_ring"] == true);
+    assert!(spread(&topology, VIP4, 90).contains_key("b3"));
+
+    cli_ok(&["backend", "weight", "web", b3, "--weight", "0"]);
+    assert_eq!(agent.backend("web", b3)["weight"], 0);
+    assert!(!spread(&topology, VIP4, 60).contains_key("b3"));
+    cli_ok(&["backend", "weight", "web", b3, "--weight", "2"]);
+    assert!(spread(&topology, VIP4, 60).contains_key("b3"));
+
+    cli_ok(&["backend", "remove", "web", b3]);
+    let counts = spread(&topology, VIP4, 60);
+    assert!(
+        !counts.contains_key("b3") && counts.len() == 2,
+        "{counts:?}"
+    );
+
+    // Bad input is refused, names the problem, and changes nothing.
+    let before = agent.status();
+    cli_err(
+        &["backend", "add", "nosuch", b3],
+        "no service named \"nosuch\"",
+    );
+    cli_err(
+        &["backend", "add", "web", "198.18.1.999"],
+        "not an IP address",
+    );
+    cli_err(
+        &["backend", "add", "web", BACKENDS4[0]],
+        "duplicate backend 198.18.1.11",
+    );
+    cli_err(
+        &["backend", "add", "web", "2001:db8:1::11"],
+        "not of the same IP family",
+    );
+    cli_err(
+        &["backend", "weight", "web", BACKENDS4[0], "--weight", "5000"],
+        "out of range",
+    );
+    cli_err(
+        &["backend", "drain", "web", b3],
+        "has no backend 198.18.2.13",
+    );
+    cli_err(&["service", "remove", "nosuch"], "no service named");
+    cli_err(
+        &["service", "add", "dup", "--vip", VIP4, "--protocol", "tcp"],
+        "duplicate VIP 198.18.0.100:80/tcp",
+    );
+    let socket = agent.socket.clone();
+    let garbage = std::thread::spawn(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.write_all(b"{\"cmd\": \"backend_add\", \"service\": 7}\n")
+            .unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
+    })
+    .join()
+    .unwrap();
+    assert!(
+        garbage.contains("\"ok\":false") && garbage.contains("malformed request"),
+        "{garbage}"
+    );
+    let after = agent.status();
+    let strip = |mut s: serde_json::Value| {
+        for svc in s["services"].as_array_mut().unwrap() {
+            for key in ["packets", "bytes", "new_flows"] {
+                svc[key] = 0.into();
+            }
+            for b in svc["backends"].as_array_mut().unwrap() {
+                for key in [
+                    "packets",
+                    "bytes",
+                    "new_flows",
+                    "last_probe",
+                    "active_flows",
+                ] {
+                    b[key] = 0.into();
+                }
+            }
+        }
+        s
+    };
+    assert_eq!(
+        strip(before),
+        strip(after),
+        "refused commands changed the state"
+    );
+    assert_eq!(spread(&topology, VIP4, 30).values().sum::<usize>(), 30);
+
+    // A whole service, IPv6, through the CLI.
+    cli_ok(&[
+        "service",
+        "add",
+        "web6",
+        "--vip",
+        VIP6,
+        "--protocol",
+        "tcp",
+        "--backend",
+        BACKENDS6[0],
+        "--backend",
+        &format!("{}=2", BACKENDS6[2]),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.status()["services"][1]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["in_ring"] == false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "web6 backends never entered the ring"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let counts = spread(&topology, VIP6, 60);
+    assert!(
+        counts.keys().all(|k| k == "b1" || k == "b3") && counts.len() == 2,
+        "{counts:?}"
+    );
+    cli_ok(&["service", "remove", "web6"]);
+    let vip6: SocketAddr = VIP6.parse().unwrap();
+    let refused = in_netns(&topology.ns("client"), move || {
+        get_new_connection_within(vip6, Duration::from_millis(500))
+    });
+    assert!(
+        refused.is_err(),
+        "the removed service still answers: {refused:?}"
+    );
+    agent.stop();
+}
+
+#[test]
+fn reload_through_the_cli_applies_changes_and_refuses_a_broken_file() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
+    agent.write_config(&config_with(&[(1, 1), (2, 1)]));
+    let (ok, out, err) = agent.cli(&["reload"]);
+    assert!(ok && out.contains("reloaded"), "{out}{err}");
+    let counts = spread(&topology, VIP4, 60);
+    assert!(
+        !counts.contains_key("b1") && counts.contains_key("b3"),
+        "{counts:?}"
+    );
+
+    agent.write_config(
+        &config_with(&[(1, 1), (2, 1)]).replace("protocol = \"tcp\"", "protocol = \"tcpx\""),
+    );
+    let (ok, _, err) = agent.cli(&["reload"]);
+    assert!(!ok, "a broken config was accepted");
+    assert!(
+        err.contains("xdplb.toml:8:12: unknown variant `tcpx`"),
+        "{err}"
+    );
+    let counts = spread(&topology, VIP4, 60);
+    assert!(
+        !counts.contains_key("b1") && counts.contains_key("b3") && counts.contains_key("b2"),
+        "{counts:?}"
+    );
+    agent.stop();
+}
+
+#[test]
+fn only_root_may_use_the_control_socket() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &config_with(&[(0, 1)]));
+    let mode = std::fs::metadata(&agent.socket)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o600);
+    // Let nobody reach the socket file itself: the mode alone must stop it.
+    let dir = agent.socket.parent().unwrap();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            XDPLB,
+            "--socket",
+        ])
+        .arg(&agent.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "nobody got an answer: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("Permission denied"), "{err}");
+    let (ok, _, _) = agent.cli(&["status"]);
+    assert!(ok, "root lost access");
+    agent.stop();
+}

@@ -84,7 +84,7 @@ pub enum BackendAction {
 #[derive(Subcommand)]
 pub enum ServiceAction {
     /// Add a service; the fields are those of a [[service]] table.
-    Add(ServiceArgs),
+    Add(Box<ServiceArgs>),
     /// Remove a service.
     Remove { name: String },
 }
