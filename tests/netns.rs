@@ -282,11 +282,13 @@ fn config_with(backends: &[(usize, u32)]) -> String {
 
 /// One HTTP GET on a new connection; returns the backend's name.
 fn get_new_connection(vip: SocketAddr) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
+    get_new_connection_within(vip, Duration::from_secs(3))
+}
+
+fn get_new_connection_within(vip: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).unwrap();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("write: {e}"))?;
@@ -634,20 +636,6 @@ fn steady_stream(
             results
         })
     })
-}
-
-fn get_new_connection_within(vip: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let mut stream =
-        TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(timeout)).unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read: {e}"))?;
-    body_of(&response)
 }
 
 const FAST_HTTP_HEALTH: &str = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 3\n";
