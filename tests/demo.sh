@@ -10,7 +10,8 @@ log=$(mktemp) summary=$(mktemp)
 trap 'kill -INT $agent 2>/dev/null || true; rm -f "$log" "$summary"' EXIT
 
 echo "== xdplb run in namespace $lb (config/harness.toml)"
-nsenter --net="/run/netns/$lb" "$XDPLB" run --config "$HERE/../config/harness.toml" >"$summary" 2>"$log" &
+# --detach-on-exit: the demo leaves no program or pinned maps behind.
+nsenter --net="/run/netns/$lb" "$XDPLB" run --detach-on-exit --config "$HERE/../config/harness.toml" >"$summary" 2>"$log" &
 agent=$!
 for _ in $(seq 100); do grep -q "attached to" "$log" && break; sleep 0.1; done
 grep -q "attached to" "$log" || { cat "$log"; echo "xdplb did not attach" >&2; exit 1; }

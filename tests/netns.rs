@@ -54,6 +54,21 @@ impl Topology {
     fn ns(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
     }
+
+    /// This run's own bpffs pin directory for the agent.
+    fn pin_root(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}", self.prefix))
+    }
+
+    /// The XDP program id attached to the LB's eth0, if any.
+    fn lb_program_id(&self) -> Option<u64> {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns("lb"), "-j", "link", "show", "eth0"])
+            .output()
+            .unwrap();
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        links[0]["xdp"]["prog"]["id"].as_u64()
+    }
 }
 
 impl Drop for Topology {
@@ -62,6 +77,7 @@ impl Drop for Topology {
             .arg(harness())
             .args(["down", &self.prefix])
             .status();
+        let _ = std::fs::remove_dir_all(self.pin_root());
     }
 }
 
@@ -84,6 +100,7 @@ struct Agent {
     config: PathBuf,
     socket: PathBuf,
     log: PathBuf,
+    pin_root: PathBuf,
     _dir: TempDir,
 }
 
@@ -106,7 +123,9 @@ impl Agent {
     }
 
     fn spawn(topology: &Topology, config: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("xdplb-test-{}", topology.prefix));
+        static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("xdplb-test-{}-{n}", topology.prefix));
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("xdplb.toml");
         let socket = dir.join("xdplb.sock");
@@ -116,6 +135,7 @@ impl Agent {
             config: config_path,
             socket,
             log,
+            pin_root: topology.pin_root(),
             _dir: TempDir(dir),
         };
         agent.write_config(config);
@@ -134,9 +154,13 @@ impl Agent {
 
     /// Writes `config` with this agent's own control socket.
     fn write_config(&self, config: &str) {
+        // This agent's own control socket, and the topology's pin directory.
         let text = config.replacen(
             "[agent]\n",
-            &format!("[agent]\ncontrol_socket = {:?}\n", self.socket),
+            &format!(
+                "[agent]\ncontrol_socket = {:?}\npin_dir = {:?}\n",
+                self.socket, self.pin_root
+            ),
             1,
         );
         std::fs::write(&self.config, text).unwrap();
@@ -220,6 +244,13 @@ impl Agent {
             .find(|b| b["address"] == address)
             .cloned()
             .unwrap_or_else(|| panic!("no backend {address}"))
+    }
+
+    /// SIGKILL: the agent gets no chance to clean anything up.
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Stops the agent and returns its exit summary (stdout).
@@ -477,7 +508,7 @@ fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
             assert!(
                 agent
                     .log_text()
-                    .contains("xdplb.toml:11:11: invalid IP address syntax"),
+                    .contains("xdplb.toml:12:11: invalid IP address syntax"),
                 "{}",
                 agent.log_text()
             );
@@ -1020,7 +1051,7 @@ fn reload_through_the_cli_applies_changes_and_refuses_a_broken_file() {
     let (ok, _, err) = agent.cli(&["reload"]);
     assert!(!ok, "a broken config was accepted");
     assert!(
-        err.contains("xdplb.toml:8:12: unknown variant `tcpx`"),
+        err.contains("xdplb.toml:9:12: unknown variant `tcpx`"),
         "{err}"
     );
     let counts = spread(&topology, VIP4, 60);
@@ -1063,5 +1094,313 @@ fn only_root_may_use_the_control_socket() {
     assert!(err.contains("Permission denied"), "{err}");
     let (ok, _, _) = agent.cli(&["status"]);
     assert!(ok, "root lost access");
+    agent.stop();
+}
+
+// ---- operations: pinned state, restart, upgrade, metrics, top ------------
+
+/// Sum of a metric over the label sets whose text contains `labels`.
+fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| l.contains(labels))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+fn scrape(topology: &Topology, address: &str) -> String {
+    let address: SocketAddr = address.parse().unwrap();
+    in_netns(&topology.ns("lb"), move || {
+        let mut s =
+            TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect("metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        r.split_once("\r\n\r\n").unwrap().1.to_string()
+    })
+}
+
+#[test]
+fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
+    let topology = Topology::up();
+    let config = config([1, 1, 1]);
+    let agent = Agent::start(&topology, &config);
+    let mut long_lived: Vec<(LongLived, String)> = (0..3)
+        .map(|_| {
+            let mut c = LongLived::open(&topology, VIP4);
+            let home = c.get();
+            (c, home)
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    thread::sleep(Duration::from_millis(800));
+    let before_kill = agent.status()["services"][0]["packets"].as_u64().unwrap();
+    let first_program = topology.lb_program_id().expect("a program on eth0");
+
+    // 1. SIGKILL: forwarding goes on without any agent.
+    agent.kill();
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        topology.lb_program_id(),
+        Some(first_program),
+        "the program went away with the agent"
+    );
+    for (c, home) in &mut long_lived {
+        assert_eq!(
+            c.get(),
+            *home,
+            "a long-lived connection broke while no agent ran"
+        );
+    }
+    // 2. A new agent adopts the pinned state.
+    let agent = Agent::start(&topology, &config);
+    assert!(
+        agent.log_text().contains("adopting the pinned state"),
+        "{}",
+        agent.log_text()
+    );
+    let after_restart = agent.status()["services"][0]["packets"].as_u64().unwrap();
+    assert!(
+        after_restart > before_kill,
+        "counters restarted: {after_restart} <= {before_kill}"
+    );
+    for (c, home) in &mut long_lived {
+        assert_eq!(
+            c.get(),
+            *home,
+            "a long-lived connection moved after the restart"
+        );
+    }
+
+    // 3. In-place upgrade: the agent exits normally (the program stays) and
+    // the next binary's program is swapped onto the pinned link atomically.
+    let running = topology.lb_program_id();
+    assert_ne!(
+        running,
+        Some(first_program),
+        "adoption did not swap in the new agent's program"
+    );
+    agent.stop();
+    assert_eq!(
+        topology.lb_program_id(),
+        running,
+        "a normal exit detached the program"
+    );
+    thread::sleep(Duration::from_millis(500));
+    let agent = Agent::start(&topology, &config);
+    let upgraded = topology.lb_program_id();
+    assert_ne!(upgraded, running, "no new program was swapped in");
+    assert!(
+        agent.log_text().contains("swapped onto the pinned link"),
+        "{}",
+        agent.log_text()
+    );
+    thread::sleep(Duration::from_millis(800));
+    for (c, home) in &mut long_lived {
+        assert_eq!(
+            c.get(),
+            *home,
+            "a long-lived connection moved after the upgrade"
+        );
+    }
+    let after_upgrade = agent.status()["services"][0]["packets"].as_u64().unwrap();
+    assert!(after_upgrade > after_restart);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    eprintln!(
+        "measured: {} requests across SIGKILL, restart and upgrade, {} failed",
+        results.len(),
+        failed.len()
+    );
+    assert!(results.len() > 300, "only {} requests", results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+
+    // 4. `xdplb stop` is the explicit way out: program detached, pins gone.
+    let (ok, out, err) = agent.cli(&["stop"]);
+    assert!(ok, "{out}{err}");
+    drop(agent);
+    assert_eq!(
+        topology.lb_program_id(),
+        None,
+        "xdplb stop left the program attached"
+    );
+    assert!(
+        !topology
+            .pin_root()
+            .join(format!("layout-{}", lb_common::LAYOUT_VERSION))
+            .exists(),
+        "pins left behind"
+    );
+}
+
+#[test]
+fn changed_map_sizes_or_another_layout_are_refused_with_a_clear_message() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
+    agent.stop(); // the program and the pinned maps stay
+    let refused = |config: &str, expected: &str| {
+        let mut agent = Agent::spawn(&topology, config);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !agent.log_text().contains(expected) {
+            assert!(
+                Instant::now() < deadline,
+                "no {expected:?} in:\n{}",
+                agent.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let status = agent.child.take().unwrap().wait().unwrap();
+        assert!(
+            !status.success(),
+            "the agent started anyway:\n{}",
+            agent.log_text()
+        );
+    };
+    let bigger_ring =
+        config_with(&[(0, 1), (1, 1)]).replace("[agent]\n", "[agent]\nring_size = 65521\n");
+    refused(&bigger_ring, "ring_size × max_services changed");
+    let layout = topology.pin_root().join("layout-999");
+    std::fs::create_dir(&layout).unwrap();
+    refused(
+        &config_with(&[(0, 1)]),
+        "holds pinned state of map layout 999",
+    );
+    std::fs::remove_dir(&layout).unwrap();
+    // The data plane kept forwarding through all of that.
+    assert_eq!(spread(&topology, VIP4, 20).values().sum::<usize>(), 20);
+    // Without an agent, stop removes what the last one left.
+    let out = Command::new(XDPLB)
+        .args(["stop", "--pin-dir"])
+        .arg(topology.pin_root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the program is detached"));
+    assert_eq!(topology.lb_program_id(), None);
+}
+
+#[test]
+fn metrics_match_the_traffic_and_show_a_dead_backend() {
+    let topology = Topology::up();
+    let health = "\n[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
+    let config = config_with_health(health, &[(0, 1), (1, 1), (2, 1)], "").replacen(
+        "[agent]\n",
+        "[agent]\nmetrics_listen = \"127.0.0.1:9591\"\n",
+        1,
+    );
+    let agent = Agent::start(&topology, &config);
+    let counts = spread(&topology, VIP4, 300);
+    let text = scrape(&topology, "127.0.0.1:9591");
+    for (name, address) in NAMES.iter().zip(BACKENDS4) {
+        let labels = format!("backend=\"{address}\"");
+        let flows = metric(&text, "xdplb_backend_new_flows_total", &labels);
+        let packets = metric(&text, "xdplb_backend_packets_total", &labels);
+        let requests = counts[*name] as f64;
+        // Every request is one new connection; SYN retransmissions would add a few.
+        assert!(
+            flows >= requests && flows <= requests * 1.02 + 1.0,
+            "{name}: {flows} new flows for {requests} requests"
+        );
+        // And a short HTTP exchange is 5 to 8 client→VIP packets.
+        assert!(
+            packets >= 5.0 * requests && packets <= 8.0 * requests,
+            "{name}: {packets} packets for {requests} requests"
+        );
+    }
+    assert_eq!(
+        metric(&text, "xdplb_service_new_flows_total", "service=\"web\""),
+        300.0
+    );
+    assert!(
+        metric(
+            &text,
+            "xdplb_backend_probe_latency_seconds_count",
+            "198.18.1.11"
+        ) > 0.0
+    );
+    assert!(metric(&text, "xdplb_xdp_actions_total", "action=\"redirect\"") > 0.0);
+    assert_eq!(metric(&text, "xdplb_backend_health", "198.18.1.11"), 1.0);
+
+    kill_backend_server(&topology, "b1");
+    wait_for_backend(&agent, BACKENDS4[0], "down", |b| b["health"] == "down");
+    let text = scrape(&topology, "127.0.0.1:9591");
+    assert_eq!(
+        metric(&text, "xdplb_backend_health", "198.18.1.11"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "xdplb_backend_in_ring", "198.18.1.11"), 0.0);
+    assert_eq!(
+        metric(
+            &text,
+            "xdplb_backend_health_transitions_total",
+            "198.18.1.11"
+        ),
+        1.0
+    );
+    assert!(metric(&text, "xdplb_ring_rebuilds_total", "") >= 2.0);
+    agent.stop();
+}
+
+#[test]
+fn top_once_shows_rates_under_traffic_and_debug_logging_switches_at_run_time() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &config([1, 1, 1]));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    thread::sleep(Duration::from_millis(300));
+    let (ok, view, err) = agent.cli(&["top", "--once"]);
+    assert!(ok, "{err}");
+    for address in BACKENDS4 {
+        let line = view
+            .lines()
+            .find(|l| l.trim_start().starts_with(address))
+            .unwrap_or_else(|| panic!("{view}"));
+        let pps = line.split_whitespace().nth(1).unwrap();
+        assert!(pps != "0", "no packet rate for {address}: {line}\n{view}");
+    }
+
+    let program = topology.lb_program_id();
+    let (ok, out, err) = agent.cli(&["debug", "on"]);
+    assert!(ok && out.contains("swapped in"), "{out}{err}");
+    assert_ne!(
+        topology.lb_program_id(),
+        program,
+        "debug on did not swap the program"
+    );
+    agent.wait_for_log("new flow from port", 3);
+    let (ok, _, err) = agent.cli(&["debug", "off"]);
+    assert!(ok, "{err}");
+    thread::sleep(Duration::from_millis(300));
+    let lines = agent.log_text().matches("new flow from port").count();
+    thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        agent.log_text().matches("new flow from port").count(),
+        lines,
+        "logging went on after debug off"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    assert!(
+        results.iter().all(|(_, r)| r.is_ok()),
+        "requests failed across the program swaps"
+    );
     agent.stop();
 }

@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FlowKey, GlobalCounter, PROTO_TCP};
 use xdplb::{
     config::Protocol,
-    dataplane::{Dataplane, DataplaneParams},
+    dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
     reconcile::{DesiredBackend, DesiredService, Reconciler, address_words},
 };
@@ -77,9 +77,10 @@ impl World {
             max_services: 8,
             conntrack_size: 4096,
             udp_idle_timeout_ns: udp_idle_timeout.as_nanos() as u64,
+            pin_dir: None,
         };
         World {
-            dataplane: Dataplane::load(params).expect("load XDP program"),
+            dataplane: Dataplane::load(params, DebugLog::Off).expect("load XDP program"),
             reconciler: Reconciler::new(RING, 8),
             dummy_ifindex,
         }
@@ -819,5 +820,33 @@ fn the_clients_fin_or_rst_marks_a_flow_finished() {
         // A new SYN on the same five-tuple starts a live flow again.
         w.run(&tcp("198.18.0.2", 44000, VIP4, 80, SYN).bytes());
         assert!(!finished(&w, 44000));
+    });
+}
+
+#[test]
+fn debug_logging_off_is_pruned_from_the_program() {
+    in_world(|| {
+        // The log reader of the debug program runs on tokio.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _context = runtime.enter();
+        let mut w = World::new();
+        let off = w.dataplane.program_size().unwrap();
+        w.dataplane.set_debug_log(DebugLog::On).unwrap();
+        let on = w.dataplane.program_size().unwrap();
+        // The verifier removes the log calls when the level is a frozen 0:
+        // the program with logging off is much smaller than with it on.
+        eprintln!("measured: translated program size with debug logging off {off} B, on {on} B");
+        assert!(
+            off > 0 && on > off + 400,
+            "translated size: off {off} B, on {on} B"
+        );
+        // And the program with logging on still forwards the same way.
+        w.set(&[web4(&w)]);
+        let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
+        let (action, out) = w.run(&syn);
+        assert_eq!((action, out.len()), (XDP_TX, syn.len()));
     });
 }

@@ -6,6 +6,11 @@
 //! first word of a `[u32; 4]` and the rest is zero.
 #![no_std]
 
+/// Version of every layout in this file, as pinned maps hold them. Bump it
+/// with any change to a map's key or value type (the size test below is a
+/// reminder): an agent refuses to adopt pinned maps of another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Upper bound on services (VIPs); sizes the VIP and per-VIP counter maps.
 pub const MAX_VIPS: u32 = 1024;
 /// Upper bound on backend slots. Id 0 is reserved as "no backend".
@@ -40,6 +45,20 @@ pub mod names {
     pub const VIP_COUNTERS: &str = "VIP_COUNTERS";
     pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
     pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
+    /// The maps that hold state, pinned under the agent's pin directory.
+    pub const PINNED_MAPS: [&str; 9] = [
+        VIPS,
+        VIP_ADDRESSES,
+        RINGS,
+        BACKENDS,
+        CONNTRACK,
+        EGRESS_DEVICES,
+        VIP_COUNTERS,
+        BACKEND_COUNTERS,
+        GLOBAL_COUNTERS,
+    ];
+    /// aya-log's level global: 0 (off) lets the verifier prune all logging.
+    pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
     pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
     pub const GLOBAL_UDP_IDLE_TIMEOUT_NS: &str = "UDP_IDLE_TIMEOUT_NS";
 }
@@ -102,6 +121,9 @@ pub struct Backend {
     pub dst_mac: [u8; 6],
     /// The egress interface's own MAC.
     pub src_mac: [u8; 6],
+    /// The VIP (service) this slot belongs to, so that a restarted agent can
+    /// tell which service's backend a pinned slot is.
+    pub vip_id: u32,
 }
 
 /// Key of the connection table: the packet's five-tuple as seen on the wire.
@@ -258,7 +280,8 @@ mod tests {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<VipInfo>(), 8);
         assert_eq!(size_of::<VipAddressKey>(), 20);
-        assert_eq!(size_of::<Backend>(), 36);
+        // Changing any of these changes what pinned maps hold: bump LAYOUT_VERSION.
+        assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);

@@ -11,6 +11,7 @@ mod parse;
 mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::debug;
 use lb_common::GlobalCounter;
 use lb_ebpf as _; // panic handler
 
@@ -40,11 +41,23 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 
     let Some(selection) = select::select_backend(&packet, &vip) else {
         count(GlobalCounter::DropNoBackend);
+        debug!(&ctx, "VIP {}: no usable backend, dropped", vip.id);
         return xdp_action::XDP_DROP;
     };
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(vip.id, selection.backend_id, bytes, selection.new_flow);
+    if selection.new_flow {
+        // Debug logging is a load-time setting: when off, the verifier
+        // removes this code (xdplb swaps in a new program to switch it).
+        debug!(
+            &ctx,
+            "VIP {}: new flow from port {} to backend {}",
+            vip.id,
+            u16::from_be(packet.flow.sport),
+            selection.backend_id
+        );
+    }
     forward::forward_dsr(&ctx, unsafe { &*selection.backend })
 }
 

@@ -2,8 +2,10 @@
 //! CLI commands and health results change the desired state, and
 //! `reconcile` is the only place that turns it into map writes.
 //!
-//! SIGINT/SIGTERM detach and exit; SIGHUP (or `xdplb reload`) re-reads the
-//! configuration file. Changes made through the CLI live until the next
+//! SIGINT/SIGTERM end the agent; the XDP program stays attached with its
+//! pinned maps and keeps forwarding, and the next agent adopts them
+//! (`--detach-on-exit` or `xdplb stop` remove it instead). SIGHUP (or
+//! `xdplb reload`) re-reads the configuration file. Changes made through the CLI live until the next
 //! reload or restart: the file is the source of truth, and a reload keeps
 //! only the health and drain state of backends that are still in it.
 
@@ -18,7 +20,7 @@ use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
 };
 
@@ -27,9 +29,11 @@ use crate::{
     control::{
         self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status,
     },
-    dataplane::{Dataplane, DataplaneParams},
+    dataplane::{Dataplane, DataplaneParams, DebugLog},
     health::{self, ProbeReport},
+    metrics::{self, AgentMetrics},
     netlink::{L2Path, Netlink},
+    pins,
     reconcile::{DesiredService, Reconciler},
     state::{AdminState, FailOpen, Runtime, desired_services},
 };
@@ -64,30 +68,58 @@ pub struct Agent {
     probe_rx: mpsc::UnboundedReceiver<ProbeReport>,
     control_rx: mpsc::Receiver<ControlCall>,
     last_maintenance: tokio::time::Instant,
+    metrics: AgentMetrics,
+    scrape_rx: mpsc::Receiver<oneshot::Sender<String>>,
+    /// Remove the program and the pinned state at exit.
+    detach_on_exit: bool,
+    /// Set by `xdplb stop`: exit after answering.
+    stop_requested: bool,
 }
 
 impl Agent {
     /// Validates the config, loads the program, programs the maps, attaches,
     /// opens the control socket and starts the health checks.
-    pub async fn start(config_path: PathBuf) -> Result<Self> {
+    pub async fn start(config_path: PathBuf, detach_on_exit: bool) -> Result<Self> {
         let config = Config::load(&config_path)?;
         let netlink = Netlink::connect()?;
         let agent_config = &config.agent;
         netlink.ifindex_by_name(&agent_config.interface).await?;
         // The socket first: a second agent must fail before touching XDP.
         let listener = control::bind(&agent_config.control_socket)?;
+        let pin_dir = pins::layout_dir(&agent_config.pin_root());
         let params = DataplaneParams {
             ring_size: *agent_config.ring_size.get_ref(),
             max_services: *agent_config.max_services.get_ref(),
             conntrack_size: agent_config.conntrack_size,
             udp_idle_timeout_ns: agent_config.udp_idle_timeout_s * 1_000_000_000,
+            pin_dir: Some(pin_dir.clone()),
         };
-        let dataplane = Dataplane::load(params)?;
+        let dataplane = Dataplane::load(params.clone(), DebugLog::Off)?;
+        let adopting = dataplane.has_pinned_link();
+        let reconciler = if adopting {
+            let maps = dataplane.read_state().context("reading the pinned maps")?;
+            let services: Vec<_> = config
+                .services
+                .iter()
+                .map(|s| (s.name.get_ref().clone(), crate::reconcile::vip_key_of(s)))
+                .collect();
+            let flows = dataplane.flows().map(|f| f.len()).unwrap_or(0);
+            log::info!(
+                "adopting the pinned state in {}: {} VIP(s), {} backend slot(s), {flows} connection-table entries",
+                pin_dir.display(),
+                maps.vips.len(),
+                maps.backends.len()
+            );
+            Reconciler::adopt(params.ring_size, params.max_services, &maps, &services)
+        } else {
+            Reconciler::new(params.ring_size, params.max_services)
+        };
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::channel(16);
+        let (scrape_tx, scrape_rx) = mpsc::channel(4);
         let mut agent = Self {
             config_path,
-            reconciler: Reconciler::new(params.ring_size, params.max_services),
+            reconciler,
             config,
             netlink,
             dataplane,
@@ -102,6 +134,10 @@ impl Agent {
             probe_rx,
             control_rx,
             last_maintenance: tokio::time::Instant::now(),
+            metrics: AgentMetrics::default(),
+            scrape_rx,
+            detach_on_exit,
+            stop_requested: false,
         };
         agent.runtime.sync_with(&agent.config);
         agent.resolve().await;
@@ -111,15 +147,25 @@ impl Agent {
             XdpModeConfig::Driver => XdpMode::Driver,
             XdpModeConfig::Skb => XdpMode::Skb,
         };
-        agent
+        let adopted = agent
             .dataplane
-            .attach(&agent.config.agent.interface, mode)?;
+            .attach_or_adopt(&agent.config.agent.interface, mode)?;
         tokio::spawn(control::serve(listener, control_tx));
+        if let Some(address) = agent.config.agent.metrics_listen {
+            let listener = metrics::bind(address).await?;
+            tokio::spawn(metrics::serve(listener, scrape_tx));
+        }
         agent.sync_checkers();
         log::info!(
-            "attached to {} ({mode:?} mode) with {} service(s); control socket {}",
+            "attached to {} ({}) with {} service(s); program {}; control socket {}",
             agent.config.agent.interface,
+            if adopted {
+                "swapped onto the pinned link".to_string()
+            } else {
+                format!("{mode:?} mode, new link")
+            },
             agent.config.services.len(),
+            agent.dataplane.program_id().unwrap_or(0),
             agent.config.agent.control_socket.display()
         );
         if !agent.unresolved {
@@ -148,6 +194,12 @@ impl Agent {
                 Some(call) = self.control_rx.recv() => {
                     let response = self.on_request(call.request).await;
                     let _ = call.reply.send(response);
+                    if self.stop_requested {
+                        break;
+                    }
+                }
+                Some(reply) = self.scrape_rx.recv() => {
+                    let _ = reply.send(self.scrape());
                 }
                 _ = maintenance => self.maintain().await,
             }
@@ -156,9 +208,21 @@ impl Agent {
             checker.task.abort();
         }
         let _ = std::fs::remove_file(&self.config.agent.control_socket);
-        self.dataplane.detach()?;
-        log::info!("detached from {}", self.config.agent.interface);
         print!("{}", self.summary());
+        self.dataplane.shutdown(self.detach_on_exit)?;
+        if self.detach_on_exit {
+            log::info!(
+                "detached from {} and removed the pinned state",
+                self.config.agent.interface
+            );
+        } else {
+            log::info!(
+                "exiting; the XDP program stays attached to {} and keeps forwarding with the last state \
+                 (pinned in {}). The next `xdplb run` adopts it; `xdplb stop` removes it",
+                self.config.agent.interface,
+                self.config.agent.pin_root().display()
+            );
+        }
         Ok(())
     }
 
@@ -221,7 +285,13 @@ impl Agent {
         };
         let latency = report.outcome.latency;
         let detail = report.outcome.detail.clone();
+        let labels = AgentMetrics::labels(&report.service, report.address);
+        self.metrics
+            .probe_latency
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
         if let Some(up) = state.health.record(report.outcome, rise, fall) {
+            self.metrics.transitions.get_or_create(&labels).inc();
             let (word, streak) = if up { ("UP", rise) } else { ("DOWN", fall) };
             log::warn!(
                 "service {}: backend {} is {word} after {streak} consecutive probe(s): {detail} ({latency:.1?})",
@@ -484,6 +554,36 @@ impl Agent {
                 })
                 .await
             }
+            Request::Stop { detach } => {
+                self.stop_requested = true;
+                self.detach_on_exit |= detach;
+                Response::done(if detach {
+                    "stopping; detaching the program and removing the pinned state"
+                } else {
+                    "stopping; the program stays attached"
+                })
+            }
+            Request::Debug { on } => {
+                let wanted = if on { DebugLog::On } else { DebugLog::Off };
+                if self.dataplane.debug_log() == wanted {
+                    return Response::done(format!(
+                        "eBPF debug logging already {}",
+                        if on { "on" } else { "off" }
+                    ));
+                }
+                match self.dataplane.set_debug_log(wanted) {
+                    Ok(()) => {
+                        let message = format!(
+                            "eBPF debug logging {} (program {} swapped in)",
+                            if on { "on" } else { "off" },
+                            self.dataplane.program_id().unwrap_or(0)
+                        );
+                        log::info!("{message}");
+                        Response::done(message)
+                    }
+                    Err(err) => Response::error(format!("{err:#}")),
+                }
+            }
             Request::BackendDrain { service, address } => {
                 self.set_admin(&service, &address, |admin| match admin {
                     AdminState::Enabled => Ok(AdminState::Draining {
@@ -614,6 +714,21 @@ impl Agent {
         })
     }
 
+    fn scrape(&mut self) -> String {
+        let status = match self.status() {
+            Ok(status) => status,
+            Err(err) => return format!("# error: {err:#}\n"),
+        };
+        let globals = self.dataplane.global_counters().unwrap_or_default();
+        let snapshot = metrics::Snapshot {
+            status: &status,
+            globals: &globals,
+            ring_rebuilds: self.dataplane.ring_writes,
+            agent: &self.metrics,
+        };
+        metrics::render(&snapshot).unwrap_or_else(|err| format!("# error: {err:#}\n"))
+    }
+
     /// Per-service and per-backend counters, printed at exit.
     pub fn summary(&self) -> String {
         let mut out = String::from("xdplb counters:\n");
@@ -689,6 +804,8 @@ fn agent_section_change(old: &Config, new: &Config) -> Option<&'static str> {
             a.tcp_idle_timeout_s != b.tcp_idle_timeout_s,
         ),
         ("control_socket", a.control_socket != b.control_socket),
+        ("pin_dir", a.pin_dir != b.pin_dir),
+        ("metrics_listen", a.metrics_listen != b.metrics_listen),
     ]
     .into_iter()
     .find(|(_, changed)| *changed)

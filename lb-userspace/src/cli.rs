@@ -27,10 +27,38 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Attach to the configured interface and run the agent until SIGINT/SIGTERM.
+    /// Attach to the configured interface (or adopt the pinned state a
+    /// previous agent left) and run the agent until SIGINT/SIGTERM.
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// At exit, detach the program and remove the pinned state (by
+        /// default forwarding continues without the agent).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove xdplb from the interface: stops a running agent and detaches
+    /// the program, or removes the pinned state an agent left behind.
+    Stop {
+        /// Read the control socket and pin directory from this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The pin directory ([agent] pin_dir) when no agent is running.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// Live per-service and per-backend rates, refreshed every second.
+    Top {
+        /// Print one snapshot (rates over one interval) and exit.
+        #[arg(long)]
+        once: bool,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Switch eBPF-side debug logging (to the agent's log) on or off.
+    Debug {
+        #[arg(value_enum)]
+        state: OnOff,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -125,6 +153,12 @@ pub struct ServiceArgs {
     pub health_rise: Option<u32>,
     #[arg(long)]
     pub health_fall: Option<u32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -233,7 +267,18 @@ impl ServiceArgs {
 /// Runs a client command against the agent; returns what to print.
 pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
     let (request, json) = match command {
-        Command::Run { .. } | Command::Check { .. } => unreachable!("handled by main"),
+        Command::Run { .. } | Command::Check { .. } | Command::Stop { .. } => {
+            unreachable!("handled by main")
+        }
+        Command::Top { once, interval_ms } => {
+            return top(socket, once, std::time::Duration::from_millis(interval_ms));
+        }
+        Command::Debug { state } => (
+            Request::Debug {
+                on: matches!(state, OnOff::On),
+            },
+            false,
+        ),
         Command::Status { json } => (Request::Status {}, json),
         Command::Reload => (Request::Reload {}, false),
         Command::Service {
@@ -287,6 +332,141 @@ pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
         Response::Status { status, .. } => Ok(status_table(&status)),
         Response::Done { message, .. } => Ok(message + "\n"),
         Response::Error { error, .. } => bail!("{error}"),
+    }
+}
+
+/// `xdplb stop`: through the agent when one answers, else by removing the
+/// pins directly (which detaches the program once nothing holds it).
+pub fn stop(socket: &std::path::Path, config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<String> {
+    let (socket, pin_root) = match &config {
+        Some(path) => {
+            let config = crate::config::Config::load(path)?;
+            (
+                config.agent.control_socket.clone(),
+                Some(config.agent.pin_root()),
+            )
+        }
+        None => (socket.to_path_buf(), pin_dir),
+    };
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        match control::call(&socket, &Request::Stop { detach: true })? {
+            Response::Error { error, .. } => bail!("{error}"),
+            _ => {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while socket.exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                return Ok(
+                    "stopped the agent; the program is detached and the pinned state removed\n"
+                        .into(),
+                );
+            }
+        }
+    }
+    let Some(root) = pin_root else {
+        bail!(
+            "no agent answers at {}; give --pin-dir or --config to remove what an agent left behind",
+            socket.display()
+        );
+    };
+    let removed = crate::pins::remove_all(&root)?;
+    if removed.is_empty() {
+        return Ok(format!("nothing pinned in {}\n", root.display()));
+    }
+    Ok(format!(
+        "removed {} pin(s) in {}; the program is detached\n",
+        removed.len(),
+        root.display()
+    ))
+}
+
+/// `xdplb top`: rates between two status samples, like `ipvsadm -L --rate`.
+fn top(socket: &PathBuf, once: bool, interval: std::time::Duration) -> Result<String> {
+    let sample = || -> Result<(std::time::Instant, Status)> {
+        match control::call(socket, &Request::Status {})? {
+            Response::Status { status, .. } => Ok((std::time::Instant::now(), status)),
+            Response::Error { error, .. } => bail!("{error}"),
+            Response::Done { message, .. } => bail!("unexpected answer {message:?}"),
+        }
+    };
+    let mut previous = sample()?;
+    loop {
+        std::thread::sleep(interval);
+        let current = sample()?;
+        let view = top_view(&previous, &current);
+        if once {
+            return Ok(view);
+        }
+        print!("\x1b[2J\x1b[H{view}");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        previous = current;
+    }
+}
+
+pub fn top_view(
+    previous: &(std::time::Instant, Status),
+    current: &(std::time::Instant, Status),
+) -> String {
+    let seconds = current.0.duration_since(previous.0).as_secs_f64().max(1e-3);
+    let rate =
+        |now: u64, before: Option<u64>| now.saturating_sub(before.unwrap_or(now)) as f64 / seconds;
+    let mut rows = vec![
+        [
+            "SERVICE / BACKEND",
+            "PKT/S",
+            "BIT/S",
+            "NEW FLOWS/S",
+            "ACTIVE",
+            "HEALTH",
+            "ADMIN",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for s in &current.1.services {
+        let old = previous.1.services.iter().find(|o| o.name == s.name);
+        let active: u64 = s.backends.iter().map(|b| b.active_flows).sum();
+        rows.push(vec![
+            format!("{} {} {}", s.name, s.protocol, s.vip),
+            human(rate(s.packets, old.map(|o| o.packets))),
+            human(8.0 * rate(s.bytes, old.map(|o| o.bytes))),
+            human(rate(s.new_flows, old.map(|o| o.new_flows))),
+            active.to_string(),
+            if s.fail_open {
+                "FAIL-OPEN".into()
+            } else {
+                String::new()
+            },
+            String::new(),
+        ]);
+        for b in &s.backends {
+            let old = old.and_then(|o| o.backends.iter().find(|ob| ob.address == b.address));
+            rows.push(vec![
+                format!("  {}", b.address),
+                human(rate(b.packets, old.map(|o| o.packets))),
+                human(8.0 * rate(b.bytes, old.map(|o| o.bytes))),
+                human(rate(b.new_flows, old.map(|o| o.new_flows))),
+                b.active_flows.to_string(),
+                b.health.clone(),
+                b.admin.clone(),
+            ]);
+        }
+    }
+    format!(
+        "xdplb top: {} (rates over {seconds:.1}s)\n{}",
+        current.1.interface,
+        aligned(&rows, "")
+    )
+}
+
+/// 1234567.0 → "1.23M"
+fn human(value: f64) -> String {
+    match value {
+        v if v >= 1e9 => format!("{:.2}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.2}k", v / 1e3),
+        v => format!("{v:.0}"),
     }
 }
 
@@ -460,6 +640,53 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("not an IP address")
+        );
+    }
+
+    #[test]
+    fn top_computes_rates_between_samples() {
+        let backend = |packets, bytes| crate::control::BackendStatus {
+            address: "198.18.1.11".into(),
+            weight: 1,
+            health: "up".into(),
+            last_probe: None,
+            admin: "enabled".into(),
+            in_ring: true,
+            resolved: true,
+            active_flows: 4,
+            packets,
+            bytes,
+            new_flows: packets / 10,
+        };
+        let status = |packets, bytes| Status {
+            interface: "eth0".into(),
+            services: vec![crate::control::ServiceStatus {
+                name: "web".into(),
+                vip: "198.18.0.100:80".into(),
+                protocol: "tcp".into(),
+                forwarding: "dsr".into(),
+                scheduler: "maglev".into(),
+                fail_open: false,
+                packets,
+                bytes,
+                new_flows: packets / 10,
+                backends: vec![backend(packets, bytes)],
+            }],
+        };
+        let t0 = std::time::Instant::now();
+        let view = top_view(
+            &(t0, status(1000, 100_000)),
+            &(
+                t0 + std::time::Duration::from_secs(2),
+                status(5000, 350_000),
+            ),
+        );
+        // 4000 packets and 250 kB in 2 s: 2000 pkt/s, 1 Mbit/s, 200 new flows/s.
+        assert!(
+            view.contains(
+                "  198.18.1.11            2.00k  1.00M  200          4       up      enabled"
+            ),
+            "{view}"
         );
     }
 

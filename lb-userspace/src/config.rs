@@ -48,6 +48,22 @@ pub struct AgentConfig {
     /// Where the agent listens for `xdplb` CLI commands.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Where maps and the XDP link are pinned, so that forwarding and the
+    /// connection table survive the agent. One directory per agent; default
+    /// /sys/fs/bpf/xdplb/INTERFACE.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics; off when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl AgentConfig {
+    pub fn pin_root(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("/sys/fs/bpf/xdplb").join(&self.interface))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -54,6 +54,14 @@ pub enum Request {
         name: String,
     },
     Reload {},
+    /// End the agent; with `detach`, also remove the program and pinned state.
+    Stop {
+        detach: bool,
+    },
+    /// Switch eBPF-side debug logging (swaps in a program built for it).
+    Debug {
+        on: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,6 +7,8 @@ pub mod control;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod netlink;
+pub mod pins;
 pub mod reconcile;
 pub mod state;

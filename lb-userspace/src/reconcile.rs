@@ -23,6 +23,7 @@ use lb_common::{
 
 use crate::{
     config::Protocol,
+    dataplane::MapsState,
     maglev::{self, MaglevBackend},
     netlink::L2Path,
 };
@@ -111,6 +112,59 @@ impl Reconciler {
             egress_devices: BTreeSet::new(),
             vip_addresses: BTreeMap::new(),
         }
+    }
+
+    /// Takes over the state a previous agent left in pinned maps: VIP ids,
+    /// backend slots (which flows in the connection table point at) and ring
+    /// contents. VIPs are matched to `services` by (address, port,
+    /// protocol); a VIP no service claims is removed by the next `plan`, and
+    /// a slot no service claims is retired.
+    pub fn adopt(
+        ring_size: u32,
+        max_services: u32,
+        maps: &MapsState,
+        services: &[(String, VipKey)],
+    ) -> Self {
+        let mut r = Self::new(ring_size, max_services);
+        for (key, info) in &maps.vips {
+            let name = services
+                .iter()
+                .find(|(_, k)| k == key)
+                .map(|(name, _)| name.clone())
+                .unwrap_or_else(|| format!("<unconfigured VIP {}>", info.id));
+            let ring = maps
+                .rings
+                .get(&info.id)
+                .cloned()
+                .unwrap_or_else(|| vec![lb_common::NO_BACKEND; ring_size as usize]);
+            r.free_vip_ids.retain(|id| *id != info.id);
+            *r.vip_addresses.entry(vip_address_key(key)).or_insert(0) += 1;
+            r.services.insert(
+                name,
+                AppliedService {
+                    vip_id: info.id,
+                    key: *key,
+                    ring,
+                    backends: BTreeMap::new(),
+                },
+            );
+        }
+        for (id, backend) in &maps.backends {
+            r.free_backend_ids.retain(|free| free != id);
+            r.backends.insert(*id, *backend);
+            let address = words_address(backend.addr, backend.family);
+            let owner = r.services.values_mut().find(|s| s.vip_id == backend.vip_id);
+            match owner {
+                Some(service) if !service.backends.contains_key(&address) => {
+                    service.backends.insert(address, *id);
+                }
+                _ => {
+                    r.retired.insert(*id);
+                }
+            }
+        }
+        r.egress_devices.extend(maps.egress_devices.iter().copied());
+        r
     }
 
     /// Ids of backends that left their service but may still have flows.
@@ -222,7 +276,7 @@ impl Reconciler {
                     ifindex: path.ifindex,
                 });
             }
-            let slot = backend_slot(*address, path, backend.down);
+            let slot = backend_slot(*address, path, backend.down, service.vip_id);
             if self.backends.get(&id) != Some(&slot) {
                 self.backends.insert(id, slot);
                 writes.push(MapWrite::SetBackend { id, backend: slot });
@@ -328,6 +382,17 @@ pub fn vip_key(service: &DesiredService) -> VipKey {
     }
 }
 
+/// The VIP key of a configured service.
+pub fn vip_key_of(service: &crate::config::ServiceConfig) -> VipKey {
+    let vip = *service.vip.get_ref();
+    VipKey {
+        addr: address_words(vip.ip()),
+        port: vip.port().to_be(),
+        proto: service.protocol.number(),
+        family: family(vip.ip()),
+    }
+}
+
 fn vip_address_key(key: &VipKey) -> VipAddressKey {
     VipAddressKey {
         addr: key.addr,
@@ -336,7 +401,7 @@ fn vip_address_key(key: &VipKey) -> VipAddressKey {
     }
 }
 
-fn backend_slot(address: IpAddr, path: L2Path, down: bool) -> Backend {
+fn backend_slot(address: IpAddr, path: L2Path, down: bool, vip_id: u32) -> Backend {
     Backend {
         addr: address_words(address),
         family: family(address),
@@ -345,6 +410,16 @@ fn backend_slot(address: IpAddr, path: L2Path, down: bool) -> Backend {
         ifindex: path.ifindex,
         dst_mac: path.dst_mac,
         src_mac: path.src_mac,
+        vip_id,
+    }
+}
+
+fn words_address(words: [u32; 4], family: u8) -> IpAddr {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if family == FAMILY_IPV4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(bytes).expect("16 bytes"))
     }
 }
 
@@ -582,6 +657,90 @@ mod tests {
         ]);
         assert_eq!(errors, vec![ReconcileError::OutOfVipIds("dns".into())]);
         assert!(r.vip_id("web").is_some());
+    }
+
+    /// What a previous agent's maps look like after `plan(desired)`.
+    fn maps_after(desired: &[DesiredService]) -> (Reconciler, MapsState) {
+        let mut r = Reconciler::new(RING, 4);
+        let (writes, _) = r.plan(desired);
+        let mut maps = MapsState::default();
+        for w in writes {
+            match w {
+                MapWrite::SetVip { key, info } => maps.vips.push((key, info)),
+                MapWrite::SetBackend { id, backend } => maps.backends.push((id, backend)),
+                MapWrite::AddEgressDevice { ifindex } => maps.egress_devices.push(ifindex),
+                MapWrite::SetRingSlots { vip_id, slots } => {
+                    let ring = maps
+                        .rings
+                        .entry(vip_id)
+                        .or_insert_with(|| vec![0; RING as usize]);
+                    for (i, id) in slots {
+                        ring[i as usize] = id;
+                    }
+                }
+                _ => {}
+            }
+        }
+        (r, maps)
+    }
+
+    fn names_and_keys(desired: &[DesiredService]) -> Vec<(String, VipKey)> {
+        desired
+            .iter()
+            .map(|s| (s.name.clone(), vip_key(s)))
+            .collect()
+    }
+
+    #[test]
+    fn adopting_the_same_state_keeps_every_id_and_writes_nothing() {
+        let desired = [
+            service("web", &[(11, 1), (12, 2)]),
+            service_on("dns", 53, &[(21, 1)]),
+        ];
+        let (before, maps) = maps_after(&desired);
+        let mut adopted = Reconciler::adopt(RING, 4, &maps, &names_and_keys(&desired));
+        for (name, n) in [("web", 11), ("web", 12), ("dns", 21)] {
+            let a = IpAddr::from([198, 18, 1, n]);
+            assert_eq!(adopted.backend_id(name, a), before.backend_id(name, a));
+        }
+        assert_eq!(adopted.vip_id("dns"), before.vip_id("dns"));
+        let (writes, errors) = adopted.plan(&desired);
+        assert!(writes.is_empty() && errors.is_empty(), "{writes:?}");
+    }
+
+    #[test]
+    fn adopting_then_changing_reconciles_to_the_new_config() {
+        let old = [
+            service("web", &[(11, 1), (12, 1)]),
+            service_on("dns", 53, &[(21, 1)]),
+        ];
+        let (before, maps) = maps_after(&old);
+        // The new config dropped dns and backend 12, and added 13.
+        let new = [service("web", &[(11, 1), (13, 1)])];
+        let mut r = Reconciler::adopt(RING, 4, &maps, &names_and_keys(&old[..1]));
+        let (writes, _) = r.plan(&new);
+        assert!(
+            writes
+                .iter()
+                .any(|w| matches!(w, MapWrite::RemoveVip { key } if key.port == 53u16.to_be())),
+            "{writes:?}"
+        );
+        let id12 = before
+            .backend_id("web", IpAddr::from([198, 18, 1, 12]))
+            .unwrap();
+        let id21 = before
+            .backend_id("dns", IpAddr::from([198, 18, 1, 21]))
+            .unwrap();
+        assert!(r.retired().contains(&id12) && r.retired().contains(&id21));
+        let id13 = r.backend_id("web", IpAddr::from([198, 18, 1, 13])).unwrap();
+        assert!(
+            ![id12, id21].contains(&id13),
+            "a slot that flows may use was reused"
+        );
+        assert_eq!(
+            r.backend_id("web", IpAddr::from([198, 18, 1, 11])),
+            before.backend_id("web", IpAddr::from([198, 18, 1, 11]))
+        );
     }
 
     fn service_on(name: &str, port: u16, backends: &[(u8, u32)]) -> DesiredService {

@@ -1,0 +1,228 @@
+//! Where the data plane's state lives between agent runs: a bpffs directory
+//! holding every stateful map and the XDP link.
+//!
+//! `PIN_DIR/layout-N/` holds the pins of layout version N (see
+//! `lb_common::LAYOUT_VERSION`). An agent adopts only its own layout: finding
+//! another one, or pinned maps whose sizes differ from what the configuration
+//! asks for, it refuses to start rather than corrupt the state.
+
+use std::{
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{
+    Backend, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, LAYOUT_VERSION, MAX_BACKENDS, MAX_VIPS,
+    TrafficCounters, VipAddressKey, VipInfo, VipKey, names,
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// The pin directory of this binary's layout inside `root`.
+pub fn layout_dir(root: &Path) -> PathBuf {
+    root.join(format!("layout-{LAYOUT_VERSION}"))
+}
+
+pub fn link_pin(layout_dir: &Path) -> PathBuf {
+    layout_dir.join("link")
+}
+
+/// Makes sure `root` can hold pins: bpffs is mounted at /sys/fs/bpf when it
+/// is not (as on some minimal systems), and the directory exists.
+pub fn prepare(root: &Path) -> Result<()> {
+    if root.starts_with(BPFFS_MOUNT) && !is_bpffs(Path::new(BPFFS_MOUNT)) {
+        mount_bpffs()?;
+        log::info!("mounted bpffs at {BPFFS_MOUNT}");
+    }
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
+        bail!(
+            "pin_dir {} is not on a bpf filesystem (mount -t bpf bpf DIR)",
+            root.display()
+        );
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a statfs buffer.
+    unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn mount_bpffs() -> Result<()> {
+    std::fs::create_dir_all(BPFFS_MOUNT)?;
+    let (source, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+    // SAFETY: NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting bpffs at {BPFFS_MOUNT}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses pinned state of another layout version under `root`.
+pub fn check_layout(root: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(version) = name.strip_prefix("layout-")
+            && version != LAYOUT_VERSION.to_string()
+        {
+            bail!(
+                "{} holds pinned state of map layout {version}, but this xdplb uses layout {LAYOUT_VERSION}: \
+                 adopting it would corrupt the state. Run the xdplb that wrote it, or remove it \
+                 (xdplb stop --pin-dir {}) and start fresh, which loses the connection table",
+                root.display(),
+                root.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What each pinned map must look like for this binary and configuration.
+pub fn expected_maps(
+    ring_entries: u32,
+    conntrack_size: u32,
+) -> [(&'static str, usize, usize, u32); 9] {
+    [
+        (
+            names::VIPS,
+            size_of::<VipKey>(),
+            size_of::<VipInfo>(),
+            MAX_VIPS,
+        ),
+        (
+            names::VIP_ADDRESSES,
+            size_of::<VipAddressKey>(),
+            size_of::<u32>(),
+            MAX_VIPS,
+        ),
+        (
+            names::RINGS,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            ring_entries,
+        ),
+        (
+            names::BACKENDS,
+            size_of::<u32>(),
+            size_of::<Backend>(),
+            MAX_BACKENDS,
+        ),
+        (
+            names::CONNTRACK,
+            size_of::<FlowKey>(),
+            size_of::<FlowState>(),
+            conntrack_size,
+        ),
+        (names::EGRESS_DEVICES, size_of::<u32>(), 8, 64),
+        (
+            names::VIP_COUNTERS,
+            size_of::<u32>(),
+            size_of::<TrafficCounters>(),
+            MAX_VIPS,
+        ),
+        (
+            names::BACKEND_COUNTERS,
+            size_of::<u32>(),
+            size_of::<TrafficCounters>(),
+            MAX_BACKENDS,
+        ),
+        (
+            names::GLOBAL_COUNTERS,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            GLOBAL_COUNTER_COUNT,
+        ),
+    ]
+}
+
+/// Refuses pinned maps whose shape differs from what this start needs
+/// (ring_size, max_services or conntrack_size changed, or a layout changed
+/// without a version bump).
+pub fn check_pinned_maps(layout_dir: &Path, ring_entries: u32, conntrack_size: u32) -> Result<()> {
+    for (name, key_size, value_size, max_entries) in expected_maps(ring_entries, conntrack_size) {
+        let path = layout_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        // DEVMAP_HASH values are 4 or 8 bytes depending on the kernel.
+        let value_ok = found.1 == value_size || (name == names::EGRESS_DEVICES && found.1 == 4);
+        if found.0 != key_size || !value_ok || found.2 != max_entries {
+            bail!(
+                "pinned map {} has key {} B, value {} B, {} entries; this start needs key {key_size} B, \
+                 value {value_size} B, {max_entries} entries ({}). Restore the previous settings, or \
+                 remove the pinned state (xdplb stop) and start fresh, which loses the connection table",
+                path.display(),
+                found.0,
+                found.1,
+                found.2,
+                match name {
+                    names::RINGS => "ring_size × max_services changed",
+                    names::CONNTRACK => "conntrack_size changed",
+                    _ => "the map layout changed",
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pins under `root` (maps and link). The kernel frees the maps
+/// and detaches the program once nothing else holds them.
+pub fn remove_all(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() || !entry.file_name().to_string_lossy().starts_with("layout-") {
+            continue;
+        }
+        for pin in std::fs::read_dir(&dir)?.flatten() {
+            std::fs::remove_file(pin.path())
+                .with_context(|| format!("removing {}", pin.path().display()))?;
+            removed.push(pin.path());
+        }
+        std::fs::remove_dir(&dir)?;
+    }
+    let _ = std::fs::remove_dir(root);
+    // The default root is /sys/fs/bpf/xdplb/IFACE: drop the shared parent too
+    // once no other interface's agent uses it (remove_dir fails if not empty).
+    if let Some(parent) = root.parent().filter(|p| *p != Path::new(BPFFS_MOUNT)) {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(removed)
+}
