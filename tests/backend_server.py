@@ -3,9 +3,12 @@
 answers every GET with its own name, on IPv4 and IPv6.
 
 /healthz answers with the status last set through /admin/healthz/CODE
-(200 at start), so tests can make a backend fail its HTTP health check."""
+(200 at start), so tests can make a backend fail its HTTP health check.
+/admin/delay/MS makes every later answer (health checks included) wait MS
+milliseconds, so tests can make a backend slow."""
 import argparse
 import socket
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -19,7 +22,7 @@ class DualStackServer(ThreadingHTTPServer):
 
 
 def handler_for(name):
-    state = {"healthz": 200}
+    state = {"healthz": 200, "delay_ms": 0}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -29,8 +32,13 @@ def handler_for(name):
             if self.path.startswith("/admin/healthz/"):
                 state["healthz"] = int(self.path.rsplit("/", 1)[1])
                 text = f"{name} healthz {state['healthz']}"
-            elif self.path == "/healthz":
-                status, text = state["healthz"], f"{name} healthz"
+            elif self.path.startswith("/admin/delay/"):
+                state["delay_ms"] = int(self.path.rsplit("/", 1)[1])
+                text = f"{name} delay {state['delay_ms']}"
+            else:
+                time.sleep(state["delay_ms"] / 1000)
+                if self.path == "/healthz":
+                    status, text = state["healthz"], f"{name} healthz"
             body = (text + "\n").encode()
             self.send_response(status)
             self.send_header("Content-Type", "text/plain")

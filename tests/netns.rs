@@ -35,10 +35,7 @@ struct Topology {
 
 impl Topology {
     fn up() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         let prefix = format!("xl{:x}", (std::process::id() << 12) ^ nanos);
         let prefix = prefix[..prefix.len().min(10)].to_string();
         let status = Command::new("bash")
@@ -62,10 +59,7 @@ impl Topology {
 
     /// The XDP program id attached to the LB's eth0, if any.
     fn lb_program_id(&self) -> Option<u64> {
-        let out = Command::new("ip")
-            .args(["-n", &self.ns("lb"), "-j", "link", "show", "eth0"])
-            .output()
-            .unwrap();
+        let out = Command::new("ip").args(["-n", &self.ns("lb"), "-j", "link", "show", "eth0"]).output().unwrap();
         let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         links[0]["xdp"]["prog"]["id"].as_u64()
     }
@@ -73,10 +67,7 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(harness())
-            .args(["down", &self.prefix])
-            .status();
+        let _ = Command::new("bash").arg(harness()).args(["down", &self.prefix]).status();
         let _ = std::fs::remove_dir_all(self.pin_root());
     }
 }
@@ -130,14 +121,8 @@ impl Agent {
         let config_path = dir.join("xdplb.toml");
         let socket = dir.join("xdplb.sock");
         let log = dir.join("xdplb.log");
-        let mut agent = Agent {
-            child: None,
-            config: config_path,
-            socket,
-            log,
-            pin_root: topology.pin_root(),
-            _dir: TempDir(dir),
-        };
+        let mut agent =
+            Agent { child: None, config: config_path, socket, log, pin_root: topology.pin_root(), _dir: TempDir(dir) };
         agent.write_config(config);
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
@@ -157,10 +142,7 @@ impl Agent {
         // This agent's own control socket, and the topology's pin directory.
         let text = config.replacen(
             "[agent]\n",
-            &format!(
-                "[agent]\ncontrol_socket = {:?}\npin_dir = {:?}\n",
-                self.socket, self.pin_root
-            ),
+            &format!("[agent]\ncontrol_socket = {:?}\npin_dir = {:?}\n", self.socket, self.pin_root),
             1,
         );
         std::fs::write(&self.config, text).unwrap();
@@ -173,11 +155,7 @@ impl Agent {
     fn wait_for_log(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.log_text().matches(needle).count() < count {
-            assert!(
-                Instant::now() < deadline,
-                "xdplb never logged {needle:?} ×{count}; log:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "xdplb never logged {needle:?} ×{count}; log:\n{}", self.log_text());
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -200,26 +178,14 @@ impl Agent {
 
     fn signal(&self, name: &str) {
         let pid = self.child.as_ref().unwrap().id();
-        let status = Command::new("kill")
-            .args(["-s", name, &pid.to_string()])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-s", name, &pid.to_string()]).status().unwrap();
         assert!(status.success());
     }
 
     /// Runs `xdplb --socket S ARGS...`; returns (success, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(XDPLB)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
+        let out = Command::new(XDPLB).arg("--socket").arg(&self.socket).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
     }
 
     /// `xdplb status --json`, parsed.
@@ -233,10 +199,7 @@ impl Agent {
     fn backend(&self, service: &str, address: &str) -> serde_json::Value {
         let status = self.status();
         let services = status["services"].as_array().unwrap();
-        let s = services
-            .iter()
-            .find(|s| s["name"] == service)
-            .unwrap_or_else(|| panic!("no service {service}"));
+        let s = services.iter().find(|s| s["name"] == service).unwrap_or_else(|| panic!("no service {service}"));
         s["backends"]
             .as_array()
             .unwrap()
@@ -258,18 +221,9 @@ impl Agent {
         self.signal("INT");
         let mut child = self.child.take().unwrap();
         let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
         let status = child.wait().unwrap();
-        assert!(
-            status.success(),
-            "xdplb exited with {status}; log:\n{}",
-            self.log_text()
-        );
+        assert!(status.success(), "xdplb exited with {status}; log:\n{}", self.log_text());
         out
     }
 }
@@ -277,9 +231,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
             let _ = child.wait();
         }
     }
@@ -288,9 +240,8 @@ impl Drop for Agent {
 fn config(weights: [u32; 3]) -> String {
     let mut text = String::from("[agent]\ninterface = \"eth0\"\n");
     for (name, vip, backends) in [("web", VIP4, BACKENDS4), ("web6", VIP6, BACKENDS6)] {
-        text += &format!(
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n"
-        );
+        text +=
+            &format!("\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n");
         for (address, weight) in backends.iter().zip(weights) {
             text += &format!("\n[[service.backend]]\naddress = \"{address}\"\nweight = {weight}\n");
         }
@@ -299,14 +250,10 @@ fn config(weights: [u32; 3]) -> String {
 }
 
 fn config_with(backends: &[(usize, u32)]) -> String {
-    let mut text = format!(
-        "[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\n"
-    );
+    let mut text =
+        format!("[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\n");
     for (i, weight) in backends {
-        text += &format!(
-            "\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n",
-            BACKENDS4[*i]
-        );
+        text += &format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n", BACKENDS4[*i]);
     }
     text
 }
@@ -317,16 +264,11 @@ fn get_new_connection(vip: SocketAddr) -> Result<String, String> {
 }
 
 fn get_new_connection_within(vip: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let mut stream =
-        TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
+    let mut stream = TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
     stream.set_read_timeout(Some(timeout)).unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").map_err(|e| format!("write: {e}"))?;
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read: {e}"))?;
+    stream.read_to_string(&mut response).map_err(|e| format!("read: {e}"))?;
     body_of(&response)
 }
 
@@ -344,8 +286,7 @@ fn spread(topology: &Topology, vip: &str, n: usize) -> BTreeMap<String, usize> {
     in_netns(&topology.ns("client"), move || {
         let mut counts = BTreeMap::new();
         for i in 0..n {
-            let name = get_new_connection(vip)
-                .unwrap_or_else(|e| panic!("request {i} to {vip} failed: {e}"));
+            let name = get_new_connection(vip).unwrap_or_else(|e| panic!("request {i} to {vip} failed: {e}"));
             *counts.entry(name).or_insert(0) += 1;
         }
         counts
@@ -381,10 +322,8 @@ fn tcp_segments_sent(topology: &Topology) -> u64 {
 
 /// Values of `key=` in the summary lines that contain `line_marker`.
 fn summary_value(summary: &str, line_marker: &str, key: &str) -> u64 {
-    let line = summary
-        .lines()
-        .find(|l| l.contains(line_marker))
-        .unwrap_or_else(|| panic!("no {line_marker:?} in\n{summary}"));
+    let line =
+        summary.lines().find(|l| l.contains(line_marker)).unwrap_or_else(|| panic!("no {line_marker:?} in\n{summary}"));
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
@@ -409,26 +348,14 @@ fn new_connections_follow_equal_then_weighted_shares_and_replies_bypass_the_lb()
     let summary = agent.stop();
     // Direct server return: the XDP program saw exactly the client's
     // segments to the VIPs, and none of the backends' replies.
-    let vip_packets = summary_value(&summary, "service web tcp", "packets")
-        + summary_value(&summary, "service web6 tcp", "packets");
-    assert_eq!(
-        vip_packets, sent,
-        "VIP packets seen by the LB vs TCP segments the client sent\n{summary}"
-    );
-    let other = summary_value(&summary, "global:", "pass_non_vip")
-        + summary_value(&summary, "global:", "pass_unparsed");
-    assert!(
-        other < 50,
-        "the LB saw {other} non-VIP packets: replies are flowing through it?\n{summary}"
-    );
-    assert!(
-        summary_value(&summary, "global:", "action_tx") > 0,
-        "no XDP_TX to b3\n{summary}"
-    );
-    assert!(
-        summary_value(&summary, "global:", "action_redirect") > 0,
-        "no XDP_REDIRECT to b1/b2\n{summary}"
-    );
+    let vip_packets =
+        summary_value(&summary, "service web tcp", "packets") + summary_value(&summary, "service web6 tcp", "packets");
+    assert_eq!(vip_packets, sent, "VIP packets seen by the LB vs TCP segments the client sent\n{summary}");
+    let other =
+        summary_value(&summary, "global:", "pass_non_vip") + summary_value(&summary, "global:", "pass_unparsed");
+    assert!(other < 50, "the LB saw {other} non-VIP packets: replies are flowing through it?\n{summary}");
+    assert!(summary_value(&summary, "global:", "action_tx") > 0, "no XDP_TX to b3\n{summary}");
+    assert!(summary_value(&summary, "global:", "action_redirect") > 0, "no XDP_REDIRECT to b1/b2\n{summary}");
 }
 
 /// A keep-alive HTTP connection that must keep answering from one backend.
@@ -440,28 +367,18 @@ struct LongLived {
 impl LongLived {
     fn open(topology: &Topology, vip: &str) -> Self {
         let vip: SocketAddr = vip.parse().unwrap();
-        let stream = in_netns(&topology.ns("client"), move || {
-            TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap()
-        });
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
+        let stream =
+            in_netns(&topology.ns("client"), move || TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap());
+        stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         LongLived { stream, reader }
     }
 
     fn get(&mut self) -> String {
-        self.stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
-            .expect("long-lived connection: write");
+        self.stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n").expect("long-lived connection: write");
         let mut status = String::new();
-        self.reader
-            .read_line(&mut status)
-            .expect("long-lived connection: read");
-        assert!(
-            status.starts_with("HTTP/1.1 200"),
-            "long-lived connection: {status:?}"
-        );
+        self.reader.read_line(&mut status).expect("long-lived connection: read");
+        assert!(status.starts_with("HTTP/1.1 200"), "long-lived connection: {status:?}");
         let mut length = 0;
         loop {
             let mut line = String::new();
@@ -494,10 +411,7 @@ fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
         ("add b3", vec![(0, 1), (1, 1), (2, 1)]),
         ("reweight", vec![(home_index, 1), (other, 5), (2, 3)]),
         ("remove the other backend", vec![(home_index, 1), (2, 3)]),
-        (
-            "remove the connection's own backend",
-            vec![(2, 1), (other, 1)],
-        ),
+        ("remove the connection's own backend", vec![(2, 1), (other, 1)]),
         ("add everything back", vec![(0, 2), (1, 2), (2, 2)]),
     ];
     for (step, backends) in steps {
@@ -505,26 +419,13 @@ fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
             // A broken file on reload is rejected and changes nothing.
             agent.reload_rejected("[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100:80\"\nprotocol = \"tcp\"\n\n[[service.backend]]\naddress = \"198.18.1.300\"\n");
             assert_eq!(conn.get(), home, "after a rejected reload");
-            assert!(
-                agent
-                    .log_text()
-                    .contains("xdplb.toml:12:11: invalid IP address syntax"),
-                "{}",
-                agent.log_text()
-            );
+            assert!(agent.log_text().contains("xdplb.toml:12:11: invalid IP address syntax"), "{}", agent.log_text());
             let counts = spread(&topology, VIP4, 30);
-            assert!(
-                counts.len() >= 2,
-                "a rejected reload changed the backends: {counts:?}"
-            );
+            assert!(counts.len() >= 2, "a rejected reload changed the backends: {counts:?}");
         }
         agent.reload(&config_with(&backends));
         for _ in 0..5 {
-            assert_eq!(
-                conn.get(),
-                home,
-                "after {step:?} the long-lived connection moved or broke"
-            );
+            assert_eq!(conn.get(), home, "after {step:?} the long-lived connection moved or broke");
         }
         // New connections keep working and only reach configured backends.
         let counts = spread(&topology, VIP4, 60);
@@ -548,11 +449,7 @@ fn invalid_config_is_refused_with_its_location_and_nothing_is_attached() {
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup = TempDir(dir.clone());
     let path = dir.join("bad.toml");
-    std::fs::write(
-        &path,
-        config([1, 1, 1]).replace("weight = 1\n", "weight = 5000\n"),
-    )
-    .unwrap();
+    std::fs::write(&path, config([1, 1, 1]).replace("weight = 1\n", "weight = 5000\n")).unwrap();
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
         .args([XDPLB, "run", "--config"])
@@ -561,25 +458,9 @@ fn invalid_config_is_refused_with_its_location_and_nothing_is_attached() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "xdplb accepted a bad config");
-    assert!(
-        stderr.contains(&format!(
-            "{}:12:10: weight 5000 is out of range 0..=1000",
-            path.display()
-        )),
-        "{stderr}"
-    );
-    let link = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &topology.ns("lb"),
-            "ip",
-            "link",
-            "show",
-            "eth0",
-        ])
-        .output()
-        .unwrap();
+    assert!(stderr.contains(&format!("{}:12:10: weight 5000 is out of range 0..=1000", path.display())), "{stderr}");
+    let link =
+        Command::new("ip").args(["netns", "exec", &topology.ns("lb"), "ip", "link", "show", "eth0"]).output().unwrap();
     assert!(
         !String::from_utf8_lossy(&link.stdout).contains("xdp"),
         "an XDP program is attached after a refused config"
@@ -590,11 +471,8 @@ fn invalid_config_is_refused_with_its_location_and_nothing_is_attached() {
 
 /// Kills the HTTP server of backend `name` (the only process in its namespace).
 fn kill_backend_server(topology: &Topology, name: &str) {
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill $(ip netns pids {}) ", topology.ns(name)))
-        .status()
-        .unwrap();
+    let status =
+        Command::new("sh").arg("-c").arg(format!("kill $(ip netns pids {}) ", topology.ns(name))).status().unwrap();
     assert!(status.success());
 }
 
@@ -602,14 +480,7 @@ fn start_backend_server(topology: &Topology, name: &str) {
     let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/backend_server.py");
     // setsid --fork: the server outlives the launcher, which returns at once.
     let status = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &topology.ns(name),
-            "setsid",
-            "--fork",
-            "python3",
-        ])
+        .args(["netns", "exec", &topology.ns(name), "setsid", "--fork", "python3"])
         .arg(server)
         .args(["--name", name, "--port", "80"])
         .stdin(Stdio::null())
@@ -621,22 +492,14 @@ fn start_backend_server(topology: &Topology, name: &str) {
 }
 
 /// Polls the agent until `check` holds for the backend; returns when it did.
-fn wait_for_backend(
-    agent: &Agent,
-    address: &str,
-    what: &str,
-    check: impl Fn(&serde_json::Value) -> bool,
-) -> Instant {
+fn wait_for_backend(agent: &Agent, address: &str, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let backend = agent.backend("web", address);
         if check(&backend) {
             return Instant::now();
         }
-        assert!(
-            Instant::now() < deadline,
-            "backend {address} never became {what}: {backend}"
-        );
+        assert!(Instant::now() < deadline, "backend {address} never became {what}: {backend}");
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -654,15 +517,10 @@ fn steady_stream(
         in_netns(&ns, move || {
             let mut results = Vec::new();
             let limit = Instant::now() + Duration::from_secs(60);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                && Instant::now() < limit
-                && results.len() < 100_000
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < limit && results.len() < 100_000
             {
                 let start = Instant::now();
-                results.push((
-                    start,
-                    get_new_connection_within(vip, Duration::from_secs(1)),
-                ));
+                results.push((start, get_new_connection_within(vip, Duration::from_secs(1))));
             }
             results
         })
@@ -671,19 +529,12 @@ fn steady_stream(
 
 const FAST_HTTP_HEALTH: &str = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 3\n";
 
-fn config_with_health(
-    health: &str,
-    backends: &[(usize, u32)],
-    extra_backend_tables: &str,
-) -> String {
+fn config_with_health(health: &str, backends: &[(usize, u32)], extra_backend_tables: &str) -> String {
     let mut text = format!(
         "[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\n{health}"
     );
     for (i, weight) in backends {
-        text += &format!(
-            "\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n",
-            BACKENDS4[*i]
-        );
+        text += &format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n", BACKENDS4[*i]);
         if *i == 2 {
             text += extra_backend_tables;
         }
@@ -694,19 +545,9 @@ fn config_with_health(
 #[test]
 fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
     let topology = Topology::up();
-    let agent = Agent::start(
-        &topology,
-        &config_with_health(FAST_HTTP_HEALTH, &[(0, 1), (1, 1), (2, 1)], ""),
-    );
-    let (interval, timeout, rise, fall) = (
-        Duration::from_millis(300),
-        Duration::from_millis(200),
-        2u32,
-        3u32,
-    );
-    wait_for_backend(&agent, BACKENDS4[0], "probed", |b| {
-        b["last_probe"]["ok"] == true
-    });
+    let agent = Agent::start(&topology, &config_with_health(FAST_HTTP_HEALTH, &[(0, 1), (1, 1), (2, 1)], ""));
+    let (interval, timeout, rise, fall) = (Duration::from_millis(300), Duration::from_millis(200), 2u32, 3u32);
+    wait_for_backend(&agent, BACKENDS4[0], "probed", |b| b["last_probe"]["ok"] == true);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stream = steady_stream(&topology, VIP4, stop.clone());
@@ -717,18 +558,13 @@ fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
         b["health"] == "down" && b["in_ring"] == false
     });
     let bound = interval * fall + timeout + Duration::from_millis(200);
-    assert!(
-        down - killed <= bound,
-        "left the ring {:?} after the kill, bound {bound:?}",
-        down - killed
-    );
+    assert!(down - killed <= bound, "left the ring {:?} after the kill, bound {bound:?}", down - killed);
     thread::sleep(Duration::from_millis(1500));
 
     let restarted = Instant::now();
     start_backend_server(&topology, "b1");
-    let up = wait_for_backend(&agent, BACKENDS4[0], "up and in the ring", |b| {
-        b["health"] == "up" && b["in_ring"] == true
-    });
+    let up =
+        wait_for_backend(&agent, BACKENDS4[0], "up and in the ring", |b| b["health"] == "up" && b["in_ring"] == true);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = stream.join().unwrap();
 
@@ -737,24 +573,14 @@ fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
         "measured: out of the ring {:?} after the kill (bound {bound:?}); back {back:?} after the restart",
         down - killed
     );
-    assert!(
-        back >= interval * (rise - 1),
-        "back after {back:?}: faster than {rise} probes allow"
-    );
+    assert!(back >= interval * (rise - 1), "back after {back:?}: faster than {rise} probes allow");
     // The first probe after the restart may come up to one interval later,
     // and the server needs a moment to start.
-    assert!(
-        back <= interval * (rise + 1) + Duration::from_millis(500),
-        "back only after {back:?}"
-    );
+    assert!(back <= interval * (rise + 1) + Duration::from_millis(500), "back only after {back:?}");
 
     let after_removal: Vec<_> = results.iter().filter(|(t, _)| *t > down).collect();
     let failures: Vec<_> = after_removal.iter().filter(|(_, r)| r.is_err()).collect();
-    assert!(
-        after_removal.len() > 50,
-        "only {} requests after the removal",
-        after_removal.len()
-    );
+    assert!(after_removal.len() > 50, "only {} requests after the removal", after_removal.len());
     assert!(
         failures.is_empty(),
         "{} of {} new connections failed after the backend left the ring: {:?}",
@@ -763,15 +589,9 @@ fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
         failures.first()
     );
     // While it was down, nothing reached it.
-    let while_down = results
-        .iter()
-        .filter(|(t, r)| *t > down && *t < restarted && r.as_deref() == Ok("b1"))
-        .count();
+    let while_down = results.iter().filter(|(t, r)| *t > down && *t < restarted && r.as_deref() == Ok("b1")).count();
     assert_eq!(while_down, 0);
-    assert!(
-        spread(&topology, VIP4, 60).contains_key("b1"),
-        "b1 gets no new connections after coming back"
-    );
+    assert!(spread(&topology, VIP4, 60).contains_key("b1"), "b1 gets no new connections after coming back");
     agent.stop();
 }
 
@@ -780,26 +600,15 @@ fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
     let topology = Topology::up();
     let closed_port = "\n[service.backend.health]\nkind = \"tcp\"\nport = 8081\n";
     let health = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n";
-    let agent = Agent::start(
-        &topology,
-        &config_with_health(health, &[(0, 1), (1, 1), (2, 1)], closed_port),
-    );
+    let agent = Agent::start(&topology, &config_with_health(health, &[(0, 1), (1, 1), (2, 1)], closed_port));
     wait_for_backend(&agent, BACKENDS4[2], "down (closed TCP port)", |b| {
-        b["health"] == "down"
-            && b["last_probe"]["detail"]
-                .as_str()
-                .unwrap_or("")
-                .contains("refused")
+        b["health"] == "down" && b["last_probe"]["detail"].as_str().unwrap_or("").contains("refused")
     });
     let set = |code: u16| {
         let url: SocketAddr = format!("{}:80", BACKENDS4[1]).parse().unwrap();
         in_netns(&topology.ns("client"), move || {
             let mut s = TcpStream::connect_timeout(&url, Duration::from_secs(2)).unwrap();
-            write!(
-                s,
-                "GET /admin/healthz/{code} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
+            write!(s, "GET /admin/healthz/{code} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").unwrap();
             let mut r = String::new();
             s.read_to_string(&mut r).unwrap();
             assert!(r.contains(&format!("healthz {code}")), "{r}");
@@ -807,24 +616,15 @@ fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
     };
     set(503);
     wait_for_backend(&agent, BACKENDS4[1], "down (HTTP 503)", |b| {
-        b["health"] == "down"
-            && b["last_probe"]["detail"]
-                .as_str()
-                .unwrap_or("")
-                .contains("HTTP 503")
+        b["health"] == "down" && b["last_probe"]["detail"].as_str().unwrap_or("").contains("HTTP 503")
     });
     assert_eq!(agent.backend("web", BACKENDS4[0])["health"], "up");
     let counts = spread(&topology, VIP4, 60);
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"], "{counts:?}");
     set(200);
-    wait_for_backend(&agent, BACKENDS4[1], "up again", |b| {
-        b["health"] == "up" && b["in_ring"] == true
-    });
+    wait_for_backend(&agent, BACKENDS4[1], "up again", |b| b["health"] == "up" && b["in_ring"] == true);
     let (ok, table, _) = agent.cli(&["status"]);
-    assert!(
-        ok && table.contains("HTTP 200") && table.contains("down") && table.contains("IN RING"),
-        "{table}"
-    );
+    assert!(ok && table.contains("HTTP 200") && table.contains("down") && table.contains("IN RING"), "{table}");
     agent.stop();
 }
 
@@ -840,39 +640,19 @@ fn drain_keeps_the_established_connection_and_reports_drained_when_it_closes() {
     assert!(out.contains("draining"), "{out}");
     let drained_at = Instant::now();
     while drained_at.elapsed() < Duration::from_millis(5500) {
-        assert_eq!(
-            conn.get(),
-            home,
-            "the drained backend's connection moved or broke"
-        );
+        assert_eq!(conn.get(), home, "the drained backend's connection moved or broke");
         let counts = spread(&topology, VIP4, 15);
-        assert!(
-            !counts.contains_key(&home),
-            "a new connection reached the draining backend: {counts:?}"
-        );
+        assert!(!counts.contains_key(&home), "a new connection reached the draining backend: {counts:?}");
         thread::sleep(Duration::from_millis(300));
     }
     let b = agent.backend("web", address);
-    assert_eq!(
-        (b["admin"].as_str(), b["in_ring"].as_bool()),
-        (Some("draining"), Some(false)),
-        "{b}"
-    );
+    assert_eq!((b["admin"].as_str(), b["in_ring"].as_bool()), (Some("draining"), Some(false)), "{b}");
     assert!(b["active_flows"].as_u64().unwrap() >= 1, "{b}");
     drop(conn); // the client closes: FIN
     let closed = Instant::now();
-    wait_for_backend(&agent, address, "drained", |b| {
-        b["admin"] == "drained" && b["active_flows"] == 0
-    });
-    assert!(
-        closed.elapsed() < Duration::from_secs(5),
-        "drained only after {:?}",
-        closed.elapsed()
-    );
-    eprintln!(
-        "measured: drained {:?} after the last connection closed",
-        closed.elapsed()
-    );
+    wait_for_backend(&agent, address, "drained", |b| b["admin"] == "drained" && b["active_flows"] == 0);
+    assert!(closed.elapsed() < Duration::from_secs(5), "drained only after {:?}", closed.elapsed());
+    eprintln!("measured: drained {:?} after the last connection closed", closed.elapsed());
     let (ok, _, err) = agent.cli(&["backend", "enable", "web", address]);
     assert!(ok, "{err}");
     assert!(spread(&topology, VIP4, 60).contains_key(&home));
@@ -891,10 +671,7 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
     let cli_err = |args: &[&str], expected: &str| {
         let (ok, _, err) = agent.cli(args);
         assert!(!ok, "xdplb {args:?} succeeded");
-        assert!(
-            err.contains(expected),
-            "xdplb {args:?}: {err:?} lacks {expected:?}"
-        );
+        assert!(err.contains(expected), "xdplb {args:?}: {err:?} lacks {expected:?}");
     };
     let b3 = BACKENDS4[2];
 
@@ -910,57 +687,29 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
 
     cli_ok(&["backend", "remove", "web", b3]);
     let counts = spread(&topology, VIP4, 60);
-    assert!(
-        !counts.contains_key("b3") && counts.len() == 2,
-        "{counts:?}"
-    );
+    assert!(!counts.contains_key("b3") && counts.len() == 2, "{counts:?}");
 
     // Bad input is refused, names the problem, and changes nothing.
     let before = agent.status();
-    cli_err(
-        &["backend", "add", "nosuch", b3],
-        "no service named \"nosuch\"",
-    );
-    cli_err(
-        &["backend", "add", "web", "198.18.1.999"],
-        "not an IP address",
-    );
-    cli_err(
-        &["backend", "add", "web", BACKENDS4[0]],
-        "duplicate backend 198.18.1.11",
-    );
-    cli_err(
-        &["backend", "add", "web", "2001:db8:1::11"],
-        "not of the same IP family",
-    );
-    cli_err(
-        &["backend", "weight", "web", BACKENDS4[0], "--weight", "5000"],
-        "out of range",
-    );
-    cli_err(
-        &["backend", "drain", "web", b3],
-        "has no backend 198.18.2.13",
-    );
+    cli_err(&["backend", "add", "nosuch", b3], "no service named \"nosuch\"");
+    cli_err(&["backend", "add", "web", "198.18.1.999"], "not an IP address");
+    cli_err(&["backend", "add", "web", BACKENDS4[0]], "duplicate backend 198.18.1.11");
+    cli_err(&["backend", "add", "web", "2001:db8:1::11"], "not of the same IP family");
+    cli_err(&["backend", "weight", "web", BACKENDS4[0], "--weight", "5000"], "out of range");
+    cli_err(&["backend", "drain", "web", b3], "has no backend 198.18.2.13");
     cli_err(&["service", "remove", "nosuch"], "no service named");
-    cli_err(
-        &["service", "add", "dup", "--vip", VIP4, "--protocol", "tcp"],
-        "duplicate VIP 198.18.0.100:80/tcp",
-    );
+    cli_err(&["service", "add", "dup", "--vip", VIP4, "--protocol", "tcp"], "duplicate VIP 198.18.0.100:80/tcp");
     let socket = agent.socket.clone();
     let garbage = std::thread::spawn(move || {
         let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-        s.write_all(b"{\"cmd\": \"backend_add\", \"service\": 7}\n")
-            .unwrap();
+        s.write_all(b"{\"cmd\": \"backend_add\", \"service\": 7}\n").unwrap();
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).unwrap();
         answer
     })
     .join()
     .unwrap();
-    assert!(
-        garbage.contains("\"ok\":false") && garbage.contains("malformed request"),
-        "{garbage}"
-    );
+    assert!(garbage.contains("\"ok\":false") && garbage.contains("malformed request"), "{garbage}");
     let after = agent.status();
     let strip = |mut s: serde_json::Value| {
         for svc in s["services"].as_array_mut().unwrap() {
@@ -968,24 +717,14 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
                 svc[key] = 0.into();
             }
             for b in svc["backends"].as_array_mut().unwrap() {
-                for key in [
-                    "packets",
-                    "bytes",
-                    "new_flows",
-                    "last_probe",
-                    "active_flows",
-                ] {
+                for key in ["packets", "bytes", "new_flows", "last_probe", "active_flows"] {
                     b[key] = 0.into();
                 }
             }
         }
         s
     };
-    assert_eq!(
-        strip(before),
-        strip(after),
-        "refused commands changed the state"
-    );
+    assert_eq!(strip(before), strip(after), "refused commands changed the state");
     assert_eq!(spread(&topology, VIP4, 30).values().sum::<usize>(), 30);
 
     // A whole service, IPv6, through the CLI.
@@ -1003,32 +742,16 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
         &format!("{}=2", BACKENDS6[2]),
     ]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.status()["services"][1]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|b| b["in_ring"] == false)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "web6 backends never entered the ring"
-        );
+    while agent.status()["services"][1]["backends"].as_array().unwrap().iter().any(|b| b["in_ring"] == false) {
+        assert!(Instant::now() < deadline, "web6 backends never entered the ring");
         thread::sleep(Duration::from_millis(50));
     }
     let counts = spread(&topology, VIP6, 60);
-    assert!(
-        counts.keys().all(|k| k == "b1" || k == "b3") && counts.len() == 2,
-        "{counts:?}"
-    );
+    assert!(counts.keys().all(|k| k == "b1" || k == "b3") && counts.len() == 2, "{counts:?}");
     cli_ok(&["service", "remove", "web6"]);
     let vip6: SocketAddr = VIP6.parse().unwrap();
-    let refused = in_netns(&topology.ns("client"), move || {
-        get_new_connection_within(vip6, Duration::from_millis(500))
-    });
-    assert!(
-        refused.is_err(),
-        "the removed service still answers: {refused:?}"
-    );
+    let refused = in_netns(&topology.ns("client"), move || get_new_connection_within(vip6, Duration::from_millis(500)));
+    assert!(refused.is_err(), "the removed service still answers: {refused:?}");
     agent.stop();
 }
 
@@ -1040,25 +763,14 @@ fn reload_through_the_cli_applies_changes_and_refuses_a_broken_file() {
     let (ok, out, err) = agent.cli(&["reload"]);
     assert!(ok && out.contains("reloaded"), "{out}{err}");
     let counts = spread(&topology, VIP4, 60);
-    assert!(
-        !counts.contains_key("b1") && counts.contains_key("b3"),
-        "{counts:?}"
-    );
+    assert!(!counts.contains_key("b1") && counts.contains_key("b3"), "{counts:?}");
 
-    agent.write_config(
-        &config_with(&[(1, 1), (2, 1)]).replace("protocol = \"tcp\"", "protocol = \"tcpx\""),
-    );
+    agent.write_config(&config_with(&[(1, 1), (2, 1)]).replace("protocol = \"tcp\"", "protocol = \"tcpx\""));
     let (ok, _, err) = agent.cli(&["reload"]);
     assert!(!ok, "a broken config was accepted");
-    assert!(
-        err.contains("xdplb.toml:9:12: unknown variant `tcpx`"),
-        "{err}"
-    );
+    assert!(err.contains("xdplb.toml:9:12: unknown variant `tcpx`"), "{err}");
     let counts = spread(&topology, VIP4, 60);
-    assert!(
-        !counts.contains_key("b1") && counts.contains_key("b3") && counts.contains_key("b2"),
-        "{counts:?}"
-    );
+    assert!(!counts.contains_key("b1") && counts.contains_key("b3") && counts.contains_key("b2"), "{counts:?}");
     agent.stop();
 }
 
@@ -1074,23 +786,13 @@ fn only_root_may_use_the_control_socket() {
     let dir = agent.socket.parent().unwrap();
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            XDPLB,
-            "--socket",
-        ])
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", XDPLB, "--socket"])
         .arg(&agent.socket)
         .arg("status")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "nobody got an answer: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(!out.status.success(), "nobody got an answer: {}", String::from_utf8_lossy(&out.stdout));
     assert!(err.contains("Permission denied"), "{err}");
     let (ok, _, _) = agent.cli(&["status"]);
     assert!(ok, "root lost access");
@@ -1112,11 +814,9 @@ fn metric(text: &str, name: &str, labels: &str) -> f64 {
 fn scrape(topology: &Topology, address: &str) -> String {
     let address: SocketAddr = address.parse().unwrap();
     in_netns(&topology.ns("lb"), move || {
-        let mut s =
-            TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect("metrics endpoint");
+        let mut s = TcpStream::connect_timeout(&address, Duration::from_secs(2)).expect("metrics endpoint");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n").unwrap();
         let mut r = String::new();
         s.read_to_string(&mut r).unwrap();
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
@@ -1145,68 +845,33 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     // 1. SIGKILL: forwarding goes on without any agent.
     agent.kill();
     thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        topology.lb_program_id(),
-        Some(first_program),
-        "the program went away with the agent"
-    );
+    assert_eq!(topology.lb_program_id(), Some(first_program), "the program went away with the agent");
     for (c, home) in &mut long_lived {
-        assert_eq!(
-            c.get(),
-            *home,
-            "a long-lived connection broke while no agent ran"
-        );
+        assert_eq!(c.get(), *home, "a long-lived connection broke while no agent ran");
     }
     // 2. A new agent adopts the pinned state.
     let agent = Agent::start(&topology, &config);
-    assert!(
-        agent.log_text().contains("adopting the pinned state"),
-        "{}",
-        agent.log_text()
-    );
+    assert!(agent.log_text().contains("adopting the pinned state"), "{}", agent.log_text());
     let after_restart = agent.status()["services"][0]["packets"].as_u64().unwrap();
-    assert!(
-        after_restart > before_kill,
-        "counters restarted: {after_restart} <= {before_kill}"
-    );
+    assert!(after_restart > before_kill, "counters restarted: {after_restart} <= {before_kill}");
     for (c, home) in &mut long_lived {
-        assert_eq!(
-            c.get(),
-            *home,
-            "a long-lived connection moved after the restart"
-        );
+        assert_eq!(c.get(), *home, "a long-lived connection moved after the restart");
     }
 
     // 3. In-place upgrade: the agent exits normally (the program stays) and
     // the next binary's program is swapped onto the pinned link atomically.
     let running = topology.lb_program_id();
-    assert_ne!(
-        running,
-        Some(first_program),
-        "adoption did not swap in the new agent's program"
-    );
+    assert_ne!(running, Some(first_program), "adoption did not swap in the new agent's program");
     agent.stop();
-    assert_eq!(
-        topology.lb_program_id(),
-        running,
-        "a normal exit detached the program"
-    );
+    assert_eq!(topology.lb_program_id(), running, "a normal exit detached the program");
     thread::sleep(Duration::from_millis(500));
     let agent = Agent::start(&topology, &config);
     let upgraded = topology.lb_program_id();
     assert_ne!(upgraded, running, "no new program was swapped in");
-    assert!(
-        agent.log_text().contains("swapped onto the pinned link"),
-        "{}",
-        agent.log_text()
-    );
+    assert!(agent.log_text().contains("swapped onto the pinned link"), "{}", agent.log_text());
     thread::sleep(Duration::from_millis(800));
     for (c, home) in &mut long_lived {
-        assert_eq!(
-            c.get(),
-            *home,
-            "a long-lived connection moved after the upgrade"
-        );
+        assert_eq!(c.get(), *home, "a long-lived connection moved after the upgrade");
     }
     let after_upgrade = agent.status()["services"][0]["packets"].as_u64().unwrap();
     assert!(after_upgrade > after_restart);
@@ -1214,36 +879,16 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = stream.join().unwrap();
     let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
-    eprintln!(
-        "measured: {} requests across SIGKILL, restart and upgrade, {} failed",
-        results.len(),
-        failed.len()
-    );
+    eprintln!("measured: {} requests across SIGKILL, restart and upgrade, {} failed", results.len(), failed.len());
     assert!(results.len() > 300, "only {} requests", results.len());
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        results.len(),
-        failed.first()
-    );
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), results.len(), failed.first());
 
     // 4. `xdplb stop` is the explicit way out: program detached, pins gone.
     let (ok, out, err) = agent.cli(&["stop"]);
     assert!(ok, "{out}{err}");
     drop(agent);
-    assert_eq!(
-        topology.lb_program_id(),
-        None,
-        "xdplb stop left the program attached"
-    );
-    assert!(
-        !topology
-            .pin_root()
-            .join(format!("layout-{}", lb_common::LAYOUT_VERSION))
-            .exists(),
-        "pins left behind"
-    );
+    assert_eq!(topology.lb_program_id(), None, "xdplb stop left the program attached");
+    assert!(!topology.pin_root().join(format!("layout-{}", lb_common::LAYOUT_VERSION)).exists(), "pins left behind");
 }
 
 #[test]
@@ -1255,43 +900,23 @@ fn changed_map_sizes_or_another_layout_are_refused_with_a_clear_message() {
         let mut agent = Agent::spawn(&topology, config);
         let deadline = Instant::now() + Duration::from_secs(15);
         while !agent.log_text().contains(expected) {
-            assert!(
-                Instant::now() < deadline,
-                "no {expected:?} in:\n{}",
-                agent.log_text()
-            );
+            assert!(Instant::now() < deadline, "no {expected:?} in:\n{}", agent.log_text());
             thread::sleep(Duration::from_millis(50));
         }
         let status = agent.child.take().unwrap().wait().unwrap();
-        assert!(
-            !status.success(),
-            "the agent started anyway:\n{}",
-            agent.log_text()
-        );
+        assert!(!status.success(), "the agent started anyway:\n{}", agent.log_text());
     };
-    let bigger_ring =
-        config_with(&[(0, 1), (1, 1)]).replace("[agent]\n", "[agent]\nring_size = 65521\n");
+    let bigger_ring = config_with(&[(0, 1), (1, 1)]).replace("[agent]\n", "[agent]\nring_size = 65521\n");
     refused(&bigger_ring, "ring_size × max_services changed");
     let layout = topology.pin_root().join("layout-999");
     std::fs::create_dir(&layout).unwrap();
-    refused(
-        &config_with(&[(0, 1)]),
-        "holds pinned state of map layout 999",
-    );
+    refused(&config_with(&[(0, 1)]), "holds pinned state of map layout 999");
     std::fs::remove_dir(&layout).unwrap();
     // The data plane kept forwarding through all of that.
     assert_eq!(spread(&topology, VIP4, 20).values().sum::<usize>(), 20);
     // Without an agent, stop removes what the last one left.
-    let out = Command::new(XDPLB)
-        .args(["stop", "--pin-dir"])
-        .arg(topology.pin_root())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(XDPLB).args(["stop", "--pin-dir"]).arg(topology.pin_root()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("the program is detached"));
     assert_eq!(topology.lb_program_id(), None);
 }
@@ -1324,37 +949,17 @@ fn metrics_match_the_traffic_and_show_a_dead_backend() {
             "{name}: {packets} packets for {requests} requests"
         );
     }
-    assert_eq!(
-        metric(&text, "xdplb_service_new_flows_total", "service=\"web\""),
-        300.0
-    );
-    assert!(
-        metric(
-            &text,
-            "xdplb_backend_probe_latency_seconds_count",
-            "198.18.1.11"
-        ) > 0.0
-    );
+    assert_eq!(metric(&text, "xdplb_service_new_flows_total", "service=\"web\""), 300.0);
+    assert!(metric(&text, "xdplb_backend_probe_latency_seconds_count", "198.18.1.11") > 0.0);
     assert!(metric(&text, "xdplb_xdp_actions_total", "action=\"redirect\"") > 0.0);
     assert_eq!(metric(&text, "xdplb_backend_health", "198.18.1.11"), 1.0);
 
     kill_backend_server(&topology, "b1");
     wait_for_backend(&agent, BACKENDS4[0], "down", |b| b["health"] == "down");
     let text = scrape(&topology, "127.0.0.1:9591");
-    assert_eq!(
-        metric(&text, "xdplb_backend_health", "198.18.1.11"),
-        0.0,
-        "{text}"
-    );
+    assert_eq!(metric(&text, "xdplb_backend_health", "198.18.1.11"), 0.0, "{text}");
     assert_eq!(metric(&text, "xdplb_backend_in_ring", "198.18.1.11"), 0.0);
-    assert_eq!(
-        metric(
-            &text,
-            "xdplb_backend_health_transitions_total",
-            "198.18.1.11"
-        ),
-        1.0
-    );
+    assert_eq!(metric(&text, "xdplb_backend_health_transitions_total", "198.18.1.11"), 1.0);
     assert!(metric(&text, "xdplb_ring_rebuilds_total", "") >= 2.0);
     agent.stop();
 }
@@ -1369,10 +974,7 @@ fn top_once_shows_rates_under_traffic_and_debug_logging_switches_at_run_time() {
     let (ok, view, err) = agent.cli(&["top", "--once"]);
     assert!(ok, "{err}");
     for address in BACKENDS4 {
-        let line = view
-            .lines()
-            .find(|l| l.trim_start().starts_with(address))
-            .unwrap_or_else(|| panic!("{view}"));
+        let line = view.lines().find(|l| l.trim_start().starts_with(address)).unwrap_or_else(|| panic!("{view}"));
         let pps = line.split_whitespace().nth(1).unwrap();
         assert!(pps != "0", "no packet rate for {address}: {line}\n{view}");
     }
@@ -1380,27 +982,205 @@ fn top_once_shows_rates_under_traffic_and_debug_logging_switches_at_run_time() {
     let program = topology.lb_program_id();
     let (ok, out, err) = agent.cli(&["debug", "on"]);
     assert!(ok && out.contains("swapped in"), "{out}{err}");
-    assert_ne!(
-        topology.lb_program_id(),
-        program,
-        "debug on did not swap the program"
-    );
+    assert_ne!(topology.lb_program_id(), program, "debug on did not swap the program");
     agent.wait_for_log("new flow from port", 3);
     let (ok, _, err) = agent.cli(&["debug", "off"]);
     assert!(ok, "{err}");
     thread::sleep(Duration::from_millis(300));
     let lines = agent.log_text().matches("new flow from port").count();
     thread::sleep(Duration::from_millis(700));
-    assert_eq!(
-        agent.log_text().matches("new flow from port").count(),
-        lines,
-        "logging went on after debug off"
-    );
+    assert_eq!(agent.log_text().matches("new flow from port").count(), lines, "logging went on after debug off");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = stream.join().unwrap();
-    assert!(
-        results.iter().all(|(_, r)| r.is_ok()),
-        "requests failed across the program swaps"
+    assert!(results.iter().all(|(_, r)| r.is_ok()), "requests failed across the program swaps");
+    agent.stop();
+}
+
+// ---- schedulers -------------------------------------------------------------
+
+/// A web service on the IPv4 VIP with `scheduler` and extra service keys.
+fn scheduler_config(scheduler: &str, extra: &str, backends: &[(usize, u32)]) -> String {
+    config_with_health(&format!("scheduler = \"{scheduler}\"\n{extra}"), backends, "")
+}
+
+/// Pins the calling thread to CPU 0: the LB's XDP program then runs there
+/// too (veth delivers on the sender's CPU), so per-CPU cursors are one cursor.
+fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+/// `n` sequential requests from the client, in order.
+fn names_in_order(topology: &Topology, n: usize, pin: bool) -> Vec<String> {
+    let vip: SocketAddr = VIP4.parse().unwrap();
+    in_netns(&topology.ns("client"), move || {
+        if pin {
+            pin_to_cpu0();
+        }
+        (0..n).map(|i| get_new_connection(vip).unwrap_or_else(|e| panic!("request {i}: {e}"))).collect()
+    })
+}
+
+fn counts_of(names: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for n in names {
+        *counts.entry(n.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn scheduler_round_robin_cycles_through_backends() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &scheduler_config("round_robin", "", &[(0, 1), (1, 3), (2, 1)]));
+    let names = names_in_order(&topology, 30, true);
+    assert_eq!(counts_of(&names[..3]).len(), 3, "{names:?}");
+    for chunk in names.chunks(3) {
+        assert_eq!(chunk, &names[..3], "not a cycle: {names:?}");
+    }
+    let (_, table, _) = agent.cli(&["status"]);
+    assert!(table.contains("dsr/round_robin"), "{table}");
+    agent.stop();
+}
+
+#[test]
+fn scheduler_weighted_round_robin_follows_1_2_3_within_5_percent() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &scheduler_config("weighted_round_robin", "", &[(0, 1), (1, 2), (2, 3)]));
+    let counts = counts_of(&names_in_order(&topology, 600, false));
+    for (name, expected) in [("b1", 100.0), ("b2", 200.0), ("b3", 300.0)] {
+        let got = *counts.get(name).unwrap_or(&0) as f64;
+        assert!((got - expected).abs() <= 0.05 * expected, "{name}: {got}, expected {expected} ± 5%: {counts:?}");
+    }
+    agent.stop();
+}
+
+#[test]
+fn scheduler_random_follows_weights_within_10_percent() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &scheduler_config("random", "", &[(0, 1), (1, 1), (2, 2)]));
+    let counts = counts_of(&names_in_order(&topology, 3000, false));
+    for (name, expected) in [("b1", 750.0), ("b2", 750.0), ("b3", 1500.0)] {
+        let got = *counts.get(name).unwrap_or(&0) as f64;
+        assert!((got - expected).abs() <= 0.1 * expected, "{name}: {got}, expected {expected} ± 10%: {counts:?}");
+    }
+    agent.stop();
+}
+
+/// `n` requests from the client bound to `source`; names in order.
+fn names_from(topology: &Topology, source: &str, n: usize) -> Vec<String> {
+    let source: SocketAddr = format!("{source}:0").parse().unwrap();
+    let vip: SocketAddr = VIP4.parse().unwrap();
+    in_netns(&topology.ns("client"), move || {
+        (0..n)
+            .map(|_| {
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                socket.bind(&source.into()).unwrap();
+                socket.connect_timeout(&vip.into(), Duration::from_secs(3)).unwrap();
+                let mut stream: TcpStream = socket.into();
+                stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).unwrap();
+                body_of(&response).unwrap()
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn scheduler_source_hash_keeps_each_client_address_on_one_backend() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &scheduler_config("source_hash", "", &[(0, 1), (1, 1), (2, 1)]));
+    let one = counts_of(&names_from(&topology, "198.18.2.2", 100));
+    assert_eq!(one.len(), 1, "one client address reached several backends: {one:?}");
+    let mut homes = std::collections::BTreeSet::new();
+    for host in 50..58 {
+        let address = format!("198.18.2.{host}");
+        let status = Command::new("ip")
+            .args(["-n", &topology.ns("client"), "addr", "add", &format!("{address}/24"), "dev", "eth0"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let counts = counts_of(&names_from(&topology, &address, 10));
+        assert_eq!(counts.len(), 1, "{address} reached several backends: {counts:?}");
+        homes.extend(counts.into_keys());
+    }
+    assert!(homes.len() >= 2, "8 client addresses all on {homes:?}");
+    agent.stop();
+}
+
+#[test]
+fn scheduler_least_conn_sends_new_connections_away_from_a_loaded_backend() {
+    let topology = Topology::up();
+    let agent = Agent::start(&topology, &scheduler_config("least_conn", "", &[(0, 1)]));
+    // 20 long-lived connections on b1 while it is alone.
+    let mut held: Vec<LongLived> = (0..20).map(|_| LongLived::open(&topology, VIP4)).collect();
+    for c in &mut held {
+        assert_eq!(c.get(), "b1");
+    }
+    for address in &BACKENDS4[1..] {
+        let (ok, _, err) = agent.cli(&["backend", "add", "web", address]);
+        assert!(ok, "{err}");
+    }
+    wait_for_backend(&agent, BACKENDS4[2], "in the ring", |b| b["in_ring"] == true);
+    let b1 = agent.backend("web", BACKENDS4[0]);
+    assert_eq!(b1["least_conn_active"], 20, "{b1}");
+    let counts = spread(&topology, VIP4, 60);
+    assert!(!counts.contains_key("b1"), "new connections reached the loaded backend: {counts:?}");
+    // b2 and b3 are both idle between these short requests: ties, shared fairly.
+    assert!(counts.get("b2").unwrap_or(&0) >= &15 && counts.get("b3").unwrap_or(&0) >= &15, "{counts:?}");
+    let (_, table, _) = agent.cli(&["status"]);
+    assert!(table.contains("(lc 20)"), "{table}");
+    drop(held);
+    agent.stop();
+}
+
+#[test]
+fn scheduler_least_response_time_sends_fewer_connections_to_a_slow_backend() {
+    let topology = Topology::up();
+    let health = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 3\n";
+    let agent = Agent::start(&topology, &scheduler_config("least_response_time", health, &[(0, 1), (1, 1), (2, 1)]));
+    let url: SocketAddr = format!("{}:80", BACKENDS4[0]).parse().unwrap();
+    in_netns(&topology.ns("client"), move || {
+        let mut s = TcpStream::connect_timeout(&url, Duration::from_secs(2)).unwrap();
+        s.write_all(b"GET /admin/delay/50 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.contains("delay 50"), "{r}");
+    });
+    // Derived weights move at most halfway per rebalance (2 s): wait for them.
+    let slow = wait_for_backend(&agent, BACKENDS4[0], "weighted down", |b| {
+        let fast = agent.backend("web", BACKENDS4[1])["effective_weight"].as_u64().unwrap_or(0);
+        b["effective_weight"].as_u64().unwrap_or(u64::MAX) * 4 < fast
+    });
+    let counts = spread(&topology, VIP4, 300);
+    let (b1, others) =
+        (*counts.get("b1").unwrap_or(&0), counts.get("b2").unwrap_or(&0) + counts.get("b3").unwrap_or(&0));
+    eprintln!("measured: least_response_time with b1 50 ms slower: {counts:?} ({:?} to reweight)", slow.elapsed());
+    assert!(b1 * 8 < others, "the slow backend still gets {b1} of 300: {counts:?}");
+    agent.stop();
+}
+
+#[test]
+fn scheduler_persistence_keeps_a_client_on_one_backend_until_the_timeout() {
+    let topology = Topology::up();
+    // Round robin moves every new connection, unless affinity holds it.
+    let agent = Agent::start(
+        &topology,
+        &scheduler_config("round_robin", "persistence_timeout_s = 1\n", &[(0, 1), (1, 1), (2, 1)]),
     );
+    let mut homes = Vec::new();
+    for _ in 0..4 {
+        let counts = counts_of(&names_in_order(&topology, 10, true));
+        assert_eq!(counts.len(), 1, "the client moved within the timeout: {counts:?}");
+        homes.push(counts.into_keys().next().unwrap());
+        thread::sleep(Duration::from_millis(1500));
+    }
+    // Each time the timeout passed, the client was scheduled afresh.
+    assert!(homes.windows(2).all(|w| w[0] != w[1]), "affinity outlived its timeout: {homes:?}");
+    let status = agent.status();
+    assert_eq!(status["services"][0]["persistence_timeout_s"], 1);
     agent.stop();
 }

@@ -11,7 +11,7 @@ use std::{net::IpAddr, process::Command, thread, time::Duration};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FlowKey, GlobalCounter, PROTO_TCP};
 use xdplb::{
-    config::Protocol,
+    config::{Protocol, Scheduler},
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
     reconcile::{DesiredBackend, DesiredService, Reconciler, address_words},
@@ -49,20 +49,10 @@ impl World {
     }
 
     fn with_udp_timeout(udp_idle_timeout: Duration) -> Self {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("unshare(CLONE_NEWNET): run as root");
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
         for args in [
             &["link", "set", "lo", "up"][..],
-            &[
-                "link",
-                "add",
-                "xdplbtest0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "xdplbtest1",
-            ],
+            &["link", "add", "xdplbtest0", "type", "veth", "peer", "name", "xdplbtest1"],
             &["link", "set", "xdplbtest0", "up"],
         ] {
             let status = Command::new("ip").args(args).status().expect("ip");
@@ -94,38 +84,18 @@ impl World {
 
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let result = self
-            .dataplane
-            .program()
-            .unwrap()
-            .test_run(opts)
-            .expect("test_run");
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let result = self.dataplane.program().unwrap().test_run(opts).expect("test_run");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
 
     fn counter(&self, which: GlobalCounter) -> u64 {
-        self.dataplane
-            .global_counters()
-            .unwrap()
-            .into_iter()
-            .find(|(c, _)| *c == which)
-            .unwrap()
-            .1
+        self.dataplane.global_counters().unwrap().into_iter().find(|(c, _)| *c == which).unwrap().1
     }
 
     fn flows(&self) -> Vec<FlowKey> {
-        self.dataplane
-            .flows()
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect()
+        self.dataplane.flows().unwrap().into_iter().map(|(k, _)| k).collect()
     }
 
     /// A backend reached through `lo` (the test-run ingress): XDP_TX.
@@ -143,40 +113,24 @@ impl World {
         DesiredBackend {
             address: address.parse().unwrap(),
             weight,
-            path: Some(L2Path {
-                ifindex,
-                src_mac,
-                dst_mac: backend_mac(n),
-            }),
+            path: Some(L2Path { ifindex, src_mac, dst_mac: backend_mac(n) }),
             down: false,
         }
     }
 }
 
 fn ifindex_via_ip(name: &str) -> u32 {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show", name])
-        .output()
-        .expect("ip");
-    String::from_utf8_lossy(&out.stdout)
-        .split(':')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let out = Command::new("ip").args(["-o", "link", "show", name]).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).split(':').next().unwrap().trim().parse().unwrap()
 }
 
-fn service(
-    name: &str,
-    vip: &str,
-    protocol: Protocol,
-    backends: Vec<DesiredBackend>,
-) -> DesiredService {
+fn service(name: &str, vip: &str, protocol: Protocol, backends: Vec<DesiredBackend>) -> DesiredService {
     DesiredService {
         name: name.into(),
         vip: vip.parse().unwrap(),
         protocol,
+        scheduler: Scheduler::Maglev,
+        persistence_timeout_s: 0,
         backends,
     }
 }
@@ -215,12 +169,7 @@ fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Frame {
 }
 
 fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame {
-    Frame {
-        proto: 17,
-        tcp_flags: 0,
-        payload: b"query".to_vec(),
-        ..tcp(src, sport, dst, dport, 0)
-    }
+    Frame { proto: 17, tcp_flags: 0, payload: b"query".to_vec(), ..tcp(src, sport, dst, dport, 0) }
 }
 
 impl Frame {
@@ -263,10 +212,7 @@ impl Frame {
                 f.extend(s.octets());
                 f.extend(d.octets());
                 // NOP options, then the L4 header.
-                f.extend(std::iter::repeat_n(
-                    1u8,
-                    self.ipv4_option_words as usize * 4,
-                ));
+                f.extend(std::iter::repeat_n(1u8, self.ipv4_option_words as usize * 4));
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 f.extend(0x86ddu16.to_be_bytes());
@@ -332,9 +278,7 @@ fn web6(w: &World) -> DesiredService {
 
 fn in_world(test: impl FnOnce() + Send + 'static) {
     // A thread of its own: unshare() changes the calling thread's namespace.
-    thread::spawn(test)
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    thread::spawn(test).join().unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
 // ---- tests ----------------------------------------------------------------
@@ -348,10 +292,7 @@ fn ipv4_tcp_syn_ack_rst_are_forwarded_with_only_macs_rewritten() {
         let (action, out) = w.run(&syn);
         assert_eq!(action, XDP_TX);
         let chosen = dst_mac(&out);
-        assert!(
-            [11, 12, 13].map(backend_mac).contains(&chosen),
-            "{chosen:02x?}"
-        );
+        assert!([11, 12, 13].map(backend_mac).contains(&chosen), "{chosen:02x?}");
         assert_eq!(out, rewritten(&syn, chosen, LB_MAC));
         assert_eq!(w.flows().len(), 1);
 
@@ -375,10 +316,7 @@ fn rst_of_an_unknown_flow_is_forwarded_but_never_pinned() {
         let rst = tcp("198.18.0.2", 40001, VIP4, 80, RST | ACK).bytes();
         let (action, _) = w.run(&rst);
         assert_eq!(action, XDP_TX);
-        assert!(
-            w.flows().is_empty(),
-            "a RST created a connection-table entry"
-        );
+        assert!(w.flows().is_empty(), "a RST created a connection-table entry");
         assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 1);
     });
 }
@@ -411,18 +349,10 @@ fn ipv6_tcp_syn_ack_rst() {
 fn udp_vip_and_tcp_vip_on_the_same_address_are_distinct() {
     in_world(|| {
         let mut w = World::new();
-        let dns = service(
-            "dns",
-            "198.18.0.100:53",
-            Protocol::Udp,
-            vec![w.tx_backend("198.18.1.21", 21, 1)],
-        );
+        let dns = service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend("198.18.1.21", 21, 1)]);
         w.set(&[web4(&w), dns]);
         let query = udp("198.18.0.2", 5353, VIP4, 53).bytes();
-        assert_eq!(
-            w.run(&query),
-            (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC))
-        );
+        assert_eq!(w.run(&query), (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC)));
         // TCP to port 53 is not a VIP: passed untouched.
         let tcp53 = tcp("198.18.0.2", 5353, VIP4, 53, SYN).bytes();
         assert_eq!(w.run(&tcp53), (XDP_PASS, tcp53.clone()));
@@ -438,18 +368,10 @@ fn udp_vip_and_tcp_vip_on_the_same_address_are_distinct() {
 fn ipv6_udp_vip() {
     in_world(|| {
         let mut w = World::new();
-        let dns = service(
-            "dns6",
-            "[2001:db8::100]:53",
-            Protocol::Udp,
-            vec![w.tx_backend("2001:db8:0:2::21", 21, 1)],
-        );
+        let dns = service("dns6", "[2001:db8::100]:53", Protocol::Udp, vec![w.tx_backend("2001:db8:0:2::21", 21, 1)]);
         w.set(&[dns]);
         let query = udp("2001:db8:0:1::2", 5353, VIP6, 53).bytes();
-        assert_eq!(
-            w.run(&query),
-            (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC))
-        );
+        assert_eq!(w.run(&query), (XDP_TX, rewritten(&query, backend_mac(21), LB_MAC)));
     });
 }
 
@@ -458,15 +380,8 @@ fn vlan_tagged_frames_keep_their_tag() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web4(&w), web6(&w)]);
-        for frame in [
-            tcp("198.18.0.2", 40000, VIP4, 80, SYN),
-            tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN),
-        ] {
-            let tagged = Frame {
-                vlan: Some(0x0064),
-                ..frame
-            }
-            .bytes();
+        for frame in [tcp("198.18.0.2", 40000, VIP4, 80, SYN), tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)] {
+            let tagged = Frame { vlan: Some(0x0064), ..frame }.bytes();
             let (action, out) = w.run(&tagged);
             assert_eq!(action, XDP_TX);
             assert_eq!(out, rewritten(&tagged, dst_mac(&out), LB_MAC));
@@ -502,26 +417,12 @@ fn non_vip_traffic_passes_untouched() {
 fn wildcard_vip_takes_every_port_but_exact_vip_wins() {
     in_world(|| {
         let mut w = World::new();
-        let any = service(
-            "any",
-            "198.18.0.100:0",
-            Protocol::Tcp,
-            vec![w.tx_backend("198.18.1.31", 31, 1)],
-        );
-        let exact = service(
-            "exact",
-            "198.18.0.100:443",
-            Protocol::Tcp,
-            vec![w.tx_backend("198.18.1.32", 32, 1)],
-        );
+        let any = service("any", "198.18.0.100:0", Protocol::Tcp, vec![w.tx_backend("198.18.1.31", 31, 1)]);
+        let exact = service("exact", "198.18.0.100:443", Protocol::Tcp, vec![w.tx_backend("198.18.1.32", 32, 1)]);
         w.set(&[any, exact]);
         for port in [80, 8080, 22] {
             let f = tcp("198.18.0.2", 40000, VIP4, port, SYN).bytes();
-            assert_eq!(
-                w.run(&f),
-                (XDP_TX, rewritten(&f, backend_mac(31), LB_MAC)),
-                "port {port}"
-            );
+            assert_eq!(w.run(&f), (XDP_TX, rewritten(&f, backend_mac(31), LB_MAC)), "port {port}");
         }
         let f = tcp("198.18.0.2", 40000, VIP4, 443, SYN).bytes();
         assert_eq!(w.run(&f), (XDP_TX, rewritten(&f, backend_mac(32), LB_MAC)));
@@ -534,33 +435,16 @@ fn truncated_frames_at_every_boundary_pass_without_faults() {
         let mut w = World::new();
         w.set(&[web4(&w), web6(&w)]);
         let frames = [
-            Frame {
-                vlan: Some(7),
-                payload: vec![],
-                ..tcp("198.18.0.2", 40000, VIP4, 80, SYN)
-            }
-            .bytes(),
-            Frame {
-                payload: vec![],
-                ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)
-            }
-            .bytes(),
-            Frame {
-                payload: vec![],
-                ..udp("198.18.0.2", 40000, VIP4, 80)
-            }
-            .bytes(),
+            Frame { vlan: Some(7), payload: vec![], ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes(),
+            Frame { payload: vec![], ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN) }.bytes(),
+            Frame { payload: vec![], ..udp("198.18.0.2", 40000, VIP4, 80) }.bytes(),
         ];
         let mut runs = 0;
         for full in &frames {
             // The kernel refuses test runs shorter than an Ethernet header.
             for len in 14..full.len() {
                 let cut = &full[..len];
-                assert_eq!(
-                    w.run(cut),
-                    (XDP_PASS, cut.to_vec()),
-                    "frame cut to {len} bytes"
-                );
+                assert_eq!(w.run(cut), (XDP_PASS, cut.to_vec()), "frame cut to {len} bytes");
                 runs += 1;
             }
         }
@@ -575,11 +459,8 @@ fn ipv4_options_are_skipped_and_bad_ihl_is_rejected() {
         let mut w = World::new();
         w.set(&[web4(&w)]);
         for words in [1, 3, 10] {
-            let f = Frame {
-                ipv4_option_words: words,
-                ..tcp("198.18.0.2", 40000 + words as u16, VIP4, 80, SYN)
-            }
-            .bytes();
+            let f =
+                Frame { ipv4_option_words: words, ..tcp("198.18.0.2", 40000 + words as u16, VIP4, 80, SYN) }.bytes();
             let (action, out) = w.run(&f);
             assert_eq!(action, XDP_TX, "IHL {}", 5 + words);
             assert_eq!(out, rewritten(&f, dst_mac(&out), LB_MAC));
@@ -598,43 +479,21 @@ fn fragments_to_a_vip_address_are_dropped_and_counted() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web4(&w), web6(&w)]);
-        for frag in [
-            0x2000u16, /* MF, offset 0 */
-            0x0010,    /* last fragment */
-        ] {
-            let f = Frame {
-                frag,
-                ..tcp("198.18.0.2", 40000, VIP4, 80, SYN)
-            }
-            .bytes();
+        for frag in [0x2000u16 /* MF, offset 0 */, 0x0010 /* last fragment */] {
+            let f = Frame { frag, ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes();
             assert_eq!(w.run(&f).0, XDP_DROP);
-            let other = Frame {
-                frag,
-                ..tcp("198.18.0.2", 40000, "198.18.0.101", 80, SYN)
-            }
-            .bytes();
+            let other = Frame { frag, ..tcp("198.18.0.2", 40000, "198.18.0.101", 80, SYN) }.bytes();
             assert_eq!(w.run(&other), (XDP_PASS, other.clone()));
         }
         // DF alone is not a fragment.
-        let df = Frame {
-            frag: 0x4000,
-            ..tcp("198.18.0.2", 40000, VIP4, 80, SYN)
-        }
-        .bytes();
+        let df = Frame { frag: 0x4000, ..tcp("198.18.0.2", 40000, VIP4, 80, SYN) }.bytes();
         assert_eq!(w.run(&df).0, XDP_TX);
         assert_eq!(w.counter(GlobalCounter::DropFragment), 2);
 
-        let ext = Frame {
-            ipv6_next_header: Some(0),
-            ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)
-        }
-        .bytes();
+        let ext = Frame { ipv6_next_header: Some(0), ..tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN) }.bytes();
         assert_eq!(w.run(&ext).0, XDP_DROP);
-        let ext_other = Frame {
-            ipv6_next_header: Some(60),
-            ..tcp("2001:db8:0:1::2", 40000, "2001:db8::101", 80, SYN)
-        }
-        .bytes();
+        let ext_other =
+            Frame { ipv6_next_header: Some(60), ..tcp("2001:db8:0:1::2", 40000, "2001:db8::101", 80, SYN) }.bytes();
         assert_eq!(w.run(&ext_other), (XDP_PASS, ext_other.clone()));
         assert_eq!(w.counter(GlobalCounter::DropIpv6ExtHeader), 1);
     });
@@ -644,18 +503,10 @@ fn fragments_to_a_vip_address_are_dropped_and_counted() {
 fn backend_behind_another_interface_is_redirected() {
     in_world(|| {
         let mut w = World::new();
-        let remote = service(
-            "remote",
-            "198.18.0.100:80",
-            Protocol::Tcp,
-            vec![w.redirect_backend("198.18.1.41", 41)],
-        );
+        let remote = service("remote", "198.18.0.100:80", Protocol::Tcp, vec![w.redirect_backend("198.18.1.41", 41)]);
         w.set(&[remote]);
         let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
-        assert_eq!(
-            w.run(&syn),
-            (XDP_REDIRECT, rewritten(&syn, backend_mac(41), EGRESS_MAC))
-        );
+        assert_eq!(w.run(&syn), (XDP_REDIRECT, rewritten(&syn, backend_mac(41), EGRESS_MAC)));
         assert_eq!(w.counter(GlobalCounter::ActionRedirect), 1);
     });
 }
@@ -696,11 +547,7 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
 
         for (port, mac) in (0..60u16).zip(&pinned) {
             let ack = tcp("198.18.0.2", 41000 + port, VIP4, 80, ACK).bytes();
-            assert_eq!(
-                w.run(&ack),
-                (XDP_TX, rewritten(&ack, *mac, LB_MAC)),
-                "flow {port} moved"
-            );
+            assert_eq!(w.run(&ack), (XDP_TX, rewritten(&ack, *mac, LB_MAC)), "flow {port} moved");
         }
         // A new SYN on a reused five-tuple is a new connection: it follows the new ring.
         let (_, out) = w.run(&tcp("198.18.0.2", 41000, VIP4, 80, SYN).bytes());
@@ -711,10 +558,7 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
             let (_, out) = w.run(&tcp("198.18.0.3", 42000 + port, VIP4, 80, SYN).bytes());
             seen.insert(dst_mac(&out)[5]);
         }
-        assert!(
-            seen.contains(&14) && seen.contains(&15) && !seen.contains(&n),
-            "{seen:?}"
-        );
+        assert!(seen.contains(&14) && seen.contains(&15) && !seen.contains(&n), "{seen:?}");
     });
 }
 
@@ -723,12 +567,7 @@ fn idle_udp_flows_are_scheduled_afresh() {
     in_world(|| {
         let mut w = World::with_udp_timeout(Duration::from_secs(1));
         let dns = |w: &World, b: u8| {
-            service(
-                "dns",
-                "198.18.0.100:53",
-                Protocol::Udp,
-                vec![w.tx_backend(&format!("198.18.1.{b}"), b, 1)],
-            )
+            service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend(&format!("198.18.1.{b}"), b, 1)])
         };
         w.set(&[dns(&w, 21)]);
         let query = udp("198.18.0.2", 5353, VIP4, 53).bytes();
@@ -747,14 +586,8 @@ fn flows_pinned_to_a_down_backend_move_on_their_next_packet_and_stay_moved() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web4(&w)]);
-        let pinned: Vec<[u8; 6]> = (0..60u16)
-            .map(|port| {
-                dst_mac(
-                    &w.run(&tcp("198.18.0.2", 43000 + port, VIP4, 80, SYN).bytes())
-                        .1,
-                )
-            })
-            .collect();
+        let pinned: Vec<[u8; 6]> =
+            (0..60u16).map(|port| dst_mac(&w.run(&tcp("198.18.0.2", 43000 + port, VIP4, 80, SYN).bytes()).1)).collect();
         let victim = pinned[0];
         // What the agent writes when a backend fails: out of the ring, flagged down.
         let mut failed = web4(&w);
@@ -795,10 +628,7 @@ fn the_clients_fin_or_rst_marks_a_flow_finished() {
         w.set(&[web4(&w)]);
         let finished = |w: &World, sport: u16| {
             let flows = w.dataplane.flows().unwrap();
-            let (_, state) = flows
-                .iter()
-                .find(|(k, _)| u16::from_be(k.sport) == sport)
-                .expect("flow entry");
+            let (_, state) = flows.iter().find(|(k, _)| u16::from_be(k.sport) == sport).expect("flow entry");
             state.flags & lb_common::FLOW_F_FINISHED != 0
         };
         for (sport, last) in [(44000u16, 0x11u8 /* FIN|ACK */), (44001, RST | ACK)] {
@@ -807,15 +637,9 @@ fn the_clients_fin_or_rst_marks_a_flow_finished() {
             assert!(!finished(&w, sport));
             let (action, _) = w.run(&tcp("198.18.0.2", sport, VIP4, 80, last).bytes());
             assert_eq!(action, XDP_TX);
-            assert!(
-                finished(&w, sport),
-                "flags {last:#x} did not finish the flow"
-            );
+            assert!(finished(&w, sport), "flags {last:#x} did not finish the flow");
             // The last ACK still reaches the same backend.
-            assert_eq!(
-                w.run(&tcp("198.18.0.2", sport, VIP4, 80, ACK).bytes()).0,
-                XDP_TX
-            );
+            assert_eq!(w.run(&tcp("198.18.0.2", sport, VIP4, 80, ACK).bytes()).0, XDP_TX);
         }
         // A new SYN on the same five-tuple starts a live flow again.
         w.run(&tcp("198.18.0.2", 44000, VIP4, 80, SYN).bytes());
@@ -827,10 +651,7 @@ fn the_clients_fin_or_rst_marks_a_flow_finished() {
 fn debug_logging_off_is_pruned_from_the_program() {
     in_world(|| {
         // The log reader of the debug program runs on tokio.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _context = runtime.enter();
         let mut w = World::new();
         let off = w.dataplane.program_size().unwrap();
@@ -839,14 +660,151 @@ fn debug_logging_off_is_pruned_from_the_program() {
         // The verifier removes the log calls when the level is a frozen 0:
         // the program with logging off is much smaller than with it on.
         eprintln!("measured: translated program size with debug logging off {off} B, on {on} B");
-        assert!(
-            off > 0 && on > off + 400,
-            "translated size: off {off} B, on {on} B"
-        );
+        assert!(off > 0 && on > off + 400, "translated size: off {off} B, on {on} B");
         // And the program with logging on still forwards the same way.
         w.set(&[web4(&w)]);
         let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
         let (action, out) = w.run(&syn);
         assert_eq!((action, out.len()), (XDP_TX, syn.len()));
+    });
+}
+
+// ---- schedulers ------------------------------------------------------------
+
+fn scheduled(w: &World, scheduler: Scheduler, persistence_s: u32, backends: &[(u8, u32)]) -> DesiredService {
+    let backends = backends.iter().map(|(n, weight)| w.tx_backend(&format!("198.18.1.{n}"), *n, *weight)).collect();
+    DesiredService {
+        scheduler,
+        persistence_timeout_s: persistence_s,
+        ..service("web", "198.18.0.100:80", Protocol::Tcp, backends)
+    }
+}
+
+/// The backend (last MAC byte) a SYN from `client`:`port` goes to.
+fn syn_to(w: &World, client: &str, port: u16) -> u8 {
+    let (action, out) = w.run(&tcp(client, port, VIP4, 80, SYN).bytes());
+    assert_eq!(action, XDP_TX);
+    dst_mac(&out)[5]
+}
+
+/// Test runs execute on the calling CPU; the sequence cursor is per CPU.
+fn pin_to_one_cpu() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+fn tally(picks: &[u8]) -> std::collections::BTreeMap<u8, usize> {
+    let mut t = std::collections::BTreeMap::new();
+    for p in picks {
+        *t.entry(*p).or_insert(0) += 1;
+    }
+    t
+}
+
+#[test]
+fn round_robin_cycles_and_weighted_round_robin_follows_weights_exactly() {
+    in_world(|| {
+        pin_to_one_cpu();
+        let mut w = World::new();
+        w.set(&[scheduled(&w, Scheduler::RoundRobin, 0, &[(11, 1), (12, 5), (13, 1)])]);
+        let picks: Vec<u8> = (0..9).map(|p| syn_to(&w, "198.18.0.2", 45000 + p)).collect();
+        assert_eq!(tally(&picks[..3]).len(), 3, "{picks:?}");
+        assert_eq!(picks[..3], picks[3..6], "not a cycle: {picks:?}");
+        assert_eq!(picks[..3], picks[6..9], "not a cycle: {picks:?}");
+
+        w.set(&[scheduled(&w, Scheduler::WeightedRoundRobin, 0, &[(11, 1), (12, 2), (13, 3)])]);
+        let picks: Vec<u8> = (0..60).map(|p| syn_to(&w, "198.18.0.3", 46000 + p)).collect();
+        assert_eq!(tally(&picks), [(11, 10), (12, 20), (13, 30)].into_iter().collect(), "{picks:?}");
+        // Smooth: the two lighter backends never twice in a row.
+        assert!(picks.windows(2).all(|p| p[0] != p[1] || p[0] == 13), "{picks:?}");
+    });
+}
+
+#[test]
+fn random_follows_weights() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[scheduled(&w, Scheduler::Random, 0, &[(11, 1), (12, 1), (13, 2)])]);
+        let picks: Vec<u8> = (0..4000).map(|p| syn_to(&w, "198.18.0.2", 20000 + p)).collect();
+        let t = tally(&picks);
+        for (backend, share) in [(11u8, 0.25), (12, 0.25), (13, 0.5)] {
+            let expected = 4000.0 * share;
+            let got = t[&backend] as f64;
+            assert!((got - expected).abs() <= 0.1 * expected, "backend {backend}: {got} of 4000, expected {expected}");
+        }
+        // Random, not hashed: the same five-tuple may land elsewhere on a new SYN.
+        let again: std::collections::BTreeSet<u8> = (0..40).map(|_| syn_to(&w, "198.18.0.9", 40000)).collect();
+        assert!(again.len() > 1, "{again:?}");
+    });
+}
+
+#[test]
+fn source_hash_keeps_a_client_on_one_backend() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[scheduled(&w, Scheduler::SourceHash, 0, &[(11, 1), (12, 1), (13, 1)])]);
+        let one: std::collections::BTreeSet<u8> = (0..100).map(|p| syn_to(&w, "198.18.0.2", 30000 + p)).collect();
+        assert_eq!(one.len(), 1, "{one:?}");
+        let many: std::collections::BTreeSet<u8> =
+            (0..60).map(|c| syn_to(&w, &format!("198.18.3.{}", 10 + c), 30000)).collect();
+        assert_eq!(many.len(), 3, "{many:?}");
+    });
+}
+
+#[test]
+fn least_conn_picks_the_backend_with_fewest_active_flows_per_weight() {
+    in_world(|| {
+        let mut w = World::new();
+        // 20 established flows on backend 11 while it is alone.
+        w.set(&[scheduled(&w, Scheduler::LeastConn, 0, &[(11, 1)])]);
+        for p in 0..20 {
+            assert_eq!(syn_to(&w, "198.18.0.2", 31000 + p), 11);
+            w.run(&tcp("198.18.0.2", 31000 + p, VIP4, 80, ACK).bytes());
+        }
+        w.set(&[scheduled(&w, Scheduler::LeastConn, 0, &[(11, 1), (12, 2), (13, 1)])]);
+        // The next 30 new flows avoid 11 and split 2:1 between 12 and 13.
+        let picks: Vec<u8> = (0..30).map(|p| syn_to(&w, "198.18.0.3", 32000 + p)).collect();
+        assert_eq!(tally(&picks), [(12, 20), (13, 10)].into_iter().collect(), "{picks:?}");
+        // 15 of backend 11's flows end (FIN): it has the fewest per weight now.
+        for p in 0..15 {
+            w.run(&tcp("198.18.0.2", 31000 + p, VIP4, 80, 0x11).bytes());
+        }
+        let ids: Vec<u32> = ["198.18.1.11", "198.18.1.12", "198.18.1.13"]
+            .iter()
+            .map(|a| w.reconciler.backend_id("web", a.parse().unwrap()).unwrap())
+            .collect();
+        let counts = w.dataplane.least_conn_counts(&ids).unwrap();
+        assert_eq!(ids.iter().map(|id| counts[id].0).collect::<Vec<_>>(), [5, 20, 10]);
+        assert_eq!(syn_to(&w, "198.18.0.4", 33000), 11);
+        // A RST ends a flow too, and a SYN replacing a live five-tuple moves its count.
+        w.run(&tcp("198.18.0.3", 32000, VIP4, 80, RST).bytes());
+        let before = w.dataplane.least_conn_counts(&ids).unwrap();
+        assert_eq!(before.values().map(|c| c.0).sum::<u64>(), 5 + 20 + 10 + 1 - 1);
+    });
+}
+
+#[test]
+fn persistence_keeps_a_client_on_its_backend_until_the_timeout_or_a_drain() {
+    in_world(|| {
+        pin_to_one_cpu();
+        let mut w = World::new();
+        // Round robin would move every new flow: affinity must override it.
+        w.set(&[scheduled(&w, Scheduler::RoundRobin, 1, &[(11, 1), (12, 1), (13, 1)])]);
+        let home = syn_to(&w, "198.18.0.2", 34000);
+        for p in 1..10 {
+            assert_eq!(syn_to(&w, "198.18.0.2", 34000 + p), home, "client left its backend");
+        }
+        assert_eq!(w.counter(GlobalCounter::AffinityHit), 9);
+        // Another client is scheduled normally (the next in the cycle).
+        assert_ne!(syn_to(&w, "198.18.0.3", 34000), home);
+        // Past the timeout the client is scheduled afresh.
+        thread::sleep(Duration::from_millis(1300));
+        let next = syn_to(&w, "198.18.0.2", 34100);
+        assert_ne!(next, home, "affinity outlived its timeout");
+        // A backend that stops taking new flows (weight 0, drain) loses its clients at once.
+        let backends: Vec<(u8, u32)> = [11u8, 12, 13].iter().map(|b| (*b, (*b != next) as u32)).collect();
+        w.set(&[scheduled(&w, Scheduler::RoundRobin, 1, &backends)]);
+        assert_ne!(syn_to(&w, "198.18.0.2", 34200), next);
     });
 }

@@ -9,7 +9,7 @@
 /// Version of every layout in this file, as pinned maps hold them. Bump it
 /// with any change to a map's key or value type (the size test below is a
 /// reminder): an agent refuses to adopt pinned maps of another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Upper bound on services (VIPs); sizes the VIP and per-VIP counter maps.
 pub const MAX_VIPS: u32 = 1024;
@@ -46,7 +46,7 @@ pub mod names {
     pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
     pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
     /// The maps that hold state, pinned under the agent's pin directory.
-    pub const PINNED_MAPS: [&str; 9] = [
+    pub const PINNED_MAPS: [&str; 13] = [
         VIPS,
         VIP_ADDRESSES,
         RINGS,
@@ -56,7 +56,15 @@ pub mod names {
         VIP_COUNTERS,
         BACKEND_COUNTERS,
         GLOBAL_COUNTERS,
+        AFFINITY,
+        CURSORS,
+        ACTIVE_FLOWS,
+        ACTIVE_FLOWS_CORRECTION,
     ];
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const CURSORS: &str = "CURSORS";
+    pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
+    pub const ACTIVE_FLOWS_CORRECTION: &str = "ACTIVE_CORRECTION";
     /// aya-log's level global: 0 (off) lets the verifier prune all logging.
     pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
     pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
@@ -75,6 +83,27 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// How a VIP picks the backend of a new flow. What its region of `RINGS`
+/// holds depends on it.
+pub mod scheduler {
+    /// Maglev table, five-tuple hash (maglev; least_response_time, whose
+    /// weights the agent derives from latency).
+    pub const MAGLEV: u32 = 0;
+    /// A smooth weighted sequence of `seq_len` ids, walked by a per-CPU
+    /// cursor (round_robin, weighted_round_robin).
+    pub const SEQUENCE: u32 = 1;
+    /// Maglev table, slot drawn at random: weighted random.
+    pub const RANDOM: u32 = 2;
+    /// Maglev table, hash of the client address only.
+    pub const SOURCE_HASH: u32 = 3;
+    /// `seq_len` candidate ids; the one with the fewest active flows per
+    /// unit of weight wins.
+    pub const LEAST_CONN: u32 = 4;
+}
+
+/// Most candidates a least_conn VIP scans per new flow.
+pub const MAX_LEAST_CONN_CANDIDATES: u32 = 32;
+
 /// Value of the `VIPS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,6 +111,32 @@ pub struct VipInfo {
     /// Index of this VIP's ring in `RINGS` and of its counters.
     pub id: u32,
     pub flags: u32,
+    /// One of `scheduler::*`.
+    pub scheduler: u32,
+    /// Entries of the sequence or candidate list (SEQUENCE, LEAST_CONN).
+    pub seq_len: u32,
+    /// Client affinity: a new flow from a client seen within this time goes
+    /// to the same backend. 0 = off.
+    pub persistence_timeout_ns: u64,
+}
+
+/// Key of the `AFFINITY` map (persistence).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: [u32; 4],
+    pub vip_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the `AFFINITY` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityState {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
 }
 
 /// Key of the `VIP_ADDRESSES` map: an address that hosts at least one VIP.
@@ -101,6 +156,9 @@ pub const BACKEND_F_IN_USE: u8 = 1;
 /// afresh on their next packet (the agent sets this only when the service
 /// reschedules on failure).
 pub const BACKEND_F_DOWN: u8 = 2;
+/// The backend takes new flows (it is in its VIP's ring, sequence or
+/// candidate list). Client affinity only holds while this is set.
+pub const BACKEND_F_ELIGIBLE: u8 = 4;
 
 /// The client has sent FIN or RST: the flow is ending and no longer counts as
 /// active (its entry stays for the last packets).
@@ -113,7 +171,8 @@ pub struct Backend {
     pub addr: [u32; 4],
     pub family: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Weight, for least_conn (active flows per unit of weight).
+    pub weight: u16,
     /// Interface the frame leaves by. Equal to the ingress interface means
     /// XDP_TX; otherwise XDP_REDIRECT through `EGRESS_DEVICES`.
     pub ifindex: u32,
@@ -182,9 +241,11 @@ pub enum GlobalCounter {
     ConntrackInsertFailed,
     ActionTx,
     ActionRedirect,
+    /// A new flow followed its client's affinity (persistence).
+    AffinityHit,
 }
 
-pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::ActionRedirect as u32 + 1;
+pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::AffinityHit as u32 + 1;
 
 impl GlobalCounter {
     pub const ALL: [GlobalCounter; GLOBAL_COUNTER_COUNT as usize] = [
@@ -199,6 +260,7 @@ impl GlobalCounter {
         GlobalCounter::ConntrackInsertFailed,
         GlobalCounter::ActionTx,
         GlobalCounter::ActionRedirect,
+        GlobalCounter::AffinityHit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -214,6 +276,7 @@ impl GlobalCounter {
             GlobalCounter::ConntrackInsertFailed => "conntrack_insert_failed",
             GlobalCounter::ActionTx => "action_tx",
             GlobalCounter::ActionRedirect => "action_redirect",
+            GlobalCounter::AffinityHit => "affinity_hit",
         }
     }
 }
@@ -237,14 +300,22 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     fmix32(h ^ 36)
 }
 
+/// Hash of a client address alone (source_hash scheduling, affinity).
+#[inline(always)]
+pub fn source_hash(addr: &[u32; 4]) -> u32 {
+    let mut h: u32 = 0x7372_6368; // "srch"
+    h = mix(h, addr[0]);
+    h = mix(h, addr[1]);
+    h = mix(h, addr[2]);
+    h = mix(h, addr[3]);
+    fmix32(h ^ 16)
+}
+
 #[inline(always)]
 fn mix(h: u32, word: u32) -> u32 {
     let mut k = word.wrapping_mul(0xcc9e_2d51);
     k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -268,6 +339,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityState {}
 }
 
 #[cfg(test)]
@@ -278,7 +351,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 20);
-        assert_eq!(size_of::<VipInfo>(), 8);
+        assert_eq!(size_of::<VipInfo>(), 24);
+        assert_eq!(size_of::<AffinityKey>(), 24);
+        assert_eq!(size_of::<AffinityState>(), 16);
         assert_eq!(size_of::<VipAddressKey>(), 20);
         // Changing any of these changes what pinned maps hold: bump LAYOUT_VERSION.
         assert_eq!(size_of::<Backend>(), 40);

@@ -7,12 +7,7 @@ use crate::maps::{VIP_ADDRESSES, VIPS};
 
 #[inline(always)]
 pub fn lookup_vip(flow: &FlowKey) -> Option<VipInfo> {
-    let mut key = VipKey {
-        addr: flow.dst,
-        port: flow.dport,
-        proto: flow.proto,
-        family: flow.family,
-    };
+    let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
     if let Some(vip) = unsafe { VIPS.get(&key) } {
         return Some(*vip);
     }
@@ -23,10 +18,6 @@ pub fn lookup_vip(flow: &FlowKey) -> Option<VipInfo> {
 /// Whether some VIP lives on this address (for packets without ports).
 #[inline(always)]
 pub fn is_vip_address(dst: [u32; 4], family: u8) -> bool {
-    let key = VipAddressKey {
-        addr: dst,
-        family,
-        _pad: [0; 3],
-    };
+    let key = VipAddressKey { addr: dst, family, _pad: [0; 3] };
     unsafe { VIP_ADDRESSES.get(&key) }.is_some()
 }

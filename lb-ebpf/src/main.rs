@@ -2,12 +2,17 @@
 //! parse → classify → select → rewrite and forward, counting as it goes.
 #![no_std]
 #![no_main]
+// atomic_xadd: the BPF target has no CAS, so core's atomics lack fetch_add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod affinity;
 mod classify;
 mod counters;
 mod forward;
 mod maps;
 mod parse;
+mod schedule;
 mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -24,11 +29,7 @@ use crate::{
 pub fn xdplb(ctx: XdpContext) -> u32 {
     let packet = match parse::parse(&ctx) {
         Parsed::Packet(packet) => packet,
-        Parsed::Unclassifiable {
-            dst,
-            family,
-            reason,
-        } => {
+        Parsed::Unclassifiable { dst, family, reason } => {
             return drop_if_vip_address(dst, family, reason);
         }
         Parsed::OtherProtocol => return pass(GlobalCounter::PassNonVip),

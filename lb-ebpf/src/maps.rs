@@ -8,9 +8,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S, FlowKey,
-    FlowState, GLOBAL_COUNTER_COUNT, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipAddressKey,
-    VipInfo, VipKey,
+    AffinityKey, AffinityState, Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S,
+    FlowKey, FlowState, GLOBAL_COUNTER_COUNT, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipAddressKey, VipInfo, VipKey,
 };
 
 /// Maglev lookup-table size of every VIP (set at load).
@@ -61,9 +60,29 @@ pub static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(64, 0);
 pub static VIP_COUNTERS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 
 #[map]
-pub static BACKEND_COUNTERS: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_COUNTERS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
-pub static GLOBAL_COUNTERS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(GLOBAL_COUNTER_COUNT, 0);
+pub static GLOBAL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_COUNTER_COUNT, 0);
+
+/// Client affinity (persistence): (VIP, client address) → backend. Same
+/// capacity as the connection table (set at load).
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Per-CPU position in each SEQUENCE VIP's slot sequence: no shared cursor,
+/// no lock, no cache line bouncing between CPUs.
+#[map]
+pub static CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Active flows per backend of least_conn VIPs, shared by all CPUs and
+/// changed with atomic adds (only on new and finished flows).
+#[map]
+pub static ACTIVE_FLOWS: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Written by the agent only: the difference between what its
+/// connection-table scan counts and `ACTIVE_FLOWS` (which cannot see LRU
+/// evictions or idle expiry).
+#[map]
+pub static ACTIVE_CORRECTION: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -101,11 +101,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Option<Parsed> {
     if ip.vihl >> 4 != 4 || ihl < 5 {
         return None;
     }
-    let mut flow = FlowKey {
-        family: FAMILY_IPV4,
-        proto: ip.proto,
-        ..FlowKey::default()
-    };
+    let mut flow = FlowKey { family: FAMILY_IPV4, proto: ip.proto, ..FlowKey::default() };
     flow.src[0] = u32::from_ne_bytes(ip.src_addr);
     flow.dst[0] = u32::from_ne_bytes(ip.dst_addr);
     if u16::from_be_bytes(ip.frags) & IPV4_MF_OR_OFFSET != 0 {
@@ -125,11 +121,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Option<Parsed> {
     if ip.vcf[0] >> 4 != 6 {
         return None;
     }
-    let mut flow = FlowKey {
-        family: FAMILY_IPV6,
-        proto: ip.next_hdr,
-        ..FlowKey::default()
-    };
+    let mut flow = FlowKey { family: FAMILY_IPV6, proto: ip.next_hdr, ..FlowKey::default() };
     flow.src = words(&ip.src_addr);
     flow.dst = words(&ip.dst_addr);
     if is_ipv6_extension_header(flow.proto) {

@@ -1,22 +1,26 @@
-//! Backend selection: the connection table first, the VIP's Maglev ring for
+//! Backend selection: the connection table first, the VIP's scheduler for
 //! new flows.
 //!
-//! A TCP SYN always consults the ring (a reused five-tuple is a new
+//! A TCP SYN always consults the scheduler (a reused five-tuple is a new
 //! connection); every other packet keeps the backend its flow is pinned to,
 //! so established flows survive ring changes, unless their backend is marked
 //! down, in which case they are scheduled afresh. A RST never creates an
 //! entry; the client's FIN or RST marks the flow finished.
+//!
+//! For least_conn VIPs every way a flow starts or ends on a backend is
+//! counted in `ACTIVE_FLOWS` here.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowState, GlobalCounter,
-    LAST_SEEN_REFRESH_NS, PROTO_UDP, VipInfo, flow_hash,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowState, GlobalCounter, LAST_SEEN_REFRESH_NS,
+    PROTO_UDP, VipInfo, scheduler,
 };
 
 use crate::{
     counters::count,
-    maps::{BACKENDS, CONNTRACK, RINGS, ring_size, udp_idle_timeout_ns},
+    maps::{BACKENDS, CONNTRACK, udp_idle_timeout_ns},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    schedule,
 };
 
 pub struct Selection {
@@ -25,76 +29,87 @@ pub struct Selection {
     pub new_flow: bool,
 }
 
+enum Pinned {
+    Hit(Selection),
+    /// An entry whose backend is down, or an idle UDP flow: schedule afresh.
+    Stale {
+        backend_id: u32,
+        finished: bool,
+    },
+    Miss,
+}
+
 #[inline(always)]
 pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let least_conn = vip.scheduler == scheduler::LEAST_CONN;
     let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if !is_syn && let Some(selection) = pinned_backend(packet, now) {
-        count(GlobalCounter::ConntrackHit);
-        return Some(selection);
+    // The live flow this packet's five-tuple leaves, for least_conn accounting.
+    let mut leaves: Option<u32> = None;
+    if !is_syn {
+        match pinned_backend(packet, now, least_conn) {
+            Pinned::Hit(selection) => {
+                count(GlobalCounter::ConntrackHit);
+                return Some(selection);
+            }
+            Pinned::Stale { backend_id, finished: false } => leaves = Some(backend_id),
+            Pinned::Stale { .. } | Pinned::Miss => {}
+        }
+    } else if least_conn && let Some(old) = unsafe { CONNTRACK.get(&packet.flow) } {
+        if old.flags & FLOW_F_FINISHED == 0 {
+            leaves = Some(old.backend_id);
+        }
     }
     count(GlobalCounter::ConntrackMiss);
 
-    let backend_id = ring_lookup(packet, vip)?;
+    let backend_id = schedule::pick(packet, vip, now)?;
     let backend = usable_backend(backend_id)?;
     let new_flow = packet.tcp_flags & TCP_RST == 0;
+    let finished = packet.tcp_flags & TCP_FIN != 0;
     if new_flow {
-        let flags = if packet.tcp_flags & TCP_FIN != 0 {
-            FLOW_F_FINISHED
-        } else {
-            0
-        };
-        let state = FlowState {
-            backend_id,
-            flags,
-            last_seen_ns: now,
-        };
+        let state = FlowState { backend_id, flags: if finished { FLOW_F_FINISHED } else { 0 }, last_seen_ns: now };
         if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
             count(GlobalCounter::ConntrackInsertFailed);
         }
     }
-    Some(Selection {
-        backend_id,
-        backend,
-        new_flow,
-    })
+    if least_conn {
+        if let Some(old) = leaves {
+            schedule::account(old, -1);
+        }
+        if new_flow && !finished {
+            schedule::account(backend_id, 1);
+        }
+    }
+    Some(Selection { backend_id, backend, new_flow })
 }
 
 #[inline(always)]
-fn pinned_backend(packet: &Packet, now: u64) -> Option<Selection> {
-    let state = unsafe { &mut *CONNTRACK.get_ptr_mut(&packet.flow)? };
+fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
+    let Some(state) = CONNTRACK.get_ptr_mut(&packet.flow) else {
+        return Pinned::Miss;
+    };
+    let state = unsafe { &mut *state };
+    let finished = state.flags & FLOW_F_FINISHED != 0;
     let idle_ns = now.saturating_sub(state.last_seen_ns);
     if packet.flow.proto == PROTO_UDP && idle_ns > udp_idle_timeout_ns() {
-        return None;
+        return Pinned::Stale { backend_id: state.backend_id, finished };
     }
-    let backend = usable_backend(state.backend_id)?;
+    let Some(backend) = usable_backend(state.backend_id) else {
+        return Pinned::Miss;
+    };
     if unsafe { (*backend).flags } & BACKEND_F_DOWN != 0 {
-        return None;
+        return Pinned::Stale { backend_id: state.backend_id, finished };
     }
     if idle_ns > LAST_SEEN_REFRESH_NS {
         state.last_seen_ns = now;
     }
-    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && state.flags & FLOW_F_FINISHED == 0 {
+    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !finished {
         state.flags |= FLOW_F_FINISHED;
+        if least_conn {
+            schedule::account(state.backend_id, -1);
+        }
     }
-    Some(Selection {
-        backend_id: state.backend_id,
-        backend,
-        new_flow: false,
-    })
-}
-
-#[inline(always)]
-fn ring_lookup(packet: &Packet, vip: &VipInfo) -> Option<u32> {
-    let size = ring_size();
-    if size == 0 {
-        return None; // Never loaded so; also removes the divide-by-zero panic path.
-    }
-    let slot = vip
-        .id
-        .wrapping_mul(size)
-        .wrapping_add(flow_hash(&packet.flow) % size);
-    RINGS.get(slot).copied()
+    Pinned::Hit(Selection { backend_id: state.backend_id, backend, new_flow: false })
 }
 
 #[inline(always)]

@@ -25,10 +25,8 @@ use tokio::{
 };
 
 use crate::{
-    config::{BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Weight, XdpModeConfig},
-    control::{
-        self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status,
-    },
+    config::{BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Scheduler, Weight, XdpModeConfig},
+    control::{self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status},
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     health::{self, ProbeReport},
     metrics::{self, AgentMetrics},
@@ -44,6 +42,8 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
 /// How often while something is pending (an unresolved neighbour, a drain).
 const BUSY_MAINTENANCE_PERIOD: Duration = Duration::from_secs(1);
+/// How often least_response_time re-derives weights from response times.
+const REBALANCE_PERIOD: Duration = Duration::from_secs(2);
 
 struct Checker {
     check: HealthCheck,
@@ -68,6 +68,7 @@ pub struct Agent {
     probe_rx: mpsc::UnboundedReceiver<ProbeReport>,
     control_rx: mpsc::Receiver<ControlCall>,
     last_maintenance: tokio::time::Instant,
+    last_rebalance: tokio::time::Instant,
     metrics: AgentMetrics,
     scrape_rx: mpsc::Receiver<oneshot::Sender<String>>,
     /// Remove the program and the pinned state at exit.
@@ -98,11 +99,8 @@ impl Agent {
         let adopting = dataplane.has_pinned_link();
         let reconciler = if adopting {
             let maps = dataplane.read_state().context("reading the pinned maps")?;
-            let services: Vec<_> = config
-                .services
-                .iter()
-                .map(|s| (s.name.get_ref().clone(), crate::reconcile::vip_key_of(s)))
-                .collect();
+            let services: Vec<_> =
+                config.services.iter().map(|s| (s.name.get_ref().clone(), crate::reconcile::vip_key_of(s))).collect();
             let flows = dataplane.flows().map(|f| f.len()).unwrap_or(0);
             log::info!(
                 "adopting the pinned state in {}: {} VIP(s), {} backend slot(s), {flows} connection-table entries",
@@ -134,6 +132,7 @@ impl Agent {
             probe_rx,
             control_rx,
             last_maintenance: tokio::time::Instant::now(),
+            last_rebalance: tokio::time::Instant::now(),
             metrics: AgentMetrics::default(),
             scrape_rx,
             detach_on_exit,
@@ -147,9 +146,7 @@ impl Agent {
             XdpModeConfig::Driver => XdpMode::Driver,
             XdpModeConfig::Skb => XdpMode::Skb,
         };
-        let adopted = agent
-            .dataplane
-            .attach_or_adopt(&agent.config.agent.interface, mode)?;
+        let adopted = agent.dataplane.attach_or_adopt(&agent.config.agent.interface, mode)?;
         tokio::spawn(control::serve(listener, control_tx));
         if let Some(address) = agent.config.agent.metrics_listen {
             let listener = metrics::bind(address).await?;
@@ -159,11 +156,7 @@ impl Agent {
         log::info!(
             "attached to {} ({}) with {} service(s); program {}; control socket {}",
             agent.config.agent.interface,
-            if adopted {
-                "swapped onto the pinned link".to_string()
-            } else {
-                format!("{mode:?} mode, new link")
-            },
+            if adopted { "swapped onto the pinned link".to_string() } else { format!("{mode:?} mode, new link") },
             agent.config.services.len(),
             agent.dataplane.program_id().unwrap_or(0),
             agent.config.agent.control_socket.display()
@@ -179,9 +172,10 @@ impl Agent {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sighup = signal(SignalKind::hangup())?;
         loop {
-            // A deadline, not a fresh sleep: other events must not postpone it.
-            let maintenance =
-                tokio::time::sleep_until(self.last_maintenance + self.maintenance_period());
+            // Deadlines, not fresh sleeps: other events must not postpone them.
+            let maintenance = tokio::time::sleep_until(self.last_maintenance + self.maintenance_period());
+            let rebalance = tokio::time::sleep_until(self.last_rebalance + REBALANCE_PERIOD);
+            let has_lrt = self.config.services.iter().any(|s| s.scheduler == Scheduler::LeastResponseTime);
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -202,6 +196,12 @@ impl Agent {
                     let _ = reply.send(self.scrape());
                 }
                 _ = maintenance => self.maintain().await,
+                _ = rebalance, if has_lrt => {
+                    self.last_rebalance = tokio::time::Instant::now();
+                    if self.runtime.rebalance_response_time(&self.config) {
+                        self.reconcile_logged();
+                    }
+                }
             }
         }
         for checker in self.checkers.values() {
@@ -211,10 +211,7 @@ impl Agent {
         print!("{}", self.summary());
         self.dataplane.shutdown(self.detach_on_exit)?;
         if self.detach_on_exit {
-            log::info!(
-                "detached from {} and removed the pinned state",
-                self.config.agent.interface
-            );
+            log::info!("detached from {} and removed the pinned state", self.config.agent.interface);
         } else {
             log::info!(
                 "exiting; the XDP program stays attached to {} and keeps forwarding with the last state \
@@ -227,16 +224,8 @@ impl Agent {
     }
 
     fn maintenance_period(&self) -> Duration {
-        let draining = self
-            .runtime
-            .backends
-            .values()
-            .any(|b| matches!(b.admin, AdminState::Draining { .. }));
-        if self.unresolved || draining {
-            BUSY_MAINTENANCE_PERIOD
-        } else {
-            MAINTENANCE_PERIOD
-        }
+        let draining = self.runtime.backends.values().any(|b| matches!(b.admin, AdminState::Draining { .. }));
+        if self.unresolved || draining { BUSY_MAINTENANCE_PERIOD } else { MAINTENANCE_PERIOD }
     }
 
     /// The one place where desired state becomes map writes.
@@ -260,9 +249,7 @@ impl Agent {
         if !writes.is_empty() {
             log::debug!("applying {} map write(s)", writes.len());
         }
-        self.dataplane
-            .apply(&writes)
-            .context("updating the data plane")
+        self.dataplane.apply(&writes).context("updating the data plane")
     }
 
     fn reconcile_logged(&mut self) {
@@ -286,10 +273,10 @@ impl Agent {
         let latency = report.outcome.latency;
         let detail = report.outcome.detail.clone();
         let labels = AgentMetrics::labels(&report.service, report.address);
-        self.metrics
-            .probe_latency
-            .get_or_create(&labels)
-            .observe(latency.as_secs_f64());
+        self.metrics.probe_latency.get_or_create(&labels).observe(latency.as_secs_f64());
+        if report.outcome.ok {
+            state.latency.observe(latency.as_secs_f64() * 1000.0);
+        }
         if let Some(up) = state.health.record(report.outcome, rise, fall) {
             self.metrics.transitions.get_or_create(&labels).inc();
             let (word, streak) = if up { ("UP", rise) } else { ("DOWN", fall) };
@@ -309,10 +296,7 @@ impl Agent {
             for backend in &service.backends {
                 let check = service.health_check(backend);
                 if check.kind != HealthKind::None {
-                    wanted.insert(
-                        (service.name.get_ref().clone(), *backend.address.get_ref()),
-                        check,
-                    );
+                    wanted.insert((service.name.get_ref().clone(), *backend.address.get_ref()), check);
                 }
             }
         }
@@ -336,14 +320,7 @@ impl Agent {
                 generation,
                 self.probe_tx.clone(),
             ));
-            self.checkers.insert(
-                key,
-                Checker {
-                    check,
-                    generation,
-                    task,
-                },
-            );
+            self.checkers.insert(key, Checker { check, generation, task });
         }
     }
 
@@ -384,14 +361,19 @@ impl Agent {
         match self.dataplane.scan_flows(tcp_idle_ns) {
             Ok(scan) => {
                 self.update_active_flows(&scan.active);
-                for (service, address, why) in
-                    self.runtime.advance_drains(&self.config, Instant::now())
-                {
+                for (service, address, why) in self.runtime.advance_drains(&self.config, Instant::now()) {
                     log::info!("service {service}: backend {address} drained ({why})");
                 }
-                let writes = self.reconciler.collect_retired(&scan.referenced);
+                let mut writes = self.reconciler.collect_retired(&scan.referenced);
+                let least_conn = self.reconciler.least_conn_backends();
+                if !least_conn.is_empty() {
+                    match self.dataplane.least_conn_counts(&least_conn) {
+                        Ok(counted) => writes.extend(self.reconciler.active_corrections(&scan.active, &counted)),
+                        Err(err) => log::error!("reading least_conn counts: {err:#}"),
+                    }
+                }
                 if let Err(err) = self.dataplane.apply(&writes) {
-                    log::error!("freeing retired backends: {err:#}");
+                    log::error!("maintenance map writes: {err:#}");
                 }
             }
             Err(err) => log::error!("scanning the connection table: {err:#}"),
@@ -408,13 +390,10 @@ impl Agent {
 
     /// Re-reads the config file. On error the running state is unchanged.
     async fn reload(&mut self) -> Result<String, String> {
-        let config = Config::load(&self.config_path).map_err(|err| {
-            format!("reload rejected, keeping the running configuration: {err:#}")
-        })?;
+        let config = Config::load(&self.config_path)
+            .map_err(|err| format!("reload rejected, keeping the running configuration: {err:#}"))?;
         if let Some(changed) = agent_section_change(&self.config, &config) {
-            log::warn!(
-                "reload: [agent] {changed} takes effect only after a restart; applying [[service]] changes"
-            );
+            log::warn!("reload: [agent] {changed} takes effect only after a restart; applying [[service]] changes");
         }
         self.config.services = config.services;
         self.apply_config_change().await;
@@ -433,10 +412,7 @@ impl Agent {
 
     /// Applies `change` to a copy of the configuration; if the result is
     /// valid it replaces the running one. Nothing changes on error.
-    async fn change_config(
-        &mut self,
-        change: impl FnOnce(&mut Config) -> Result<String, String>,
-    ) -> Response {
+    async fn change_config(&mut self, change: impl FnOnce(&mut Config) -> Result<String, String>) -> Response {
         let mut candidate = self.config.clone();
         let message = match change(&mut candidate).and_then(|m| candidate.check().map(|()| m)) {
             Ok(message) => message,
@@ -467,8 +443,7 @@ impl Agent {
                     Err(err) => return Response::error(err.to_string()),
                 };
                 self.change_config(|config| {
-                    let [service] =
-                        <[_; 1]>::try_from(services).map_err(|_| "give exactly one [[service]]")?;
+                    let [service] = <[_; 1]>::try_from(services).map_err(|_| "give exactly one [[service]]")?;
                     let message = format!("service {} added", service.name.get_ref());
                     config.services.push(service);
                     Ok(message)
@@ -486,11 +461,7 @@ impl Agent {
                 })
                 .await
             }
-            Request::BackendAdd {
-                service,
-                address,
-                weight,
-            } => {
+            Request::BackendAdd { service, address, weight } => {
                 let Ok(address) = address.parse::<IpAddr>() else {
                     return Response::error(format!("{address:?} is not an IP address"));
                 };
@@ -500,15 +471,8 @@ impl Agent {
                 };
                 self.change_config(|config| {
                     let s = service_mut(config, &service)?;
-                    s.backends.push(BackendConfig {
-                        address: toml::Spanned::new(0..0, address),
-                        weight,
-                        health: None,
-                    });
-                    Ok(format!(
-                        "service {service}: backend {address} added with weight {}",
-                        weight.0
-                    ))
+                    s.backends.push(BackendConfig { address: toml::Spanned::new(0..0, address), weight, health: None });
+                    Ok(format!("service {service}: backend {address} added with weight {}", weight.0))
                 })
                 .await
             }
@@ -527,11 +491,7 @@ impl Agent {
                 })
                 .await
             }
-            Request::BackendWeight {
-                service,
-                address,
-                weight,
-            } => {
+            Request::BackendWeight { service, address, weight } => {
                 let Ok(address) = address.parse::<IpAddr>() else {
                     return Response::error(format!("{address:?} is not an IP address"));
                 };
@@ -547,10 +507,7 @@ impl Agent {
                         .find(|b| *b.address.get_ref() == address)
                         .ok_or_else(|| format!("service {service:?} has no backend {address}"))?;
                     backend.weight = weight;
-                    Ok(format!(
-                        "service {service}: backend {address} weight {}",
-                        weight.0
-                    ))
+                    Ok(format!("service {service}: backend {address} weight {}", weight.0))
                 })
                 .await
             }
@@ -566,10 +523,7 @@ impl Agent {
             Request::Debug { on } => {
                 let wanted = if on { DebugLog::On } else { DebugLog::Off };
                 if self.dataplane.debug_log() == wanted {
-                    return Response::done(format!(
-                        "eBPF debug logging already {}",
-                        if on { "on" } else { "off" }
-                    ));
+                    return Response::done(format!("eBPF debug logging already {}", if on { "on" } else { "off" }));
                 }
                 match self.dataplane.set_debug_log(wanted) {
                     Ok(()) => {
@@ -584,20 +538,14 @@ impl Agent {
                     Err(err) => Response::error(format!("{err:#}")),
                 }
             }
-            Request::BackendDrain { service, address } => {
-                self.set_admin(&service, &address, |admin| match admin {
-                    AdminState::Enabled => Ok(AdminState::Draining {
-                        since: Instant::now(),
-                    }),
-                    other => Err(format!("already {}", other.name())),
-                })
-            }
-            Request::BackendEnable { service, address } => {
-                self.set_admin(&service, &address, |admin| match admin {
-                    AdminState::Enabled => Err("already enabled".into()),
-                    _ => Ok(AdminState::Enabled),
-                })
-            }
+            Request::BackendDrain { service, address } => self.set_admin(&service, &address, |admin| match admin {
+                AdminState::Enabled => Ok(AdminState::Draining { since: Instant::now() }),
+                other => Err(format!("already {}", other.name())),
+            }),
+            Request::BackendEnable { service, address } => self.set_admin(&service, &address, |admin| match admin {
+                AdminState::Enabled => Err("already enabled".into()),
+                _ => Ok(AdminState::Enabled),
+            }),
         }
     }
 
@@ -610,12 +558,7 @@ impl Agent {
         let Ok(address) = address.parse::<IpAddr>() else {
             return Response::error(format!("{address:?} is not an IP address"));
         };
-        if !self
-            .config
-            .services
-            .iter()
-            .any(|s| s.name.get_ref() == service)
-        {
+        if !self.config.services.iter().any(|s| s.name.get_ref() == service) {
             return Response::error(format!("no service named {service:?}"));
         }
         let Some(state) = self.runtime.get_mut(service, address) else {
@@ -640,13 +583,10 @@ impl Agent {
         let ring_weights: BTreeMap<(&str, IpAddr), u32> = self
             .desired
             .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .map(move |b| ((s.name.as_str(), b.address), b.weight))
-            })
+            .flat_map(|s| s.backends.iter().map(move |b| ((s.name.as_str(), b.address), b.weight)))
             .collect();
         let now = SystemTime::now();
+        let least_conn = self.dataplane.least_conn_counts(&self.reconciler.least_conn_backends())?;
         let mut services = Vec::new();
         for service in &self.config.services {
             let name = service.name.get_ref();
@@ -667,6 +607,10 @@ impl Agent {
                 backends.push(BackendStatus {
                     address: address.to_string(),
                     weight: backend.weight.0,
+                    effective_weight: ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0),
+                    least_conn_active: id
+                        .and_then(|id| least_conn.get(&id))
+                        .map(|(counted, correction)| (*counted as i64 + correction).max(0) as u64),
                     health: if !checked {
                         "unchecked"
                     } else if runtime.health.up {
@@ -682,12 +626,7 @@ impl Agent {
                         age_ms: now.duration_since(p.at).unwrap_or_default().as_millis() as u64,
                     }),
                     admin: runtime.admin.name().into(),
-                    in_ring: id.is_some()
-                        && ring_weights
-                            .get(&(name.as_str(), address))
-                            .copied()
-                            .unwrap_or(0)
-                            > 0,
+                    in_ring: id.is_some() && ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0) > 0,
                     resolved: self.paths.contains_key(&address),
                     active_flows: runtime.active_flows,
                     packets: counters.packets,
@@ -700,7 +639,8 @@ impl Agent {
                 vip: service.vip.get_ref().to_string(),
                 protocol: service.protocol.to_string(),
                 forwarding: "dsr".into(),
-                scheduler: "maglev".into(),
+                scheduler: service.scheduler.name().into(),
+                persistence_timeout_s: service.persistence_timeout_s,
                 fail_open: self.fail_open.get(name).copied().unwrap_or(false),
                 packets: counters.packets,
                 bytes: counters.bytes,
@@ -708,10 +648,7 @@ impl Agent {
                 backends,
             });
         }
-        Ok(Status {
-            interface: self.config.agent.interface.clone(),
-            services,
-        })
+        Ok(Status { interface: self.config.agent.interface.clone(), services })
     }
 
     fn scrape(&mut self) -> String {
@@ -755,25 +692,15 @@ impl Agent {
             }
         }
         if let Ok(globals) = self.dataplane.global_counters() {
-            let line: Vec<String> = globals
-                .iter()
-                .map(|(c, v)| format!("{}={v}", c.name()))
-                .collect();
+            let line: Vec<String> = globals.iter().map(|(c, v)| format!("{}={v}", c.name())).collect();
             out += &format!("  global: {}\n", line.join(" "));
         }
         out
     }
 }
 
-fn service_mut<'a>(
-    config: &'a mut Config,
-    name: &str,
-) -> Result<&'a mut crate::config::ServiceConfig, String> {
-    config
-        .services
-        .iter_mut()
-        .find(|s| s.name.get_ref() == name)
-        .ok_or_else(|| format!("no service named {name:?}"))
+fn service_mut<'a>(config: &'a mut Config, name: &str) -> Result<&'a mut crate::config::ServiceConfig, String> {
+    config.services.iter_mut().find(|s| s.name.get_ref() == name).ok_or_else(|| format!("no service named {name:?}"))
 }
 
 fn checked_weight(weight: u32) -> Result<Weight, String> {
@@ -790,19 +717,10 @@ fn agent_section_change(old: &Config, new: &Config) -> Option<&'static str> {
         ("interface", a.interface != b.interface),
         ("xdp_mode", a.xdp_mode != b.xdp_mode),
         ("ring_size", a.ring_size.get_ref() != b.ring_size.get_ref()),
-        (
-            "max_services",
-            a.max_services.get_ref() != b.max_services.get_ref(),
-        ),
+        ("max_services", a.max_services.get_ref() != b.max_services.get_ref()),
         ("conntrack_size", a.conntrack_size != b.conntrack_size),
-        (
-            "udp_idle_timeout_s",
-            a.udp_idle_timeout_s != b.udp_idle_timeout_s,
-        ),
-        (
-            "tcp_idle_timeout_s",
-            a.tcp_idle_timeout_s != b.tcp_idle_timeout_s,
-        ),
+        ("udp_idle_timeout_s", a.udp_idle_timeout_s != b.udp_idle_timeout_s),
+        ("tcp_idle_timeout_s", a.tcp_idle_timeout_s != b.tcp_idle_timeout_s),
         ("control_socket", a.control_socket != b.control_socket),
         ("pin_dir", a.pin_dir != b.pin_dir),
         ("metrics_listen", a.metrics_listen != b.metrics_listen),

@@ -12,11 +12,7 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "xdplb",
-    version,
-    about = "XDP L4 load balancer (Maglev, L2 DSR)"
-)]
+#[command(name = "xdplb", version, about = "XDP L4 load balancer (Maglev, L2 DSR)")]
 pub struct Cli {
     /// The running agent's control socket ([agent] control_socket).
     #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
@@ -181,11 +177,7 @@ pub enum HealthKindArg {
 }
 
 fn name_of<T: ValueEnum>(value: T) -> String {
-    value
-        .to_possible_value()
-        .expect("no skipped variants")
-        .get_name()
-        .to_string()
+    value.to_possible_value().expect("no skipped variants").get_name().to_string()
 }
 
 impl ServiceArgs {
@@ -215,11 +207,7 @@ impl ServiceArgs {
             health.insert("path".into(), v.clone().into());
         }
         if !self.health_expect_status.is_empty() {
-            let codes = self
-                .health_expect_status
-                .iter()
-                .map(|c| Value::Integer((*c).into()))
-                .collect();
+            let codes = self.health_expect_status.iter().map(|c| Value::Integer((*c).into())).collect();
             health.insert("expect_status".into(), Value::Array(codes));
         }
         if let Some(v) = &self.health_expect_body {
@@ -273,62 +261,28 @@ pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
         Command::Top { once, interval_ms } => {
             return top(socket, once, std::time::Duration::from_millis(interval_ms));
         }
-        Command::Debug { state } => (
-            Request::Debug {
-                on: matches!(state, OnOff::On),
-            },
-            false,
-        ),
+        Command::Debug { state } => (Request::Debug { on: matches!(state, OnOff::On) }, false),
         Command::Status { json } => (Request::Status {}, json),
         Command::Reload => (Request::Reload {}, false),
-        Command::Service {
-            action: ServiceAction::Add(args),
-        } => (
-            Request::ServiceAdd {
-                toml: args.to_toml()?,
-            },
-            false,
-        ),
-        Command::Service {
-            action: ServiceAction::Remove { name },
-        } => (Request::ServiceRemove { name }, false),
+        Command::Service { action: ServiceAction::Add(args) } => (Request::ServiceAdd { toml: args.to_toml()? }, false),
+        Command::Service { action: ServiceAction::Remove { name } } => (Request::ServiceRemove { name }, false),
         Command::Backend { action } => (
             match action {
-                BackendAction::Add {
-                    service,
-                    address,
-                    weight,
-                } => Request::BackendAdd {
-                    service,
-                    address,
-                    weight: Some(weight),
-                },
-                BackendAction::Remove { service, address } => {
-                    Request::BackendRemove { service, address }
+                BackendAction::Add { service, address, weight } => {
+                    Request::BackendAdd { service, address, weight: Some(weight) }
                 }
-                BackendAction::Drain { service, address } => {
-                    Request::BackendDrain { service, address }
+                BackendAction::Remove { service, address } => Request::BackendRemove { service, address },
+                BackendAction::Drain { service, address } => Request::BackendDrain { service, address },
+                BackendAction::Enable { service, address } => Request::BackendEnable { service, address },
+                BackendAction::Weight { service, address, weight } => {
+                    Request::BackendWeight { service, address, weight }
                 }
-                BackendAction::Enable { service, address } => {
-                    Request::BackendEnable { service, address }
-                }
-                BackendAction::Weight {
-                    service,
-                    address,
-                    weight,
-                } => Request::BackendWeight {
-                    service,
-                    address,
-                    weight,
-                },
             },
             false,
         ),
     };
     match control::call(socket, &request)? {
-        Response::Status { status, .. } if json => {
-            Ok(serde_json::to_string_pretty(&status)? + "\n")
-        }
+        Response::Status { status, .. } if json => Ok(serde_json::to_string_pretty(&status)? + "\n"),
         Response::Status { status, .. } => Ok(status_table(&status)),
         Response::Done { message, .. } => Ok(message + "\n"),
         Response::Error { error, .. } => bail!("{error}"),
@@ -341,10 +295,7 @@ pub fn stop(socket: &std::path::Path, config: Option<PathBuf>, pin_dir: Option<P
     let (socket, pin_root) = match &config {
         Some(path) => {
             let config = crate::config::Config::load(path)?;
-            (
-                config.agent.control_socket.clone(),
-                Some(config.agent.pin_root()),
-            )
+            (config.agent.control_socket.clone(), Some(config.agent.pin_root()))
         }
         None => (socket.to_path_buf(), pin_dir),
     };
@@ -356,10 +307,7 @@ pub fn stop(socket: &std::path::Path, config: Option<PathBuf>, pin_dir: Option<P
                 while socket.exists() && std::time::Instant::now() < deadline {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                return Ok(
-                    "stopped the agent; the program is detached and the pinned state removed\n"
-                        .into(),
-                );
+                return Ok("stopped the agent; the program is detached and the pinned state removed\n".into());
             }
         }
     }
@@ -373,11 +321,7 @@ pub fn stop(socket: &std::path::Path, config: Option<PathBuf>, pin_dir: Option<P
     if removed.is_empty() {
         return Ok(format!("nothing pinned in {}\n", root.display()));
     }
-    Ok(format!(
-        "removed {} pin(s) in {}; the program is detached\n",
-        removed.len(),
-        root.display()
-    ))
+    Ok(format!("removed {} pin(s) in {}; the program is detached\n", removed.len(), root.display()))
 }
 
 /// `xdplb top`: rates between two status samples, like `ipvsadm -L --rate`.
@@ -404,25 +348,11 @@ fn top(socket: &PathBuf, once: bool, interval: std::time::Duration) -> Result<St
     }
 }
 
-pub fn top_view(
-    previous: &(std::time::Instant, Status),
-    current: &(std::time::Instant, Status),
-) -> String {
+pub fn top_view(previous: &(std::time::Instant, Status), current: &(std::time::Instant, Status)) -> String {
     let seconds = current.0.duration_since(previous.0).as_secs_f64().max(1e-3);
-    let rate =
-        |now: u64, before: Option<u64>| now.saturating_sub(before.unwrap_or(now)) as f64 / seconds;
+    let rate = |now: u64, before: Option<u64>| now.saturating_sub(before.unwrap_or(now)) as f64 / seconds;
     let mut rows = vec![
-        [
-            "SERVICE / BACKEND",
-            "PKT/S",
-            "BIT/S",
-            "NEW FLOWS/S",
-            "ACTIVE",
-            "HEALTH",
-            "ADMIN",
-        ]
-        .map(String::from)
-        .to_vec(),
+        ["SERVICE / BACKEND", "PKT/S", "BIT/S", "NEW FLOWS/S", "ACTIVE", "HEALTH", "ADMIN"].map(String::from).to_vec(),
     ];
     for s in &current.1.services {
         let old = previous.1.services.iter().find(|o| o.name == s.name);
@@ -433,11 +363,7 @@ pub fn top_view(
             human(8.0 * rate(s.bytes, old.map(|o| o.bytes))),
             human(rate(s.new_flows, old.map(|o| o.new_flows))),
             active.to_string(),
-            if s.fail_open {
-                "FAIL-OPEN".into()
-            } else {
-                String::new()
-            },
+            if s.fail_open { "FAIL-OPEN".into() } else { String::new() },
             String::new(),
         ]);
         for b in &s.backends {
@@ -453,11 +379,7 @@ pub fn top_view(
             ]);
         }
     }
-    format!(
-        "xdplb top: {} (rates over {seconds:.1}s)\n{}",
-        current.1.interface,
-        aligned(&rows, "")
-    )
+    format!("xdplb top: {} (rates over {seconds:.1}s)\n{}", current.1.interface, aligned(&rows, ""))
 }
 
 /// 1234567.0 → "1.23M"
@@ -475,43 +397,32 @@ pub fn status_table(status: &Status) -> String {
     let mut out = format!("interface {}\n", status.interface);
     for s in &status.services {
         out += &format!(
-            "\nservice {}  {} {}  {}/{}{}  packets {}  bytes {}  new flows {}\n",
+            "\nservice {}  {} {}  {}/{}{}{}  packets {}  bytes {}  new flows {}\n",
             s.name,
             s.protocol,
             s.vip,
             s.forwarding,
             s.scheduler,
-            if s.fail_open {
-                "  FAIL-OPEN (every backend down)"
+            if s.persistence_timeout_s > 0 {
+                format!(" persistence {}s", s.persistence_timeout_s)
             } else {
-                ""
+                String::new()
             },
+            if s.fail_open { "  FAIL-OPEN (every backend down)" } else { "" },
             s.packets,
             s.bytes,
             s.new_flows
         );
         let mut rows = vec![
-            [
-                "BACKEND",
-                "WEIGHT",
-                "HEALTH",
-                "LAST PROBE",
-                "LATENCY",
-                "ADMIN",
-                "IN RING",
-                "ACTIVE",
-                "PACKETS",
-                "BYTES",
-            ]
-            .map(String::from)
-            .to_vec(),
+            ["BACKEND", "WEIGHT", "HEALTH", "LAST PROBE", "LATENCY", "ADMIN", "IN RING", "ACTIVE", "PACKETS", "BYTES"]
+                .map(String::from)
+                .to_vec(),
         ];
         for b in &s.backends {
             let (probe, latency) = match &b.last_probe {
-                Some(p) => (
-                    format!("{} ({:.1}s ago)", p.detail, p.age_ms as f64 / 1000.0),
-                    format!("{:.1}ms", p.latency_ms),
-                ),
+                Some(p) => {
+                    (format!("{} ({:.1}s ago)", p.detail, p.age_ms as f64 / 1000.0), format!("{:.1}ms", p.latency_ms))
+                }
                 None => ("-".into(), "-".into()),
             };
             let ring = if !b.resolved {
@@ -521,15 +432,24 @@ pub fn status_table(status: &Status) -> String {
             } else {
                 "no"
             };
+            let active = match b.least_conn_active {
+                Some(live) => format!("{} (lc {live})", b.active_flows),
+                None => b.active_flows.to_string(),
+            };
+            let weight = if b.effective_weight != b.weight && b.in_ring {
+                format!("{} (now {})", b.weight, b.effective_weight)
+            } else {
+                b.weight.to_string()
+            };
             rows.push(vec![
                 b.address.clone(),
-                b.weight.to_string(),
+                weight,
                 b.health.clone(),
                 probe,
                 latency,
                 b.admin.clone(),
                 ring.into(),
-                b.active_flows.to_string(),
+                active,
                 b.packets.to_string(),
                 b.bytes.to_string(),
             ]);
@@ -542,21 +462,11 @@ pub fn status_table(status: &Status) -> String {
 fn aligned(rows: &[Vec<String>], indent: &str) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|v| v.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|v| v.chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
         out += indent;
         out += cells.join("  ").trim_end();
         out += "\n";
@@ -595,12 +505,7 @@ mod tests {
             "--on-failure",
             "keep",
         ]);
-        let Command::Service {
-            action: ServiceAction::Add(args),
-        } = cli.command
-        else {
-            panic!()
-        };
+        let Command::Service { action: ServiceAction::Add(args) } = cli.command else { panic!() };
         let text = args.to_toml().unwrap();
         let services = Config::parse_services(&text, Path::new("<cli>")).unwrap();
         let s = &services[0];
@@ -608,10 +513,7 @@ mod tests {
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.backends[1].weight.0, 3);
         let check = s.health_check(&s.backends[0]);
-        assert_eq!(
-            (check.port, check.expect_status.clone()),
-            (8053, vec![200, 204])
-        );
+        assert_eq!((check.port, check.expect_status.clone()), (8053, vec![200, 204]));
         assert_eq!(s.on_failure, crate::config::OnFailure::Keep);
     }
 
@@ -629,18 +531,8 @@ mod tests {
             "--backend",
             "nope",
         ]);
-        let Command::Service {
-            action: ServiceAction::Add(args),
-        } = cli.command
-        else {
-            panic!()
-        };
-        assert!(
-            args.to_toml()
-                .unwrap_err()
-                .to_string()
-                .contains("not an IP address")
-        );
+        let Command::Service { action: ServiceAction::Add(args) } = cli.command else { panic!() };
+        assert!(args.to_toml().unwrap_err().to_string().contains("not an IP address"));
     }
 
     #[test]
@@ -648,6 +540,8 @@ mod tests {
         let backend = |packets, bytes| crate::control::BackendStatus {
             address: "198.18.1.11".into(),
             weight: 1,
+            effective_weight: 1,
+            least_conn_active: None,
             health: "up".into(),
             last_probe: None,
             admin: "enabled".into(),
@@ -666,6 +560,7 @@ mod tests {
                 protocol: "tcp".into(),
                 forwarding: "dsr".into(),
                 scheduler: "maglev".into(),
+                persistence_timeout_s: 0,
                 fail_open: false,
                 packets,
                 bytes,
@@ -674,28 +569,15 @@ mod tests {
             }],
         };
         let t0 = std::time::Instant::now();
-        let view = top_view(
-            &(t0, status(1000, 100_000)),
-            &(
-                t0 + std::time::Duration::from_secs(2),
-                status(5000, 350_000),
-            ),
-        );
+        let view =
+            top_view(&(t0, status(1000, 100_000)), &(t0 + std::time::Duration::from_secs(2), status(5000, 350_000)));
         // 4000 packets and 250 kB in 2 s: 2000 pkt/s, 1 Mbit/s, 200 new flows/s.
-        assert!(
-            view.contains(
-                "  198.18.1.11            2.00k  1.00M  200          4       up      enabled"
-            ),
-            "{view}"
-        );
+        assert!(view.contains("  198.18.1.11            2.00k  1.00M  200          4       up      enabled"), "{view}");
     }
 
     #[test]
     fn table_columns_line_up() {
-        let rows = vec![
-            vec!["A".into(), "BB".into()],
-            vec!["CCC".into(), "D".into()],
-        ];
+        let rows = vec![vec!["A".into(), "BB".into()], vec!["CCC".into(), "D".into()]];
         assert_eq!(aligned(&rows, "  "), "  A    BB\n  CCC  D\n");
     }
 }

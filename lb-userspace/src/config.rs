@@ -60,9 +60,7 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     pub fn pin_root(&self) -> PathBuf {
-        self.pin_dir
-            .clone()
-            .unwrap_or_else(|| Path::new("/sys/fs/bpf/xdplb").join(&self.interface))
+        self.pin_dir.clone().unwrap_or_else(|| Path::new("/sys/fs/bpf/xdplb").join(&self.interface))
     }
 }
 
@@ -82,6 +80,13 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// How new flows pick a backend.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// Client affinity (IPVS persistence): new flows from a client address
+    /// seen within this many seconds go to the same backend. 0 = off.
+    #[serde(default)]
+    pub persistence_timeout_s: u32,
     /// Health check of every backend; a backend may override any field.
     #[serde(default)]
     pub health: Option<Spanned<HealthSpec>>,
@@ -93,6 +98,37 @@ pub struct ServiceConfig {
     pub drain_timeout_s: u64,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// Consistent hashing of the five-tuple: the same decision on every LB node.
+    #[default]
+    Maglev,
+    RoundRobin,
+    WeightedRoundRobin,
+    Random,
+    /// The client address only: one client, one backend (while the set is stable).
+    SourceHash,
+    /// Fewest active flows per unit of weight.
+    LeastConn,
+    /// Weights derived from each backend's measured response time.
+    LeastResponseTime,
+}
+
+impl Scheduler {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::RoundRobin => "round_robin",
+            Scheduler::WeightedRoundRobin => "weighted_round_robin",
+            Scheduler::Random => "random",
+            Scheduler::SourceHash => "source_hash",
+            Scheduler::LeastConn => "least_conn",
+            Scheduler::LeastResponseTime => "least_response_time",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -151,14 +187,8 @@ impl HealthSpec {
             kind: self.kind.or(base.kind),
             port: self.port.or(base.port),
             path: self.path.clone().or_else(|| base.path.clone()),
-            expect_status: self
-                .expect_status
-                .clone()
-                .or_else(|| base.expect_status.clone()),
-            expect_body: self
-                .expect_body
-                .clone()
-                .or_else(|| base.expect_body.clone()),
+            expect_status: self.expect_status.clone().or_else(|| base.expect_status.clone()),
+            expect_body: self.expect_body.clone().or_else(|| base.expect_body.clone()),
             interval_ms: self.interval_ms.or(base.interval_ms),
             timeout_ms: self.timeout_ms.or(base.timeout_ms),
             rise: self.rise.or(base.rise),
@@ -170,14 +200,10 @@ impl HealthSpec {
         let interval = self.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS);
         let timeout = self.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS);
         if !(50..=3_600_000).contains(&interval) {
-            return Err(format!(
-                "interval_ms {interval} is out of range 50..=3600000"
-            ));
+            return Err(format!("interval_ms {interval} is out of range 50..=3600000"));
         }
         if timeout == 0 || timeout > interval {
-            return Err(format!(
-                "timeout_ms {timeout} must be between 1 and interval_ms ({interval})"
-            ));
+            return Err(format!("timeout_ms {timeout} must be between 1 and interval_ms ({interval})"));
         }
         for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
             if let Some(v) = value
@@ -258,11 +284,7 @@ impl ServiceConfig {
     pub fn health_check(&self, backend: &BackendConfig) -> HealthCheck {
         let none = HealthSpec::default();
         let service = self.health.as_ref().map_or(&none, |h| h.get_ref());
-        let spec = backend
-            .health
-            .as_ref()
-            .map_or(&none, |h| h.get_ref())
-            .over(service);
+        let spec = backend.health.as_ref().map_or(&none, |h| h.get_ref()).over(service);
         let default_kind = match self.protocol {
             Protocol::Tcp => HealthKind::Tcp,
             Protocol::Udp => HealthKind::None,
@@ -270,18 +292,12 @@ impl ServiceConfig {
         let service_port = self.vip.get_ref().port();
         HealthCheck {
             kind: spec.kind.unwrap_or(default_kind),
-            port: spec
-                .port
-                .unwrap_or(if service_port == 0 { 80 } else { service_port }),
+            port: spec.port.unwrap_or(if service_port == 0 { 80 } else { service_port }),
             path: spec.path.unwrap_or_else(|| "/".into()),
             expect_status: spec.expect_status.unwrap_or_else(|| vec![200]),
             expect_body: spec.expect_body,
-            interval: std::time::Duration::from_millis(
-                spec.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS),
-            ),
-            timeout: std::time::Duration::from_millis(
-                spec.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS),
-            ),
+            interval: std::time::Duration::from_millis(spec.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS)),
+            timeout: std::time::Duration::from_millis(spec.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS)),
             rise: spec.rise.unwrap_or(DEFAULT_RISE),
             fall: spec.fall.unwrap_or(DEFAULT_FALL),
         }
@@ -296,9 +312,7 @@ impl<'de> Deserialize<'de> for Weight {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let value = i64::deserialize(d)?;
         if !(0..=MAX_WEIGHT as i64).contains(&value) {
-            return Err(serde::de::Error::custom(format!(
-                "weight {value} is out of range 0..={MAX_WEIGHT}"
-            )));
+            return Err(serde::de::Error::custom(format!("weight {value} is out of range 0..={MAX_WEIGHT}")));
         }
         Ok(Weight(value as u32))
     }
@@ -341,14 +355,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.path.display(),
-            self.line,
-            self.column,
-            self.message
-        )
+        write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)
     }
 }
 
@@ -364,18 +371,10 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let located = |span: Option<Range<usize>>, message: String| {
             let (line, column) = line_column(text, span.map_or(0, |s| s.start));
-            ConfigError {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message,
-            }
+            ConfigError { path: path.to_path_buf(), line, column, message }
         };
-        let config: Config =
-            toml::from_str(text).map_err(|e| located(e.span(), e.message().to_string()))?;
-        config
-            .validate()
-            .map_err(|(span, message)| located(Some(span), message))?;
+        let config: Config = toml::from_str(text).map_err(|e| located(e.span(), e.message().to_string()))?;
+        config.validate().map_err(|(span, message)| located(Some(span), message))?;
         Ok(config)
     }
 
@@ -392,26 +391,16 @@ impl Config {
             #[serde(rename = "service")]
             services: Vec<ServiceConfig>,
         }
-        toml::from_str::<Services>(text)
-            .map(|s| s.services)
-            .map_err(|e| {
-                let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
-                ConfigError {
-                    path: origin.to_path_buf(),
-                    line,
-                    column,
-                    message: e.message().to_string(),
-                }
-            })
+        toml::from_str::<Services>(text).map(|s| s.services).map_err(|e| {
+            let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
+            ConfigError { path: origin.to_path_buf(), line, column, message: e.message().to_string() }
+        })
     }
 
     fn validate(&self) -> Result<(), (Range<usize>, String)> {
         let ring_size = *self.agent.ring_size.get_ref();
         if !is_prime(ring_size) || ring_size < 3 {
-            return Err((
-                self.agent.ring_size.span(),
-                format!("ring_size {ring_size} is not a prime ≥ 3"),
-            ));
+            return Err((self.agent.ring_size.span(), format!("ring_size {ring_size} is not a prime ≥ 3")));
         }
         let max_services = *self.agent.max_services.get_ref();
         if max_services == 0 || max_services > MAX_VIPS {
@@ -421,33 +410,28 @@ impl Config {
             ));
         }
         if (max_services as u64) * (ring_size as u64) > u32::MAX as u64 / 4 {
-            return Err((
-                self.agent.max_services.span(),
-                "max_services × ring_size is too large".into(),
-            ));
+            return Err((self.agent.max_services.span(), "max_services × ring_size is too large".into()));
         }
         if self.services.len() > max_services as usize {
             let span = self.services[max_services as usize].name.span();
-            return Err((
-                span,
-                format!("more than max_services = {max_services} services"),
-            ));
+            return Err((span, format!("more than max_services = {max_services} services")));
         }
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
         for service in &self.services {
             let name = service.name.get_ref();
             if name.is_empty() || !names.insert(name.clone()) {
-                return Err((
-                    service.name.span(),
-                    format!("duplicate or empty service name {name:?}"),
-                ));
+                return Err((service.name.span(), format!("duplicate or empty service name {name:?}")));
             }
             let vip = *service.vip.get_ref();
             if !vips.insert((vip, service.protocol)) {
+                return Err((service.vip.span(), format!("duplicate VIP {vip}/{}", service.protocol)));
+            }
+            let candidates = lb_common::MAX_LEAST_CONN_CANDIDATES as usize;
+            if service.scheduler == Scheduler::LeastConn && service.backends.len() > candidates {
                 return Err((
-                    service.vip.span(),
-                    format!("duplicate VIP {vip}/{}", service.protocol),
+                    service.name.span(),
+                    format!("service {name:?}: least_conn takes at most {candidates} backends"),
                 ));
             }
             if service.backends.len() > MAX_BACKENDS_PER_SERVICE {
@@ -456,16 +440,9 @@ impl Config {
                     format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends"),
                 ));
             }
-            let service_health = service
-                .health
-                .as_ref()
-                .map(|h| h.get_ref().clone())
-                .unwrap_or_default();
+            let service_health = service.health.as_ref().map(|h| h.get_ref().clone()).unwrap_or_default();
             if let Some(health) = &service.health {
-                health
-                    .get_ref()
-                    .validate()
-                    .map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
+                health.get_ref().validate().map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
             }
             let mut addresses = HashSet::new();
             for backend in &service.backends {
@@ -474,12 +451,7 @@ impl Config {
                         .get_ref()
                         .over(&service_health)
                         .validate()
-                        .map_err(|e| {
-                            (
-                                health.span(),
-                                format!("backend {} health: {e}", backend.address.get_ref()),
-                            )
-                        })?;
+                        .map_err(|e| (health.span(), format!("backend {} health: {e}", backend.address.get_ref())))?;
                 }
                 let addr = *backend.address.get_ref();
                 if addr.is_ipv4() != vip.is_ipv4() {
@@ -489,10 +461,7 @@ impl Config {
                     ));
                 }
                 if !addresses.insert(addr) {
-                    return Err((
-                        backend.address.span(),
-                        format!("duplicate backend {addr} in service {name:?}"),
-                    ));
+                    return Err((backend.address.span(), format!("duplicate backend {addr} in service {name:?}")));
                 }
             }
         }
@@ -503,9 +472,7 @@ impl Config {
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
-        before[nl + 1..].chars().count()
-    }) + 1;
+    let column = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
     (line, column)
 }
 
@@ -588,30 +555,22 @@ address = "2001:db8:0:2::11"
     fn weight_out_of_range_is_located() {
         let err = error_of(&GOOD.replace("weight = 2", "weight = 1001"));
         assert!(err.starts_with("lb.toml:13:10: "), "{err}");
-        assert!(
-            err.contains("weight 1001 is out of range 0..=1000"),
-            "{err}"
-        );
+        assert!(err.contains("weight 1001 is out of range 0..=1000"), "{err}");
         let err = error_of(&GOOD.replace("weight = 2", "weight = -1"));
         assert!(err.contains("out of range"), "{err}");
     }
 
     #[test]
     fn duplicate_vip_is_located() {
-        let err = error_of(
-            &GOOD
-                .replace("[2001:db8::100]:80", "198.18.0.100:80")
-                .replace("2001:db8:0:2::11", "198.18.1.12"),
-        );
+        let err =
+            error_of(&GOOD.replace("[2001:db8::100]:80", "198.18.0.100:80").replace("2001:db8:0:2::11", "198.18.1.12"));
         assert!(err.starts_with("lb.toml:17:7: "), "{err}");
         assert!(err.contains("duplicate VIP 198.18.0.100:80/tcp"), "{err}");
     }
 
     #[test]
     fn same_vip_on_udp_and_tcp_is_allowed() {
-        let text = GOOD
-            .replace("[2001:db8::100]:80", "198.18.0.100:80")
-            .replace("2001:db8:0:2::11", "198.18.1.12");
+        let text = GOOD.replace("[2001:db8::100]:80", "198.18.0.100:80").replace("2001:db8:0:2::11", "198.18.1.12");
         let text = text.replacen(
             "protocol = \"tcp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"",
             "protocol = \"udp\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"",
@@ -624,27 +583,17 @@ address = "2001:db8:0:2::11"
     fn mixed_family_and_duplicate_backends_are_rejected() {
         let err = error_of(&GOOD.replace("2001:db8:0:2::11", "198.18.1.12"));
         assert!(err.contains("not of the same IP family"), "{err}");
-        let text = GOOD.replace(
-            "weight = 2\n",
-            "weight = 2\n\n[[service.backend]]\naddress = \"198.18.1.11\"\n",
-        );
+        let text = GOOD.replace("weight = 2\n", "weight = 2\n\n[[service.backend]]\naddress = \"198.18.1.11\"\n");
         let err = error_of(&text);
         assert!(err.contains("duplicate backend 198.18.1.11"), "{err}");
     }
 
     #[test]
     fn ring_size_must_be_prime() {
-        let err = error_of(&GOOD.replace(
-            "interface = \"eth0\"",
-            "interface = \"eth0\"\nring_size = 65536",
-        ));
+        let err = error_of(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nring_size = 65536"));
         assert!(err.starts_with("lb.toml:4:13: "), "{err}");
         assert!(err.contains("not a prime"), "{err}");
-        parse(&GOOD.replace(
-            "interface = \"eth0\"",
-            "interface = \"eth0\"\nring_size = 251",
-        ))
-        .unwrap();
+        parse(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nring_size = 251")).unwrap();
     }
 
     #[test]
@@ -658,14 +607,8 @@ address = "2001:db8:0:2::11"
     #[test]
     fn shipped_configs_are_valid() {
         for (name, text) in [
-            (
-                "config/example.toml",
-                include_str!("../../config/example.toml"),
-            ),
-            (
-                "config/harness.toml",
-                include_str!("../../config/harness.toml"),
-            ),
+            ("config/example.toml", include_str!("../../config/example.toml")),
+            ("config/harness.toml", include_str!("../../config/harness.toml")),
         ] {
             let config = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{e}"));
             assert!(!config.services.is_empty(), "{name}");

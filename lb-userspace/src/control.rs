@@ -74,16 +74,10 @@ pub enum Response {
 
 impl Response {
     pub fn done(message: impl Into<String>) -> Self {
-        Response::Done {
-            ok: true,
-            message: message.into(),
-        }
+        Response::Done { ok: true, message: message.into() }
     }
     pub fn error(error: impl Into<String>) -> Self {
-        Response::Error {
-            ok: false,
-            error: error.into(),
-        }
+        Response::Error { ok: false, error: error.into() }
     }
 }
 
@@ -102,6 +96,8 @@ pub struct ServiceStatus {
     pub protocol: String,
     pub forwarding: String,
     pub scheduler: String,
+    /// Client affinity in seconds; 0 = off.
+    pub persistence_timeout_s: u32,
     /// Every backend is down and the service keeps them all in its ring.
     pub fail_open: bool,
     pub packets: u64,
@@ -114,6 +110,11 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
+    /// The weight the scheduler uses now: 0 when the backend takes no new
+    /// flows; least_response_time's derived weight.
+    pub effective_weight: u32,
+    /// least_conn only: the data plane's live count of active flows.
+    pub least_conn_active: Option<u64>,
     /// "up", "down", or "unchecked" (health check kind none).
     pub health: String,
     pub last_probe: Option<ProbeStatus>,
@@ -152,15 +153,11 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "{} is in use: is another xdplb agent running?",
-                path.display()
-            );
+            bail!("{} is in use: is another xdplb agent running?", path.display());
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
@@ -185,9 +182,7 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<ControlCall>) -> Result<
     let (read, mut write) = stream.into_split();
     if uid != 0 {
         log::warn!("control socket: refused a connection from uid {uid}");
-        let reply = serde_json::to_string(&Response::error(
-            "permission denied: only root may control xdplb",
-        ))?;
+        let reply = serde_json::to_string(&Response::error("permission denied: only root may control xdplb"))?;
         write.write_all(format!("{reply}\n").as_bytes()).await?;
         return Ok(());
     }
@@ -208,9 +203,7 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<ControlCall>) -> Result<
                     if calls.send(ControlCall { request, reply }).await.is_err() {
                         return Ok(());
                     }
-                    answer
-                        .await
-                        .unwrap_or_else(|_| Response::error("the agent is shutting down"))
+                    answer.await.unwrap_or_else(|_| Response::error("the agent is shutting down"))
                 }
             }
         };
@@ -224,10 +217,7 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<ControlCall>) -> Result<
 pub fn call(socket: &PathBuf, request: &Request) -> Result<Response> {
     use std::io::{BufRead as _, Write as _};
     let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connecting to the agent at {} (is `xdplb run` running? are you root?)",
-            socket.display()
-        )
+        format!("connecting to the agent at {} (is `xdplb run` running? are you root?)", socket.display())
     })?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
@@ -237,8 +227,7 @@ pub fn call(socket: &PathBuf, request: &Request) -> Result<Response> {
     if answer.is_empty() {
         bail!("the agent closed the connection without answering");
     }
-    serde_json::from_str(&answer)
-        .with_context(|| format!("unreadable answer from the agent: {answer:?}"))
+    serde_json::from_str(&answer).with_context(|| format!("unreadable answer from the agent: {answer:?}"))
 }
 
 #[cfg(test)]
@@ -247,19 +236,12 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_wire_form() {
-        let r = Request::BackendWeight {
-            service: "web".into(),
-            address: "198.18.1.11".into(),
-            weight: 3,
-        };
+        let r = Request::BackendWeight { service: "web".into(), address: "198.18.1.11".into(), weight: 3 };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"cmd":"backend_weight","service":"web","address":"198.18.1.11","weight":3}"#
         );
-        assert_eq!(
-            serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(),
-            Request::Status {}
-        );
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(), Request::Status {});
     }
 
     #[test]
@@ -276,10 +258,7 @@ mod tests {
 
     #[test]
     fn responses_round_trip() {
-        for r in [
-            Response::done("ok"),
-            Response::error("no such service \"x\""),
-        ] {
+        for r in [Response::done("ok"), Response::error("no such service \"x\"")] {
             let text = serde_json::to_string(&r).unwrap();
             assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), r);
         }

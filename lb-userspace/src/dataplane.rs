@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, FLOW_F_FINISHED, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, GlobalCounter, PROTO_UDP,
-    TrafficCounters, VipAddressKey, VipInfo, VipKey, names,
+    Backend, FLOW_F_FINISHED, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, GlobalCounter, PROTO_UDP, TrafficCounters,
+    VipAddressKey, VipInfo, VipKey, names,
 };
 
 use crate::{pins, reconcile::MapWrite};
@@ -39,9 +39,7 @@ pub struct DataplaneParams {
 
 impl DataplaneParams {
     fn ring_entries(&self) -> Result<u32> {
-        self.ring_size
-            .checked_mul(self.max_services)
-            .ok_or_else(|| anyhow!("ring_size × max_services overflows"))
+        self.ring_size.checked_mul(self.max_services).ok_or_else(|| anyhow!("ring_size × max_services overflows"))
     }
 }
 
@@ -79,22 +77,12 @@ impl Dataplane {
     /// pinning). Nothing is attached yet.
     pub fn load(params: DataplaneParams, debug_log: DebugLog) -> Result<Self> {
         let ebpf = load_object(&params, debug_log)?;
-        Ok(Self {
-            ebpf,
-            params,
-            link: None,
-            debug_log,
-            logger: None,
-            ring_writes: 0,
-        })
+        Ok(Self { ebpf, params, link: None, debug_log, logger: None, ring_writes: 0 })
     }
 
     /// Whether the previous agent left a pinned link to adopt.
     pub fn has_pinned_link(&self) -> bool {
-        self.params
-            .pin_dir
-            .as_deref()
-            .is_some_and(|dir| pins::link_pin(dir).exists())
+        self.params.pin_dir.as_deref().is_some_and(|dir| pins::link_pin(dir).exists())
     }
 
     pub fn params(&self) -> &DataplaneParams {
@@ -116,8 +104,7 @@ impl Dataplane {
     pub fn attach_or_adopt(&mut self, interface: &str, mode: XdpMode) -> Result<bool> {
         let pin = self.params.pin_dir.as_deref().map(pins::link_pin);
         if let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
-            let pinned = PinnedLink::from_pin(pin)
-                .with_context(|| format!("opening pinned link {}", pin.display()))?;
+            let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
             self.link = Some(swap_onto(&mut self.ebpf, FdLink::from(pinned))?);
             return Ok(true);
         }
@@ -130,10 +117,9 @@ impl Dataplane {
         })?;
         let link = FdLink::try_from(program.take_link(id)?).context("XDP link as a BPF link")?;
         self.link = Some(match pin {
-            Some(pin) => FdLink::from(
-                link.pin(&pin)
-                    .with_context(|| format!("pinning the link at {}", pin.display()))?,
-            ),
+            Some(pin) => {
+                FdLink::from(link.pin(&pin).with_context(|| format!("pinning the link at {}", pin.display()))?)
+            }
             None => link,
         });
         Ok(false)
@@ -193,8 +179,7 @@ impl Dataplane {
     /// Executes the writes in order. Stops at the first failure, naming it.
     pub fn apply(&mut self, writes: &[MapWrite]) -> Result<()> {
         for write in writes {
-            self.apply_one(write)
-                .with_context(|| format!("map write {}", describe(write)))?;
+            self.apply_one(write).with_context(|| format!("map write {}", describe(write)))?;
         }
         Ok(())
     }
@@ -212,6 +197,15 @@ impl Dataplane {
             MapWrite::ClearBackend { id } => {
                 let mut map: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
                 map.set(*id, Backend::default(), 0)?;
+                // A free slot starts its next life with no flows counted.
+                let mut active: Array<&mut MapData, u64> = self.map_mut(names::ACTIVE_FLOWS)?;
+                active.set(*id, 0, 0)?;
+                let mut correction: Array<&mut MapData, i64> = self.map_mut(names::ACTIVE_FLOWS_CORRECTION)?;
+                correction.set(*id, 0, 0)?;
+            }
+            MapWrite::SetActiveCorrection { id, correction } => {
+                let mut map: Array<&mut MapData, i64> = self.map_mut(names::ACTIVE_FLOWS_CORRECTION)?;
+                map.set(*id, correction, 0)?;
             }
             MapWrite::SetRingSlots { vip_id, slots } => {
                 self.ring_writes += 1;
@@ -230,13 +224,11 @@ impl Dataplane {
                 map.remove(key)?;
             }
             MapWrite::AddVipAddress { key } => {
-                let mut map: HashMap<&mut MapData, VipAddressKey, u32> =
-                    self.map_mut(names::VIP_ADDRESSES)?;
+                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(names::VIP_ADDRESSES)?;
                 map.insert(key, 1, 0)?;
             }
             MapWrite::RemoveVipAddress { key } => {
-                let mut map: HashMap<&mut MapData, VipAddressKey, u32> =
-                    self.map_mut(names::VIP_ADDRESSES)?;
+                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(names::VIP_ADDRESSES)?;
                 map.remove(key)?;
             }
         }
@@ -247,21 +239,12 @@ impl Dataplane {
         &'a mut self,
         name: &str,
     ) -> Result<T> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing from object"))?;
+        let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
         Ok(T::try_from(map)?)
     }
 
-    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
-        &'a self,
-        name: &str,
-    ) -> Result<T> {
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or_else(|| anyhow!("map {name} missing from object"))?;
+    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(&'a self, name: &str) -> Result<T> {
+        let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
         Ok(T::try_from(map)?)
     }
 
@@ -287,14 +270,12 @@ impl Dataplane {
     fn traffic_counters(&self, name: &str, index: u32) -> Result<TrafficCounters> {
         let map: PerCpuArray<&MapData, TrafficCounters> = self.map(name)?;
         let values = map.get(&index, 0)?;
-        Ok(values
-            .iter()
-            .fold(TrafficCounters::default(), |mut sum, c| {
-                sum.packets += c.packets;
-                sum.bytes += c.bytes;
-                sum.new_flows += c.new_flows;
-                sum
-            }))
+        Ok(values.iter().fold(TrafficCounters::default(), |mut sum, c| {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.new_flows += c.new_flows;
+            sum
+        }))
     }
 
     /// One pass over the connection table: active flows per backend id, and
@@ -358,19 +339,20 @@ impl Dataplane {
         let mut ring_contents = std::collections::HashMap::new();
         for (_, info) in &vips {
             let base = info.id * self.params.ring_size;
-            let ring = (0..self.params.ring_size)
-                .map(|slot| rings.get(&(base + slot), 0))
-                .collect::<Result<Vec<_>, _>>()?;
+            let ring =
+                (0..self.params.ring_size).map(|slot| rings.get(&(base + slot), 0)).collect::<Result<Vec<_>, _>>()?;
             ring_contents.insert(info.id, ring);
         }
         let egress: DevMapHash<&MapData> = self.map(names::EGRESS_DEVICES)?;
         let egress_devices = egress.keys().collect::<Result<Vec<_>, _>>()?;
-        Ok(MapsState {
-            vips,
-            backends: in_use,
-            rings: ring_contents,
-            egress_devices,
-        })
+        Ok(MapsState { vips, backends: in_use, rings: ring_contents, egress_devices })
+    }
+
+    /// least_conn counts of `ids`: (what the data plane counted, correction).
+    pub fn least_conn_counts(&self, ids: &[u32]) -> Result<std::collections::HashMap<u32, (u64, i64)>> {
+        let active: Array<&MapData, u64> = self.map(names::ACTIVE_FLOWS)?;
+        let correction: Array<&MapData, i64> = self.map(names::ACTIVE_FLOWS_CORRECTION)?;
+        ids.iter().map(|id| Ok((*id, (active.get(id, 0)?, correction.get(id, 0)?)))).collect()
     }
 
     /// A snapshot of the connection table.
@@ -386,14 +368,11 @@ fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::GLOBAL_RING_SIZE, &params.ring_size, true)
-        .override_global(
-            names::GLOBAL_UDP_IDLE_TIMEOUT_NS,
-            &params.udp_idle_timeout_ns,
-            true,
-        )
+        .override_global(names::GLOBAL_UDP_IDLE_TIMEOUT_NS, &params.udp_idle_timeout_ns, true)
         .override_global(names::GLOBAL_LOG_LEVEL, &log_level, true)
         .map_max_entries(names::RINGS, ring_entries)
-        .map_max_entries(names::CONNTRACK, params.conntrack_size);
+        .map_max_entries(names::CONNTRACK, params.conntrack_size)
+        .map_max_entries(names::AFFINITY, params.conntrack_size);
     let pin_paths: Vec<(&str, PathBuf)> = match &params.pin_dir {
         Some(dir) => {
             let root = dir.parent().unwrap_or(dir);
@@ -401,23 +380,31 @@ fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
             pins::check_layout(root)?;
             pins::check_pinned_maps(dir, ring_entries, params.conntrack_size)?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            names::PINNED_MAPS
-                .iter()
-                .map(|name| (*name, dir.join(name)))
-                .collect()
+            names::PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect()
         }
         None => Vec::new(),
     };
     for (name, path) in &pin_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader
-        .load(XDP_OBJECT)
-        .context("loading the XDP object (are you root, with BPF support?)")?;
-    xdp_program(&mut ebpf)?
-        .load()
-        .context("verifying the XDP program")?;
-    Ok(ebpf)
+    let mut ebpf = loader.load(XDP_OBJECT).context("loading the XDP object (are you root, with BPF support?)")?;
+    // The kernel abandons a verification that a signal interrupts (EAGAIN):
+    // that says nothing about the program, so try again.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match xdp_program(&mut ebpf)?.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 3 =>
+            {
+                log::warn!("verification of the XDP program was interrupted; retrying");
+            }
+            result => {
+                result.context("verifying the XDP program")?;
+                return Ok(ebpf);
+            }
+        }
+    }
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
@@ -446,13 +433,7 @@ impl log::Log for EbpfRecords {
     }
 
     fn log(&self, record: &log::Record) {
-        log::logger().log(
-            &log::Record::builder()
-                .level(log::Level::Info)
-                .target("ebpf")
-                .args(*record.args())
-                .build(),
-        );
+        log::logger().log(&log::Record::builder().level(log::Level::Info).target("ebpf").args(*record.args()).build());
     }
 
     fn flush(&self) {}
@@ -460,14 +441,11 @@ impl log::Log for EbpfRecords {
 
 /// Reads aya-log records from the program's ring buffer into `log`.
 fn forward_ebpf_logs(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>> {
-    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, EbpfRecords)
-        .context("starting the eBPF log reader")?;
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, EbpfRecords).context("starting the eBPF log reader")?;
     // SAFETY: the logger owns its ring buffer's fd, which stays open and the
     // same for as long as the AsyncFd (which owns the logger) lives.
-    let mut fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| anyhow!("watching the eBPF log ring buffer: {}", e.into_parts().1))?;
+    let mut fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the eBPF log ring buffer: {}", e.into_parts().1))?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok(mut guard) = fd.readable_mut().await else {
@@ -481,10 +459,7 @@ fn forward_ebpf_logs(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>> {
 
 /// The clock `bpf_ktime_get_coarse_ns` reads.
 pub fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC_COARSE always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -502,5 +477,6 @@ fn describe(write: &MapWrite) -> String {
         MapWrite::RemoveVip { .. } => "remove VIP".into(),
         MapWrite::AddVipAddress { .. } => "add VIP address".into(),
         MapWrite::RemoveVipAddress { .. } => "remove VIP address".into(),
+        MapWrite::SetActiveCorrection { id, .. } => format!("set the active-flow correction of backend {id}"),
     }
 }

@@ -34,13 +34,7 @@ pub struct HealthState {
 
 impl Default for HealthState {
     fn default() -> Self {
-        Self {
-            up: true,
-            ok_streak: 0,
-            fail_streak: 0,
-            last: None,
-            transitions: 0,
-        }
+        Self { up: true, ok_streak: 0, fail_streak: 0, last: None, transitions: 0 }
     }
 }
 
@@ -55,11 +49,7 @@ impl HealthState {
             self.ok_streak = 0;
         }
         self.last = Some(outcome);
-        let next = if self.up {
-            self.fail_streak < fall
-        } else {
-            self.ok_streak >= rise
-        };
+        let next = if self.up { self.fail_streak < fall } else { self.ok_streak >= rise };
         if next == self.up {
             return None;
         }
@@ -96,12 +86,7 @@ pub async fn run_checker(
     loop {
         ticks.tick().await;
         let outcome = probe(address, &check, client.as_ref()).await;
-        let report = ProbeReport {
-            service: service.clone(),
-            address,
-            generation,
-            outcome,
-        };
+        let report = ProbeReport { service: service.clone(), address, generation, outcome };
         if reports.send(report).is_err() {
             return; // the agent is gone
         }
@@ -123,23 +108,17 @@ fn http_client(check: &HealthCheck) -> Option<reqwest::Client> {
         .ok()
 }
 
-pub async fn probe(
-    address: IpAddr,
-    check: &HealthCheck,
-    client: Option<&reqwest::Client>,
-) -> ProbeOutcome {
+pub async fn probe(address: IpAddr, check: &HealthCheck, client: Option<&reqwest::Client>) -> ProbeOutcome {
     let start = std::time::Instant::now();
     let at = SystemTime::now();
     let target = SocketAddr::new(address, check.port);
     let result = match check.kind {
         HealthKind::None => Ok("not checked".to_string()),
-        HealthKind::Tcp => {
-            match tokio::time::timeout(check.timeout, TcpStream::connect(target)).await {
-                Ok(Ok(_)) => Ok("connected".to_string()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("timed out after {:?}", check.timeout)),
-            }
-        }
+        HealthKind::Tcp => match tokio::time::timeout(check.timeout, TcpStream::connect(target)).await {
+            Ok(Ok(_)) => Ok("connected".to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("timed out after {:?}", check.timeout)),
+        },
         HealthKind::Http => match client {
             Some(client) => http_probe(client, target, check).await,
             None => Err("no HTTP client".to_string()),
@@ -147,43 +126,22 @@ pub async fn probe(
     };
     let latency = start.elapsed();
     match result {
-        Ok(detail) => ProbeOutcome {
-            ok: true,
-            latency,
-            detail,
-            at,
-        },
-        Err(detail) => ProbeOutcome {
-            ok: false,
-            latency,
-            detail,
-            at,
-        },
+        Ok(detail) => ProbeOutcome { ok: true, latency, detail, at },
+        Err(detail) => ProbeOutcome { ok: false, latency, detail, at },
     }
 }
 
-async fn http_probe(
-    client: &reqwest::Client,
-    target: SocketAddr,
-    check: &HealthCheck,
-) -> Result<String, String> {
+async fn http_probe(client: &reqwest::Client, target: SocketAddr, check: &HealthCheck) -> Result<String, String> {
     let url = format!("http://{target}{}", check.path);
     let response = client.get(&url).send().await.map_err(|e| {
-        if e.is_timeout() {
-            format!("timed out after {:?}", check.timeout)
-        } else {
-            describe_reqwest_error(&e)
-        }
+        if e.is_timeout() { format!("timed out after {:?}", check.timeout) } else { describe_reqwest_error(&e) }
     })?;
     let status = response.status().as_u16();
     if !check.expect_status.contains(&status) {
         return Err(format!("HTTP {status}, expected {:?}", check.expect_status));
     }
     if let Some(needle) = &check.expect_body {
-        let body = response
-            .text()
-            .await
-            .map_err(|e| describe_reqwest_error(&e))?;
+        let body = response.text().await.map_err(|e| describe_reqwest_error(&e))?;
         if !body.contains(needle.as_str()) {
             return Err(format!("HTTP {status} body lacks {needle:?}"));
         }
@@ -205,19 +163,11 @@ mod tests {
     use super::*;
 
     fn outcome(ok: bool) -> ProbeOutcome {
-        ProbeOutcome {
-            ok,
-            latency: Duration::from_millis(1),
-            detail: String::new(),
-            at: SystemTime::UNIX_EPOCH,
-        }
+        ProbeOutcome { ok, latency: Duration::from_millis(1), detail: String::new(), at: SystemTime::UNIX_EPOCH }
     }
 
     fn feed(state: &mut HealthState, results: &str, rise: u32, fall: u32) -> Vec<Option<bool>> {
-        results
-            .chars()
-            .map(|c| state.record(outcome(c == '+'), rise, fall))
-            .collect()
+        results.chars().map(|c| state.record(outcome(c == '+'), rise, fall)).collect()
     }
 
     #[test]
@@ -247,10 +197,7 @@ mod tests {
     #[test]
     fn rise_and_fall_of_one_flip_on_every_change() {
         let mut s = HealthState::default();
-        assert_eq!(
-            feed(&mut s, "-+-", 1, 1),
-            [Some(false), Some(true), Some(false)]
-        );
+        assert_eq!(feed(&mut s, "-+-", 1, 1), [Some(false), Some(true), Some(false)]);
         assert_eq!(s.last.as_ref().map(|o| o.ok), Some(false));
     }
 }

@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod netlink;
 pub mod pins;
 pub mod reconcile;
+pub mod scheduling;
 pub mod state;

@@ -22,8 +22,7 @@ pub struct MaglevBackend {
 /// Builds the table of `size` slots (a prime). Backends with weight 0 get no
 /// slot; with no weighted backend every slot is `NO_BACKEND`.
 pub fn build_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
-    let mut active: Vec<MaglevBackend> =
-        backends.iter().copied().filter(|b| b.weight > 0).collect();
+    let mut active: Vec<MaglevBackend> = backends.iter().copied().filter(|b| b.weight > 0).collect();
     let mut table = vec![NO_BACKEND; size as usize];
     if active.is_empty() {
         return table;
@@ -98,11 +97,7 @@ mod tests {
         (0..n)
             .map(|i| {
                 let addr = Ipv4Addr::from(0xc612_0000 + i);
-                MaglevBackend {
-                    id: i + 1,
-                    identity: stable_hash(&addr.octets()),
-                    weight: weight(i),
-                }
+                MaglevBackend { id: i + 1, identity: stable_hash(&addr.octets()), weight: weight(i) }
             })
             .collect()
     }
@@ -158,16 +153,9 @@ mod tests {
             let removed = set[n as usize / 2].id;
             let rest: Vec<_> = set.iter().copied().filter(|b| b.id != removed).collect();
             let after = build_table(&rest, SIZE);
-            let moved = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| **b != removed && b != a)
-                .count() as f64;
+            let moved = before.iter().zip(&after).filter(|(b, a)| **b != removed && b != a).count() as f64;
             let limit = SIZE as f64 * (1.0 / n as f64 + 0.01);
-            assert!(
-                moved <= limit,
-                "n={n}: {moved} of the others' slots moved, limit {limit:.0}"
-            );
+            assert!(moved <= limit, "n={n}: {moved} of the others' slots moved, limit {limit:.0}");
         }
     }
 
@@ -198,9 +186,6 @@ mod tests {
         // on every node and every build, so this hash may never change.
         assert_eq!(stable_hash(b""), 0xc381_7c01_6ba4_ff30);
         assert_eq!(stable_hash(&[198, 18, 1, 11]), 0xd897_3b0b_e09b_3ad9);
-        assert_ne!(
-            stable_hash(&[198, 18, 1, 11]),
-            stable_hash(&[198, 18, 1, 12])
-        );
+        assert_ne!(stable_hash(&[198, 18, 1, 11]), stable_hash(&[198, 18, 1, 12]));
     }
 }

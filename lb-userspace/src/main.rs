@@ -12,13 +12,8 @@ fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
-            config,
-            detach_on_exit,
-        } => run(config, detach_on_exit),
-        Command::Stop { config, pin_dir } => {
-            cli::stop(&cli.socket, config, pin_dir).map(|text| print!("{text}"))
-        }
+        Command::Run { config, detach_on_exit } => run(config, detach_on_exit),
+        Command::Stop { config, pin_dir } => cli::stop(&cli.socket, config, pin_dir).map(|text| print!("{text}")),
         Command::Check { config } => Config::load(&config).map(|c| {
             println!("{}: ok, {} service(s)", config.display(), c.services.len());
         }),
@@ -34,10 +29,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(config: PathBuf, detach_on_exit: bool) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let agent = Agent::start(config, detach_on_exit).await?;
         agent.run().await

@@ -41,24 +41,13 @@ impl Netlink {
             .try_collect()
             .await
             .with_context(|| format!("interface {name:?} not found"))?;
-        let link = links
-            .first()
-            .ok_or_else(|| anyhow!("interface {name:?} not found"))?;
+        let link = links.first().ok_or_else(|| anyhow!("interface {name:?} not found"))?;
         Ok(link.header.index)
     }
 
     pub async fn mac_of(&self, ifindex: u32) -> Result<[u8; 6]> {
-        let links: Vec<_> = self
-            .handle
-            .link()
-            .get()
-            .match_index(ifindex)
-            .execute()
-            .try_collect()
-            .await?;
-        let link = links
-            .first()
-            .ok_or_else(|| anyhow!("interface {ifindex} not found"))?;
+        let links: Vec<_> = self.handle.link().get().match_index(ifindex).execute().try_collect().await?;
+        let link = links.first().ok_or_else(|| anyhow!("interface {ifindex} not found"))?;
         link.attributes
             .iter()
             .find_map(|a| match a {
@@ -117,14 +106,7 @@ impl Netlink {
                 let Some(dst_mac) = neighbours.get(&(*ifindex, *next_hop)) else {
                     return true;
                 };
-                results.insert(
-                    *address,
-                    Ok(L2Path {
-                        ifindex: *ifindex,
-                        src_mac: *src_mac,
-                        dst_mac: *dst_mac,
-                    }),
-                );
+                results.insert(*address, Ok(L2Path { ifindex: *ifindex, src_mac: *src_mac, dst_mac: *dst_mac }));
                 false
             });
             if pending.is_empty() {
@@ -166,9 +148,7 @@ impl Netlink {
             .try_collect()
             .await
             .with_context(|| format!("no route to backend {addr}"))?;
-        let route = routes
-            .first()
-            .ok_or_else(|| anyhow!("no route to backend {addr}"))?;
+        let route = routes.first().ok_or_else(|| anyhow!("no route to backend {addr}"))?;
         let mut ifindex = None;
         let mut next_hop = addr;
         for attr in &route.attributes {
@@ -185,14 +165,8 @@ impl Netlink {
 
     /// Every usable neighbour entry: (ifindex, address) → MAC.
     async fn neighbour_macs(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
-        let neighbours: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .context("dumping neighbours")?;
+        let neighbours: Vec<_> =
+            self.handle.neighbours().get().execute().try_collect().await.context("dumping neighbours")?;
         let mut macs = HashMap::new();
         for neigh in neighbours {
             if !usable(neigh.header.state) {
@@ -202,15 +176,9 @@ impl Netlink {
             let mut mac = None;
             for attr in &neigh.attributes {
                 match attr {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                        dst = Some(IpAddr::V4(*a))
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                        dst = Some(IpAddr::V6(*a))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) => {
-                        mac = <[u8; 6]>::try_from(l.as_slice()).ok()
-                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
                     _ => {}
                 }
             }

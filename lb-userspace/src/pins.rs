@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    Backend, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, LAYOUT_VERSION, MAX_BACKENDS, MAX_VIPS,
-    TrafficCounters, VipAddressKey, VipInfo, VipKey, names,
+    AffinityKey, AffinityState, Backend, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, LAYOUT_VERSION, MAX_BACKENDS,
+    MAX_VIPS, TrafficCounters, VipAddressKey, VipInfo, VipKey, names,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -36,15 +36,9 @@ pub fn prepare(root: &Path) -> Result<()> {
         mount_bpffs()?;
         log::info!("mounted bpffs at {BPFFS_MOUNT}");
     }
-    let existing = root
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
+    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     if !is_bpffs(existing) {
-        bail!(
-            "pin_dir {} is not on a bpf filesystem (mount -t bpf bpf DIR)",
-            root.display()
-        );
+        bail!("pin_dir {} is not on a bpf filesystem (mount -t bpf bpf DIR)", root.display());
     }
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     Ok(())
@@ -63,20 +57,9 @@ fn mount_bpffs() -> Result<()> {
     std::fs::create_dir_all(BPFFS_MOUNT)?;
     let (source, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
     // SAFETY: NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        bail!(
-            "mounting bpffs at {BPFFS_MOUNT}: {}",
-            std::io::Error::last_os_error()
-        );
+        bail!("mounting bpffs at {BPFFS_MOUNT}: {}", std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -104,60 +87,21 @@ pub fn check_layout(root: &Path) -> Result<()> {
 }
 
 /// What each pinned map must look like for this binary and configuration.
-pub fn expected_maps(
-    ring_entries: u32,
-    conntrack_size: u32,
-) -> [(&'static str, usize, usize, u32); 9] {
+pub fn expected_maps(ring_entries: u32, conntrack_size: u32) -> [(&'static str, usize, usize, u32); 13] {
     [
-        (
-            names::VIPS,
-            size_of::<VipKey>(),
-            size_of::<VipInfo>(),
-            MAX_VIPS,
-        ),
-        (
-            names::VIP_ADDRESSES,
-            size_of::<VipAddressKey>(),
-            size_of::<u32>(),
-            MAX_VIPS,
-        ),
-        (
-            names::RINGS,
-            size_of::<u32>(),
-            size_of::<u32>(),
-            ring_entries,
-        ),
-        (
-            names::BACKENDS,
-            size_of::<u32>(),
-            size_of::<Backend>(),
-            MAX_BACKENDS,
-        ),
-        (
-            names::CONNTRACK,
-            size_of::<FlowKey>(),
-            size_of::<FlowState>(),
-            conntrack_size,
-        ),
+        (names::VIPS, size_of::<VipKey>(), size_of::<VipInfo>(), MAX_VIPS),
+        (names::VIP_ADDRESSES, size_of::<VipAddressKey>(), size_of::<u32>(), MAX_VIPS),
+        (names::RINGS, size_of::<u32>(), size_of::<u32>(), ring_entries),
+        (names::BACKENDS, size_of::<u32>(), size_of::<Backend>(), MAX_BACKENDS),
+        (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowState>(), conntrack_size),
         (names::EGRESS_DEVICES, size_of::<u32>(), 8, 64),
-        (
-            names::VIP_COUNTERS,
-            size_of::<u32>(),
-            size_of::<TrafficCounters>(),
-            MAX_VIPS,
-        ),
-        (
-            names::BACKEND_COUNTERS,
-            size_of::<u32>(),
-            size_of::<TrafficCounters>(),
-            MAX_BACKENDS,
-        ),
-        (
-            names::GLOBAL_COUNTERS,
-            size_of::<u32>(),
-            size_of::<u64>(),
-            GLOBAL_COUNTER_COUNT,
-        ),
+        (names::VIP_COUNTERS, size_of::<u32>(), size_of::<TrafficCounters>(), MAX_VIPS),
+        (names::BACKEND_COUNTERS, size_of::<u32>(), size_of::<TrafficCounters>(), MAX_BACKENDS),
+        (names::GLOBAL_COUNTERS, size_of::<u32>(), size_of::<u64>(), GLOBAL_COUNTER_COUNT),
+        (names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityState>(), conntrack_size),
+        (names::CURSORS, size_of::<u32>(), size_of::<u32>(), MAX_VIPS),
+        (names::ACTIVE_FLOWS, size_of::<u32>(), size_of::<u64>(), MAX_BACKENDS),
+        (names::ACTIVE_FLOWS_CORRECTION, size_of::<u32>(), size_of::<i64>(), MAX_BACKENDS),
     ]
 }
 
@@ -170,13 +114,9 @@ pub fn check_pinned_maps(layout_dir: &Path, ring_entries: u32, conntrack_size: u
         if !path.exists() {
             continue;
         }
-        let info = aya::maps::MapInfo::from_pin(&path)
-            .with_context(|| format!("reading pinned map {}", path.display()))?;
-        let found = (
-            info.key_size() as usize,
-            info.value_size() as usize,
-            info.max_entries(),
-        );
+        let info =
+            aya::maps::MapInfo::from_pin(&path).with_context(|| format!("reading pinned map {}", path.display()))?;
+        let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
         // DEVMAP_HASH values are 4 or 8 bytes depending on the kernel.
         let value_ok = found.1 == value_size || (name == names::EGRESS_DEVICES && found.1 == 4);
         if found.0 != key_size || !value_ok || found.2 != max_entries {
@@ -190,7 +130,7 @@ pub fn check_pinned_maps(layout_dir: &Path, ring_entries: u32, conntrack_size: u
                 found.2,
                 match name {
                     names::RINGS => "ring_size × max_services changed",
-                    names::CONNTRACK => "conntrack_size changed",
+                    names::CONNTRACK | names::AFFINITY => "conntrack_size changed",
                     _ => "the map layout changed",
                 }
             );
@@ -212,8 +152,7 @@ pub fn remove_all(root: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         for pin in std::fs::read_dir(&dir)?.flatten() {
-            std::fs::remove_file(pin.path())
-                .with_context(|| format!("removing {}", pin.path().display()))?;
+            std::fs::remove_file(pin.path()).with_context(|| format!("removing {}", pin.path().display()))?;
             removed.push(pin.path());
         }
         std::fs::remove_dir(&dir)?;

@@ -17,15 +17,16 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
-    VipAddressKey, VipInfo, VipKey,
+    BACKEND_F_DOWN, BACKEND_F_ELIGIBLE, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
+    VipAddressKey, VipInfo, VipKey, scheduler,
 };
 
 use crate::{
-    config::Protocol,
+    config::{Protocol, Scheduler},
     dataplane::MapsState,
     maglev::{self, MaglevBackend},
     netlink::L2Path,
+    scheduling,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub struct DesiredService {
     pub name: String,
     pub vip: SocketAddr,
     pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    pub persistence_timeout_s: u32,
     pub backends: Vec<DesiredBackend>,
 }
 
@@ -48,20 +51,47 @@ pub struct DesiredBackend {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapWrite {
-    AddEgressDevice { ifindex: u32 },
-    SetBackend { id: u32, backend: Backend },
-    ClearBackend { id: u32 },
-    SetRingSlots { vip_id: u32, slots: Vec<(u32, u32)> },
-    SetVip { key: VipKey, info: VipInfo },
-    RemoveVip { key: VipKey },
-    AddVipAddress { key: VipAddressKey },
-    RemoveVipAddress { key: VipAddressKey },
+    AddEgressDevice {
+        ifindex: u32,
+    },
+    SetBackend {
+        id: u32,
+        backend: Backend,
+    },
+    ClearBackend {
+        id: u32,
+    },
+    SetRingSlots {
+        vip_id: u32,
+        slots: Vec<(u32, u32)>,
+    },
+    SetVip {
+        key: VipKey,
+        info: VipInfo,
+    },
+    RemoveVip {
+        key: VipKey,
+    },
+    AddVipAddress {
+        key: VipAddressKey,
+    },
+    RemoveVipAddress {
+        key: VipAddressKey,
+    },
+    /// least_conn: what the connection-table scan counts minus what the data
+    /// plane counted, added to the data plane's count.
+    SetActiveCorrection {
+        id: u32,
+        correction: i64,
+    },
 }
 
 #[derive(Debug)]
 struct AppliedService {
     vip_id: u32,
     key: VipKey,
+    /// As written to `VIPS`; `None` until written.
+    info: Option<VipInfo>,
     ring: Vec<u32>,
     /// Backend address → slot id, for the backends currently in the service.
     backends: BTreeMap<IpAddr, u32>,
@@ -119,12 +149,7 @@ impl Reconciler {
     /// contents. VIPs are matched to `services` by (address, port,
     /// protocol); a VIP no service claims is removed by the next `plan`, and
     /// a slot no service claims is retired.
-    pub fn adopt(
-        ring_size: u32,
-        max_services: u32,
-        maps: &MapsState,
-        services: &[(String, VipKey)],
-    ) -> Self {
+    pub fn adopt(ring_size: u32, max_services: u32, maps: &MapsState, services: &[(String, VipKey)]) -> Self {
         let mut r = Self::new(ring_size, max_services);
         for (key, info) in &maps.vips {
             let name = services
@@ -132,21 +157,13 @@ impl Reconciler {
                 .find(|(_, k)| k == key)
                 .map(|(name, _)| name.clone())
                 .unwrap_or_else(|| format!("<unconfigured VIP {}>", info.id));
-            let ring = maps
-                .rings
-                .get(&info.id)
-                .cloned()
-                .unwrap_or_else(|| vec![lb_common::NO_BACKEND; ring_size as usize]);
+            let ring =
+                maps.rings.get(&info.id).cloned().unwrap_or_else(|| vec![lb_common::NO_BACKEND; ring_size as usize]);
             r.free_vip_ids.retain(|id| *id != info.id);
             *r.vip_addresses.entry(vip_address_key(key)).or_insert(0) += 1;
             r.services.insert(
                 name,
-                AppliedService {
-                    vip_id: info.id,
-                    key: *key,
-                    ring,
-                    backends: BTreeMap::new(),
-                },
+                AppliedService { vip_id: info.id, key: *key, info: Some(*info), ring, backends: BTreeMap::new() },
             );
         }
         for (id, backend) in &maps.backends {
@@ -188,12 +205,7 @@ impl Reconciler {
         let mut errors = Vec::new();
         let wanted: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
 
-        let gone: Vec<String> = self
-            .services
-            .keys()
-            .filter(|name| !wanted.contains(name.as_str()))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.services.keys().filter(|name| !wanted.contains(name.as_str())).cloned().collect();
         for name in gone {
             self.remove_service(&name, &mut writes);
         }
@@ -211,22 +223,16 @@ impl Reconciler {
         (writes, errors)
     }
 
-    fn update_service(
-        &mut self,
-        desired: &DesiredService,
-        writes: &mut Vec<MapWrite>,
-    ) -> Result<(), ReconcileError> {
+    fn update_service(&mut self, desired: &DesiredService, writes: &mut Vec<MapWrite>) -> Result<(), ReconcileError> {
         let is_new = !self.services.contains_key(&desired.name);
         if is_new {
-            let vip_id = self
-                .free_vip_ids
-                .pop()
-                .ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
+            let vip_id = self.free_vip_ids.pop().ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
             self.services.insert(
                 desired.name.clone(),
                 AppliedService {
                     vip_id,
                     key: vip_key(desired),
+                    info: None,
                     ring: vec![lb_common::NO_BACKEND; self.ring_size as usize],
                     backends: BTreeMap::new(),
                 },
@@ -236,18 +242,9 @@ impl Reconciler {
 
         // Backends: keep ids of those that stay, retire those that left.
         let mut service = self.services.remove(&desired.name).expect("inserted above");
-        let resolved: BTreeMap<IpAddr, &DesiredBackend> = desired
-            .backends
-            .iter()
-            .filter(|b| b.path.is_some())
-            .map(|b| (b.address, b))
-            .collect();
-        let left: Vec<IpAddr> = service
-            .backends
-            .keys()
-            .filter(|a| !resolved.contains_key(a))
-            .copied()
-            .collect();
+        let resolved: BTreeMap<IpAddr, &DesiredBackend> =
+            desired.backends.iter().filter(|b| b.path.is_some()).map(|b| (b.address, b)).collect();
+        let left: Vec<IpAddr> = service.backends.keys().filter(|a| !resolved.contains_key(a)).copied().collect();
         let mut retiring = Vec::new();
         for address in left {
             retiring.push(service.backends.remove(&address).expect("listed above"));
@@ -262,21 +259,16 @@ impl Reconciler {
                         id
                     }
                     None => {
-                        result = Err(ReconcileError::OutOfBackendIds(
-                            desired.name.clone(),
-                            *address,
-                        ));
+                        result = Err(ReconcileError::OutOfBackendIds(desired.name.clone(), *address));
                         continue;
                     }
                 },
             };
             let path = backend.path.expect("filtered on resolved");
             if self.egress_devices.insert(path.ifindex) {
-                writes.push(MapWrite::AddEgressDevice {
-                    ifindex: path.ifindex,
-                });
+                writes.push(MapWrite::AddEgressDevice { ifindex: path.ifindex });
             }
-            let slot = backend_slot(*address, path, backend.down, service.vip_id);
+            let slot = backend_slot(*address, path, backend, service.vip_id);
             if self.backends.get(&id) != Some(&slot) {
                 self.backends.insert(id, slot);
                 writes.push(MapWrite::SetBackend { id, backend: slot });
@@ -288,7 +280,14 @@ impl Reconciler {
             });
         }
 
-        let ring = maglev::build_table(&members, self.ring_size);
+        let (ring, info) = self.scheduler_state(desired, service.vip_id, &members);
+        // A shorter sequence is announced before its tail is cleared, a
+        // longer one after it is written: the cursor never reads a hole.
+        let info_changed = service.info != Some(info);
+        let shrinking = service.info.is_some_and(|old| old.seq_len > info.seq_len);
+        if info_changed && shrinking {
+            writes.push(MapWrite::SetVip { key: service.key, info });
+        }
         let slots: Vec<(u32, u32)> = ring
             .iter()
             .zip(&service.ring)
@@ -297,21 +296,15 @@ impl Reconciler {
             .map(|(i, (new, _))| (i as u32, *new))
             .collect();
         if !slots.is_empty() {
-            writes.push(MapWrite::SetRingSlots {
-                vip_id: service.vip_id,
-                slots,
-            });
+            writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
         }
         service.ring = ring;
 
+        if info_changed && !shrinking {
+            writes.push(MapWrite::SetVip { key: service.key, info });
+        }
+        service.info = Some(info);
         if is_new {
-            writes.push(MapWrite::SetVip {
-                key: service.key,
-                info: VipInfo {
-                    id: service.vip_id,
-                    flags: 0,
-                },
-            });
             let address = vip_address_key(&service.key);
             let count = self.vip_addresses.entry(address).or_insert(0);
             *count += 1;
@@ -322,6 +315,40 @@ impl Reconciler {
         self.retired.extend(retiring);
         self.services.insert(desired.name.clone(), service);
         result
+    }
+
+    /// What the VIP's slot region holds and its `VIPS` entry, by scheduler.
+    fn scheduler_state(&self, desired: &DesiredService, vip_id: u32, members: &[MaglevBackend]) -> (Vec<u32>, VipInfo) {
+        let weighted: Vec<(u32, u64, u32)> = members.iter().map(|m| (m.id, m.identity, m.weight)).collect();
+        let unweighted: Vec<(u32, u64, u32)> = weighted.iter().map(|(id, i, w)| (*id, *i, (*w > 0) as u32)).collect();
+        let (kind, list) = match desired.scheduler {
+            Scheduler::Maglev | Scheduler::LeastResponseTime => (scheduler::MAGLEV, None),
+            Scheduler::Random => (scheduler::RANDOM, None),
+            Scheduler::SourceHash => (scheduler::SOURCE_HASH, None),
+            Scheduler::RoundRobin => {
+                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&unweighted, self.ring_size as usize)))
+            }
+            Scheduler::WeightedRoundRobin => {
+                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&weighted, self.ring_size as usize)))
+            }
+            Scheduler::LeastConn => (scheduler::LEAST_CONN, Some(scheduling::least_conn_candidates(&weighted))),
+        };
+        let (ring, seq_len) = match list {
+            None => (maglev::build_table(members, self.ring_size), 0),
+            Some(list) => {
+                let mut ring = vec![lb_common::NO_BACKEND; self.ring_size as usize];
+                ring[..list.len()].copy_from_slice(&list);
+                (ring, list.len() as u32)
+            }
+        };
+        let info = VipInfo {
+            id: vip_id,
+            flags: 0,
+            scheduler: kind,
+            seq_len,
+            persistence_timeout_ns: desired.persistence_timeout_s as u64 * 1_000_000_000,
+        };
+        (ring, info)
     }
 
     fn remove_service(&mut self, name: &str, writes: &mut Vec<MapWrite>) {
@@ -345,23 +372,42 @@ impl Reconciler {
             .map(|(i, _)| (i as u32, lb_common::NO_BACKEND))
             .collect();
         if !slots.is_empty() {
-            writes.push(MapWrite::SetRingSlots {
-                vip_id: service.vip_id,
-                slots,
-            });
+            writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
         }
         self.free_vip_ids.push(service.vip_id);
         self.retired.extend(service.backends.into_values());
     }
 
+    /// Ids of the backends of least_conn services.
+    pub fn least_conn_backends(&self) -> Vec<u32> {
+        self.services
+            .values()
+            .filter(|s| s.info.is_some_and(|i| i.scheduler == scheduler::LEAST_CONN))
+            .flat_map(|s| s.backends.values().copied())
+            .collect()
+    }
+
+    /// Corrections that make the data plane's least_conn counts equal the
+    /// scan's (LRU evictions and idle expiry are invisible to the data plane).
+    pub fn active_corrections(
+        &self,
+        scanned: &std::collections::HashMap<u32, u64>,
+        counted: &std::collections::HashMap<u32, (u64, i64)>,
+    ) -> Vec<MapWrite> {
+        let mut writes = Vec::new();
+        for id in self.least_conn_backends() {
+            let (raw, current) = counted.get(&id).copied().unwrap_or((0, 0));
+            let correction = *scanned.get(&id).unwrap_or(&0) as i64 - raw as i64;
+            if correction != current {
+                writes.push(MapWrite::SetActiveCorrection { id, correction });
+            }
+        }
+        writes
+    }
+
     /// Frees retired backend slots that no connection-table entry refers to.
     pub fn collect_retired(&mut self, referenced: &HashSet<u32>) -> Vec<MapWrite> {
-        let free: Vec<u32> = self
-            .retired
-            .iter()
-            .filter(|id| !referenced.contains(id))
-            .copied()
-            .collect();
+        let free: Vec<u32> = self.retired.iter().filter(|id| !referenced.contains(id)).copied().collect();
         let mut writes = Vec::new();
         for id in free {
             self.retired.remove(&id);
@@ -394,19 +440,22 @@ pub fn vip_key_of(service: &crate::config::ServiceConfig) -> VipKey {
 }
 
 fn vip_address_key(key: &VipKey) -> VipAddressKey {
-    VipAddressKey {
-        addr: key.addr,
-        family: key.family,
-        _pad: [0; 3],
-    }
+    VipAddressKey { addr: key.addr, family: key.family, _pad: [0; 3] }
 }
 
-fn backend_slot(address: IpAddr, path: L2Path, down: bool, vip_id: u32) -> Backend {
+fn backend_slot(address: IpAddr, path: L2Path, desired: &DesiredBackend, vip_id: u32) -> Backend {
+    let mut flags = BACKEND_F_IN_USE;
+    if desired.down {
+        flags |= BACKEND_F_DOWN;
+    }
+    if desired.weight > 0 {
+        flags |= BACKEND_F_ELIGIBLE;
+    }
     Backend {
         addr: address_words(address),
         family: family(address),
-        flags: BACKEND_F_IN_USE | if down { BACKEND_F_DOWN } else { 0 },
-        _pad: [0; 2],
+        flags,
+        weight: desired.weight.min(u16::MAX as u32) as u16,
         ifindex: path.ifindex,
         dst_mac: path.dst_mac,
         src_mac: path.src_mac,
@@ -424,11 +473,7 @@ fn words_address(words: [u32; 4], family: u8) -> IpAddr {
 }
 
 pub fn family(address: IpAddr) -> u8 {
-    if address.is_ipv4() {
-        FAMILY_IPV4
-    } else {
-        FAMILY_IPV6
-    }
+    if address.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 }
 }
 
 /// Address as stored in maps: wire bytes, IPv4 in the first word.
@@ -459,11 +504,7 @@ mod tests {
     const RING: u32 = 251;
 
     fn path(n: u8) -> Option<L2Path> {
-        Some(L2Path {
-            ifindex: 7,
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 1, n],
-        })
+        Some(L2Path { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 1, n] })
     }
 
     fn service(name: &str, backends: &[(u8, u32)]) -> DesiredService {
@@ -471,6 +512,8 @@ mod tests {
             name: name.into(),
             vip: "198.18.0.100:80".parse().unwrap(),
             protocol: Protocol::Tcp,
+            scheduler: Scheduler::Maglev,
+            persistence_timeout_s: 0,
             backends: backends
                 .iter()
                 .map(|(n, w)| DesiredBackend {
@@ -503,21 +546,10 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(
-            kinds,
-            ["egress", "backend", "backend", "ring", "vip", "vip-address"]
-        );
-        let MapWrite::SetRingSlots { slots, .. } = &writes[3] else {
-            unreachable!()
-        };
-        assert_eq!(
-            slots.len(),
-            RING as usize,
-            "every slot of a fresh ring is written"
-        );
-        let MapWrite::SetVip { key, info } = &writes[4] else {
-            unreachable!()
-        };
+        assert_eq!(kinds, ["egress", "backend", "backend", "ring", "vip", "vip-address"]);
+        let MapWrite::SetRingSlots { slots, .. } = &writes[3] else { unreachable!() };
+        assert_eq!(slots.len(), RING as usize, "every slot of a fresh ring is written");
+        let MapWrite::SetVip { key, info } = &writes[4] else { unreachable!() };
         assert_eq!(key.port, 80u16.to_be());
         assert_eq!(key.addr[0], u32::from_ne_bytes([198, 18, 0, 100]));
         assert_eq!(info.id, 0);
@@ -539,10 +571,15 @@ mod tests {
         r.plan(&[service("web", &[(11, 1), (12, 1), (13, 1)])]);
         let before = ring_of(&r, "web");
         let (writes, _) = r.plan(&[service("web", &[(11, 1), (12, 1), (13, 3)])]);
-        assert_eq!(writes.len(), 1, "{writes:?}");
-        let MapWrite::SetRingSlots { slots, .. } = &writes[0] else {
-            panic!("{writes:?}")
-        };
+        // The reweighted backend's slot (it carries the weight), then only the
+        // ring slots that changed.
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        let id13 = r.backend_id("web", IpAddr::from([198, 18, 1, 13])).unwrap();
+        assert!(
+            matches!(&writes[0], MapWrite::SetBackend { id, backend } if *id == id13 && backend.weight == 3),
+            "{writes:?}"
+        );
+        let MapWrite::SetRingSlots { slots, .. } = &writes[1] else { panic!("{writes:?}") };
         let after = ring_of(&r, "web");
         let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         assert_eq!(slots.len(), changed);
@@ -555,12 +592,7 @@ mod tests {
         r.plan(&[service("web", &[(11, 1), (12, 1)])]);
         let id12 = r.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap();
         let (writes, _) = r.plan(&[service("web", &[(11, 1)])]);
-        assert!(
-            !writes
-                .iter()
-                .any(|w| matches!(w, MapWrite::ClearBackend { .. })),
-            "slot stays for pinned flows"
-        );
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::ClearBackend { .. })), "slot stays for pinned flows");
         assert!(!ring_of(&r, "web").contains(&id12));
         assert!(r.retired().contains(&id12));
 
@@ -568,15 +600,9 @@ mod tests {
         assert!(r.collect_retired(&HashSet::from([id12])).is_empty());
         // A new backend must not reuse the retired id.
         r.plan(&[service("web", &[(11, 1), (14, 1)])]);
-        assert_ne!(
-            r.backend_id("web", IpAddr::from([198, 18, 1, 14])),
-            Some(id12)
-        );
+        assert_ne!(r.backend_id("web", IpAddr::from([198, 18, 1, 14])), Some(id12));
         // Unreferenced: cleared and freed.
-        assert_eq!(
-            r.collect_retired(&HashSet::new()),
-            vec![MapWrite::ClearBackend { id: id12 }]
-        );
+        assert_eq!(r.collect_retired(&HashSet::new()), vec![MapWrite::ClearBackend { id: id12 }]);
         assert!(r.retired().is_empty());
     }
 
@@ -599,7 +625,8 @@ mod tests {
         desired.backends[0].weight = 1;
         let (writes, _) = r.plan(&[desired]);
         assert!(
-            matches!(&writes[0], MapWrite::SetBackend { backend, .. } if backend.flags == BACKEND_F_IN_USE)
+            matches!(&writes[0], MapWrite::SetBackend { backend, .. } if backend.flags == BACKEND_F_IN_USE | BACKEND_F_ELIGIBLE),
+            "{writes:?}"
         );
         assert!(ring_of(&r, "web").contains(&id));
     }
@@ -620,29 +647,19 @@ mod tests {
     #[test]
     fn removed_service_clears_vip_ring_and_retires_backends() {
         let mut r = Reconciler::new(RING, 4);
-        r.plan(&[
-            service("web", &[(11, 1)]),
-            service_on("dns", 53, &[(21, 1)]),
-        ]);
+        r.plan(&[service("web", &[(11, 1)]), service_on("dns", 53, &[(21, 1)])]);
         let (writes, _) = r.plan(&[service_on("dns", 53, &[(21, 1)])]);
-        assert!(
-            matches!(writes[0], MapWrite::RemoveVip { .. }),
-            "{writes:?}"
-        );
+        assert!(matches!(writes[0], MapWrite::RemoveVip { .. }), "{writes:?}");
         // Another service still lives on 198.18.0.100: the address stays.
-        assert!(
-            !writes
-                .iter()
-                .any(|w| matches!(w, MapWrite::RemoveVipAddress { .. }))
-        );
-        assert!(writes.iter().any(|w| matches!(w, MapWrite::SetRingSlots { slots, .. } if slots.iter().all(|(_, id)| *id == 0))));
-        assert_eq!(r.retired().len(), 1);
-        let (writes, _) = r.plan(&[]);
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::RemoveVipAddress { .. })));
         assert!(
             writes
                 .iter()
-                .any(|w| matches!(w, MapWrite::RemoveVipAddress { .. }))
+                .any(|w| matches!(w, MapWrite::SetRingSlots { slots, .. } if slots.iter().all(|(_, id)| *id == 0)))
         );
+        assert_eq!(r.retired().len(), 1);
+        let (writes, _) = r.plan(&[]);
+        assert!(writes.iter().any(|w| matches!(w, MapWrite::RemoveVipAddress { .. })));
         // The freed VIP id is reused.
         r.plan(&[service("web", &[(11, 1)])]);
         assert!(r.vip_id("web").unwrap() <= 1);
@@ -651,10 +668,7 @@ mod tests {
     #[test]
     fn running_out_of_vip_ids_is_reported() {
         let mut r = Reconciler::new(RING, 1);
-        let (_, errors) = r.plan(&[
-            service("web", &[(11, 1)]),
-            service_on("dns", 53, &[(21, 1)]),
-        ]);
+        let (_, errors) = r.plan(&[service("web", &[(11, 1)]), service_on("dns", 53, &[(21, 1)])]);
         assert_eq!(errors, vec![ReconcileError::OutOfVipIds("dns".into())]);
         assert!(r.vip_id("web").is_some());
     }
@@ -670,10 +684,7 @@ mod tests {
                 MapWrite::SetBackend { id, backend } => maps.backends.push((id, backend)),
                 MapWrite::AddEgressDevice { ifindex } => maps.egress_devices.push(ifindex),
                 MapWrite::SetRingSlots { vip_id, slots } => {
-                    let ring = maps
-                        .rings
-                        .entry(vip_id)
-                        .or_insert_with(|| vec![0; RING as usize]);
+                    let ring = maps.rings.entry(vip_id).or_insert_with(|| vec![0; RING as usize]);
                     for (i, id) in slots {
                         ring[i as usize] = id;
                     }
@@ -684,19 +695,36 @@ mod tests {
         (r, maps)
     }
 
+    #[test]
+    fn least_conn_corrections_bring_counts_to_the_scan() {
+        let mut r = Reconciler::new(RING, 4);
+        let mut desired = service("web", &[(11, 1), (12, 1)]);
+        desired.scheduler = Scheduler::LeastConn;
+        r.plan(&[desired, service_on("dns", 53, &[(21, 1)])]);
+        let (a, b) = (
+            r.backend_id("web", IpAddr::from([198, 18, 1, 11])).unwrap(),
+            r.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap(),
+        );
+        // The data plane counted 10 and 4; the table holds 7 and 4 (3 evicted).
+        let scanned = std::collections::HashMap::from([(a, 7), (b, 4)]);
+        let counted = std::collections::HashMap::from([(a, (10, 0)), (b, (4, 0))]);
+        assert_eq!(
+            r.active_corrections(&scanned, &counted),
+            vec![MapWrite::SetActiveCorrection { id: a, correction: -3 }]
+        );
+        // Already corrected: nothing to write. Only least_conn backends are considered.
+        let counted = std::collections::HashMap::from([(a, (10, -3)), (b, (4, 0))]);
+        assert!(r.active_corrections(&scanned, &counted).is_empty());
+        assert_eq!(r.least_conn_backends().len(), 2);
+    }
+
     fn names_and_keys(desired: &[DesiredService]) -> Vec<(String, VipKey)> {
-        desired
-            .iter()
-            .map(|s| (s.name.clone(), vip_key(s)))
-            .collect()
+        desired.iter().map(|s| (s.name.clone(), vip_key(s))).collect()
     }
 
     #[test]
     fn adopting_the_same_state_keeps_every_id_and_writes_nothing() {
-        let desired = [
-            service("web", &[(11, 1), (12, 2)]),
-            service_on("dns", 53, &[(21, 1)]),
-        ];
+        let desired = [service("web", &[(11, 1), (12, 2)]), service_on("dns", 53, &[(21, 1)])];
         let (before, maps) = maps_after(&desired);
         let mut adopted = Reconciler::adopt(RING, 4, &maps, &names_and_keys(&desired));
         for (name, n) in [("web", 11), ("web", 12), ("dns", 21)] {
@@ -710,37 +738,67 @@ mod tests {
 
     #[test]
     fn adopting_then_changing_reconciles_to_the_new_config() {
-        let old = [
-            service("web", &[(11, 1), (12, 1)]),
-            service_on("dns", 53, &[(21, 1)]),
-        ];
+        let old = [service("web", &[(11, 1), (12, 1)]), service_on("dns", 53, &[(21, 1)])];
         let (before, maps) = maps_after(&old);
         // The new config dropped dns and backend 12, and added 13.
         let new = [service("web", &[(11, 1), (13, 1)])];
         let mut r = Reconciler::adopt(RING, 4, &maps, &names_and_keys(&old[..1]));
         let (writes, _) = r.plan(&new);
         assert!(
-            writes
-                .iter()
-                .any(|w| matches!(w, MapWrite::RemoveVip { key } if key.port == 53u16.to_be())),
+            writes.iter().any(|w| matches!(w, MapWrite::RemoveVip { key } if key.port == 53u16.to_be())),
             "{writes:?}"
         );
-        let id12 = before
-            .backend_id("web", IpAddr::from([198, 18, 1, 12]))
-            .unwrap();
-        let id21 = before
-            .backend_id("dns", IpAddr::from([198, 18, 1, 21]))
-            .unwrap();
+        let id12 = before.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap();
+        let id21 = before.backend_id("dns", IpAddr::from([198, 18, 1, 21])).unwrap();
         assert!(r.retired().contains(&id12) && r.retired().contains(&id21));
         let id13 = r.backend_id("web", IpAddr::from([198, 18, 1, 13])).unwrap();
-        assert!(
-            ![id12, id21].contains(&id13),
-            "a slot that flows may use was reused"
-        );
+        assert!(![id12, id21].contains(&id13), "a slot that flows may use was reused");
         assert_eq!(
             r.backend_id("web", IpAddr::from([198, 18, 1, 11])),
             before.backend_id("web", IpAddr::from([198, 18, 1, 11]))
         );
+    }
+
+    #[test]
+    fn sequence_schedulers_fill_the_front_of_the_region_and_announce_its_length() {
+        let mut r = Reconciler::new(RING, 4);
+        let mut desired = service("web", &[(11, 1), (12, 2), (13, 3)]);
+        desired.scheduler = Scheduler::WeightedRoundRobin;
+        desired.persistence_timeout_s = 30;
+        let (writes, _) = r.plan(&[desired.clone()]);
+        let Some(MapWrite::SetVip { info, .. }) = writes.iter().find(|w| matches!(w, MapWrite::SetVip { .. })) else {
+            panic!()
+        };
+        assert_eq!(
+            (info.scheduler, info.seq_len, info.persistence_timeout_ns),
+            (scheduler::SEQUENCE, 6, 30_000_000_000)
+        );
+        let ring = ring_of(&r, "web");
+        assert!(ring[..6].iter().all(|id| *id != 0) && ring[6..].iter().all(|id| *id == 0));
+        // Shrinking to two backends: the VIP entry is written before the tail is cleared.
+        desired.backends.truncate(1);
+        desired.backends[0].weight = 1;
+        let (writes, _) = r.plan(&[desired.clone()]);
+        let vip_at = writes.iter().position(|w| matches!(w, MapWrite::SetVip { .. })).unwrap();
+        let ring_at = writes.iter().position(|w| matches!(w, MapWrite::SetRingSlots { .. })).unwrap();
+        assert!(vip_at < ring_at, "{writes:?}");
+        // Switching to least_conn: candidates, one each.
+        desired.scheduler = Scheduler::LeastConn;
+        desired.backends = service("web", &[(11, 1), (12, 5)]).backends;
+        r.plan(&[desired]);
+        assert_eq!(r.services["web"].info.unwrap().seq_len, 2);
+    }
+
+    #[test]
+    fn backend_slots_carry_weight_and_eligibility() {
+        let mut r = Reconciler::new(RING, 4);
+        let (writes, _) = r.plan(&[service("web", &[(11, 7), (12, 0)])]);
+        let slots: Vec<&Backend> = writes
+            .iter()
+            .filter_map(|w| if let MapWrite::SetBackend { backend, .. } = w { Some(backend) } else { None })
+            .collect();
+        assert_eq!((slots[0].weight, slots[0].flags & BACKEND_F_ELIGIBLE), (7, BACKEND_F_ELIGIBLE));
+        assert_eq!((slots[1].weight, slots[1].flags & BACKEND_F_ELIGIBLE), (0, 0));
     }
 
     fn service_on(name: &str, port: u16, backends: &[(u8, u32)]) -> DesiredService {

@@ -10,10 +10,11 @@ use std::{
 };
 
 use crate::{
-    config::{Config, HealthKind, OnFailure},
+    config::{Config, HealthKind, OnFailure, Scheduler},
     health::HealthState,
     netlink::L2Path,
     reconcile::{DesiredBackend, DesiredService},
+    scheduling::{Ewma, response_time_weights},
 };
 
 /// Operator's wish for a backend, independent of its health.
@@ -45,6 +46,10 @@ pub struct BackendRuntime {
     /// Connection-table entries of this backend seen within the idle timeout
     /// and not finished, at the last scan.
     pub active_flows: u64,
+    /// Mean response time of successful probes (least_response_time).
+    pub latency: Ewma,
+    /// The weight least_response_time derived last; 0 until it has.
+    pub derived_weight: u32,
 }
 
 impl Default for BackendRuntime {
@@ -53,6 +58,8 @@ impl Default for BackendRuntime {
             health: HealthState::default(),
             admin: AdminState::Enabled,
             active_flows: 0,
+            latency: Ewma::default(),
+            derived_weight: 0,
         }
     }
 }
@@ -86,22 +93,39 @@ impl Runtime {
         self.backends.get_mut(&(service.to_string(), address))
     }
 
+    /// least_response_time: derives each backend's weight from its mean
+    /// response time (see `scheduling::response_time_weights`). Returns
+    /// whether any weight changed.
+    pub fn rebalance_response_time(&mut self, config: &Config) -> bool {
+        let mut changed = false;
+        for service in config.services.iter().filter(|s| s.scheduler == Scheduler::LeastResponseTime) {
+            let name = service.name.get_ref();
+            let keys: Vec<(String, IpAddr)> =
+                service.backends.iter().map(|b| (name.clone(), *b.address.get_ref())).collect();
+            let configured: Vec<u32> = service.backends.iter().map(|b| b.weight.0).collect();
+            let state = |k: &(String, IpAddr)| self.backends.get(k).cloned().unwrap_or_default();
+            let means: Vec<Option<f64>> = keys.iter().map(|k| state(k).latency.mean).collect();
+            let previous: Vec<u32> = keys.iter().map(|k| state(k).derived_weight).collect();
+            let next = response_time_weights(&configured, &means, &previous);
+            for (key, weight) in keys.iter().zip(next) {
+                if let Some(b) = self.backends.get_mut(key)
+                    && b.derived_weight != weight
+                {
+                    b.derived_weight = weight;
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
     /// Moves draining backends to drained once they have no active flow or
     /// their drain timeout has passed. Returns those that finished.
-    pub fn advance_drains(
-        &mut self,
-        config: &Config,
-        now: Instant,
-    ) -> Vec<(String, IpAddr, &'static str)> {
+    pub fn advance_drains(&mut self, config: &Config, now: Instant) -> Vec<(String, IpAddr, &'static str)> {
         let timeouts: HashMap<&str, Duration> = config
             .services
             .iter()
-            .map(|s| {
-                (
-                    s.name.get_ref().as_str(),
-                    Duration::from_secs(s.drain_timeout_s),
-                )
-            })
+            .map(|s| (s.name.get_ref().as_str(), Duration::from_secs(s.drain_timeout_s)))
             .collect();
         let mut finished = Vec::new();
         for ((service, address), state) in &mut self.backends {
@@ -146,13 +170,9 @@ pub fn desired_services(
         let state_of = |address: IpAddr| runtime.get(name, address).cloned().unwrap_or_default();
         let enabled = |address: IpAddr| state_of(address).admin == AdminState::Enabled;
         let healthy = |address: IpAddr| state_of(address).health.up;
-        let candidates: Vec<_> = service
-            .backends
-            .iter()
-            .filter(|b| b.weight.0 > 0 && enabled(*b.address.get_ref()))
-            .collect();
-        let failing_open =
-            !candidates.is_empty() && candidates.iter().all(|b| !healthy(*b.address.get_ref()));
+        let candidates: Vec<_> =
+            service.backends.iter().filter(|b| b.weight.0 > 0 && enabled(*b.address.get_ref())).collect();
+        let failing_open = !candidates.is_empty() && candidates.iter().all(|b| !healthy(*b.address.get_ref()));
         fail_open.insert(name.clone(), failing_open);
 
         let backends = service
@@ -163,9 +183,14 @@ pub fn desired_services(
                 let checked = service.health_check(b).kind != HealthKind::None;
                 let up = !checked || healthy(address);
                 let takes_new_flows = enabled(address) && (up || failing_open);
+                let derived = state_of(address).derived_weight;
+                let weight = match service.scheduler {
+                    Scheduler::LeastResponseTime if derived > 0 && b.weight.0 > 0 => derived,
+                    _ => b.weight.0,
+                };
                 DesiredBackend {
                     address,
-                    weight: if takes_new_flows { b.weight.0 } else { 0 },
+                    weight: if takes_new_flows { weight } else { 0 },
                     path: paths.get(&address).copied(),
                     down: !up && !failing_open && service.on_failure == OnFailure::Reschedule,
                 }
@@ -175,6 +200,8 @@ pub fn desired_services(
             name: name.clone(),
             vip: *service.vip.get_ref(),
             protocol: service.protocol,
+            scheduler: service.scheduler,
+            persistence_timeout_s: service.persistence_timeout_s,
             backends,
         });
     }
@@ -201,40 +228,20 @@ mod tests {
     }
 
     fn paths() -> HashMap<IpAddr, L2Path> {
-        [11, 12]
-            .map(|n| {
-                (
-                    addr(n),
-                    L2Path {
-                        ifindex: 2,
-                        src_mac: [0; 6],
-                        dst_mac: [n; 6],
-                    },
-                )
-            })
-            .into_iter()
-            .collect()
+        [11, 12].map(|n| (addr(n), L2Path { ifindex: 2, src_mac: [0; 6], dst_mac: [n; 6] })).into_iter().collect()
     }
 
     fn set_health(runtime: &mut Runtime, n: u8, up: bool) {
         let state = runtime.get_mut("web", addr(n)).unwrap();
-        let outcome = ProbeOutcome {
-            ok: up,
-            latency: Duration::ZERO,
-            detail: String::new(),
-            at: std::time::SystemTime::now(),
-        };
+        let outcome =
+            ProbeOutcome { ok: up, latency: Duration::ZERO, detail: String::new(), at: std::time::SystemTime::now() };
         while state.health.up != up {
             state.health.record(outcome.clone(), 1, 1);
         }
     }
 
     fn weights_and_down(services: &[DesiredService]) -> Vec<(u32, bool)> {
-        services[0]
-            .backends
-            .iter()
-            .map(|b| (b.weight, b.down))
-            .collect()
+        services[0].backends.iter().map(|b| (b.weight, b.down)).collect()
     }
 
     #[test]
@@ -287,10 +294,7 @@ mod tests {
         assert_eq!(weights_and_down(&services), [(1, false), (0, false)]);
 
         // Flows still active: still draining.
-        assert!(
-            r.advance_drains(&c, start + Duration::from_secs(1))
-                .is_empty()
-        );
+        assert!(r.advance_drains(&c, start + Duration::from_secs(1)).is_empty());
         // Flows gone: drained.
         r.get_mut("web", addr(12)).unwrap().active_flows = 0;
         assert_eq!(
@@ -302,10 +306,7 @@ mod tests {
         let state = r.get_mut("web", addr(11)).unwrap();
         state.admin = AdminState::Draining { since: start };
         state.active_flows = 5;
-        assert_eq!(
-            r.advance_drains(&c, start + Duration::from_secs(60))[0].2,
-            "drain timeout passed"
-        );
+        assert_eq!(r.advance_drains(&c, start + Duration::from_secs(60))[0].2, "drain timeout passed");
     }
 
     #[test]
@@ -329,6 +330,31 @@ mod tests {
         set_health(&mut r, 11, false);
         let (services, _) = desired_services(&c, &r, &paths());
         assert_eq!(weights_and_down(&services), [(1, false), (3, false)]);
+    }
+
+    #[test]
+    fn least_response_time_weights_follow_latency() {
+        let c = config("scheduler = \"least_response_time\"");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        // Before any measurement: the configured 1:3.
+        assert!(r.rebalance_response_time(&c));
+        let (services, _) = desired_services(&c, &r, &paths());
+        assert_eq!(services[0].backends[1].weight, 3 * services[0].backends[0].weight);
+        // Backend 12 answers in 60 ms, backend 11 in 2 ms.
+        for _ in 0..20 {
+            r.get_mut("web", addr(11)).unwrap().latency.observe(2.0);
+            r.get_mut("web", addr(12)).unwrap().latency.observe(60.0);
+        }
+        for _ in 0..10 {
+            r.rebalance_response_time(&c);
+        }
+        let (services, _) = desired_services(&c, &r, &paths());
+        let (w11, w12) = (services[0].backends[0].weight, services[0].backends[1].weight);
+        // 3× the weight but 30× slower: a tenth of the fast one's share.
+        assert!(w12 * 5 < w11, "w11 {w11}, w12 {w12}");
+        // Settled: another round changes nothing.
+        assert!(!r.rebalance_response_time(&c));
     }
 
     #[test]

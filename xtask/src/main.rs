@@ -94,10 +94,7 @@ fn test(root: &Path) -> Result<()> {
         };
         for part in result.split(['.', ';']) {
             let mut words = part.split_whitespace();
-            let (Some(n), Some(what)) = (
-                words.next().and_then(|n| n.parse::<u64>().ok()),
-                words.next(),
-            ) else {
+            let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) else {
                 continue;
             };
             match what {
@@ -121,8 +118,7 @@ fn test(root: &Path) -> Result<()> {
 
 fn build(root: &Path, release: bool) -> Result<()> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root)
-        .args(["build", "--package", "lb-userspace"]);
+    cmd.current_dir(root).args(["build", "--package", "lb-userspace"]);
     if release {
         cmd.arg("--release");
     }
@@ -130,10 +126,7 @@ fn build(root: &Path, release: bool) -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn require_root(what: &str) -> Result<()> {

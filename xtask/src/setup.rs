@@ -11,13 +11,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use crate::exec;
 
 /// Commands the tests and the demo run, and the Debian package of each.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("ethtool", "ethtool"),
-    ("curl", "curl"),
-    ("python3", "python3"),
-    ("nsenter", "util-linux"),
-];
+const DEBIAN_PACKAGES: &[(&str, &str)] =
+    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("curl", "curl"), ("python3", "python3"), ("nsenter", "util-linux")];
 
 pub fn run() -> Result<()> {
     rust_src()?;
@@ -26,10 +21,7 @@ pub fn run() -> Result<()> {
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -42,14 +34,8 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 /// The eBPF crate builds core from source (-Z build-std) with nightly.
 fn rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))
-    .context("the nightly toolchain is required for the eBPF program")?;
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+        .context("the nightly toolchain is required for the eBPF program")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -66,9 +52,7 @@ fn bpf_linker() -> Result<()> {
     if bpf_linker_runs() {
         return Ok(());
     }
-    let sysroot = PathBuf::from(output(
-        Command::new("rustc").args(["+nightly", "--print", "sysroot"]),
-    )?);
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?);
     let lib_dir = sysroot.join("lib");
     let libllvm = std::fs::read_dir(&lib_dir)?
         .filter_map(|e| e.ok())
@@ -91,14 +75,7 @@ fn bpf_linker() -> Result<()> {
     eprintln!("xtask setup: building bpf-linker against {libllvm} (about a minute)");
     exec(
         Command::new("cargo")
-            .args([
-                "+nightly",
-                "install",
-                "--force",
-                "bpf-linker",
-                "--no-default-features",
-                "--features",
-            ])
+            .args(["+nightly", "install", "--force", "bpf-linker", "--no-default-features", "--features"])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix)
             .env_remove("RUSTC")
@@ -107,9 +84,7 @@ fn bpf_linker() -> Result<()> {
             .env_remove("CARGO_TARGET_DIR"),
     )?;
     if !bpf_linker_runs() {
-        bail!(
-            "bpf-linker was installed but does not run under `rustup run nightly`; is ~/.cargo/bin on PATH?"
-        );
+        bail!("bpf-linker was installed but does not run under `rustup run nightly`; is ~/.cargo/bin on PATH?");
     }
     Ok(())
 }
@@ -127,10 +102,7 @@ fn debian_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!(
-        "xtask setup: installing Debian packages {}",
-        missing.join(" ")
-    );
+    eprintln!("xtask setup: installing Debian packages {}", missing.join(" "));
     exec(Command::new("apt-get").arg("update").arg("-q"))?;
     exec(
         Command::new("apt-get")

@@ -1,0 +1,114 @@
+//! Schedulers: the backend of a new flow. The connection table pins the flow
+//! afterwards, whatever the scheduler.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use lb_common::{BACKEND_F_IN_USE, MAX_LEAST_CONN_CANDIDATES, VipInfo, flow_hash, scheduler, source_hash};
+
+use crate::{
+    affinity,
+    maps::{ACTIVE_CORRECTION, ACTIVE_FLOWS, BACKENDS, CURSORS, RINGS, ring_size},
+    parse::Packet,
+};
+
+/// The backend for a new flow of `vip`, client affinity first.
+#[inline(always)]
+pub fn pick(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
+    let persistent = vip.persistence_timeout_ns != 0;
+    if persistent && let Some(backend_id) = affinity::lookup(packet, vip, now) {
+        crate::counters::count(lb_common::GlobalCounter::AffinityHit);
+        return Some(backend_id);
+    }
+    let backend_id = match vip.scheduler {
+        scheduler::SEQUENCE => sequence(vip),
+        scheduler::RANDOM => ring_slot(vip, unsafe { bpf_get_prandom_u32() }),
+        scheduler::SOURCE_HASH => ring_slot(vip, source_hash(&packet.flow.src)),
+        scheduler::LEAST_CONN => least_conn(vip),
+        _ => ring_slot(vip, flow_hash(&packet.flow)),
+    }?;
+    if persistent {
+        affinity::remember(packet, vip, backend_id, now);
+    }
+    Some(backend_id)
+}
+
+/// Slot `hash % size` of the VIP's Maglev table.
+#[inline(always)]
+fn ring_slot(vip: &VipInfo, hash: u32) -> Option<u32> {
+    let size = ring_size();
+    if size == 0 {
+        return None; // never loaded so; also removes the divide-by-zero panic path
+    }
+    let slot = vip.id.wrapping_mul(size).wrapping_add(hash % size);
+    RINGS.get(slot).copied()
+}
+
+/// The next entry of the VIP's smooth weighted sequence, by this CPU's cursor.
+#[inline(always)]
+fn sequence(vip: &VipInfo) -> Option<u32> {
+    let len = vip.seq_len;
+    if len == 0 {
+        return None;
+    }
+    let cursor = unsafe { &mut *CURSORS.get_ptr_mut(vip.id)? };
+    let position = *cursor % len;
+    *cursor = cursor.wrapping_add(1);
+    RINGS.get(vip.id.wrapping_mul(ring_size()).wrapping_add(position)).copied()
+}
+
+/// Weighted least connections: the candidate with the fewest active flows
+/// per unit of weight (compared as a·w_b < b·w_a, no division). Ties (idle
+/// backends, short requests) go to the smallest `mix(id ^ salt)` with a
+/// fresh random salt per scan: each tied candidate is as likely to win, so
+/// they never all go to one backend. (A counting reservoir would do the
+/// same but makes the verifier track every tie count: too many states.)
+#[inline(always)]
+fn least_conn(vip: &VipInfo) -> Option<u32> {
+    let base = vip.id.wrapping_mul(ring_size());
+    let salt = unsafe { bpf_get_prandom_u32() };
+    let mut best: Option<(u32, u64, u64, u32)> = None; // (id, active, weight, tie key)
+    for i in 0..MAX_LEAST_CONN_CANDIDATES {
+        if i >= vip.seq_len {
+            break;
+        }
+        let Some(id) = RINGS.get(base.wrapping_add(i)).copied() else { break };
+        let Some(backend) = BACKENDS.get(id) else { continue };
+        if backend.flags & BACKEND_F_IN_USE == 0 || backend.weight == 0 {
+            continue;
+        }
+        let weight = backend.weight as u64;
+        let active = active_flows(id);
+        let key = (id ^ salt).wrapping_mul(0x9e37_79b1).rotate_left(13);
+        let take = match best {
+            None => true,
+            Some((_, best_active, best_weight, best_key)) => {
+                let (this, other) = (active * best_weight, best_active * weight);
+                this < other || (this == other && key < best_key)
+            }
+        };
+        if take {
+            best = Some((id, active, weight, key));
+        }
+    }
+    best.map(|(id, ..)| id)
+}
+
+#[inline(always)]
+fn active_flows(backend_id: u32) -> u64 {
+    let counted = ACTIVE_FLOWS.get(backend_id).copied().unwrap_or(0) as i64;
+    let correction = ACTIVE_CORRECTION.get(backend_id).copied().unwrap_or(0);
+    let active = counted + correction;
+    if active < 0 { 0 } else { active as u64 }
+}
+
+/// Counts a flow starting (`+1`) or ending (`-1`) on a least_conn backend.
+#[inline(always)]
+pub fn account(backend_id: u32, delta: i64) {
+    if let Some(counter) = ACTIVE_FLOWS.get_ptr_mut(backend_id) {
+        // A plain atomic add whose result is unused: one BPF XADD. (The BPF
+        // target has no compare-and-swap, so core's AtomicU64 offers no
+        // fetch_add; the intrinsic is what it would call.)
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta as u64) };
+    }
+}
