@@ -9,7 +9,7 @@
 /// Version of every layout in this file, as pinned maps hold them. Bump it
 /// with any change to a map's key or value type (the size test below is a
 /// reminder): an agent refuses to adopt pinned maps of another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Upper bound on services (VIPs); sizes the VIP and per-VIP counter maps.
 pub const MAX_VIPS: u32 = 1024;
@@ -46,7 +46,7 @@ pub mod names {
     pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
     pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
     /// The maps that hold state, pinned under the agent's pin directory.
-    pub const PINNED_MAPS: [&str; 13] = [
+    pub const PINNED_MAPS: [&str; 14] = [
         VIPS,
         VIP_ADDRESSES,
         RINGS,
@@ -60,7 +60,9 @@ pub mod names {
         CURSORS,
         ACTIVE_FLOWS,
         ACTIVE_FLOWS_CORRECTION,
+        WILDCARD_VIPS,
     ];
+    pub const WILDCARD_VIPS: &str = "WILDCARD_VIPS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const CURSORS: &str = "CURSORS";
     pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";

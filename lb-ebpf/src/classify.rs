@@ -3,13 +3,16 @@
 
 use lb_common::{FlowKey, VipAddressKey, VipInfo, VipKey};
 
-use crate::maps::{VIP_ADDRESSES, VIPS};
+use crate::maps::{VIP_ADDRESSES, VIPS, WILDCARD_VIPS};
 
 #[inline(always)]
 pub fn lookup_vip(flow: &FlowKey) -> Option<VipInfo> {
     let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
     if let Some(vip) = unsafe { VIPS.get(&key) } {
         return Some(*vip);
+    }
+    if WILDCARD_VIPS.get(0).copied().unwrap_or(0) == 0 {
+        return None;
     }
     key.port = 0;
     unsafe { VIPS.get(&key) }.copied()

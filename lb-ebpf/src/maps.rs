@@ -35,6 +35,12 @@ pub fn udp_idle_timeout_ns() -> u64 {
 #[map]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 
+/// How many port-0 (wildcard) VIPs exist: while none do, traffic that
+/// misses the exact VIP lookup skips the wildcard lookup (one inlined array
+/// read instead of a hash lookup on the non-VIP path).
+#[map]
+pub static WILDCARD_VIPS: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static VIP_ADDRESSES: HashMap<VipAddressKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 

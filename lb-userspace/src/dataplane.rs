@@ -25,6 +25,10 @@ use crate::{pins, reconcile::MapWrite};
 /// The XDP object built by build.rs from `lb-ebpf`.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// The benchmark's baseline, generator and sink programs (lb-ebpf's
+/// `xdp-baselines`), for `cargo xtask bench`.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-baselines"));
+
 /// Load-time parameters of the data plane.
 #[derive(Clone, Debug)]
 pub struct DataplaneParams {
@@ -202,6 +206,10 @@ impl Dataplane {
                 active.set(*id, 0, 0)?;
                 let mut correction: Array<&mut MapData, i64> = self.map_mut(names::ACTIVE_FLOWS_CORRECTION)?;
                 correction.set(*id, 0, 0)?;
+            }
+            MapWrite::SetWildcardVips { count } => {
+                let mut map: Array<&mut MapData, u32> = self.map_mut(names::WILDCARD_VIPS)?;
+                map.set(0, count, 0)?;
             }
             MapWrite::SetActiveCorrection { id, correction } => {
                 let mut map: Array<&mut MapData, i64> = self.map_mut(names::ACTIVE_FLOWS_CORRECTION)?;
@@ -478,5 +486,6 @@ fn describe(write: &MapWrite) -> String {
         MapWrite::AddVipAddress { .. } => "add VIP address".into(),
         MapWrite::RemoveVipAddress { .. } => "remove VIP address".into(),
         MapWrite::SetActiveCorrection { id, .. } => format!("set the active-flow correction of backend {id}"),
+        MapWrite::SetWildcardVips { count } => format!("set the wildcard VIP count to {count}"),
     }
 }

@@ -87,7 +87,7 @@ pub fn check_layout(root: &Path) -> Result<()> {
 }
 
 /// What each pinned map must look like for this binary and configuration.
-pub fn expected_maps(ring_entries: u32, conntrack_size: u32) -> [(&'static str, usize, usize, u32); 13] {
+pub fn expected_maps(ring_entries: u32, conntrack_size: u32) -> [(&'static str, usize, usize, u32); 14] {
     [
         (names::VIPS, size_of::<VipKey>(), size_of::<VipInfo>(), MAX_VIPS),
         (names::VIP_ADDRESSES, size_of::<VipAddressKey>(), size_of::<u32>(), MAX_VIPS),
@@ -102,6 +102,7 @@ pub fn expected_maps(ring_entries: u32, conntrack_size: u32) -> [(&'static str, 
         (names::CURSORS, size_of::<u32>(), size_of::<u32>(), MAX_VIPS),
         (names::ACTIVE_FLOWS, size_of::<u32>(), size_of::<u64>(), MAX_BACKENDS),
         (names::ACTIVE_FLOWS_CORRECTION, size_of::<u32>(), size_of::<i64>(), MAX_BACKENDS),
+        (names::WILDCARD_VIPS, size_of::<u32>(), size_of::<u32>(), 1),
     ]
 }
 

@@ -84,6 +84,10 @@ pub enum MapWrite {
         id: u32,
         correction: i64,
     },
+    /// How many wildcard (port 0) VIPs exist.
+    SetWildcardVips {
+        count: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -107,6 +111,8 @@ pub struct Reconciler {
     free_backend_ids: Vec<u32>,
     egress_devices: BTreeSet<u32>,
     vip_addresses: BTreeMap<VipAddressKey, u32>,
+    /// As written to `WILDCARD_VIPS`.
+    wildcard_vips: u32,
 }
 
 /// Why a desired state could not be applied in full.
@@ -141,6 +147,7 @@ impl Reconciler {
             free_backend_ids: (1..MAX_BACKENDS).rev().collect(),
             egress_devices: BTreeSet::new(),
             vip_addresses: BTreeMap::new(),
+            wildcard_vips: 0,
         }
     }
 
@@ -181,6 +188,7 @@ impl Reconciler {
             }
         }
         r.egress_devices.extend(maps.egress_devices.iter().copied());
+        r.wildcard_vips = r.services.values().filter(|s| s.key.port == 0).count() as u32;
         r
     }
 
@@ -204,6 +212,12 @@ impl Reconciler {
         let mut writes = Vec::new();
         let mut errors = Vec::new();
         let wanted: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
+        // More wildcard VIPs: announce them before they exist.
+        let wildcards = desired.iter().filter(|s| s.vip.port() == 0).count() as u32;
+        if wildcards > self.wildcard_vips {
+            writes.push(MapWrite::SetWildcardVips { count: wildcards });
+            self.wildcard_vips = wildcards;
+        }
 
         let gone: Vec<String> = self.services.keys().filter(|name| !wanted.contains(name.as_str())).cloned().collect();
         for name in gone {
@@ -219,6 +233,12 @@ impl Reconciler {
             if let Err(e) = self.update_service(service, &mut writes) {
                 errors.push(e);
             }
+        }
+        // Fewer: after they are gone.
+        let applied = self.services.values().filter(|s| s.key.port == 0).count() as u32;
+        if applied < self.wildcard_vips {
+            writes.push(MapWrite::SetWildcardVips { count: applied });
+            self.wildcard_vips = applied;
         }
         (writes, errors)
     }
@@ -716,6 +736,20 @@ mod tests {
         let counted = std::collections::HashMap::from([(a, (10, -3)), (b, (4, 0))]);
         assert!(r.active_corrections(&scanned, &counted).is_empty());
         assert_eq!(r.least_conn_backends().len(), 2);
+    }
+
+    #[test]
+    fn wildcard_vips_are_announced_before_and_withdrawn_after() {
+        let mut r = Reconciler::new(RING, 4);
+        let (writes, _) = r.plan(&[service_on("any", 0, &[(11, 1)])]);
+        assert_eq!(writes[0], MapWrite::SetWildcardVips { count: 1 }, "{writes:?}");
+        // Unrelated changes write no count.
+        let (writes, _) = r.plan(&[service_on("any", 0, &[(11, 2)])]);
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::SetWildcardVips { .. })), "{writes:?}");
+        let (writes, _) = r.plan(&[]);
+        assert_eq!(writes.last(), Some(&MapWrite::SetWildcardVips { count: 0 }), "{writes:?}");
+        let remove_at = writes.iter().position(|w| matches!(w, MapWrite::RemoveVip { .. })).unwrap();
+        assert!(remove_at < writes.len() - 1);
     }
 
     fn names_and_keys(desired: &[DesiredService]) -> Vec<(String, VipKey)> {

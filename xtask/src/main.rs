@@ -5,6 +5,7 @@
 //!   cargo xtask build   setup, then build the xdplb binary (eBPF embedded)
 //!   cargo xtask test    setup, then every test (unit, packet, namespace)
 //!   cargo xtask demo    setup, build, then the namespace demo with traffic
+//!   cargo xtask bench   benchmarks side by side; target/bench/report.md
 mod setup;
 
 use std::{
@@ -34,6 +35,12 @@ enum Task {
     },
     /// Run every test (needs root: XDP, namespaces).
     Test,
+    /// Benchmarks side by side with baselines and HAProxy; writes target/bench/report.md.
+    Bench {
+        /// A smoke run in under 3 minutes (rough numbers).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build, create the namespace topology, run xdplb, send traffic, show the result.
     Demo {
         /// HTTP requests per address family.
@@ -58,6 +65,12 @@ fn main() -> Result<()> {
             // programs and build topologies; on 2 cores that is kinder and
             // keeps timings honest.
             test(&root)
+        }
+        Task::Bench { quick } => {
+            setup::run()?;
+            setup::debian_packages(setup::BENCH_PACKAGES)?;
+            require_root("the benchmarks")?;
+            bench(&root, quick)
         }
         Task::Demo { requests } => {
             setup::run()?;
@@ -106,7 +119,7 @@ fn test(root: &Path) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("xtask test: {passed} passed, {failed} failed, {ignored} skipped");
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         bail!("cargo test failed with {status}");
     }
@@ -114,6 +127,55 @@ fn test(root: &Path) -> Result<()> {
         bail!("cargo test ran no test");
     }
     Ok(())
+}
+
+fn bench(root: &Path, quick: bool) -> Result<()> {
+    // Release builds: the control-plane timings measure our code, not debug asserts.
+    exec(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--package",
+        "lb-bench",
+    ]))?;
+    let criterion: &[&str] = if quick {
+        &["--warm-up-time", "0.2", "--measurement-time", "0.5", "--sample-size", "10"]
+    } else {
+        &["--warm-up-time", "1", "--measurement-time", "3"]
+    };
+    exec(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["bench", "--package", "lb-bench", "--bench", "maglev", "--"])
+            .args(criterion),
+    )?;
+    let xdp_pass = newest(&root.join("target/release/build"), "lb-userspace-", "out/xdp-pass")?;
+    let mut cmd = Command::new(root.join("target/release/xdplb-bench"));
+    cmd.current_dir(root)
+        .arg("--xdplb")
+        .arg(root.join("target/release/xdplb"))
+        .arg("--xdp-pass")
+        .arg(xdp_pass)
+        .arg("--criterion")
+        .arg(root.join("target/criterion"))
+        .arg("--out")
+        .arg(root.join("target/bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    exec(&mut cmd)
+}
+
+/// The most recently built `DIR/PREFIX*/SUFFIX`.
+fn newest(dir: &Path, prefix: &str, suffix: &str) -> Result<PathBuf> {
+    std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path().join(suffix))
+        .filter(|p| p.exists())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .ok_or_else(|| anyhow::anyhow!("no {prefix}*/{suffix} under {}", dir.display()))
 }
 
 fn build(root: &Path, release: bool) -> Result<()> {

@@ -10,14 +10,30 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::exec;
 
-/// Commands the tests and the demo run, and the Debian package of each.
-const DEBIAN_PACKAGES: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("curl", "curl"), ("python3", "python3"), ("nsenter", "util-linux")];
+/// What the tests and the demo need: a shell check, and the Debian package
+/// that satisfies it.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("command -v ip", "iproute2"),
+    ("command -v ethtool", "ethtool"),
+    ("command -v curl", "curl"),
+    ("command -v python3", "python3"),
+    ("command -v nsenter", "util-linux"),
+    // The benchmark crate builds with the tests; its charts render text with
+    // fontconfig and freetype.
+    ("command -v pkg-config", "pkg-config"),
+    ("test -e /usr/include/fontconfig/fontconfig.h", "libfontconfig1-dev"),
+    ("test -e /usr/include/freetype2/ft2build.h", "libfreetype-dev"),
+    ("test -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
+];
+
+/// What only `cargo xtask bench` needs: the peer and the load generator.
+pub const BENCH_PACKAGES: &[(&str, &str)] =
+    &[("command -v haproxy", "haproxy"), ("command -v wrk", "wrk"), ("command -v nginx", "nginx")];
 
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
-    debian_packages()
+    debian_packages(DEBIAN_PACKAGES)
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -93,10 +109,10 @@ fn bpf_linker_runs() -> bool {
     succeeds(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+pub fn debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
-        .filter(|(cmd, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {cmd}")])))
+        .filter(|(check, _)| !succeeds(Command::new("sh").args(["-c", check])))
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {

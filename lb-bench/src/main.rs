@@ -1,0 +1,83 @@
+//! `xdplb-bench` (run by `cargo xtask bench`): measures xdplb side by side
+//! with baselines and a real peer in one run, and writes a report with
+//! charts. Figures are ratios to what runs next to them, because these
+//! machines are shared and noisy; nothing here fails on a number.
+mod control;
+mod frames;
+mod packet;
+mod peer;
+mod report;
+mod stats;
+mod throughput;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+
+/// The CPU the per-packet measurements are pinned to.
+pub const BENCH_CPU: usize = 1;
+
+#[derive(Parser)]
+#[command(name = "xdplb-bench")]
+struct Args {
+    /// A smoke run of every section in well under 3 minutes (numbers are rough).
+    #[arg(long)]
+    quick: bool,
+    /// Where report.md and the charts go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Criterion's estimates for the Maglev build (target/criterion).
+    #[arg(long, default_value = "target/criterion")]
+    criterion: PathBuf,
+    /// The xdplb binary, for the peer comparison.
+    #[arg(long)]
+    xdplb: PathBuf,
+    /// The XDP_PASS object for the harness (tests/netns-harness.sh).
+    #[arg(long)]
+    xdp_pass: PathBuf,
+    /// Run only this section (packet, throughput, peer, control); the others
+    /// are left out of the report.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.out)?;
+    let (iterations, rounds) = if args.quick { (20_000, 3) } else { (1_000_000, 5) };
+
+    let wanted = |section: &str| args.only.as_deref().is_none_or(|only| only == section);
+    let quick = args.quick;
+
+    let costs = if wanted("packet") {
+        eprintln!("== per-packet cost ({iterations} calls × {rounds} rounds per fixture and program)");
+        // The per-packet part moves its thread into a namespace of its own.
+        std::thread::spawn(move || packet::run(iterations, rounds, quick)).join().expect("thread")?
+    } else {
+        Vec::new()
+    };
+    let throughput = if wanted("throughput") {
+        eprintln!("== throughput through the namespace topology");
+        throughput::run(if quick { 1.0 } else { 5.0 }, if quick { 1 } else { 3 })?
+    } else {
+        Vec::new()
+    };
+    let peer = if wanted("peer") {
+        eprintln!("== HAProxy (mode tcp) vs xdplb");
+        peer::run(&args.xdplb, &args.xdp_pass, if quick { 2 } else { 10 })?
+    } else {
+        Vec::new()
+    };
+    let control = if wanted("control") {
+        eprintln!("== control plane");
+        Some(control::run(&args.criterion)?)
+    } else {
+        None
+    };
+
+    let report = report::Report { quick: args.quick, iterations, rounds, costs, throughput, peer, control };
+    let path = report::write(&report, &args.out)?;
+    println!("report: {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Per-packet cost of the XDP program, by BPF_PROG_TEST_RUN.
+//!
+//! Every program (xdplb, the XDP_DROP baseline, the parse + MAC swap +
+//! XDP_TX baseline) is attached to an idle veth of a private network
+//! namespace, so that test runs call it through the XDP dispatcher as the
+//! driver would. One call per packet (repeat = 1: a rewritten packet must
+//! not be fed back in), the kernel-reported duration averaged over the
+//! iterations; rounds interleave programs and fixtures so that drift in the
+//! machine's speed hits all of them alike.
+
+use std::{net::IpAddr, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
+};
+use xdplb::{
+    config::{Protocol, Scheduler},
+    dataplane::{BENCH_OBJECT, Dataplane, DataplaneParams, DebugLog},
+    netlink::L2Path,
+    reconcile::{DesiredBackend, DesiredService, Reconciler},
+};
+
+use crate::{frames, stats::Samples};
+
+pub const RING: u32 = lb_common::DEFAULT_RING_SIZE;
+
+/// One measured case: a frame generator, run on every program.
+pub struct Fixture {
+    pub name: &'static str,
+    pub backends: usize,
+    /// Frame for call `i` (varies for the new-flow fixtures).
+    pub frame: fn(u32) -> Vec<u8>,
+    /// Packets sent before measuring (pins flows, fills the table).
+    pub warmup: u32,
+    pub scheduler: Scheduler,
+}
+
+pub fn fixtures() -> Vec<Fixture> {
+    let mut list = Vec::new();
+    for backends in [3, 100] {
+        list.extend([
+            Fixture {
+                name: "tcp_syn",
+                backends,
+                frame: |_| frames::tcp4(40000, frames::SYN),
+                warmup: 1,
+                scheduler: Scheduler::Maglev,
+            },
+            Fixture {
+                name: "tcp_syn_new_flow",
+                backends,
+                frame: |i| frames::tcp4_from(i, frames::SYN),
+                warmup: lb_common::DEFAULT_CONNTRACK_SIZE,
+                scheduler: Scheduler::Maglev,
+            },
+            Fixture {
+                name: "tcp_ack_established",
+                backends,
+                frame: |_| frames::tcp4(40001, frames::ACK),
+                warmup: 1,
+                scheduler: Scheduler::Maglev,
+            },
+            Fixture { name: "udp", backends, frame: |_| frames::udp4(40002), warmup: 1, scheduler: Scheduler::Maglev },
+            Fixture {
+                name: "ipv6_tcp_syn",
+                backends,
+                frame: |_| frames::tcp6(40003, frames::SYN),
+                warmup: 1,
+                scheduler: Scheduler::Maglev,
+            },
+            Fixture {
+                name: "ipv6_tcp_ack",
+                backends,
+                frame: |_| frames::tcp6(40004, frames::ACK),
+                warmup: 1,
+                scheduler: Scheduler::Maglev,
+            },
+            Fixture {
+                name: "non_vip",
+                backends,
+                frame: |_| frames::non_vip(),
+                warmup: 0,
+                scheduler: Scheduler::Maglev,
+            },
+        ]);
+    }
+    // Each scheduler's new-flow path (SYN from a new source every packet).
+    for (name, scheduler, backends) in [
+        ("sched_round_robin", Scheduler::RoundRobin, 3),
+        ("sched_weighted_round_robin", Scheduler::WeightedRoundRobin, 3),
+        ("sched_random", Scheduler::Random, 3),
+        ("sched_source_hash", Scheduler::SourceHash, 3),
+        ("sched_least_conn", Scheduler::LeastConn, 3),
+        ("sched_least_conn", Scheduler::LeastConn, 32),
+        ("sched_least_response_time", Scheduler::LeastResponseTime, 3),
+    ] {
+        list.push(Fixture { name, backends, frame: |i| frames::tcp4_from(i, frames::SYN), warmup: 0, scheduler });
+    }
+    list
+}
+
+/// The programs compared, each attached to its own idle veth.
+pub struct Programs {
+    pub xdplb: Dataplane,
+    pub reconciler: Reconciler,
+    baselines: Ebpf,
+}
+
+pub const PROGRAMS: [&str; 5] =
+    ["xdplb", "xdp_drop", "parse_macswap_tx", "swap_plus_vip_lookup", "swap_plus_flow_lookup"];
+
+impl Programs {
+    /// Must run on a thread that has its own network namespace.
+    pub fn new() -> Result<Self> {
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "add", "xb0", "type", "veth", "peer", "name", "xb0p"],
+            &["link", "add", "xb1", "type", "veth", "peer", "name", "xb1p"],
+            &["link", "add", "xb2", "type", "veth", "peer", "name", "xb2p"],
+            &["link", "add", "xb3", "type", "veth", "peer", "name", "xb3p"],
+            &["link", "add", "xb4", "type", "veth", "peer", "name", "xb4p"],
+        ] {
+            let status = Command::new("ip").args(args).status().context("ip")?;
+            if !status.success() {
+                bail!("ip {args:?} failed");
+            }
+        }
+        for dev in ["xb0", "xb0p", "xb1", "xb1p", "xb2", "xb2p", "xb3", "xb3p", "xb4", "xb4p"] {
+            Command::new("ip").args(["link", "set", dev, "up"]).status()?;
+        }
+        let params = DataplaneParams {
+            ring_size: RING,
+            max_services: 4,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            udp_idle_timeout_ns: 30_000_000_000,
+            pin_dir: None,
+        };
+        let mut xdplb = Dataplane::load(params, DebugLog::Off)?;
+        xdplb.attach_or_adopt("xb0", XdpMode::Driver)?;
+        let mut baselines = Ebpf::load(BENCH_OBJECT).context("loading the baselines")?;
+        for (name, dev) in
+            [("bench_drop", "xb1"), ("bench_macswap", "xb2"), ("bench_vip_lookup", "xb3"), ("bench_flow_lookup", "xb4")]
+        {
+            let program: &mut Xdp = baselines.program_mut(name).context("baseline")?.try_into()?;
+            program.load()?;
+            program.attach(dev, XdpMode::Driver)?;
+        }
+        Ok(Self { xdplb, reconciler: Reconciler::new(RING, 4), baselines })
+    }
+
+    /// Programs the maps for `backends` backends under `scheduler`.
+    pub fn configure(&mut self, backends: usize, scheduler: Scheduler) -> Result<()> {
+        let members = |prefix: &str, v6: bool| -> Vec<DesiredBackend> {
+            (0..backends)
+                .map(|i| {
+                    let address: IpAddr = if v6 {
+                        format!("2001:db8:1::{:x}", i + 11).parse().unwrap()
+                    } else {
+                        format!("198.18.{}.{}", 1 + i / 200, 11 + i % 200).parse().unwrap()
+                    };
+                    let _ = prefix;
+                    DesiredBackend {
+                        address,
+                        weight: 1,
+                        // ifindex 1: the test-run ingress (lo), so XDP_TX.
+                        path: Some(L2Path {
+                            ifindex: 1,
+                            src_mac: [2, 0, 0, 0, 0, 1],
+                            dst_mac: [2, 0xbe, 0, 0, 0, i as u8],
+                        }),
+                        down: false,
+                    }
+                })
+                .collect()
+        };
+        let service = |name: &str, vip: &str, protocol, v6| DesiredService {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            protocol,
+            scheduler,
+            persistence_timeout_s: 0,
+            backends: members(name, v6),
+        };
+        let desired = [
+            service("web", "198.18.0.100:80", Protocol::Tcp, false),
+            service("dns", "198.18.0.100:53", Protocol::Udp, false),
+            service("web6", "[2001:db8::100]:80", Protocol::Tcp, true),
+        ];
+        let (writes, errors) = self.reconciler.plan(&desired);
+        if !errors.is_empty() {
+            bail!("{errors:?}");
+        }
+        self.xdplb.apply(&writes)
+    }
+
+    fn program(&self, which: &str) -> Result<&Xdp> {
+        Ok(match which {
+            "xdplb" => self.xdplb.program()?,
+            "xdp_drop" => self.baselines.program("bench_drop").context("drop")?.try_into()?,
+            "swap_plus_vip_lookup" => self.baselines.program("bench_vip_lookup").context("vip")?.try_into()?,
+            "swap_plus_flow_lookup" => self.baselines.program("bench_flow_lookup").context("flow")?.try_into()?,
+            _ => self.baselines.program("bench_macswap").context("macswap")?.try_into()?,
+        })
+    }
+
+    /// Runs `fixture` `iterations` times on `which`; mean kernel-reported ns.
+    pub fn measure(&self, which: &str, fixture: &Fixture, iterations: u32, offset: u32) -> Result<f64> {
+        let program = self.program(which)?;
+        let mut out = vec![0u8; 512];
+        let mut total = Duration::ZERO;
+        for i in 0..iterations {
+            let frame = (fixture.frame)(offset.wrapping_add(i));
+            let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() };
+            total += program.test_run(opts)?.duration;
+        }
+        Ok(total.as_nanos() as f64 / iterations as f64)
+    }
+
+    /// Sends the fixture's warm-up packets through xdplb.
+    pub fn warm_up(&self, fixture: &Fixture, offset: u32) -> Result<()> {
+        let program = self.xdplb.program()?;
+        let mut out = vec![0u8; 512];
+        for i in 0..fixture.warmup {
+            let frame = (fixture.frame)(offset.wrapping_add(i));
+            program.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Result of one (fixture, backends, program).
+pub struct Cost {
+    pub fixture: String,
+    pub backends: usize,
+    pub program: &'static str,
+    pub ns: Samples,
+}
+
+/// Measures every fixture on every program, `rounds` interleaved rounds.
+pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(crate::BENCH_CPU)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare: run as root")?;
+    let mut programs = Programs::new()?;
+    let mut fixtures = fixtures();
+    if only_quick {
+        for f in &mut fixtures {
+            f.warmup = f.warmup.min(iterations * 4);
+        }
+    }
+    let mut costs: Vec<Cost> = Vec::new();
+    for round in 0..rounds {
+        for fixture in &fixtures {
+            programs.configure(fixture.backends, fixture.scheduler)?;
+            // New-flow fixtures continue where the last round stopped, so
+            // every packet really is a new flow.
+            let offset = (round as u32).wrapping_mul(iterations + fixture.warmup);
+            programs.warm_up(fixture, offset)?;
+            for program in PROGRAMS {
+                let ns = programs.measure(program, fixture, iterations, offset + fixture.warmup)?;
+                match costs
+                    .iter_mut()
+                    .find(|c| c.fixture == fixture.name && c.backends == fixture.backends && c.program == program)
+                {
+                    Some(cost) => cost.ns.push(ns),
+                    None => costs.push(Cost {
+                        fixture: fixture.name.into(),
+                        backends: fixture.backends,
+                        program,
+                        ns: Samples::from(vec![ns]),
+                    }),
+                }
+            }
+        }
+        eprintln!("per-packet cost: round {}/{rounds} done", round + 1);
+    }
+    Ok(costs)
+}

@@ -1,0 +1,251 @@
+//! xdplb against a real peer, HAProxy in TCP mode, on the harness topology
+//! (tests/netns-harness.sh) with nginx as the backends' server. wrk runs in
+//! the client namespace: requests per second over keep-alive connections,
+//! and new connections per second (`Connection: close`).
+//!
+//! LB CPU: the LB namespace's processes (the xdplb agent, or haproxy) from
+//! /proc/PID/stat, plus for xdplb the XDP program's own run time from the
+//! kernel's BPF statistics (kernel.bpf_stats_enabled). The whole machine's
+//! softirq time is reported beside it, since the kernel cannot say which
+//! namespace it was spent for; with DSR the replies never touch the LB.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub struct PeerRun {
+    pub lb: &'static str,
+    /// "keep-alive" or "new connections"
+    pub mode: &'static str,
+    pub requests_per_s: f64,
+    pub requests: u64,
+    /// Seconds of CPU the LB spent: its processes, and (xdplb) its XDP program.
+    pub lb_process_cpu_s: f64,
+    pub lb_xdp_cpu_s: f64,
+    /// Softirq seconds of the whole machine during the run.
+    pub machine_softirq_s: f64,
+}
+
+impl PeerRun {
+    /// LB CPU seconds per 100 000 requests (each a new connection in that mode).
+    pub fn cpu_per_100k(&self) -> f64 {
+        (self.lb_process_cpu_s + self.lb_xdp_cpu_s) * 100_000.0 / self.requests.max(1) as f64
+    }
+}
+
+struct Harness {
+    script: PathBuf,
+    prefix: String,
+}
+
+impl Harness {
+    fn up(xdp_pass: &Path) -> Result<Self> {
+        let script = PathBuf::from("tests/netns-harness.sh");
+        let prefix = format!("xbp{}", std::process::id() % 100_000);
+        let status = Command::new("bash").arg(&script).args(["up", &prefix]).env("XDP_PASS_OBJ", xdp_pass).status()?;
+        if !status.success() {
+            bail!("harness up failed");
+        }
+        Ok(Self { script, prefix })
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(&self.script).args(["down", &self.prefix]).status();
+        let _ = std::fs::remove_dir_all(format!("/tmp/{}", self.prefix));
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{}", self.prefix));
+    }
+}
+
+fn sh(cmd: &str) -> Result<()> {
+    let status = Command::new("sh").arg("-c").arg(cmd).status()?;
+    if !status.success() {
+        bail!("{cmd} failed");
+    }
+    Ok(())
+}
+
+/// Replaces the harness's Python servers with nginx (answers with the name).
+fn start_nginx(h: &Harness, dir: &Path) -> Result<()> {
+    for name in ["b1", "b2", "b3"] {
+        let ns = h.ns(name);
+        let _ = sh(&format!("kill $(ip netns pids {ns}) 2>/dev/null; sleep 0.2"));
+        let conf = dir.join(format!("nginx-{name}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\npid {d}/nginx-{name}.pid;\nerror_log {d}/nginx-{name}.err;\n\
+                 events {{ worker_connections 8192; }}\n\
+                 http {{ access_log off; keepalive_requests 1000000;\n\
+                 server {{ listen 80 reuseport backlog=4096; listen [::]:80 reuseport backlog=4096; return 200 \"{name}\\n\"; }} }}\n",
+                d = dir.display()
+            ),
+        )?;
+        sh(&format!("ip netns exec {ns} nginx -c {}", conf.display()))?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+fn machine_softirq_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().next().unwrap_or("");
+    cpu.split_whitespace().nth(7).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / clock_ticks()
+}
+
+/// Run time of loaded programs named `name`, from the kernel's BPF stats.
+fn xdp_run_seconds(name: &str) -> f64 {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| p.name_as_str() == Some(name))
+        .map(|p| p.run_time().as_secs_f64())
+        .sum()
+}
+
+/// wrk in the client namespace; returns (requests per second, requests).
+fn wrk(h: &Harness, seconds: u64, close: bool) -> Result<(f64, u64)> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &h.ns("client"), "wrk", "-t2", "-c64", &format!("-d{seconds}s")]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd.arg("http://198.18.0.100/").output().context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}{}", String::from_utf8_lossy(&out.stderr)))?;
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        eprintln!("wrk reported errors:\n{text}");
+    }
+    Ok((rps, requests))
+}
+
+fn measure(h: &Harness, lb: &'static str, lb_pid: u32, seconds: u64) -> Result<Vec<PeerRun>> {
+    let mut runs = Vec::new();
+    for (mode, close) in [("keep-alive", false), ("new connections", true)] {
+        let (cpu0, xdp0, soft0) = (cpu_seconds_of(lb_pid), xdp_run_seconds("xdplb"), machine_softirq_seconds());
+        let (rps, requests) = wrk(h, seconds, close)?;
+        let (cpu1, xdp1, soft1) = (cpu_seconds_of(lb_pid), xdp_run_seconds("xdplb"), machine_softirq_seconds());
+        runs.push(PeerRun {
+            lb,
+            mode,
+            requests_per_s: rps,
+            requests,
+            lb_process_cpu_s: cpu1 - cpu0,
+            lb_xdp_cpu_s: if lb == "xdplb" { xdp1 - xdp0 } else { 0.0 },
+            machine_softirq_s: soft1 - soft0,
+        });
+    }
+    Ok(runs)
+}
+
+fn wait_for(path: &Path, needle: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+        if Instant::now() > deadline {
+            bail!("{} never said {needle:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+struct Stop(Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> {
+    let h = Harness::up(xdp_pass)?;
+    let dir = PathBuf::from(format!("/tmp/{}", h.prefix));
+    std::fs::create_dir_all(&dir)?;
+    start_nginx(&h, &dir)?;
+    sh("sysctl -qw kernel.bpf_stats_enabled=1")?;
+    let mut runs = Vec::new();
+
+    // xdplb
+    let config = std::fs::read_to_string("config/harness.toml")?.replacen(
+        "[agent]\n",
+        &format!(
+            "[agent]\ncontrol_socket = \"{d}/xdplb.sock\"\npin_dir = \"/sys/fs/bpf/{p}\"\n",
+            d = dir.display(),
+            p = h.prefix
+        ),
+        1,
+    );
+    std::fs::write(dir.join("xdplb.toml"), config)?;
+    let log = dir.join("xdplb.log");
+    let agent = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", h.ns("lb")))
+        .arg(xdplb)
+        .args(["run", "--detach-on-exit", "--config"])
+        .arg(dir.join("xdplb.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let agent = Stop(agent);
+    wait_for(&log, "all backends resolved")?;
+    runs.extend(measure(&h, "xdplb", agent.0.id(), seconds)?);
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // HAProxy, mode tcp, round robin, on the same VIP.
+    sh(&format!("ip -n {} addr add 198.18.0.100/32 dev lo", h.ns("lb")))?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend web\n  bind 198.18.0.100:80\n  default_backend pool\n\
+         backend pool\n  balance roundrobin\n  server b1 198.18.1.11:80\n  server b2 198.18.1.12:80\n  server b3 198.18.2.13:80\n",
+    )?;
+    let haproxy = Command::new("ip")
+        .args(["netns", "exec", &h.ns("lb"), "haproxy", "-db", "-f"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting haproxy")?;
+    let haproxy = Stop(haproxy);
+    std::thread::sleep(Duration::from_millis(700));
+    // `ip netns exec` execs haproxy in place: the child's pid is haproxy's.
+    runs.extend(measure(&h, "haproxy", haproxy.0.id(), seconds)?);
+    drop(haproxy);
+    let _ = sh("sysctl -qw kernel.bpf_stats_enabled=0");
+    Ok(runs)
+}

@@ -1,0 +1,298 @@
+//! target/bench/report.md and its charts.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Result;
+use plotters::prelude::*;
+
+use crate::{control::ControlPlane, packet::Cost, peer::PeerRun, throughput::Throughput};
+
+pub struct Report {
+    pub quick: bool,
+    pub iterations: u32,
+    pub rounds: usize,
+    pub costs: Vec<Cost>,
+    pub throughput: Vec<Throughput>,
+    pub peer: Vec<PeerRun>,
+    pub control: Option<ControlPlane>,
+}
+
+/// Goals (net ns) from the benchmark's brief, by fixture.
+fn goal(fixture: &str) -> Option<f64> {
+    match fixture {
+        "tcp_ack_established" => Some(35.0),
+        "udp" => Some(40.0),
+        "tcp_syn" => Some(110.0),
+        "tcp_syn_new_flow" => Some(400.0),
+        "non_vip" => Some(10.0),
+        _ => None,
+    }
+}
+
+fn command(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn write(r: &Report, dir: &Path) -> Result<PathBuf> {
+    let mut md = String::new();
+    writeln!(md, "# xdplb benchmark report\n")?;
+    if r.quick {
+        writeln!(md, "**`--quick` run: a smoke test of the harness; its figures are rough.**\n")?;
+    }
+    writeln!(md, "| | |\n|---|---|")?;
+    writeln!(md, "| date | {} |", command("date", &["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    writeln!(md, "| kernel | {} |", command("uname", &["-r"]))?;
+    writeln!(md, "| CPU | {} × {} |", std::thread::available_parallelism().map_or(0, |n| n.get()), cpu_model())?;
+    writeln!(md, "| xdplb | {} |", command("git", &["describe", "--always", "--dirty"]))?;
+    writeln!(md)?;
+
+    // 1. Per-packet cost.
+    let drop_cost = |fixture: &str, backends: usize| {
+        r.costs
+            .iter()
+            .find(|c| c.fixture == fixture && c.backends == backends && c.program == "xdp_drop")
+            .map(|c| c.ns.median())
+    };
+    writeln!(md, "## 1. Per-packet cost (BPF_PROG_TEST_RUN)\n")?;
+    writeln!(
+        md,
+        "One call per packet, {} calls per fixture and program, mean of the kernel-reported duration; {} interleaved rounds, \
+         median (min–max). Programs attached to idle veths (XDP dispatcher), CPU {} pinned. **net** = xdplb − the XDP_DROP \
+         program (the fixed cost of a test run). The MAC-swap baseline parses Ethernet/IP/L4 with xdplb's own parser, swaps \
+         MACs and returns XDP_TX.\n",
+        r.iterations,
+        r.rounds,
+        crate::BENCH_CPU
+    )?;
+    writeln!(md, "| fixture | backends | xdplb ns | XDP_DROP ns | parse+swap+TX ns | **xdplb net ns** | goal (net) |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    let mut chart_rows = Vec::new();
+    for c in r.costs.iter().filter(|c| c.program == "xdplb") {
+        let find =
+            |p: &str| r.costs.iter().find(|x| x.fixture == c.fixture && x.backends == c.backends && x.program == p);
+        let (drop, swap) = (find("xdp_drop"), find("parse_macswap_tx"));
+        let net = c.ns.median() - drop_cost(&c.fixture, c.backends).unwrap_or(0.0);
+        let range = |s: &crate::stats::Samples| format!("{:.1} ({:.1}–{:.1})", s.median(), s.min(), s.max());
+        let goal_text = match goal(&c.fixture) {
+            Some(g) if net <= g => format!("≤ {g:.0} ✔"),
+            Some(g) => format!("≤ {g:.0} ✘"),
+            None => "–".into(),
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | **{net:.1}** | {goal_text} |",
+            c.fixture,
+            c.backends,
+            range(&c.ns),
+            drop.map(|d| range(&d.ns)).unwrap_or_default(),
+            swap.map(|d| range(&d.ns)).unwrap_or_default(),
+        )?;
+        chart_rows.push((
+            format!("{} ({})", c.fixture, c.backends),
+            net,
+            swap.map_or(0.0, |s| s.ns.median()) - drop_cost(&c.fixture, c.backends).unwrap_or(0.0),
+        ));
+    }
+    anatomy(&mut md, r)?;
+    bars(
+        &dir.join("per_packet.png"),
+        "Per-packet cost, net of the XDP_DROP run (ns)",
+        &chart_rows,
+        ("xdplb", "parse + MAC swap + XDP_TX"),
+    )?;
+    writeln!(md, "\n![per-packet cost](per_packet.png)\n")?;
+
+    // 2. Throughput.
+    writeln!(md, "## 2. Throughput through the namespace topology\n")?;
+    writeln!(
+        md,
+        "A live-frames traffic generator (BPF_F_TEST_XDP_LIVE_FRAMES) sends 64-byte frames from the generator's veth \
+         with the next of 60000 source ports each; the LB's veth runs the program under test; frames sent back towards \
+         the backend are counted by an XDP sink. The sink row counts what reaches the LB at all. Median Mpps (min–max).\n"
+    )?;
+    writeln!(md, "| frame | threads | xdplb Mpps | parse+swap+TX Mpps | XDP_DROP sink Mpps | **xdplb / swap** |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+    let mut tp_rows = Vec::new();
+    for t in r.throughput.iter().filter(|t| t.program == "xdplb") {
+        let find = |p: &str| {
+            r.throughput
+                .iter()
+                .find(|x| x.program == p && x.frame == t.frame && x.threads == t.threads)
+                .map(|x| &x.mpps)
+        };
+        let (swap, sink) = (find("parse_macswap_tx"), find("xdp_drop_sink"));
+        let range = |s: &crate::stats::Samples| format!("{:.3} ({:.3}–{:.3})", s.median(), s.min(), s.max());
+        let ratio = swap.map_or(f64::NAN, |s| t.mpps.median() / s.median());
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | **{ratio:.2}×** |",
+            t.frame,
+            t.threads,
+            range(&t.mpps),
+            swap.map(range).unwrap_or_default(),
+            sink.map(range).unwrap_or_default()
+        )?;
+        tp_rows.push((format!("{} ×{}", t.frame, t.threads), t.mpps.median(), swap.map_or(0.0, |s| s.median())));
+    }
+    bars(&dir.join("throughput.png"), "Delivered Mpps", &tp_rows, ("xdplb", "parse + MAC swap + XDP_TX"))?;
+    writeln!(md, "\n![throughput](throughput.png)\n")?;
+
+    // 3. Peer.
+    writeln!(md, "## 3. Against HAProxy (mode tcp, roundrobin)\n")?;
+    writeln!(
+        md,
+        "Same harness topology and backends (nginx); wrk -t2 -c64 from the client. LB CPU = the LB's processes (agent or \
+         haproxy) + xdplb's XDP run time (kernel BPF stats). Machine softirq covers every namespace on this one host.\n"
+    )?;
+    writeln!(
+        md,
+        "| LB | mode | requests/s | LB CPU s | of which XDP s | LB CPU s per 100k requests | machine softirq s |"
+    )?;
+    writeln!(md, "|---|---|---:|---:|---:|---:|---:|")?;
+    for p in &r.peer {
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            p.lb,
+            p.mode,
+            p.requests_per_s,
+            p.lb_process_cpu_s + p.lb_xdp_cpu_s,
+            p.lb_xdp_cpu_s,
+            p.cpu_per_100k(),
+            p.machine_softirq_s
+        )?;
+    }
+    let mut peer_rows = Vec::new();
+    for mode in ["keep-alive", "new connections"] {
+        let get = |lb: &str| r.peer.iter().find(|p| p.lb == lb && p.mode == mode);
+        if let (Some(x), Some(h)) = (get("xdplb"), get("haproxy")) {
+            writeln!(
+                md,
+                "\n{mode}: xdplb / HAProxy requests/s **{:.2}×**; LB CPU per 100k requests **{:.3}×** (lower is better).",
+                x.requests_per_s / h.requests_per_s,
+                x.cpu_per_100k() / h.cpu_per_100k().max(1e-12)
+            )?;
+            peer_rows.push((format!("{mode} (k req/s)"), x.requests_per_s / 1000.0, h.requests_per_s / 1000.0));
+        }
+    }
+    bars(&dir.join("peer.png"), "Requests per second (thousands)", &peer_rows, ("xdplb", "HAProxy"))?;
+    writeln!(md, "\n![xdplb vs HAProxy](peer.png)\n")?;
+
+    // 4. Control plane.
+    if let Some(control) = &r.control {
+        control_plane(&mut md, control)?;
+    }
+    let path = dir.join("report.md");
+    std::fs::write(&path, md)?;
+    Ok(path)
+}
+
+fn control_plane(md: &mut String, control: &ControlPlane) -> Result<()> {
+    writeln!(md, "## 4. Control plane\n")?;
+    writeln!(md, "| Maglev table build (65537 slots, criterion) | mean |\n|---|---:|")?;
+    for (n, ns) in &control.maglev_build {
+        writeln!(md, "| {n} backends | {:.2} ms |", ns / 1e6)?;
+    }
+    writeln!(md, "\n| change (1000 backends) | config → maps updated | map writes |\n|---|---:|---:|")?;
+    for (name, d, writes) in &control.changes {
+        writeln!(md, "| {name} | {:.1} ms | {writes} |", d.as_secs_f64() * 1e3)?;
+    }
+    let total: u64 = control.memory.iter().map(|(_, b)| b).sum();
+    writeln!(md, "\n| map (default sizes: 64 services × 65537 slots, 524288 flows) | kernel memory |\n|---|---:|")?;
+    for (name, bytes) in &control.memory {
+        writeln!(md, "| {name} | {:.1} MiB |", *bytes as f64 / (1 << 20) as f64)?;
+    }
+    writeln!(md, "| **total** | **{:.1} MiB** |", total as f64 / (1 << 20) as f64)?;
+    Ok(())
+}
+
+/// Where an established flow's time goes: the baselines that add one
+/// lookup each to parse + MAC swap + XDP_TX, against xdplb.
+fn anatomy(md: &mut String, r: &Report) -> Result<()> {
+    let net = |fixture: &str, program: &str| -> Option<f64> {
+        let get = |p: &str| {
+            r.costs.iter().find(|c| c.fixture == fixture && c.backends == 3 && c.program == p).map(|c| c.ns.median())
+        };
+        Some(get(program)? - get("xdp_drop")?)
+    };
+    for fixture in ["tcp_ack_established", "non_vip"] {
+        let (Some(swap), Some(vip), Some(flow), Some(xdplb)) = (
+            net(fixture, "parse_macswap_tx"),
+            net(fixture, "swap_plus_vip_lookup"),
+            net(fixture, "swap_plus_flow_lookup"),
+            net(fixture, "xdplb"),
+        ) else {
+            continue;
+        };
+        writeln!(md, "\n**Where the time goes, `{fixture}` (3 backends), ns net of XDP_DROP:**\n")?;
+        writeln!(md, "| program | net ns |\n|---|---:|")?;
+        writeln!(md, "| parse + MAC swap + XDP_TX | {swap:.1} |")?;
+        writeln!(md, "| … + one VIP-shaped hash lookup (20-byte key) | {vip:.1} (lookup ≈ {:.1}) |", vip - swap)?;
+        writeln!(
+            md,
+            "| … + one flow-shaped LRU lookup (40-byte key, 524288 entries) | {flow:.1} (lookup ≈ {:.1}) |",
+            flow - swap
+        )?;
+        writeln!(md, "| floor: parse + both lookups + swap | {:.1} |", vip + flow - swap)?;
+        writeln!(md, "| xdplb | {xdplb:.1} |")?;
+    }
+    Ok(())
+}
+
+/// A horizontal grouped bar chart: one row per label, two bars, the label
+/// and both values written above them.
+fn bars(path: &Path, title: &str, rows: &[(String, f64, f64)], legend: (&str, &str)) -> Result<()> {
+    let n = rows.len().max(1);
+    let root = BitMapBackend::new(path, (1100, 110 + 64 * n as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max = rows.iter().map(|r| r.1.max(r.2)).fold(0.0, f64::max).max(1e-9) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(34)
+        .build_cartesian_2d(0.0..max, 0.0..n as f64)?;
+    chart.configure_mesh().disable_y_mesh().y_labels(0).draw()?;
+    let colors = [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xff, 0x7f, 0x0e)];
+    for (k, name) in [legend.0, legend.1].into_iter().enumerate() {
+        let color = colors[k];
+        let value = move |r: &(String, f64, f64)| if k == 0 { r.1 } else { r.2 };
+        chart
+            .draw_series(rows.iter().enumerate().map(|(i, r)| {
+                let top = n as f64 - i as f64 - 0.38 - 0.28 * k as f64;
+                Rectangle::new([(0.0, top), (value(r), top - 0.24)], color.filled())
+            }))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
+    }
+    chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
+        Text::new(
+            format!("{}: {:.1} / {:.1}", r.0, r.1, r.2),
+            (max * 0.005, n as f64 - i as f64 - 0.06),
+            ("sans-serif", 15),
+        )
+    }))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

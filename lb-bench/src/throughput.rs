@@ -1,0 +1,313 @@
+//! Throughput through a namespace topology, driven by a traffic generator
+//! in live-frames mode (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES,
+//! the mechanism xdp-trafficgen uses):
+//!
+//!   gen ns: g0 ──veth (2 queues)── l0 :lb ns
+//!
+//! `trafficgen` sends 64-byte frames out of g0, each with the next of 60000
+//! source ports. On l0 runs the program under test: xdplb (the backend sits
+//! behind l0, so it answers with XDP_TX), the parse + MAC swap + XDP_TX
+//! baseline, or the counting XDP_DROP sink (what reaches the LB at all).
+//! Frames sent back out of l0 are counted by a sink on g0: that is what was
+//! delivered towards the backend.
+
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::PerCpuArray,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use xdplb::{
+    config::{Protocol, Scheduler},
+    dataplane::{BENCH_OBJECT, Dataplane, DataplaneParams, DebugLog},
+    netlink::L2Path,
+    reconcile::{DesiredBackend, DesiredService, Reconciler},
+};
+
+use crate::{frames, stats::Samples};
+
+pub struct Throughput {
+    pub program: &'static str,
+    pub frame: &'static str,
+    pub threads: usize,
+    /// Million frames per second delivered (for the sink: received).
+    pub mpps: Samples,
+}
+
+pub const PROGRAMS: [&str; 3] = ["xdplb", "parse_macswap_tx", "xdp_drop_sink"];
+
+/// Namespaces of this run, removed on drop.
+struct Namespaces {
+    gen_ns: String,
+    lb_ns: String,
+}
+
+impl Namespaces {
+    fn new() -> Result<Self> {
+        let id = std::process::id();
+        let this = Namespaces { gen_ns: format!("xbt{id}g"), lb_ns: format!("xbt{id}l") };
+        for ns in [&this.gen_ns, &this.lb_ns] {
+            ip_cmd("ip", &["netns", "add", ns])?;
+            ip_cmd("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip_cmd(
+            "ip",
+            &[
+                "link",
+                "add",
+                "g0",
+                "netns",
+                &this.gen_ns,
+                "numtxqueues",
+                "2",
+                "numrxqueues",
+                "2",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "l0",
+                "netns",
+                &this.lb_ns,
+                "numtxqueues",
+                "2",
+                "numrxqueues",
+                "2",
+            ],
+        )?;
+        ip_cmd("ip", &["-n", &this.gen_ns, "link", "set", "g0", "up"])?;
+        ip_cmd("ip", &["-n", &this.lb_ns, "link", "set", "l0", "up"])?;
+        Ok(this)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in [&self.gen_ns, &self.lb_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip_cmd(cmd: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(cmd).args(args).status().with_context(|| format!("{cmd} {args:?}"))?;
+    if !status.success() {
+        bail!("{cmd} {args:?} failed");
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread inside namespace `ns`.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+fn ifindex(ns: &str, dev: &str) -> Result<u32> {
+    let out = Command::new("ip").args(["-n", ns, "-o", "link", "show", dev]).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).split(':').next().unwrap_or("").trim().parse()?)
+}
+
+fn mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let out = Command::new("ip").args(["-n", ns, "-j", "link", "show", dev]).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let text = v[0]["address"].as_str().context("no MAC")?;
+    let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("bad MAC {text}"))
+}
+
+fn baseline_name(program: &str) -> &'static str {
+    if program == "xdp_drop_sink" { "sink" } else { "bench_macswap" }
+}
+
+fn sink_total(ebpf: &Ebpf) -> Result<u64> {
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("SINK_COUNT").context("SINK_COUNT")?)?;
+    Ok(map.get(&0, 0)?.iter().sum())
+}
+
+pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
+    let ns = Namespaces::new()?;
+    let (g0, l0) = (ifindex(&ns.gen_ns, "g0")?, ifindex(&ns.lb_ns, "l0")?);
+    let (g0_mac, l0_mac) = (mac(&ns.gen_ns, "g0")?, mac(&ns.lb_ns, "l0")?);
+
+    // Generator side: trafficgen (run, not attached) and the return sink on g0.
+    let gen_side = in_ns(&ns.gen_ns, move || {
+        let mut ebpf = Ebpf::load(BENCH_OBJECT)?;
+        for name in ["trafficgen", "sink"] {
+            let p: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
+            p.load()?;
+        }
+        let sink: &mut Xdp = ebpf.program_mut("sink").context("sink")?.try_into()?;
+        sink.attach("g0", XdpMode::Driver)?;
+        Ok(ebpf)
+    })?;
+    let gen_side = Arc::new(gen_side);
+
+    // LB side: xdplb with one backend behind l0, and the baselines.
+    let (mut xdplb, baselines) = in_ns(&ns.lb_ns, move || {
+        let params = DataplaneParams {
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+            max_services: 4,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            udp_idle_timeout_ns: 30_000_000_000,
+            pin_dir: None,
+        };
+        let mut dataplane = Dataplane::load(params, DebugLog::Off)?;
+        let backend = || DesiredBackend {
+            address: "198.18.1.11".parse().unwrap(),
+            weight: 1,
+            path: Some(L2Path { ifindex: l0, src_mac: l0_mac, dst_mac: g0_mac }),
+            down: false,
+        };
+        let service = |name: &str, vip: &str, protocol| DesiredService {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            protocol,
+            scheduler: Scheduler::Maglev,
+            persistence_timeout_s: 0,
+            backends: vec![backend()],
+        };
+        let mut reconciler = Reconciler::new(lb_common::DEFAULT_RING_SIZE, 4);
+        let (writes, _) = reconciler.plan(&[
+            service("dns", "198.18.0.100:53", Protocol::Udp),
+            service("web", "198.18.0.100:80", Protocol::Tcp),
+        ]);
+        dataplane.apply(&writes)?;
+        let mut baselines = Ebpf::load(BENCH_OBJECT)?;
+        for name in ["bench_macswap", "sink"] {
+            let p: &mut Xdp = baselines.program_mut(name).context("program")?.try_into()?;
+            p.load()?;
+        }
+        Ok((dataplane, baselines))
+    })?;
+    let mut baselines = baselines;
+
+    let mut results: Vec<Throughput> = Vec::new();
+    for round in 0..rounds {
+        for program in PROGRAMS {
+            // Attach the program under test to l0.
+            let lb_ns = ns.lb_ns.clone();
+            let (attached_xdplb, attached_baselines, link) = in_ns(&lb_ns, move || {
+                let link = match program {
+                    "xdplb" => {
+                        xdplb.attach_or_adopt("l0", XdpMode::Driver)?;
+                        None
+                    }
+                    name => {
+                        let p: &mut Xdp = baselines.program_mut(baseline_name(name)).context("baseline")?.try_into()?;
+                        Some(p.attach("l0", XdpMode::Driver)?)
+                    }
+                };
+                Ok((xdplb, baselines, link))
+            })?;
+            xdplb = attached_xdplb;
+            baselines = attached_baselines;
+
+            for (frame_name, frame) in
+                [("udp_64B", frames::udp4_64()), ("tcp_ack_64B", frames::tcp4(1024, frames::ACK))]
+            {
+                for threads in [1usize, 2] {
+                    let counter = |ebpf: &Ebpf| sink_total(ebpf);
+                    let before = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };
+                    let elapsed = generate(&ns.gen_ns, gen_side.clone(), g0, &frame, threads, seconds)?;
+                    // Let the last frames drain.
+                    std::thread::sleep(Duration::from_millis(50));
+                    let after = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };
+                    let mpps = (after - before) as f64 / elapsed.as_secs_f64() / 1e6;
+                    match results
+                        .iter_mut()
+                        .find(|r| r.program == program && r.frame == frame_name && r.threads == threads)
+                    {
+                        Some(r) => r.mpps.push(mpps),
+                        None => results.push(Throughput {
+                            program,
+                            frame: frame_name,
+                            threads,
+                            mpps: Samples::from(vec![mpps]),
+                        }),
+                    }
+                }
+            }
+
+            // Detach before the next program.
+            let lb_ns = ns.lb_ns.clone();
+            let (detached_xdplb, detached_baselines) = in_ns(&lb_ns, move || {
+                match link {
+                    None => xdplb.shutdown(true)?,
+                    Some(link) => {
+                        let p: &mut Xdp =
+                            baselines.program_mut(baseline_name(program)).context("baseline")?.try_into()?;
+                        p.detach(link)?;
+                    }
+                }
+                Ok((xdplb, baselines))
+            })?;
+            xdplb = detached_xdplb;
+            baselines = detached_baselines;
+        }
+        eprintln!("throughput: round {}/{rounds} done", round + 1);
+    }
+    Ok(results)
+}
+
+/// Sends `frame` with `threads` generator threads (one per CPU and rx
+/// queue) for `seconds`; returns the time it took.
+fn generate(
+    gen_ns: &str,
+    gen_side: Arc<Ebpf>,
+    g0: u32,
+    frame: &[u8],
+    threads: usize,
+    seconds: f64,
+) -> Result<Duration> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for t in 0..threads {
+        let (gen_side, stop, frame, path) =
+            (gen_side.clone(), stop.clone(), frame.to_vec(), format!("/run/netns/{gen_ns}"));
+        workers.push(std::thread::spawn(move || -> Result<()> {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut cpus = nix::sched::CpuSet::new();
+            cpus.set(t)?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+            let ctx: Vec<u8> =
+                [0, frame.len() as u32, 0, g0, t as u32, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+            let program: &Xdp = gen_side.program("trafficgen").context("trafficgen")?.try_into()?;
+            while !stop.load(Ordering::Relaxed) {
+                let opts = TestRunOptions {
+                    data_in: Some(&frame),
+                    ctx_in: Some(&ctx),
+                    repeat: 1 << 15,
+                    attrs: TestRunAttrs::new().xdp_live_frames(64),
+                    ..Default::default()
+                };
+                program.test_run(opts).context("live-frames test run")?;
+            }
+            Ok(())
+        }));
+    }
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("generator thread")?;
+    }
+    Ok(start.elapsed())
+}

@@ -1,0 +1,119 @@
+//! Programs for `cargo xtask bench`, compared side by side with xdplb:
+//! - `bench_drop`: XDP_DROP, the fixed cost of a run;
+//! - `bench_macswap`: parses Ethernet/IP/L4 with xdplb's own parser, swaps
+//!   the MACs and returns XDP_TX: the least a forwarding program does;
+//! - `trafficgen`: run in live-frames mode, sends each frame with the next
+//!   source port (a new flow per packet for a load balancer);
+//! - `sink`: counts and drops what arrives;
+//! - `bench_vip_lookup`, `bench_flow_lookup`: the MAC-swap baseline plus one
+//!   hash lookup shaped like xdplb's VIP lookup, or like its connection-table
+//!   lookup: what those steps cost on their own.
+#![no_std]
+#![no_main]
+
+#[path = "../parse.rs"]
+#[allow(dead_code)]
+mod parse;
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
+    macros::{map, xdp},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, FlowKey, FlowState, MAX_VIPS, VipInfo, VipKey};
+use lb_ebpf as _; // panic handler
+use network_types::eth::EthHdr;
+
+/// Frames seen by `sink`, per CPU.
+#[map]
+static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `trafficgen`'s per-CPU frame counter (the source port varies with it).
+#[map]
+static GEN_COUNTER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Offset of the L4 source port in the generator's frames (Ethernet + IPv4).
+const L4_SOURCE_PORT_OFFSET: usize = 14 + 20;
+/// Source ports cycle through this many values.
+#[unsafe(no_mangle)]
+static GEN_PORTS: u32 = 60000;
+
+#[xdp]
+pub fn bench_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn bench_macswap(ctx: XdpContext) -> u32 {
+    if !matches!(parse::parse(&ctx), parse::Parsed::Packet(_)) {
+        return xdp_action::XDP_PASS;
+    }
+    swap_and_tx(&ctx)
+}
+
+/// Same shapes and sizes as xdplb's VIPS and CONNTRACK.
+#[map]
+static ANATOMY_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+static ANATOMY_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[inline(always)]
+fn swap_and_tx(ctx: &XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + EthHdr::LEN > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    let eth = unsafe { &mut *(start as *mut EthHdr) };
+    core::mem::swap(&mut eth.dst_addr, &mut eth.src_addr);
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_vip_lookup(ctx: XdpContext) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    let f = &packet.flow;
+    let key = VipKey { addr: f.dst, port: f.dport, proto: f.proto, family: f.family };
+    if unsafe { ANATOMY_VIPS.get(&key) }.is_none() {
+        // Present after the first packet, as a configured VIP would be.
+        let _ = ANATOMY_VIPS.insert(&key, &VipInfo::default(), 0);
+    }
+    swap_and_tx(&ctx)
+}
+
+#[xdp]
+pub fn bench_flow_lookup(ctx: XdpContext) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    if unsafe { ANATOMY_FLOWS.get(&packet.flow) }.is_none() {
+        let _ = ANATOMY_FLOWS.insert(&packet.flow, &FlowState::default(), 0);
+    }
+    swap_and_tx(&ctx)
+}
+
+#[xdp]
+pub fn trafficgen(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + L4_SOURCE_PORT_OFFSET + 2 > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(counter) = GEN_COUNTER.get_ptr_mut(0) else { return xdp_action::XDP_DROP };
+    let n = unsafe { *counter };
+    unsafe { *counter = n.wrapping_add(1) };
+    let ports = unsafe { core::ptr::read_volatile(&GEN_PORTS) }.max(1);
+    let port = (1024 + n % ports) as u16;
+    unsafe { *((start + L4_SOURCE_PORT_OFFSET) as *mut [u8; 2]) = port.to_be_bytes() };
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn sink(_ctx: XdpContext) -> u32 {
+    if let Some(count) = SINK_COUNT.get_ptr_mut(0) {
+        unsafe { *count += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
