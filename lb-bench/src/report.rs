@@ -231,7 +231,7 @@ fn anatomy(md: &mut String, r: &Report) -> Result<()> {
         };
         Some(get(program)? - get("xdp_drop")?)
     };
-    for fixture in ["tcp_ack_established", "non_vip"] {
+    for fixture in ["tcp_ack_established", "tcp_ack_60k_flows", "non_vip"] {
         let (Some(swap), Some(vip), Some(flow), Some(xdplb)) = (
             net(fixture, "parse_macswap_tx"),
             net(fixture, "swap_plus_vip_lookup"),
