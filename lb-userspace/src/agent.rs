@@ -462,8 +462,9 @@ impl Agent {
                 .await
             }
             Request::BackendAdd { service, address, weight } => {
-                let Ok(address) = address.parse::<IpAddr>() else {
-                    return Response::error(format!("{address:?} is not an IP address"));
+                let address = match parse_address(&address) {
+                    Ok(address) => address,
+                    Err(err) => return err,
                 };
                 let weight = match checked_weight(weight.unwrap_or(1)) {
                     Ok(w) => w,
@@ -477,8 +478,9 @@ impl Agent {
                 .await
             }
             Request::BackendRemove { service, address } => {
-                let Ok(address) = address.parse::<IpAddr>() else {
-                    return Response::error(format!("{address:?} is not an IP address"));
+                let address = match parse_address(&address) {
+                    Ok(address) => address,
+                    Err(err) => return err,
                 };
                 self.change_config(|config| {
                     let s = service_mut(config, &service)?;
@@ -492,8 +494,9 @@ impl Agent {
                 .await
             }
             Request::BackendWeight { service, address, weight } => {
-                let Ok(address) = address.parse::<IpAddr>() else {
-                    return Response::error(format!("{address:?} is not an IP address"));
+                let address = match parse_address(&address) {
+                    Ok(address) => address,
+                    Err(err) => return err,
                 };
                 let weight = match checked_weight(weight) {
                     Ok(w) => w,
@@ -555,8 +558,9 @@ impl Agent {
         address: &str,
         next: impl FnOnce(AdminState) -> Result<AdminState, String>,
     ) -> Response {
-        let Ok(address) = address.parse::<IpAddr>() else {
-            return Response::error(format!("{address:?} is not an IP address"));
+        let address = match parse_address(address) {
+            Ok(address) => address,
+            Err(err) => return err,
         };
         if !self.config.services.iter().any(|s| s.name.get_ref() == service) {
             return Response::error(format!("no service named {service:?}"));
@@ -576,10 +580,10 @@ impl Agent {
         }
     }
 
+    /// Active flows come from the last maintenance scan (every 1–5 s): a
+    /// status call, a `top` refresh or a scrape must not walk the whole
+    /// connection table again.
     fn status(&mut self) -> Result<Status> {
-        let tcp_idle_ns = self.config.agent.tcp_idle_timeout_s * 1_000_000_000;
-        let scan = self.dataplane.scan_flows(tcp_idle_ns)?;
-        self.update_active_flows(&scan.active);
         let ring_weights: BTreeMap<(&str, IpAddr), u32> = self
             .desired
             .iter()
@@ -701,6 +705,10 @@ impl Agent {
 
 fn service_mut<'a>(config: &'a mut Config, name: &str) -> Result<&'a mut crate::config::ServiceConfig, String> {
     config.services.iter_mut().find(|s| s.name.get_ref() == name).ok_or_else(|| format!("no service named {name:?}"))
+}
+
+fn parse_address(text: &str) -> Result<IpAddr, Response> {
+    text.parse().map_err(|_| Response::error(format!("{text:?} is not an IP address")))
 }
 
 fn checked_weight(weight: u32) -> Result<Weight, String> {
