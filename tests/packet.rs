@@ -12,9 +12,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FlowKey, GlobalCounter, PROTO_TCP};
 use xdplb::{
     config::{Protocol, Scheduler},
+    dataplane::planner::{Reconciler, address_words},
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
-    reconcile::{DesiredBackend, DesiredService, Reconciler, address_words},
+    state::{DesiredBackend, DesiredService},
 };
 
 const XDP_DROP: u32 = 1;
@@ -296,10 +297,15 @@ fn ipv4_tcp_syn_ack_rst_are_forwarded_with_only_macs_rewritten() {
         assert_eq!(out, rewritten(&syn, chosen, LB_MAC));
         assert_eq!(w.flows().len(), 1);
 
+        // A SYN is scheduled without a table lookup: it is no conntrack miss.
+        assert_eq!(w.counter(GlobalCounter::SynScheduled), 1);
+        assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 0);
+
         let ack = tcp("198.18.0.2", 40000, VIP4, 80, PSH_ACK).bytes();
         let (action, out) = w.run(&ack);
         assert_eq!((action, out), (XDP_TX, rewritten(&ack, chosen, LB_MAC)));
         assert_eq!(w.counter(GlobalCounter::ConntrackHit), 1);
+        assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 0);
 
         let rst = tcp("198.18.0.2", 40000, VIP4, 80, RST).bytes();
         let (action, out) = w.run(&rst);
@@ -733,8 +739,15 @@ fn random_follows_weights() {
             let got = t[&backend] as f64;
             assert!((got - expected).abs() <= 0.1 * expected, "backend {backend}: {got} of 4000, expected {expected}");
         }
-        // Random, not hashed: the same five-tuple may land elsewhere on a new SYN.
-        let again: std::collections::BTreeSet<u8> = (0..40).map(|_| syn_to(&w, "198.18.0.9", 40000)).collect();
+        // Random, not hashed: the same five-tuple may land elsewhere on a new
+        // connection (after the last one finished; a SYN retransmission stays).
+        let again: std::collections::BTreeSet<u8> = (0..40)
+            .map(|_| {
+                let backend = syn_to(&w, "198.18.0.9", 40000);
+                w.run(&tcp("198.18.0.9", 40000, VIP4, 80, RST).bytes());
+                backend
+            })
+            .collect();
         assert!(again.len() > 1, "{again:?}");
     });
 }
@@ -806,5 +819,123 @@ fn persistence_keeps_a_client_on_its_backend_until_the_timeout_or_a_drain() {
         let backends: Vec<(u8, u32)> = [11u8, 12, 13].iter().map(|b| (*b, (*b != next) as u32)).collect();
         w.set(&[scheduled(&w, Scheduler::RoundRobin, 1, &backends)]);
         assert_ne!(syn_to(&w, "198.18.0.2", 34200), next);
+    });
+}
+
+// ---- SYN retransmissions ---------------------------------------------------
+
+const ALL_SCHEDULERS: [Scheduler; 7] = [
+    Scheduler::Maglev,
+    Scheduler::RoundRobin,
+    Scheduler::WeightedRoundRobin,
+    Scheduler::Random,
+    Scheduler::SourceHash,
+    Scheduler::LeastConn,
+    Scheduler::LeastResponseTime,
+];
+
+#[test]
+fn a_retransmitted_syn_goes_where_the_first_syn_went_under_every_scheduler() {
+    in_world(|| {
+        pin_to_one_cpu();
+        let mut w = World::new();
+        for (round, scheduler) in ALL_SCHEDULERS.into_iter().enumerate() {
+            w.set(&[scheduled(&w, scheduler, 0, &[(11, 1), (12, 2), (13, 3)])]);
+            let (scheduled_before, retransmits_before) =
+                (w.counter(GlobalCounter::SynScheduled), w.counter(GlobalCounter::SynRetransmit));
+            for client in 0..20u16 {
+                let port = 50000 + round as u16 * 100 + client;
+                let syn = tcp(&format!("198.18.3.{}", 10 + client), port, VIP4, 80, SYN).bytes();
+                let (action, first) = w.run(&syn);
+                assert_eq!(action, XDP_TX);
+                for _ in 0..3 {
+                    let (action, again) = w.run(&syn);
+                    assert_eq!(action, XDP_TX);
+                    assert_eq!(
+                        again,
+                        rewritten(&syn, dst_mac(&first), LB_MAC),
+                        "{scheduler:?}: a retransmitted SYN changed backend"
+                    );
+                }
+            }
+            assert_eq!(w.counter(GlobalCounter::SynScheduled) - scheduled_before, 20, "{scheduler:?}");
+            assert_eq!(w.counter(GlobalCounter::SynRetransmit) - retransmits_before, 60, "{scheduler:?}");
+        }
+    });
+}
+
+#[test]
+fn a_syn_after_the_flow_finished_or_was_established_is_a_new_connection() {
+    in_world(|| {
+        pin_to_one_cpu();
+        let mut w = World::new();
+        // Round robin moves every new connection to the next backend.
+        w.set(&[scheduled(&w, Scheduler::RoundRobin, 0, &[(11, 1), (12, 1), (13, 1)])]);
+        let first = syn_to(&w, "198.18.0.2", 47000);
+        w.run(&tcp("198.18.0.2", 47000, VIP4, 80, 0x11).bytes()); // FIN|ACK
+        let after_fin = syn_to(&w, "198.18.0.2", 47000);
+        assert_ne!(after_fin, first, "a SYN after FIN was taken for a retransmission");
+        // Established (the client's ACK ended the half-open phase): a SYN on
+        // the same five-tuple is a new connection too.
+        let established = syn_to(&w, "198.18.0.2", 47001);
+        w.run(&tcp("198.18.0.2", 47001, VIP4, 80, ACK).bytes());
+        assert_ne!(syn_to(&w, "198.18.0.2", 47001), established);
+        assert_eq!(w.counter(GlobalCounter::SynRetransmit), 0);
+        assert_eq!(w.counter(GlobalCounter::SynScheduled), 4);
+    });
+}
+
+#[test]
+fn a_retransmitted_syn_leaves_a_backend_that_went_down() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        let first = syn_to(&w, "198.18.0.2", 48000);
+        let mut down = web4(&w);
+        down.backends.iter_mut().filter(|b| b.path.unwrap().dst_mac[5] == first).for_each(|b| {
+            b.down = true;
+            b.weight = 0;
+        });
+        w.set(&[down]);
+        assert_ne!(syn_to(&w, "198.18.0.2", 48000), first);
+    });
+}
+
+// ---- map writes the kernel refuses -----------------------------------------
+
+#[test]
+fn a_refused_map_write_is_retried_until_the_data_plane_matches() {
+    in_world(|| {
+        let mut w = World::new();
+        // No interface has this index: the egress device insert is refused,
+        // and the writer holds back the backend, ring and VIP writes after it.
+        let mut unreachable =
+            service("web", "198.18.0.100:80", Protocol::Tcp, vec![w.redirect_backend("198.18.1.11", 11)]);
+        unreachable.backends[0].path.as_mut().unwrap().ifindex = 9999;
+        let (writes, _) = w.reconciler.plan(std::slice::from_ref(&unreachable));
+        let failure = w.dataplane.apply(&writes).expect_err("DEVMAP insert of a missing ifindex");
+        assert!(failure.message.contains("EGRESS_DEVICES insert ifindex 9999"), "{failure}");
+        assert_eq!(failure.unapplied.len(), writes.len(), "{failure}");
+        for write in &failure.unapplied {
+            w.reconciler.forget(write);
+        }
+        let syn = tcp("198.18.0.2", 49000, VIP4, 80, SYN).bytes();
+        assert_eq!(w.run(&syn).0, XDP_PASS, "nothing was written, so the VIP does not exist yet");
+        // The same desired state is planned in full again, not as "done".
+        let (again, _) = w.reconciler.plan(std::slice::from_ref(&unreachable));
+        assert_eq!(again, writes);
+        for write in &w.dataplane.apply(&again).unwrap_err().unapplied {
+            w.reconciler.forget(write);
+        }
+        // The interface is back (a valid ifindex): the next reconcile converges.
+        w.set(&[service("web", "198.18.0.100:80", Protocol::Tcp, vec![w.redirect_backend("198.18.1.11", 11)])]);
+        let (action, out) = w.run(&syn);
+        assert_eq!((action, dst_mac(&out)), (XDP_REDIRECT, backend_mac(11)));
+        assert_eq!(
+            w.reconciler
+                .plan(&[service("web", "198.18.0.100:80", Protocol::Tcp, vec![w.redirect_backend("198.18.1.11", 11)])])
+                .0,
+            vec![]
+        );
     });
 }

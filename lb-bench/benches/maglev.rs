@@ -2,7 +2,7 @@
 use std::net::Ipv4Addr;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use xdplb::maglev::{MaglevBackend, build_table, stable_hash};
+use xdplb::scheduling::maglev::{MaglevBackend, build_table, stable_hash};
 
 fn maglev_build(c: &mut Criterion) {
     let mut group = c.benchmark_group("maglev_build");

@@ -11,9 +11,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use xdplb::{
     config::{Protocol, Scheduler},
+    dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
-    reconcile::{DesiredBackend, DesiredService, Reconciler},
+    state::{DesiredBackend, DesiredService},
 };
 
 pub struct ControlPlane {

@@ -17,9 +17,10 @@ use aya::{
 };
 use xdplb::{
     config::{Protocol, Scheduler},
+    dataplane::planner::Reconciler,
     dataplane::{BENCH_OBJECT, Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
-    reconcile::{DesiredBackend, DesiredService, Reconciler},
+    state::{DesiredBackend, DesiredService},
 };
 
 use crate::{frames, stats::Samples};
@@ -200,7 +201,7 @@ impl Programs {
         if !errors.is_empty() {
             bail!("{errors:?}");
         }
-        self.xdplb.apply(&writes)
+        Ok(self.xdplb.apply(&writes)?)
     }
 
     fn program(&self, which: &str) -> Result<&Xdp> {

@@ -28,9 +28,10 @@ use aya::{
 };
 use xdplb::{
     config::{Protocol, Scheduler},
+    dataplane::planner::Reconciler,
     dataplane::{BENCH_OBJECT, Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
-    reconcile::{DesiredBackend, DesiredService, Reconciler},
+    state::{DesiredBackend, DesiredService},
 };
 
 use crate::{frames, stats::Samples};

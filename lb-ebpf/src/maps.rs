@@ -1,16 +1,13 @@
-//! Every map and load-time global of the data plane, in one place.
-//! Layouts live in `lb-common`; sizes marked "set at load" are overridden by
-//! the agent from its config.
+//! Every map and load-time global of the data plane. The maps come from the
+//! one schema in `lb_common::for_each_map!`; layouts live in `lb-common`.
+//! Capacities marked `Conntrack` or `Rings` there are set by the agent at
+//! load from its config.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
-use lb_common::{
-    AffinityKey, AffinityState, Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S,
-    FlowKey, FlowState, GLOBAL_COUNTER_COUNT, MAX_BACKENDS, MAX_VIPS, TrafficCounters, VipAddressKey, VipInfo, VipKey,
-};
+use lb_common::{DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S, NS_PER_SEC};
 
 /// Maglev lookup-table size of every VIP (set at load).
 #[unsafe(no_mangle)]
@@ -18,77 +15,40 @@ static RING_SIZE: u32 = DEFAULT_RING_SIZE;
 
 /// Idle time after which a UDP flow is scheduled afresh (set at load).
 #[unsafe(no_mangle)]
-static UDP_IDLE_TIMEOUT_NS: u64 = DEFAULT_UDP_IDLE_TIMEOUT_S * 1_000_000_000;
+static UDP_IDLE_TIMEOUT_NS: u64 = DEFAULT_UDP_IDLE_TIMEOUT_S * NS_PER_SEC;
 
 #[inline(always)]
 pub fn ring_size() -> u32 {
-    // Volatile so the compiler does not fold the default in: the loader
-    // rewrites the value in .rodata before the program is verified.
+    // SAFETY: a plain read of a static. Volatile so the compiler does not
+    // fold the default in: the loader rewrites .rodata before verification.
     unsafe { core::ptr::read_volatile(&RING_SIZE) }
 }
 
 #[inline(always)]
 pub fn udp_idle_timeout_ns() -> u64 {
+    // SAFETY: as in `ring_size`.
     unsafe { core::ptr::read_volatile(&UDP_IDLE_TIMEOUT_NS) }
 }
 
-#[map]
-pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+/// The aya-ebpf type of a schema entry (arrays are keyed by `u32`).
+macro_rules! map_type {
+    (HashMap, $key:ty, $value:ty) => { HashMap<$key, $value> };
+    (LruHashMap, $key:ty, $value:ty) => { LruHashMap<$key, $value> };
+    (Array, $key:ty, $value:ty) => { Array<$value> };
+    (PerCpuArray, $key:ty, $value:ty) => { PerCpuArray<$value> };
+    (DevMapHash, $key:ty, $value:ty) => { DevMapHash };
+}
 
-/// How many port-0 (wildcard) VIPs exist: while none do, traffic that
-/// misses the exact VIP lookup skips the wildcard lookup (one inlined array
-/// read instead of a hash lookup on the non-VIP path).
-#[map]
-pub static WILDCARD_VIPS: Array<u32> = Array::with_max_entries(1, 0);
+macro_rules! declare_maps {
+    ($( $(#[$doc:meta])* $name:ident : $kind:ident < $key:ty , $value:ty > ,
+        $capacity:ident ( $entries:expr ) , $flags:expr , $pin:ident ; )*) => {
+        $(
+            $(#[$doc])*
+            #[map]
+            pub static $name: map_type!($kind, $key, $value) =
+                <map_type!($kind, $key, $value)>::with_max_entries($entries, $flags);
+        )*
+    };
+}
 
-#[map]
-pub static VIP_ADDRESSES: HashMap<VipAddressKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
-
-/// All VIPs' Maglev tables back to back: slot `s` of VIP `v` is at
-/// `v * RING_SIZE + s` and holds a backend id (size set at load).
-#[map]
-pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SIZE, 0);
-
-#[map]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
-
-/// Five-tuple → pinned backend. One table shared by all CPUs (a flow may be
-/// seen on several), with per-CPU LRU lists so inserts take no global lock.
-#[map]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
-
-/// Interfaces that XDP_REDIRECT may send to, keyed by ifindex.
-#[map]
-pub static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(64, 0);
-
-#[map]
-pub static VIP_COUNTERS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
-
-#[map]
-pub static BACKEND_COUNTERS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
-
-#[map]
-pub static GLOBAL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_COUNTER_COUNT, 0);
-
-/// Client affinity (persistence): (VIP, client address) → backend. Same
-/// capacity as the connection table (set at load).
-#[map]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
-
-/// Per-CPU position in each SEQUENCE VIP's slot sequence: no shared cursor,
-/// no lock, no cache line bouncing between CPUs.
-#[map]
-pub static CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
-
-/// Active flows per backend of least_conn VIPs, shared by all CPUs and
-/// changed with atomic adds (only on new and finished flows).
-#[map]
-pub static ACTIVE_FLOWS: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
-
-/// Written by the agent only: the difference between what its
-/// connection-table scan counts and `ACTIVE_FLOWS` (which cannot see LRU
-/// evictions or idle expiry).
-#[map]
-pub static ACTIVE_CORRECTION: Array<i64> = Array::with_max_entries(MAX_BACKENDS, 0);
+lb_common::for_each_map!(declare_maps);

@@ -1,19 +1,23 @@
 //! Backend selection: the connection table first, the VIP's scheduler for
 //! new flows.
 //!
-//! A TCP SYN always consults the scheduler (a reused five-tuple is a new
-//! connection); every other packet keeps the backend its flow is pinned to,
-//! so established flows survive ring changes, unless their backend is marked
-//! down, in which case they are scheduled afresh. A RST never creates an
-//! entry; the client's FIN or RST marks the flow finished.
+//! Every non-SYN packet keeps the backend its flow is pinned to, so
+//! established flows survive ring changes, unless their backend is marked
+//! down, in which case they are scheduled afresh. A SYN is a new connection
+//! and takes the scheduler's pick, with one exception: a retransmitted SYN
+//! (its five-tuple's entry is still half-open and younger than
+//! `SYN_RETRANSMIT_WINDOW_NS`) goes where the first SYN went, because that
+//! backend may already hold the half-open connection. The SYN's insert is
+//! "create only", so a new connection pays no lookup for this. A RST never
+//! creates an entry; the client's FIN or RST marks the flow finished.
 //!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
 //! counted in `ACTIVE_FLOWS` here.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowState, GlobalCounter, LAST_SEEN_REFRESH_NS,
-    PROTO_UDP, VipInfo, scheduler,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowState, GlobalCounter,
+    LAST_SEEN_REFRESH_NS, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, VipInfo, scheduler,
 };
 
 use crate::{
@@ -39,8 +43,17 @@ enum Pinned {
     Miss,
 }
 
+/// What a SYN found in its five-tuple's existing entry.
+enum Existing {
+    /// Its own earlier SYN: same backend.
+    Retransmission(Selection),
+    /// An older or finished flow: replaced; `leaves` is the live flow it ends.
+    Replaced { leaves: Option<u32> },
+}
+
 #[inline(always)]
 pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
+    // SAFETY: a helper without arguments or preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let least_conn = vip.scheduler == scheduler::LEAST_CONN;
     let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -55,22 +68,44 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
             Pinned::Stale { backend_id, finished: false } => leaves = Some(backend_id),
             Pinned::Stale { .. } | Pinned::Miss => {}
         }
-    } else if least_conn && let Some(old) = unsafe { CONNTRACK.get(&packet.flow) } {
-        if old.flags & FLOW_F_FINISHED == 0 {
-            leaves = Some(old.backend_id);
-        }
+        count(GlobalCounter::ConntrackMiss);
     }
-    count(GlobalCounter::ConntrackMiss);
 
     let backend_id = schedule::pick(packet, vip, now)?;
     let backend = usable_backend(backend_id)?;
     let new_flow = packet.tcp_flags & TCP_RST == 0;
     let finished = packet.tcp_flags & TCP_FIN != 0;
     if new_flow {
-        let state = FlowState { backend_id, flags: if finished { FLOW_F_FINISHED } else { 0 }, last_seen_ns: now };
-        if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
-            count(GlobalCounter::ConntrackInsertFailed);
+        let flags = if finished {
+            FLOW_F_FINISHED
+        } else if is_syn {
+            FLOW_F_HALF_OPEN
+        } else {
+            0
+        };
+        let state = FlowState { backend_id, flags, last_seen_ns: now };
+        let insert_flags = if is_syn { BPF_NOEXIST as u64 } else { 0 };
+        if CONNTRACK.insert(&packet.flow, &state, insert_flags).is_err() {
+            if !is_syn {
+                count(GlobalCounter::ConntrackInsertFailed);
+            } else {
+                match existing_for_syn(packet, now) {
+                    Existing::Retransmission(selection) => {
+                        count(GlobalCounter::SynRetransmit);
+                        return Some(selection);
+                    }
+                    Existing::Replaced { leaves: old } => {
+                        leaves = old;
+                        if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
+                            count(GlobalCounter::ConntrackInsertFailed);
+                        }
+                    }
+                }
+            }
         }
+    }
+    if is_syn {
+        count(GlobalCounter::SynScheduled);
     }
     if least_conn {
         if let Some(old) = leaves {
@@ -83,11 +118,36 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     Some(Selection { backend_id, backend, new_flow })
 }
 
+/// A SYN's create-only insert failed: its five-tuple has an entry. A
+/// half-open one younger than the window whose backend still serves is this
+/// SYN's own first transmission.
+#[inline(always)]
+fn existing_for_syn(packet: &Packet, now: u64) -> Existing {
+    // SAFETY: the map returns a pointer to a live value or none.
+    let Some(state) = (unsafe { CONNTRACK.get(&packet.flow) }) else {
+        return Existing::Replaced { leaves: None };
+    };
+    let live = state.flags & FLOW_F_FINISHED == 0;
+    let young = now.saturating_sub(state.last_seen_ns) <= SYN_RETRANSMIT_WINDOW_NS;
+    if live && young && state.flags & FLOW_F_HALF_OPEN != 0 {
+        if let Some(backend) = usable_backend(state.backend_id) {
+            // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
+            if unsafe { (*backend).flags } & BACKEND_F_DOWN == 0 {
+                return Existing::Retransmission(Selection { backend_id: state.backend_id, backend, new_flow: false });
+            }
+        }
+    }
+    Existing::Replaced { leaves: if live { Some(state.backend_id) } else { None } }
+}
+
 #[inline(always)]
 fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
     let Some(state) = CONNTRACK.get_ptr_mut(&packet.flow) else {
         return Pinned::Miss;
     };
+    // SAFETY: the map returned a pointer to a live value; other CPUs may
+    // write the same entry, and every field is a plain word (torn reads are
+    // impossible, lost updates are harmless here).
     let state = unsafe { &mut *state };
     let finished = state.flags & FLOW_F_FINISHED != 0;
     let idle_ns = now.saturating_sub(state.last_seen_ns);
@@ -97,17 +157,24 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
     let Some(backend) = usable_backend(state.backend_id) else {
         return Pinned::Miss;
     };
+    // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
     if unsafe { (*backend).flags } & BACKEND_F_DOWN != 0 {
         return Pinned::Stale { backend_id: state.backend_id, finished };
     }
     if idle_ns > LAST_SEEN_REFRESH_NS {
         state.last_seen_ns = now;
     }
-    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !finished {
-        state.flags |= FLOW_F_FINISHED;
-        if least_conn {
-            schedule::account(state.backend_id, -1);
+    let ending = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !finished;
+    if ending || state.flags & FLOW_F_HALF_OPEN != 0 {
+        // The client's first packet after its SYN ends the half-open phase.
+        let mut flags = state.flags & !FLOW_F_HALF_OPEN;
+        if ending {
+            flags |= FLOW_F_FINISHED;
+            if least_conn {
+                schedule::account(state.backend_id, -1);
+            }
         }
+        state.flags = flags;
     }
     Pinned::Hit(Selection { backend_id: state.backend_id, backend, new_flow: false })
 }
@@ -115,6 +182,7 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
 #[inline(always)]
 fn usable_backend(backend_id: u32) -> Option<*const Backend> {
     let backend = BACKENDS.get_ptr(backend_id)?;
+    // SAFETY: the array returned a pointer to a live value.
     if unsafe { (*backend).flags } & BACKEND_F_IN_USE == 0 {
         return None;
     }

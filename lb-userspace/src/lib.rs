@@ -1,15 +1,13 @@
-//! xdplb agent library: configuration, Maglev, reconcile and the kernel edges.
+//! xdplb agent library. Data flows one way: `config` (and the CLI through
+//! `control`, and health results) change the desired state in `state`; the
+//! planner in `dataplane` turns it into map writes; the writer applies them.
 //! The `xdplb` binary is a thin CLI over it; tests use it directly.
 pub mod agent;
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod health;
-pub mod maglev;
 pub mod metrics;
 pub mod netlink;
-pub mod pins;
-pub mod reconcile;
 pub mod scheduling;
 pub mod state;

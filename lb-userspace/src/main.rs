@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use xdplb::{
     agent::Agent,
-    cli::{self, Cli, Command},
     config::Config,
+    control::cli::{self, Cli, Command},
 };
 
 fn main() -> std::process::ExitCode {

@@ -6,16 +6,12 @@
 //! another one, or pinned maps whose sizes differ from what the configuration
 //! asks for, it refuses to start rather than corrupt the state.
 
-use std::{
-    mem::size_of,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::{
-    AffinityKey, AffinityState, Backend, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, LAYOUT_VERSION, MAX_BACKENDS,
-    MAX_VIPS, TrafficCounters, VipAddressKey, VipInfo, VipKey, names,
-};
+use lb_common::{Capacity, LAYOUT_VERSION, MAP_SPECS, MapKind};
+
+use super::DataplaneParams;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
@@ -45,23 +41,13 @@ pub fn prepare(root: &Path) -> Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid NUL-terminated path and a statfs buffer.
-    unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+    nix::sys::statfs::statfs(path).is_ok_and(|stat| stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
 fn mount_bpffs() -> Result<()> {
     std::fs::create_dir_all(BPFFS_MOUNT)?;
-    let (source, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-    // SAFETY: NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        bail!("mounting bpffs at {BPFFS_MOUNT}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    nix::mount::mount(Some("bpf"), BPFFS_MOUNT, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mounting bpffs at {BPFFS_MOUNT}"))
 }
 
 /// Refuses pinned state of another layout version under `root`.
@@ -86,53 +72,36 @@ pub fn check_layout(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What each pinned map must look like for this binary and configuration.
-pub fn expected_maps(ring_entries: u32, conntrack_size: u32) -> [(&'static str, usize, usize, u32); 14] {
-    [
-        (names::VIPS, size_of::<VipKey>(), size_of::<VipInfo>(), MAX_VIPS),
-        (names::VIP_ADDRESSES, size_of::<VipAddressKey>(), size_of::<u32>(), MAX_VIPS),
-        (names::RINGS, size_of::<u32>(), size_of::<u32>(), ring_entries),
-        (names::BACKENDS, size_of::<u32>(), size_of::<Backend>(), MAX_BACKENDS),
-        (names::CONNTRACK, size_of::<FlowKey>(), size_of::<FlowState>(), conntrack_size),
-        (names::EGRESS_DEVICES, size_of::<u32>(), 8, 64),
-        (names::VIP_COUNTERS, size_of::<u32>(), size_of::<TrafficCounters>(), MAX_VIPS),
-        (names::BACKEND_COUNTERS, size_of::<u32>(), size_of::<TrafficCounters>(), MAX_BACKENDS),
-        (names::GLOBAL_COUNTERS, size_of::<u32>(), size_of::<u64>(), GLOBAL_COUNTER_COUNT),
-        (names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityState>(), conntrack_size),
-        (names::CURSORS, size_of::<u32>(), size_of::<u32>(), MAX_VIPS),
-        (names::ACTIVE_FLOWS, size_of::<u32>(), size_of::<u64>(), MAX_BACKENDS),
-        (names::ACTIVE_FLOWS_CORRECTION, size_of::<u32>(), size_of::<i64>(), MAX_BACKENDS),
-        (names::WILDCARD_VIPS, size_of::<u32>(), size_of::<u32>(), 1),
-    ]
-}
-
 /// Refuses pinned maps whose shape differs from what this start needs
 /// (ring_size, max_services or conntrack_size changed, or a layout changed
-/// without a version bump).
-pub fn check_pinned_maps(layout_dir: &Path, ring_entries: u32, conntrack_size: u32) -> Result<()> {
-    for (name, key_size, value_size, max_entries) in expected_maps(ring_entries, conntrack_size) {
-        let path = layout_dir.join(name);
+/// without a version bump). The expectations come from the map schema.
+pub fn check_pinned_maps(layout_dir: &Path, params: &DataplaneParams) -> Result<()> {
+    for spec in MAP_SPECS.iter().filter(|spec| spec.pinned) {
+        let path = layout_dir.join(spec.name);
         if !path.exists() {
             continue;
         }
+        let max_entries = params.entries(spec.capacity, spec.default_entries)?;
         let info =
             aya::maps::MapInfo::from_pin(&path).with_context(|| format!("reading pinned map {}", path.display()))?;
         let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
         // DEVMAP_HASH values are 4 or 8 bytes depending on the kernel.
-        let value_ok = found.1 == value_size || (name == names::EGRESS_DEVICES && found.1 == 4);
-        if found.0 != key_size || !value_ok || found.2 != max_entries {
+        let value_ok = found.1 == spec.value_size || (spec.kind == MapKind::DevMapHash && found.1 == 4);
+        if found.0 != spec.key_size || !value_ok || found.2 != max_entries {
             bail!(
-                "pinned map {} has key {} B, value {} B, {} entries; this start needs key {key_size} B, \
-                 value {value_size} B, {max_entries} entries ({}). Restore the previous settings, or \
+                "pinned map {} has key {} B, value {} B, {} entries; this start needs key {} B, \
+                 value {} B, {max_entries} entries ({}). Restore the previous settings, or \
                  remove the pinned state (xdplb stop) and start fresh, which loses the connection table",
                 path.display(),
                 found.0,
                 found.1,
                 found.2,
-                match name {
-                    names::RINGS => "ring_size × max_services changed",
-                    names::CONNTRACK | names::AFFINITY => "conntrack_size changed",
-                    _ => "the map layout changed",
+                spec.key_size,
+                spec.value_size,
+                match spec.capacity {
+                    Capacity::Rings => "ring_size × max_services changed",
+                    Capacity::Conntrack => "conntrack_size changed",
+                    Capacity::Fixed => "the map layout changed",
                 }
             );
         }

@@ -261,6 +261,7 @@ mod tests {
     #[test]
     fn exposition_has_conventional_names_and_summed_values() {
         let status = Status {
+            outstanding_map_write: None,
             interface: "eth0".into(),
             services: vec![ServiceStatus {
                 name: "web".into(),

@@ -607,8 +607,8 @@ address = "2001:db8:0:2::11"
     #[test]
     fn shipped_configs_are_valid() {
         for (name, text) in [
-            ("config/example.toml", include_str!("../../config/example.toml")),
-            ("config/harness.toml", include_str!("../../config/harness.toml")),
+            ("config/example.toml", include_str!("../../../config/example.toml")),
+            ("config/harness.toml", include_str!("../../../config/harness.toml")),
         ] {
             let config = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{e}"));
             assert!(!config.services.is_empty(), "{name}");

@@ -5,15 +5,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use crate::{
-    config::{Config, HealthKind, OnFailure, Scheduler},
+    config::{Config, HealthKind, OnFailure, Protocol, Scheduler},
     health::HealthState,
     netlink::L2Path,
-    reconcile::{DesiredBackend, DesiredService},
     scheduling::{Ewma, response_time_weights},
 };
 
@@ -206,6 +205,27 @@ pub fn desired_services(
         });
     }
     (services, fail_open)
+}
+
+/// A service as the data plane should serve it now: what the planner reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    pub persistence_timeout_s: u32,
+    pub backends: Vec<DesiredBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub address: IpAddr,
+    pub weight: u32,
+    /// `None` until the neighbour is resolved; such a backend gets no slot.
+    pub path: Option<L2Path>,
+    /// Failed health checks: the data plane reschedules its pinned flows.
+    pub down: bool,
 }
 
 #[cfg(test)]

@@ -1,26 +1,30 @@
-//! The kernel side of the agent: loads the embedded XDP program, attaches it,
-//! and executes the reconciler's map writes. Only `apply` writes maps.
+//! The kernel side of the agent: the planner that turns desired state into
+//! map writes, the one writer that applies them, the readers, and the
+//! program's loading, attaching and pinning.
 
-use std::collections::HashSet;
+pub mod pins;
+pub mod planner;
+pub mod reader;
+pub mod writer;
 
-use anyhow::{Context as _, Result, anyhow};
 use std::path::{Path, PathBuf};
 
+use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
 };
-use lb_common::{
-    Backend, FLOW_F_FINISHED, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, GlobalCounter, PROTO_UDP, TrafficCounters,
-    VipAddressKey, VipInfo, VipKey, names,
-};
+use lb_common::{Capacity, MAP_SPECS, NS_PER_SEC, names};
 
-use crate::{pins, reconcile::MapWrite};
+use self::planner::MapWrite;
+pub use self::{
+    reader::FlowScan,
+    writer::{WriteFailure, describe},
+};
 
 /// The XDP object built by build.rs from `lb-ebpf`.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -44,6 +48,15 @@ pub struct DataplaneParams {
 impl DataplaneParams {
     fn ring_entries(&self) -> Result<u32> {
         self.ring_size.checked_mul(self.max_services).ok_or_else(|| anyhow!("ring_size × max_services overflows"))
+    }
+
+    /// The entries a map of the schema has under these parameters.
+    pub fn entries(&self, capacity: Capacity, default_entries: u32) -> Result<u32> {
+        Ok(match capacity {
+            Capacity::Fixed => default_entries,
+            Capacity::Conntrack => self.conntrack_size,
+            Capacity::Rings => self.ring_entries()?,
+        })
     }
 }
 
@@ -180,67 +193,9 @@ impl Dataplane {
         Ok(self.program()?.info()?.size_translated().unwrap_or(0))
     }
 
-    /// Executes the writes in order. Stops at the first failure, naming it.
-    pub fn apply(&mut self, writes: &[MapWrite]) -> Result<()> {
-        for write in writes {
-            self.apply_one(write).with_context(|| format!("map write {}", describe(write)))?;
-        }
-        Ok(())
-    }
-
-    fn apply_one(&mut self, write: &MapWrite) -> Result<()> {
-        match write {
-            MapWrite::AddEgressDevice { ifindex } => {
-                let mut map: DevMapHash<&mut MapData> = self.map_mut(names::EGRESS_DEVICES)?;
-                map.insert(*ifindex, *ifindex, None, 0)?;
-            }
-            MapWrite::SetBackend { id, backend } => {
-                let mut map: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
-                map.set(*id, backend, 0)?;
-            }
-            MapWrite::ClearBackend { id } => {
-                let mut map: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
-                map.set(*id, Backend::default(), 0)?;
-                // A free slot starts its next life with no flows counted.
-                let mut active: Array<&mut MapData, u64> = self.map_mut(names::ACTIVE_FLOWS)?;
-                active.set(*id, 0, 0)?;
-                let mut correction: Array<&mut MapData, i64> = self.map_mut(names::ACTIVE_FLOWS_CORRECTION)?;
-                correction.set(*id, 0, 0)?;
-            }
-            MapWrite::SetWildcardVips { count } => {
-                let mut map: Array<&mut MapData, u32> = self.map_mut(names::WILDCARD_VIPS)?;
-                map.set(0, count, 0)?;
-            }
-            MapWrite::SetActiveCorrection { id, correction } => {
-                let mut map: Array<&mut MapData, i64> = self.map_mut(names::ACTIVE_FLOWS_CORRECTION)?;
-                map.set(*id, correction, 0)?;
-            }
-            MapWrite::SetRingSlots { vip_id, slots } => {
-                self.ring_writes += 1;
-                let base = vip_id * self.params.ring_size;
-                let mut map: Array<&mut MapData, u32> = self.map_mut(names::RINGS)?;
-                for (slot, backend_id) in slots {
-                    map.set(base + slot, backend_id, 0)?;
-                }
-            }
-            MapWrite::SetVip { key, info } => {
-                let mut map: HashMap<&mut MapData, VipKey, VipInfo> = self.map_mut(names::VIPS)?;
-                map.insert(key, info, 0)?;
-            }
-            MapWrite::RemoveVip { key } => {
-                let mut map: HashMap<&mut MapData, VipKey, VipInfo> = self.map_mut(names::VIPS)?;
-                map.remove(key)?;
-            }
-            MapWrite::AddVipAddress { key } => {
-                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(names::VIP_ADDRESSES)?;
-                map.insert(key, 1, 0)?;
-            }
-            MapWrite::RemoveVipAddress { key } => {
-                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(names::VIP_ADDRESSES)?;
-                map.remove(key)?;
-            }
-        }
-        Ok(())
+    /// Executes the writes in order through the one writer.
+    pub fn apply(&mut self, writes: &[MapWrite]) -> Result<(), WriteFailure> {
+        writer::apply(self, writes)
     }
 
     fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>>(
@@ -255,140 +210,26 @@ impl Dataplane {
         let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
         Ok(T::try_from(map)?)
     }
-
-    /// Global counters summed over CPUs, in `GlobalCounter::ALL` order.
-    pub fn global_counters(&self) -> Result<Vec<(GlobalCounter, u64)>> {
-        let map: PerCpuArray<&MapData, u64> = self.map(names::GLOBAL_COUNTERS)?;
-        let mut out = Vec::with_capacity(GLOBAL_COUNTER_COUNT as usize);
-        for counter in GlobalCounter::ALL {
-            let values = map.get(&(counter as u32), 0)?;
-            out.push((counter, values.iter().sum()));
-        }
-        Ok(out)
-    }
-
-    pub fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters> {
-        self.traffic_counters(names::VIP_COUNTERS, vip_id)
-    }
-
-    pub fn backend_counters(&self, backend_id: u32) -> Result<TrafficCounters> {
-        self.traffic_counters(names::BACKEND_COUNTERS, backend_id)
-    }
-
-    fn traffic_counters(&self, name: &str, index: u32) -> Result<TrafficCounters> {
-        let map: PerCpuArray<&MapData, TrafficCounters> = self.map(name)?;
-        let values = map.get(&index, 0)?;
-        Ok(values.iter().fold(TrafficCounters::default(), |mut sum, c| {
-            sum.packets += c.packets;
-            sum.bytes += c.bytes;
-            sum.new_flows += c.new_flows;
-            sum
-        }))
-    }
-
-    /// One pass over the connection table: active flows per backend id, and
-    /// the ids some live entry may still send to.
-    pub fn scan_flows(&self, tcp_idle_timeout_ns: u64) -> Result<FlowScan> {
-        let now = monotonic_coarse_ns();
-        let mut scan = FlowScan::default();
-        for (key, state) in self.flows()? {
-            let idle = now.saturating_sub(state.last_seen_ns);
-            let (timeout, finished) = if key.proto == PROTO_UDP {
-                (self.params.udp_idle_timeout_ns, false)
-            } else {
-                (tcp_idle_timeout_ns, state.flags & FLOW_F_FINISHED != 0)
-            };
-            if key.proto == PROTO_UDP && idle > timeout {
-                continue; // the data plane schedules it afresh
-            }
-            if !finished || idle < FINISHED_LINGER_NS {
-                scan.referenced.insert(state.backend_id);
-            }
-            if !finished && idle <= timeout {
-                *scan.active.entry(state.backend_id).or_insert(0) += 1;
-            }
-        }
-        Ok(scan)
-    }
-}
-
-/// The maps' contents as a restarted agent finds them.
-#[derive(Debug, Default)]
-pub struct MapsState {
-    pub vips: Vec<(VipKey, VipInfo)>,
-    pub backends: Vec<(u32, Backend)>,
-    pub rings: std::collections::HashMap<u32, Vec<u32>>,
-    pub egress_devices: Vec<u32>,
-}
-
-/// A finished TCP flow may still see its last ACKs for a moment.
-const FINISHED_LINGER_NS: u64 = 10_000_000_000;
-
-#[derive(Debug, Default)]
-pub struct FlowScan {
-    pub active: std::collections::HashMap<u32, u64>,
-    pub referenced: HashSet<u32>,
-}
-
-impl Dataplane {
-    /// What the maps hold, for an agent adopting pinned state.
-    pub fn read_state(&self) -> Result<MapsState> {
-        let vips: HashMap<&MapData, VipKey, VipInfo> = self.map(names::VIPS)?;
-        let vips: Vec<(VipKey, VipInfo)> = vips.iter().collect::<Result<_, _>>()?;
-        let backends: Array<&MapData, Backend> = self.map(names::BACKENDS)?;
-        let mut in_use = Vec::new();
-        for id in 1..lb_common::MAX_BACKENDS {
-            let backend = backends.get(&id, 0)?;
-            if backend.flags & lb_common::BACKEND_F_IN_USE != 0 {
-                in_use.push((id, backend));
-            }
-        }
-        let rings: Array<&MapData, u32> = self.map(names::RINGS)?;
-        let mut ring_contents = std::collections::HashMap::new();
-        for (_, info) in &vips {
-            let base = info.id * self.params.ring_size;
-            let ring =
-                (0..self.params.ring_size).map(|slot| rings.get(&(base + slot), 0)).collect::<Result<Vec<_>, _>>()?;
-            ring_contents.insert(info.id, ring);
-        }
-        let egress: DevMapHash<&MapData> = self.map(names::EGRESS_DEVICES)?;
-        let egress_devices = egress.keys().collect::<Result<Vec<_>, _>>()?;
-        Ok(MapsState { vips, backends: in_use, rings: ring_contents, egress_devices })
-    }
-
-    /// least_conn counts of `ids`: (what the data plane counted, correction).
-    pub fn least_conn_counts(&self, ids: &[u32]) -> Result<std::collections::HashMap<u32, (u64, i64)>> {
-        let active: Array<&MapData, u64> = self.map(names::ACTIVE_FLOWS)?;
-        let correction: Array<&MapData, i64> = self.map(names::ACTIVE_FLOWS_CORRECTION)?;
-        ids.iter().map(|id| Ok((*id, (active.get(id, 0)?, correction.get(id, 0)?)))).collect()
-    }
-
-    /// A snapshot of the connection table.
-    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
-        let map: HashMap<&MapData, FlowKey, FlowState> = self.map(names::CONNTRACK)?;
-        Ok(map.iter().collect::<Result<_, _>>()?)
-    }
 }
 
 fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
-    let ring_entries = params.ring_entries()?;
     let log_level = debug_log.level();
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::GLOBAL_RING_SIZE, &params.ring_size, true)
         .override_global(names::GLOBAL_UDP_IDLE_TIMEOUT_NS, &params.udp_idle_timeout_ns, true)
-        .override_global(names::GLOBAL_LOG_LEVEL, &log_level, true)
-        .map_max_entries(names::RINGS, ring_entries)
-        .map_max_entries(names::CONNTRACK, params.conntrack_size)
-        .map_max_entries(names::AFFINITY, params.conntrack_size);
+        .override_global(names::GLOBAL_LOG_LEVEL, &log_level, true);
+    for spec in MAP_SPECS.iter().filter(|spec| spec.capacity != Capacity::Fixed) {
+        loader.map_max_entries(spec.name, params.entries(spec.capacity, spec.default_entries)?);
+    }
     let pin_paths: Vec<(&str, PathBuf)> = match &params.pin_dir {
         Some(dir) => {
             let root = dir.parent().unwrap_or(dir);
             pins::prepare(root)?;
             pins::check_layout(root)?;
-            pins::check_pinned_maps(dir, ring_entries, params.conntrack_size)?;
+            pins::check_pinned_maps(dir, params)?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            names::PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+            MAP_SPECS.iter().filter(|spec| spec.pinned).map(|spec| (spec.name, dir.join(spec.name))).collect()
         }
         None => Vec::new(),
     };
@@ -403,7 +244,7 @@ fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
         attempts += 1;
         match xdp_program(&mut ebpf)?.load() {
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 3 =>
+                if io_error.raw_os_error() == Some(nix::errno::Errno::EAGAIN as i32) && attempts < 3 =>
             {
                 log::warn!("verification of the XDP program was interrupted; retrying");
             }
@@ -467,25 +308,7 @@ fn forward_ebpf_logs(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>> {
 
 /// The clock `bpf_ktime_get_coarse_ns` reads.
 pub fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC_COARSE always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn describe(write: &MapWrite) -> String {
-    match write {
-        MapWrite::AddEgressDevice { ifindex } => format!("add egress device {ifindex}"),
-        MapWrite::SetBackend { id, .. } => format!("set backend {id}"),
-        MapWrite::ClearBackend { id } => format!("clear backend {id}"),
-        MapWrite::SetRingSlots { vip_id, slots } => {
-            format!("set {} ring slots of VIP {vip_id}", slots.len())
-        }
-        MapWrite::SetVip { info, .. } => format!("set VIP {}", info.id),
-        MapWrite::RemoveVip { .. } => "remove VIP".into(),
-        MapWrite::AddVipAddress { .. } => "add VIP address".into(),
-        MapWrite::RemoveVipAddress { .. } => "remove VIP address".into(),
-        MapWrite::SetActiveCorrection { id, .. } => format!("set the active-flow correction of backend {id}"),
-        MapWrite::SetWildcardVips { count } => format!("set the wildcard VIP count to {count}"),
-    }
+    // CLOCK_MONOTONIC_COARSE always exists on Linux.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_or(0, |now| now.tv_sec() as u64 * NS_PER_SEC + now.tv_nsec() as u64)
 }

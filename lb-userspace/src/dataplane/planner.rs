@@ -1,8 +1,12 @@
 //! The one step that turns the agent's desired state into map writes.
 //!
-//! `Reconciler` remembers what it has written (ids, rings, backends) and
-//! computes the writes that take the maps from there to a new desired state.
-//! It performs no I/O; `Dataplane::apply` executes the writes in order.
+//! `Reconciler` keeps a record of what the maps hold (ids, rings, backends,
+//! VIP entries) and computes the writes that take the maps from there to a
+//! new desired state. It performs no I/O; the writer (`dataplane::writer`)
+//! executes the writes in order. `plan` records its writes as done; every
+//! write the kernel refuses is handed back to `forget`, which undoes its
+//! record, so the next `plan` writes it again: the record never claims what
+//! the kernel did not accept.
 //!
 //! Order of writes keeps the data plane consistent at every step: egress
 //! devices and backend slots before the ring slots that point at them, rings
@@ -13,7 +17,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
 };
 
 use lb_common::{
@@ -22,31 +26,26 @@ use lb_common::{
 };
 
 use crate::{
-    config::{Protocol, Scheduler},
-    dataplane::MapsState,
-    maglev::{self, MaglevBackend},
+    config::Scheduler,
     netlink::L2Path,
-    scheduling,
+    scheduling::{
+        self,
+        maglev::{self, MaglevBackend},
+    },
+    state::{DesiredBackend, DesiredService},
 };
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredService {
-    pub name: String,
-    pub vip: SocketAddr,
-    pub protocol: Protocol,
-    pub scheduler: Scheduler,
-    pub persistence_timeout_s: u32,
-    pub backends: Vec<DesiredBackend>,
-}
+/// A ring slot whose content is unknown (a write to it failed): it differs
+/// from every backend id, so the next plan writes it.
+const UNKNOWN_SLOT: u32 = u32::MAX;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredBackend {
-    pub address: IpAddr,
-    pub weight: u32,
-    /// `None` until the neighbour is resolved; such a backend gets no slot.
-    pub path: Option<L2Path>,
-    /// Failed health checks: the data plane reschedules its pinned flows.
-    pub down: bool,
+/// The maps' contents as a restarted agent finds them.
+#[derive(Debug, Default)]
+pub struct MapsState {
+    pub vips: Vec<(VipKey, VipInfo)>,
+    pub backends: Vec<(u32, Backend)>,
+    pub rings: std::collections::HashMap<u32, Vec<u32>>,
+    pub egress_devices: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,9 +93,8 @@ pub enum MapWrite {
 struct AppliedService {
     vip_id: u32,
     key: VipKey,
-    /// As written to `VIPS`; `None` until written.
+    /// As written to `VIPS`; `None` until written (or after a failed write).
     info: Option<VipInfo>,
-    ring: Vec<u32>,
     /// Backend address → slot id, for the backends currently in the service.
     backends: BTreeMap<IpAddr, u32>,
 }
@@ -105,14 +103,21 @@ struct AppliedService {
 pub struct Reconciler {
     ring_size: u32,
     services: BTreeMap<String, AppliedService>,
+    /// What `RINGS` holds per VIP id, for ids in use or whose clearing
+    /// failed; an id without a record holds only `NO_BACKEND`.
+    rings: BTreeMap<u32, Vec<u32>>,
+    /// What `BACKENDS` holds; a slot without a record is rewritten.
     backends: BTreeMap<u32, Backend>,
     retired: BTreeSet<u32>,
     free_vip_ids: Vec<u32>,
     free_backend_ids: Vec<u32>,
     egress_devices: BTreeSet<u32>,
-    vip_addresses: BTreeMap<VipAddressKey, u32>,
-    /// As written to `WILDCARD_VIPS`.
-    wildcard_vips: u32,
+    /// What `VIP_ADDRESSES` holds.
+    vip_addresses: BTreeSet<VipAddressKey>,
+    /// VIP entries that must go but whose removal failed.
+    stale_vips: BTreeSet<VipKey>,
+    /// As written to `WILDCARD_VIPS`; `None` when unknown.
+    wildcard_vips: Option<u32>,
 }
 
 /// Why a desired state could not be applied in full.
@@ -140,14 +145,16 @@ impl Reconciler {
         Self {
             ring_size,
             services: BTreeMap::new(),
+            rings: BTreeMap::new(),
             backends: BTreeMap::new(),
             retired: BTreeSet::new(),
             // Popped from the end: lowest ids first.
             free_vip_ids: (0..max_services).rev().collect(),
             free_backend_ids: (1..MAX_BACKENDS).rev().collect(),
             egress_devices: BTreeSet::new(),
-            vip_addresses: BTreeMap::new(),
-            wildcard_vips: 0,
+            vip_addresses: BTreeSet::new(),
+            stale_vips: BTreeSet::new(),
+            wildcard_vips: Some(0),
         }
     }
 
@@ -167,10 +174,11 @@ impl Reconciler {
             let ring =
                 maps.rings.get(&info.id).cloned().unwrap_or_else(|| vec![lb_common::NO_BACKEND; ring_size as usize]);
             r.free_vip_ids.retain(|id| *id != info.id);
-            *r.vip_addresses.entry(vip_address_key(key)).or_insert(0) += 1;
+            r.vip_addresses.insert(vip_address_key(key));
+            r.rings.insert(info.id, ring);
             r.services.insert(
                 name,
-                AppliedService { vip_id: info.id, key: *key, info: Some(*info), ring, backends: BTreeMap::new() },
+                AppliedService { vip_id: info.id, key: *key, info: Some(*info), backends: BTreeMap::new() },
             );
         }
         for (id, backend) in &maps.backends {
@@ -188,7 +196,7 @@ impl Reconciler {
             }
         }
         r.egress_devices.extend(maps.egress_devices.iter().copied());
-        r.wildcard_vips = r.services.values().filter(|s| s.key.port == 0).count() as u32;
+        r.wildcard_vips = Some(r.services.values().filter(|s| s.key.port == 0).count() as u32);
         r
     }
 
@@ -214,9 +222,11 @@ impl Reconciler {
         let wanted: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
         // More wildcard VIPs: announce them before they exist.
         let wildcards = desired.iter().filter(|s| s.vip.port() == 0).count() as u32;
-        if wildcards > self.wildcard_vips {
-            writes.push(MapWrite::SetWildcardVips { count: wildcards });
-            self.wildcard_vips = wildcards;
+        if self.wildcard_vips.is_none_or(|count| wildcards > count) {
+            let applied = self.services.values().filter(|s| s.key.port == 0).count() as u32;
+            let count = wildcards.max(applied);
+            writes.push(MapWrite::SetWildcardVips { count });
+            self.wildcard_vips = Some(count);
         }
 
         let gone: Vec<String> = self.services.keys().filter(|name| !wanted.contains(name.as_str())).cloned().collect();
@@ -234,13 +244,84 @@ impl Reconciler {
                 errors.push(e);
             }
         }
+        // VIP entries whose removal failed before, unless a service owns the key again.
+        let owned: BTreeSet<VipKey> = self.services.values().map(|s| s.key).collect();
+        for key in std::mem::take(&mut self.stale_vips) {
+            if !owned.contains(&key) {
+                writes.push(MapWrite::RemoveVip { key });
+            }
+        }
+        // Rings whose clearing failed before, unless a service took their id again.
+        let in_use: BTreeSet<u32> = self.services.values().map(|s| s.vip_id).collect();
+        let orphans: Vec<u32> = self.rings.keys().filter(|id| !in_use.contains(id)).copied().collect();
+        for vip_id in orphans {
+            self.clear_ring(vip_id, &mut writes);
+        }
+        self.plan_vip_addresses(&mut writes);
         // Fewer: after they are gone.
         let applied = self.services.values().filter(|s| s.key.port == 0).count() as u32;
-        if applied < self.wildcard_vips {
+        if self.wildcard_vips.is_none_or(|count| applied < count) {
             writes.push(MapWrite::SetWildcardVips { count: applied });
-            self.wildcard_vips = applied;
+            self.wildcard_vips = Some(applied);
         }
         (writes, errors)
+    }
+
+    /// `VIP_ADDRESSES` holds the address of every VIP, and nothing else.
+    fn plan_vip_addresses(&mut self, writes: &mut Vec<MapWrite>) {
+        let wanted: BTreeSet<VipAddressKey> = self.services.values().map(|s| vip_address_key(&s.key)).collect();
+        for key in wanted.difference(&self.vip_addresses) {
+            writes.push(MapWrite::AddVipAddress { key: *key });
+        }
+        for key in self.vip_addresses.difference(&wanted) {
+            writes.push(MapWrite::RemoveVipAddress { key: *key });
+        }
+        self.vip_addresses = wanted;
+    }
+
+    /// Undoes the record of a write the kernel refused (for ring slots: the
+    /// slots that were not written), so that the next `plan` (or
+    /// `collect_retired`) writes it again.
+    pub fn forget(&mut self, write: &MapWrite) {
+        match write {
+            MapWrite::AddEgressDevice { ifindex } => {
+                self.egress_devices.remove(ifindex);
+            }
+            MapWrite::SetBackend { id, .. } => {
+                self.backends.remove(id);
+            }
+            MapWrite::ClearBackend { id } => {
+                self.free_backend_ids.retain(|free| free != id);
+                self.backends.remove(id);
+                self.retired.insert(*id);
+            }
+            MapWrite::SetRingSlots { vip_id, slots } => {
+                let size = self.ring_size as usize;
+                let ring = self.rings.entry(*vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
+                for (slot, _) in slots {
+                    if let Some(recorded) = ring.get_mut(*slot as usize) {
+                        *recorded = UNKNOWN_SLOT;
+                    }
+                }
+            }
+            MapWrite::SetVip { key, .. } => {
+                if let Some(service) = self.services.values_mut().find(|s| s.key == *key) {
+                    service.info = None;
+                }
+            }
+            MapWrite::RemoveVip { key } => {
+                self.stale_vips.insert(*key);
+            }
+            MapWrite::AddVipAddress { key } => {
+                self.vip_addresses.remove(key);
+            }
+            MapWrite::RemoveVipAddress { key } => {
+                self.vip_addresses.insert(*key);
+            }
+            // Recomputed from every connection-table scan.
+            MapWrite::SetActiveCorrection { .. } => {}
+            MapWrite::SetWildcardVips { .. } => self.wildcard_vips = None,
+        }
     }
 
     fn update_service(&mut self, desired: &DesiredService, writes: &mut Vec<MapWrite>) -> Result<(), ReconcileError> {
@@ -249,13 +330,7 @@ impl Reconciler {
             let vip_id = self.free_vip_ids.pop().ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
             self.services.insert(
                 desired.name.clone(),
-                AppliedService {
-                    vip_id,
-                    key: vip_key(desired),
-                    info: None,
-                    ring: vec![lb_common::NO_BACKEND; self.ring_size as usize],
-                    backends: BTreeMap::new(),
-                },
+                AppliedService { vip_id, key: vip_key(desired), info: None, backends: BTreeMap::new() },
             );
         }
         let mut result = Ok(());
@@ -308,9 +383,11 @@ impl Reconciler {
         if info_changed && shrinking {
             writes.push(MapWrite::SetVip { key: service.key, info });
         }
+        let size = self.ring_size as usize;
+        let recorded = self.rings.entry(service.vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
         let slots: Vec<(u32, u32)> = ring
             .iter()
-            .zip(&service.ring)
+            .zip(recorded.iter())
             .enumerate()
             .filter(|(_, (new, old))| new != old)
             .map(|(i, (new, _))| (i as u32, *new))
@@ -318,20 +395,12 @@ impl Reconciler {
         if !slots.is_empty() {
             writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
         }
-        service.ring = ring;
+        *recorded = ring;
 
         if info_changed && !shrinking {
             writes.push(MapWrite::SetVip { key: service.key, info });
         }
         service.info = Some(info);
-        if is_new {
-            let address = vip_address_key(&service.key);
-            let count = self.vip_addresses.entry(address).or_insert(0);
-            *count += 1;
-            if *count == 1 {
-                writes.push(MapWrite::AddVipAddress { key: address });
-            }
-        }
         self.retired.extend(retiring);
         self.services.insert(desired.name.clone(), service);
         result
@@ -366,7 +435,7 @@ impl Reconciler {
             flags: 0,
             scheduler: kind,
             seq_len,
-            persistence_timeout_ns: desired.persistence_timeout_s as u64 * 1_000_000_000,
+            persistence_timeout_ns: desired.persistence_timeout_s as u64 * lb_common::NS_PER_SEC,
         };
         (ring, info)
     }
@@ -376,26 +445,23 @@ impl Reconciler {
             return;
         };
         writes.push(MapWrite::RemoveVip { key: service.key });
-        let address = vip_address_key(&service.key);
-        if let Some(count) = self.vip_addresses.get_mut(&address) {
-            *count -= 1;
-            if *count == 0 {
-                self.vip_addresses.remove(&address);
-                writes.push(MapWrite::RemoveVipAddress { key: address });
-            }
-        }
-        let slots: Vec<(u32, u32)> = service
-            .ring
+        self.clear_ring(service.vip_id, writes);
+        self.free_vip_ids.push(service.vip_id);
+        self.retired.extend(service.backends.into_values());
+    }
+
+    /// Empties the ring of a VIP id no service uses any more.
+    fn clear_ring(&mut self, vip_id: u32, writes: &mut Vec<MapWrite>) {
+        let ring = self.rings.remove(&vip_id).unwrap_or_default();
+        let slots: Vec<(u32, u32)> = ring
             .iter()
             .enumerate()
             .filter(|(_, id)| **id != lb_common::NO_BACKEND)
             .map(|(i, _)| (i as u32, lb_common::NO_BACKEND))
             .collect();
         if !slots.is_empty() {
-            writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
+            writes.push(MapWrite::SetRingSlots { vip_id, slots });
         }
-        self.free_vip_ids.push(service.vip_id);
-        self.retired.extend(service.backends.into_values());
     }
 
     /// Ids of the backends of least_conn services.
@@ -483,7 +549,7 @@ fn backend_slot(address: IpAddr, path: L2Path, desired: &DesiredBackend, vip_id:
     }
 }
 
-fn words_address(words: [u32; 4], family: u8) -> IpAddr {
+pub fn words_address(words: [u32; 4], family: u8) -> IpAddr {
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
     if family == FAMILY_IPV4 {
         IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
@@ -520,6 +586,7 @@ fn address_bytes(address: IpAddr) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Protocol;
 
     const RING: u32 = 251;
 
@@ -547,7 +614,7 @@ mod tests {
     }
 
     fn ring_of(r: &Reconciler, name: &str) -> Vec<u32> {
-        r.services[name].ring.clone()
+        r.rings[&r.services[name].vip_id].clone()
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! candidate list of least_conn, and least_response_time's latency-derived
 //! weights.
 
-use crate::{config::MAX_WEIGHT, maglev};
+pub mod maglev;
+
+use lb_common::MAX_WEIGHT;
 
 /// Smooth weighted round robin (nginx's algorithm): every step each backend
 /// gains its weight, the richest is picked and pays the total. Each backend

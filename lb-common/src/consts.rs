@@ -1,0 +1,110 @@
+//! Every numeric constant of xdplb, named once (as Katran's
+//! `balancer_consts.h`): the data plane and the agent both read them here.
+
+/// Version of every layout in `layout`, as pinned maps hold them. Bump it
+/// with any change to a map's key or value type, or to the map schema (the
+/// size test is a reminder): an agent refuses to adopt pinned maps of
+/// another version.
+pub const LAYOUT_VERSION: u32 = 4;
+
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+pub const NS_PER_MS: u64 = 1_000_000;
+
+// ---- Capacities ----
+
+/// Upper bound on services (VIPs); sizes the VIP and per-VIP counter maps.
+pub const MAX_VIPS: u32 = 1024;
+/// Upper bound on backend slots. Id 0 is reserved as "no backend".
+pub const MAX_BACKENDS: u32 = 4096;
+/// Backends of one service (backend slots are shared by all services).
+pub const MAX_BACKENDS_PER_SERVICE: usize = 1000;
+/// Interfaces XDP_REDIRECT may send to (`EGRESS_DEVICES`).
+pub const MAX_EGRESS_DEVICES: u32 = 64;
+/// Default Maglev lookup-table size per VIP (prime, as Maglev requires).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default capacity of the connection table (and of the affinity table).
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 524_288;
+/// Most candidates a least_conn VIP scans per new flow: program verification
+/// takes about 0.34 s at 32, 0.53 s at 64.
+pub const MAX_LEAST_CONN_CANDIDATES: u32 = 32;
+/// Backend weights are 0..=MAX_WEIGHT; 0 takes no new flows.
+pub const MAX_WEIGHT: u32 = 1000;
+
+// ---- Flow timing ----
+
+/// Default idle timeout of a UDP flow in the connection table.
+pub const DEFAULT_UDP_IDLE_TIMEOUT_S: u64 = 30;
+/// Default: a TCP flow silent this long no longer counts as active.
+pub const DEFAULT_TCP_IDLE_TIMEOUT_S: u64 = 900;
+/// The data plane refreshes a flow's `last_seen_ns` at most this often, so an
+/// established flow does not write its table entry on every packet.
+pub const LAST_SEEN_REFRESH_NS: u64 = NS_PER_SEC;
+/// A SYN that finds its own half-open entry at most this long after the
+/// first SYN is a retransmission and goes to the same backend. Linux
+/// retransmits an unanswered SYN after 1, 3 and 7 s (initial RTO 1 s,
+/// doubling), Windows after 3 and 9 s: 10 s covers the retransmissions that
+/// matter for a connection still worth having, and is short enough that a
+/// client reusing the five-tuple later is scheduled afresh.
+pub const SYN_RETRANSMIT_WINDOW_NS: u64 = 10 * NS_PER_SEC;
+/// A finished TCP flow may still see its last ACKs for this long: its
+/// backend slot is not freed before.
+pub const FINISHED_LINGER_NS: u64 = 10 * NS_PER_SEC;
+
+// ---- Wire values ----
+
+/// Backend id meaning "no backend"; an empty ring slot holds it.
+pub const NO_BACKEND: u32 = 0;
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+// ---- Flags in map values ----
+
+/// `Backend::flags`: the slot is in use; a cleared slot is never selected.
+pub const BACKEND_F_IN_USE: u8 = 1;
+/// `Backend::flags`: the backend failed its health checks: flows pinned to
+/// it are scheduled afresh on their next packet (set only when the service
+/// reschedules on failure).
+pub const BACKEND_F_DOWN: u8 = 2;
+/// `Backend::flags`: the backend takes new flows (it is in its VIP's ring,
+/// sequence or candidate list). Client affinity only holds while this is set.
+pub const BACKEND_F_ELIGIBLE: u8 = 4;
+
+/// `FlowState::flags`: the client has sent FIN or RST: the flow is ending
+/// and no longer counts as active (its entry stays for the last packets).
+pub const FLOW_F_FINISHED: u32 = 1;
+/// `FlowState::flags`: only the client's SYN has been seen. A SYN
+/// retransmission within `SYN_RETRANSMIT_WINDOW_NS` goes to the same
+/// backend. The client's first other packet (its ACK) clears it.
+pub const FLOW_F_HALF_OPEN: u32 = 2;
+
+/// How a VIP picks the backend of a new flow (`VipInfo::scheduler`). What
+/// its region of `RINGS` holds depends on it.
+pub mod scheduler {
+    /// Maglev table, five-tuple hash (maglev; least_response_time, whose
+    /// weights the agent derives from latency).
+    pub const MAGLEV: u32 = 0;
+    /// A smooth weighted sequence of `seq_len` ids, walked by a per-CPU
+    /// cursor (round_robin, weighted_round_robin).
+    pub const SEQUENCE: u32 = 1;
+    /// Maglev table, slot drawn at random: weighted random.
+    pub const RANDOM: u32 = 2;
+    /// Maglev table, hash of the client address only.
+    pub const SOURCE_HASH: u32 = 3;
+    /// `seq_len` candidate ids; the one with the fewest active flows per
+    /// unit of weight wins.
+    pub const LEAST_CONN: u32 = 4;
+}
+
+/// Map flags (uapi `BPF_F_*`), for the map schema.
+pub const BPF_F_NO_FLAGS: u32 = 0;
+/// Per-CPU LRU lists: inserts take no global lock.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+// ---- Configuration defaults ----
+
+/// Services the ring map is sized for by default.
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+/// How long a draining backend may keep flows before it counts as drained.
+pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 300;

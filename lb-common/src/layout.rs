@@ -1,0 +1,127 @@
+//! Map keys and values, `#[repr(C)]` with explicit padding so that the
+//! XDP program and the agent agree byte for byte. Addresses are stored in
+//! network byte order exactly as they appear on the wire; an IPv4 address
+//! occupies the first word of a `[u32; 4]` and the rest is zero.
+
+/// Key of the `VIPS` map: (address, port, protocol). Port 0 is the wildcard
+/// VIP that matches every port of that address and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of the `VIPS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index of this VIP's ring in `RINGS` and of its counters.
+    pub id: u32,
+    pub flags: u32,
+    /// One of `consts::scheduler::*`.
+    pub scheduler: u32,
+    /// Entries of the sequence or candidate list (SEQUENCE, LEAST_CONN).
+    pub seq_len: u32,
+    /// Client affinity: a new flow from a client seen within this time goes
+    /// to the same backend. 0 = off.
+    pub persistence_timeout_ns: u64,
+}
+
+/// Key of the `AFFINITY` map (persistence).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: [u32; 4],
+    pub vip_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the `AFFINITY` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityState {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Key of the `VIP_ADDRESSES` map: an address that hosts at least one VIP.
+/// Consulted only for packets that cannot be classified by port (fragments,
+/// IPv6 extension headers), to drop those instead of passing them on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipAddressKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub flags: u8,
+    /// Weight, for least_conn (active flows per unit of weight).
+    pub weight: u16,
+    /// Interface the frame leaves by. Equal to the ingress interface means
+    /// XDP_TX; otherwise XDP_REDIRECT through `EGRESS_DEVICES`.
+    pub ifindex: u32,
+    /// The backend's MAC (or its next hop's), from the neighbour table.
+    pub dst_mac: [u8; 6],
+    /// The egress interface's own MAC.
+    pub src_mac: [u8; 6],
+    /// The VIP (service) this slot belongs to, so that a restarted agent can
+    /// tell which service's backend a pinned slot is.
+    pub vip_id: u32,
+}
+
+/// Key of the connection table: the packet's five-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub backend_id: u32,
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` when the flow was last seen (refreshed at most once
+    /// per `LAST_SEEN_REFRESH_NS`).
+    pub last_seen_ns: u64,
+}
+
+/// Per-VIP and per-backend traffic counters (per CPU; readers sum them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Value of a DEVMAP_HASH (`struct bpf_devmap_val`): the egress ifindex and
+/// an optional program to run there (unused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevmapValue {
+    pub ifindex: u32,
+    pub program: u32,
+}

@@ -1,0 +1,133 @@
+//! The data plane's maps, declared once. `for_each_map!` holds the one
+//! table (name, kind, key, value, capacity, flags, pinned); the XDP program
+//! expands it into its `#[map]` statics (`lb-ebpf/src/maps.rs`) and this
+//! crate into `MAP_SPECS`, which the agent's loader, pin checks and
+//! adoption read. Adding a map is one line here (plus `LAYOUT_VERSION`).
+
+/// How many entries a map has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    /// Fixed at build time.
+    Fixed,
+    /// `[agent] conntrack_size`.
+    Conntrack,
+    /// `[agent] ring_size` × `max_services`.
+    Rings,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    HashMap,
+    LruHashMap,
+    Array,
+    PerCpuArray,
+    DevMapHash,
+}
+
+/// One map of the data plane, as the agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub capacity: Capacity,
+    /// Entries as built; `Conntrack` and `Rings` maps are resized at load.
+    pub default_entries: u32,
+    pub flags: u32,
+    /// Holds state that outlives the agent: pinned under its pin directory.
+    pub pinned: bool,
+}
+
+/// Calls `$callback!` with the table of every map. Array keys are `u32`.
+#[macro_export]
+macro_rules! for_each_map {
+    ($callback:ident) => {
+        $callback! {
+            VIPS: HashMap<$crate::VipKey, $crate::VipInfo>,
+                Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// How many port-0 (wildcard) VIPs exist: while none do, traffic
+            /// that misses the exact VIP lookup skips the wildcard lookup.
+            WILDCARD_VIPS: Array<u32, u32>,
+                Fixed(1), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Addresses that host at least one VIP (for packets without ports).
+            VIP_ADDRESSES: HashMap<$crate::VipAddressKey, u32>,
+                Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// All VIPs' Maglev tables back to back: slot `s` of VIP `v` is at
+            /// `v * RING_SIZE + s` and holds a backend id.
+            RINGS: Array<u32, u32>,
+                Rings($crate::DEFAULT_RING_SIZE), $crate::BPF_F_NO_FLAGS, pinned;
+            BACKENDS: Array<u32, $crate::Backend>,
+                Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Five-tuple → pinned backend. One table shared by all CPUs (a flow
+            /// may be seen on several), with per-CPU LRU lists so inserts take
+            /// no global lock.
+            CONNTRACK: LruHashMap<$crate::FlowKey, $crate::FlowState>,
+                Conntrack($crate::DEFAULT_CONNTRACK_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
+            /// Interfaces that XDP_REDIRECT may send to, keyed by ifindex.
+            EGRESS_DEVICES: DevMapHash<u32, $crate::DevmapValue>,
+                Fixed($crate::MAX_EGRESS_DEVICES), $crate::BPF_F_NO_FLAGS, pinned;
+            VIP_COUNTERS: PerCpuArray<u32, $crate::TrafficCounters>,
+                Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
+            BACKEND_COUNTERS: PerCpuArray<u32, $crate::TrafficCounters>,
+                Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
+            GLOBAL_COUNTERS: PerCpuArray<u32, u64>,
+                Fixed($crate::GLOBAL_COUNTER_COUNT), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Client affinity (persistence): (VIP, client address) → backend.
+            AFFINITY: LruHashMap<$crate::AffinityKey, $crate::AffinityState>,
+                Conntrack($crate::DEFAULT_CONNTRACK_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
+            /// Per-CPU position in each SEQUENCE VIP's slot sequence: no shared
+            /// cursor, no lock, no cache line bouncing between CPUs.
+            CURSORS: PerCpuArray<u32, u32>,
+                Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Active flows per backend of least_conn VIPs, shared by all CPUs
+            /// and changed with atomic adds (only on new and finished flows).
+            ACTIVE_FLOWS: Array<u32, u64>,
+                Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Written by the agent only: its connection-table scan's count minus
+            /// `ACTIVE_FLOWS` (which cannot see LRU evictions or idle expiry).
+            ACTIVE_CORRECTION: Array<u32, i64>,
+                Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
+        }
+    };
+}
+
+macro_rules! map_specs {
+    ($( $(#[$doc:meta])* $name:ident : $kind:ident < $key:ty , $value:ty > ,
+        $capacity:ident ( $entries:expr ) , $flags:expr , $pin:ident ; )*) => {
+        /// Every map of the data plane, in declaration order.
+        pub const MAP_SPECS: &[MapSpec] = &[$(MapSpec {
+            name: stringify!($name),
+            kind: MapKind::$kind,
+            key_size: core::mem::size_of::<$key>(),
+            value_size: core::mem::size_of::<$value>(),
+            capacity: Capacity::$capacity,
+            default_entries: $entries,
+            flags: $flags,
+            pinned: map_specs!(@pinned $pin),
+        }),*];
+
+        /// The maps' names as the object file holds them.
+        pub mod map_names {
+            $(pub const $name: &str = stringify!($name);)*
+        }
+    };
+    (@pinned pinned) => { true };
+    (@pinned private) => { false };
+}
+
+for_each_map!(map_specs);
+
+/// The spec of the map called `name`.
+pub fn map_spec(name: &str) -> Option<&'static MapSpec> {
+    MAP_SPECS.iter().find(|spec| spec.name == name)
+}
+
+/// Names of the program and its load-time globals in the object file.
+pub mod names {
+    pub const PROGRAM: &str = "xdplb";
+    /// aya-log's level global: 0 (off) lets the verifier prune all logging.
+    pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+    pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
+    pub const GLOBAL_UDP_IDLE_TIMEOUT_NS: &str = "UDP_IDLE_TIMEOUT_NS";
+}

@@ -1,0 +1,77 @@
+//! The periodic pass: neighbour resolution, the connection-table scan
+//! (active flows, drains, retired slots, least_conn corrections), and a
+//! reconcile that retries any refused map write.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    time::Instant,
+};
+
+use super::*;
+
+impl Agent {
+    /// Resolves every configured backend's L2 path.
+    pub(super) async fn resolve(&mut self) {
+        let addresses: Vec<IpAddr> = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| *b.address.get_ref()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let results = self.netlink.resolve_all(&addresses, RESOLVE_TIMEOUT).await;
+        let was_unresolved = self.unresolved;
+        self.unresolved = false;
+        self.paths.clear();
+        for (address, result) in results {
+            match result {
+                Ok(path) => {
+                    self.paths.insert(address, path);
+                }
+                Err(err) => {
+                    log::warn!("backend {address} unreachable, left out until resolved: {err}");
+                    self.unresolved = true;
+                }
+            }
+        }
+        if was_unresolved && !self.unresolved {
+            log::info!("all backends resolved");
+        }
+    }
+
+    pub(super) async fn maintain(&mut self) {
+        self.last_maintenance = tokio::time::Instant::now();
+        self.resolve().await;
+        let tcp_idle_ns = self.config.agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC);
+        match self.dataplane.scan_flows(tcp_idle_ns) {
+            Ok(scan) => {
+                self.update_active_flows(&scan.active);
+                for (service, address, why) in self.runtime.advance_drains(&self.config, Instant::now()) {
+                    log::info!("service {service}: backend {address} drained ({why})");
+                }
+                let mut writes = self.reconciler.collect_retired(&scan.referenced);
+                let least_conn = self.reconciler.least_conn_backends();
+                if !least_conn.is_empty() {
+                    match self.dataplane.least_conn_counts(&least_conn) {
+                        Ok(counted) => writes.extend(self.reconciler.active_corrections(&scan.active, &counted)),
+                        Err(err) => log::error!("reading least_conn counts: {err:#}"),
+                    }
+                }
+                if let Err(err) = self.apply_writes(&writes) {
+                    log::error!("maintenance: {err:#}");
+                }
+            }
+            Err(err) => log::error!("scanning the connection table: {err:#}"),
+        }
+        self.reconcile_logged();
+    }
+
+    pub(super) fn update_active_flows(&mut self, active: &HashMap<u32, u64>) {
+        for ((service, address), state) in &mut self.runtime.backends {
+            let id = self.reconciler.backend_id(service, *address);
+            state.active_flows = id.and_then(|id| active.get(&id)).copied().unwrap_or(0);
+        }
+    }
+}

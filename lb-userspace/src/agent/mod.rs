@@ -1,0 +1,289 @@
+//! `xdplb run`: the agent. One event loop owns all state; configuration,
+//! CLI commands and health results change the desired state, and
+//! `reconcile` is the only place that turns it into map writes.
+//!
+//! SIGINT/SIGTERM end the agent; the XDP program stays attached with its
+//! pinned maps and keeps forwarding, and the next agent adopts them
+//! (`--detach-on-exit` or `xdplb stop` remove it instead). SIGHUP (or
+//! `xdplb reload`) re-reads the configuration file. Changes made through the CLI live until the next
+//! reload or restart: the file is the source of truth, and a reload keeps
+//! only the health and drain state of backends that are still in it.
+
+mod maintenance;
+mod probes;
+mod requests;
+mod views;
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use aya::programs::XdpMode;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+
+use crate::{
+    config::{BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Scheduler, Weight, XdpModeConfig},
+    control::{self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status},
+    dataplane::{Dataplane, DataplaneParams, DebugLog, planner::MapWrite},
+    dataplane::{
+        pins,
+        planner::{self, Reconciler},
+    },
+    health::{self, ProbeReport},
+    metrics::{self, AgentMetrics},
+    netlink::{L2Path, Netlink},
+    state::{AdminState, DesiredService, FailOpen, Runtime, desired_services},
+};
+
+/// How long one neighbour resolution may wait for an answer.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often neighbours are re-resolved and retired backends collected.
+const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
+/// How often while something is pending (an unresolved neighbour, a drain).
+const BUSY_MAINTENANCE_PERIOD: Duration = Duration::from_secs(1);
+/// How often least_response_time re-derives weights from response times.
+const REBALANCE_PERIOD: Duration = Duration::from_secs(2);
+
+struct Checker {
+    check: HealthCheck,
+    generation: u64,
+    task: JoinHandle<()>,
+}
+
+pub struct Agent {
+    config_path: PathBuf,
+    config: Config,
+    netlink: Netlink,
+    dataplane: Dataplane,
+    reconciler: Reconciler,
+    runtime: Runtime,
+    paths: HashMap<IpAddr, L2Path>,
+    unresolved: bool,
+    desired: Vec<DesiredService>,
+    fail_open: FailOpen,
+    checkers: HashMap<(String, IpAddr), Checker>,
+    next_generation: u64,
+    probe_tx: mpsc::UnboundedSender<ProbeReport>,
+    probe_rx: mpsc::UnboundedReceiver<ProbeReport>,
+    control_rx: mpsc::Receiver<ControlCall>,
+    last_maintenance: tokio::time::Instant,
+    last_rebalance: tokio::time::Instant,
+    metrics: AgentMetrics,
+    scrape_rx: mpsc::Receiver<oneshot::Sender<String>>,
+    /// Remove the program and the pinned state at exit.
+    detach_on_exit: bool,
+    /// Set by `xdplb stop`: exit after answering.
+    stop_requested: bool,
+    /// The last map write the kernel refused, while it is not yet applied.
+    outstanding_write: Option<String>,
+}
+
+impl Agent {
+    /// Validates the config, loads the program, programs the maps, attaches,
+    /// opens the control socket and starts the health checks.
+    pub async fn start(config_path: PathBuf, detach_on_exit: bool) -> Result<Self> {
+        let config = Config::load(&config_path)?;
+        let netlink = Netlink::connect()?;
+        let agent_config = &config.agent;
+        netlink.ifindex_by_name(&agent_config.interface).await?;
+        // The socket first: a second agent must fail before touching XDP.
+        let listener = control::bind(&agent_config.control_socket)?;
+        let pin_dir = pins::layout_dir(&agent_config.pin_root());
+        let params = DataplaneParams {
+            ring_size: *agent_config.ring_size.get_ref(),
+            max_services: *agent_config.max_services.get_ref(),
+            conntrack_size: agent_config.conntrack_size,
+            udp_idle_timeout_ns: agent_config.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
+            pin_dir: Some(pin_dir.clone()),
+        };
+        let dataplane = Dataplane::load(params.clone(), DebugLog::Off)?;
+        let adopting = dataplane.has_pinned_link();
+        let reconciler = if adopting {
+            let maps = dataplane.read_state().context("reading the pinned maps")?;
+            let services: Vec<_> =
+                config.services.iter().map(|s| (s.name.get_ref().clone(), planner::vip_key_of(s))).collect();
+            let flows = dataplane.flows().map(|f| f.len()).unwrap_or(0);
+            log::info!(
+                "adopting the pinned state in {}: {} VIP(s), {} backend slot(s), {flows} connection-table entries",
+                pin_dir.display(),
+                maps.vips.len(),
+                maps.backends.len()
+            );
+            Reconciler::adopt(params.ring_size, params.max_services, &maps, &services)
+        } else {
+            Reconciler::new(params.ring_size, params.max_services)
+        };
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let (scrape_tx, scrape_rx) = mpsc::channel(4);
+        let mut agent = Self {
+            config_path,
+            reconciler,
+            config,
+            netlink,
+            dataplane,
+            runtime: Runtime::default(),
+            paths: HashMap::new(),
+            unresolved: false,
+            desired: Vec::new(),
+            fail_open: FailOpen::new(),
+            checkers: HashMap::new(),
+            next_generation: 0,
+            probe_tx,
+            probe_rx,
+            control_rx,
+            last_maintenance: tokio::time::Instant::now(),
+            last_rebalance: tokio::time::Instant::now(),
+            metrics: AgentMetrics::default(),
+            scrape_rx,
+            detach_on_exit,
+            stop_requested: false,
+            outstanding_write: None,
+        };
+        agent.runtime.sync_with(&agent.config);
+        agent.resolve().await;
+        // Program the maps before attaching, so the first packet already finds its VIP.
+        agent.reconcile()?;
+        let mode = match agent.config.agent.xdp_mode {
+            XdpModeConfig::Driver => XdpMode::Driver,
+            XdpModeConfig::Skb => XdpMode::Skb,
+        };
+        let adopted = agent.dataplane.attach_or_adopt(&agent.config.agent.interface, mode)?;
+        tokio::spawn(control::serve(listener, control_tx));
+        if let Some(address) = agent.config.agent.metrics_listen {
+            let listener = metrics::bind(address).await?;
+            tokio::spawn(metrics::serve(listener, scrape_tx));
+        }
+        agent.sync_checkers();
+        log::info!(
+            "attached to {} ({}) with {} service(s); program {}; control socket {}",
+            agent.config.agent.interface,
+            if adopted { "swapped onto the pinned link".to_string() } else { format!("{mode:?} mode, new link") },
+            agent.config.services.len(),
+            agent.dataplane.program_id().unwrap_or(0),
+            agent.config.agent.control_socket.display()
+        );
+        if !agent.unresolved {
+            log::info!("all backends resolved");
+        }
+        Ok(agent)
+    }
+
+    pub async fn run(mut self) -> Result<()> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        loop {
+            // Deadlines, not fresh sleeps: other events must not postpone them.
+            let maintenance = tokio::time::sleep_until(self.last_maintenance + self.maintenance_period());
+            let rebalance = tokio::time::sleep_until(self.last_rebalance + REBALANCE_PERIOD);
+            let has_lrt = self.config.services.iter().any(|s| s.scheduler == Scheduler::LeastResponseTime);
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = sighup.recv() => {
+                    if let Err(err) = self.reload().await {
+                        log::error!("{err}");
+                    }
+                }
+                Some(report) = self.probe_rx.recv() => self.on_probe(report),
+                Some(call) = self.control_rx.recv() => {
+                    let response = self.on_request(call.request).await;
+                    let _ = call.reply.send(response);
+                    if self.stop_requested {
+                        break;
+                    }
+                }
+                Some(reply) = self.scrape_rx.recv() => {
+                    let _ = reply.send(self.scrape());
+                }
+                _ = maintenance => self.maintain().await,
+                _ = rebalance, if has_lrt => {
+                    self.last_rebalance = tokio::time::Instant::now();
+                    if self.runtime.rebalance_response_time(&self.config) {
+                        self.reconcile_logged();
+                    }
+                }
+            }
+        }
+        for checker in self.checkers.values() {
+            checker.task.abort();
+        }
+        let _ = std::fs::remove_file(&self.config.agent.control_socket);
+        print!("{}", self.summary());
+        self.dataplane.shutdown(self.detach_on_exit)?;
+        if self.detach_on_exit {
+            log::info!("detached from {} and removed the pinned state", self.config.agent.interface);
+        } else {
+            log::info!(
+                "exiting; the XDP program stays attached to {} and keeps forwarding with the last state \
+                 (pinned in {}). The next `xdplb run` adopts it; `xdplb stop` removes it",
+                self.config.agent.interface,
+                self.config.agent.pin_root().display()
+            );
+        }
+        Ok(())
+    }
+
+    fn maintenance_period(&self) -> Duration {
+        let draining = self.runtime.backends.values().any(|b| matches!(b.admin, AdminState::Draining { .. }));
+        let pending = self.unresolved || draining || self.outstanding_write.is_some();
+        if pending { BUSY_MAINTENANCE_PERIOD } else { MAINTENANCE_PERIOD }
+    }
+
+    /// The one place where desired state becomes map writes.
+    fn reconcile(&mut self) -> Result<()> {
+        let (desired, fail_open) = desired_services(&self.config, &self.runtime, &self.paths);
+        for (service, failing) in &fail_open {
+            if *failing && !self.fail_open.get(service).copied().unwrap_or(false) {
+                log::error!(
+                    "service {service}: EVERY backend is down; failing open: keeping all enabled backends in its ring"
+                );
+            } else if !*failing && self.fail_open.get(service).copied().unwrap_or(false) {
+                log::warn!("service {service}: a backend is up again; no longer failing open");
+            }
+        }
+        self.fail_open = fail_open;
+        self.desired = desired;
+        let (writes, errors) = self.reconciler.plan(&self.desired);
+        for err in errors {
+            log::error!("{err}");
+        }
+        if !writes.is_empty() {
+            log::debug!("applying {} map write(s)", writes.len());
+        }
+        self.apply_writes(&writes).context("updating the data plane")
+    }
+
+    /// The one place map writes are applied. A write the kernel refuses is
+    /// counted, logged with its map and key, shown by `status`, and undone
+    /// in the planner's record (with the writes it held back), so that the
+    /// next reconcile (at most a second later) writes it again.
+    fn apply_writes(&mut self, writes: &[MapWrite]) -> Result<()> {
+        match self.dataplane.apply(writes) {
+            Ok(()) => {
+                if let Some(previous) = self.outstanding_write.take() {
+                    log::info!("map writes applied after an earlier refusal ({previous})");
+                }
+                Ok(())
+            }
+            Err(failure) => {
+                self.metrics.map_update_errors.inc();
+                for write in &failure.unapplied {
+                    self.reconciler.forget(write);
+                }
+                self.outstanding_write = Some(failure.to_string());
+                Err(anyhow::anyhow!("map write refused: {failure}"))
+            }
+        }
+    }
+
+    fn reconcile_logged(&mut self) {
+        if let Err(err) = self.reconcile() {
+            log::error!("{err:#}");
+        }
+    }
+}

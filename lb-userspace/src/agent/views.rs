@@ -1,0 +1,135 @@
+//! What the agent shows: `status`, the Prometheus scrape, the exit summary.
+
+use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
+
+use anyhow::Result;
+
+use super::*;
+
+impl Agent {
+    /// Active flows come from the last maintenance scan (every 1–5 s): a
+    /// status call, a `top` refresh or a scrape must not walk the whole
+    /// connection table again.
+    pub(super) fn status(&mut self) -> Result<Status> {
+        let ring_weights: BTreeMap<(&str, IpAddr), u32> = self
+            .desired
+            .iter()
+            .flat_map(|s| s.backends.iter().map(move |b| ((s.name.as_str(), b.address), b.weight)))
+            .collect();
+        let now = SystemTime::now();
+        let least_conn = self.dataplane.least_conn_counts(&self.reconciler.least_conn_backends())?;
+        let mut services = Vec::new();
+        for service in &self.config.services {
+            let name = service.name.get_ref();
+            let counters = match self.reconciler.vip_id(name) {
+                Some(id) => self.dataplane.vip_counters(id)?,
+                None => Default::default(),
+            };
+            let mut backends = Vec::new();
+            for backend in &service.backends {
+                let address = *backend.address.get_ref();
+                let runtime = self.runtime.get(name, address).cloned().unwrap_or_default();
+                let id = self.reconciler.backend_id(name, address);
+                let counters = match id {
+                    Some(id) => self.dataplane.backend_counters(id)?,
+                    None => Default::default(),
+                };
+                let checked = service.health_check(backend).kind != HealthKind::None;
+                backends.push(BackendStatus {
+                    address: address.to_string(),
+                    weight: backend.weight.0,
+                    effective_weight: ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0),
+                    least_conn_active: id
+                        .and_then(|id| least_conn.get(&id))
+                        .map(|(counted, correction)| (*counted as i64 + correction).max(0) as u64),
+                    health: if !checked {
+                        "unchecked"
+                    } else if runtime.health.up {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                    .into(),
+                    last_probe: runtime.health.last.as_ref().map(|p| ProbeStatus {
+                        ok: p.ok,
+                        detail: p.detail.clone(),
+                        latency_ms: p.latency.as_secs_f64() * 1000.0,
+                        age_ms: now.duration_since(p.at).unwrap_or_default().as_millis() as u64,
+                    }),
+                    admin: runtime.admin.name().into(),
+                    in_ring: id.is_some() && ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0) > 0,
+                    resolved: self.paths.contains_key(&address),
+                    active_flows: runtime.active_flows,
+                    packets: counters.packets,
+                    bytes: counters.bytes,
+                    new_flows: counters.new_flows,
+                });
+            }
+            services.push(ServiceStatus {
+                name: name.clone(),
+                vip: service.vip.get_ref().to_string(),
+                protocol: service.protocol.to_string(),
+                forwarding: "dsr".into(),
+                scheduler: service.scheduler.name().into(),
+                persistence_timeout_s: service.persistence_timeout_s,
+                fail_open: self.fail_open.get(name).copied().unwrap_or(false),
+                packets: counters.packets,
+                bytes: counters.bytes,
+                new_flows: counters.new_flows,
+                backends,
+            });
+        }
+        Ok(Status {
+            interface: self.config.agent.interface.clone(),
+            services,
+            outstanding_map_write: self.outstanding_write.clone(),
+        })
+    }
+
+    pub(super) fn scrape(&mut self) -> String {
+        let status = match self.status() {
+            Ok(status) => status,
+            Err(err) => return format!("# error: {err:#}\n"),
+        };
+        let globals = self.dataplane.global_counters().unwrap_or_default();
+        let snapshot = metrics::Snapshot {
+            status: &status,
+            globals: &globals,
+            ring_rebuilds: self.dataplane.ring_writes,
+            agent: &self.metrics,
+        };
+        metrics::render(&snapshot).unwrap_or_else(|err| format!("# error: {err:#}\n"))
+    }
+
+    /// Per-service and per-backend counters, printed at exit.
+    pub fn summary(&self) -> String {
+        let mut out = String::from("xdplb counters:\n");
+        for service in &self.desired {
+            let Some(vip_id) = self.reconciler.vip_id(&service.name) else {
+                continue;
+            };
+            if let Ok(c) = self.dataplane.vip_counters(vip_id) {
+                out += &format!(
+                    "  service {} {} {}: packets={} bytes={} new_flows={}\n",
+                    service.name, service.protocol, service.vip, c.packets, c.bytes, c.new_flows
+                );
+            }
+            for backend in &service.backends {
+                let Some(id) = self.reconciler.backend_id(&service.name, backend.address) else {
+                    continue;
+                };
+                if let Ok(c) = self.dataplane.backend_counters(id) {
+                    out += &format!(
+                        "    backend {}: packets={} bytes={} new_flows={}\n",
+                        backend.address, c.packets, c.bytes, c.new_flows
+                    );
+                }
+            }
+        }
+        if let Ok(globals) = self.dataplane.global_counters() {
+            let line: Vec<String> = globals.iter().map(|(c, v)| format!("{}={v}", c.name())).collect();
+            out += &format!("  global: {}\n", line.join(" "));
+        }
+        out
+    }
+}

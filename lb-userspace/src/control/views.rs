@@ -1,0 +1,184 @@
+//! What the CLI prints: the `status` table and the `top` view.
+
+use super::protocol::Status;
+
+pub fn top_view(previous: &(std::time::Instant, Status), current: &(std::time::Instant, Status)) -> String {
+    let seconds = current.0.duration_since(previous.0).as_secs_f64().max(1e-3);
+    let rate = |now: u64, before: Option<u64>| now.saturating_sub(before.unwrap_or(now)) as f64 / seconds;
+    let mut rows = vec![
+        ["SERVICE / BACKEND", "PKT/S", "BIT/S", "NEW FLOWS/S", "ACTIVE", "HEALTH", "ADMIN"].map(String::from).to_vec(),
+    ];
+    for s in &current.1.services {
+        let old = previous.1.services.iter().find(|o| o.name == s.name);
+        let active: u64 = s.backends.iter().map(|b| b.active_flows).sum();
+        rows.push(vec![
+            format!("{} {} {}", s.name, s.protocol, s.vip),
+            human(rate(s.packets, old.map(|o| o.packets))),
+            human(8.0 * rate(s.bytes, old.map(|o| o.bytes))),
+            human(rate(s.new_flows, old.map(|o| o.new_flows))),
+            active.to_string(),
+            if s.fail_open { "FAIL-OPEN".into() } else { String::new() },
+            String::new(),
+        ]);
+        for b in &s.backends {
+            let old = old.and_then(|o| o.backends.iter().find(|ob| ob.address == b.address));
+            rows.push(vec![
+                format!("  {}", b.address),
+                human(rate(b.packets, old.map(|o| o.packets))),
+                human(8.0 * rate(b.bytes, old.map(|o| o.bytes))),
+                human(rate(b.new_flows, old.map(|o| o.new_flows))),
+                b.active_flows.to_string(),
+                b.health.clone(),
+                b.admin.clone(),
+            ]);
+        }
+    }
+    format!("xdplb top: {} (rates over {seconds:.1}s)\n{}", current.1.interface, aligned(&rows, ""))
+}
+
+/// 1234567.0 → "1.23M"
+fn human(value: f64) -> String {
+    match value {
+        v if v >= 1e9 => format!("{:.2}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.2}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}
+
+/// `xdplb status` for people: one block per service, aligned columns.
+pub fn status_table(status: &Status) -> String {
+    let mut out = format!("interface {}\n", status.interface);
+    if let Some(write) = &status.outstanding_map_write {
+        out += &format!("WARNING: a map write was refused and is being retried: {write}\n");
+    }
+    for s in &status.services {
+        out += &format!(
+            "\nservice {}  {} {}  {}/{}{}{}  packets {}  bytes {}  new flows {}\n",
+            s.name,
+            s.protocol,
+            s.vip,
+            s.forwarding,
+            s.scheduler,
+            if s.persistence_timeout_s > 0 {
+                format!(" persistence {}s", s.persistence_timeout_s)
+            } else {
+                String::new()
+            },
+            if s.fail_open { "  FAIL-OPEN (every backend down)" } else { "" },
+            s.packets,
+            s.bytes,
+            s.new_flows
+        );
+        let mut rows = vec![
+            ["BACKEND", "WEIGHT", "HEALTH", "LAST PROBE", "LATENCY", "ADMIN", "IN RING", "ACTIVE", "PACKETS", "BYTES"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for b in &s.backends {
+            let (probe, latency) = match &b.last_probe {
+                Some(p) => {
+                    (format!("{} ({:.1}s ago)", p.detail, p.age_ms as f64 / 1000.0), format!("{:.1}ms", p.latency_ms))
+                }
+                None => ("-".into(), "-".into()),
+            };
+            let ring = if !b.resolved {
+                "unresolved"
+            } else if b.in_ring {
+                "yes"
+            } else {
+                "no"
+            };
+            let active = match b.least_conn_active {
+                Some(live) => format!("{} (lc {live})", b.active_flows),
+                None => b.active_flows.to_string(),
+            };
+            let weight = if b.effective_weight != b.weight && b.in_ring {
+                format!("{} (now {})", b.weight, b.effective_weight)
+            } else {
+                b.weight.to_string()
+            };
+            rows.push(vec![
+                b.address.clone(),
+                weight,
+                b.health.clone(),
+                probe,
+                latency,
+                b.admin.clone(),
+                ring.into(),
+                active,
+                b.packets.to_string(),
+                b.bytes.to_string(),
+            ]);
+        }
+        out += &aligned(&rows, "  ");
+    }
+    out
+}
+
+fn aligned(rows: &[Vec<String>], indent: &str) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|v| v.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        out += indent;
+        out += cells.join("  ").trim_end();
+        out += "\n";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_computes_rates_between_samples() {
+        let backend = |packets, bytes| crate::control::BackendStatus {
+            address: "198.18.1.11".into(),
+            weight: 1,
+            effective_weight: 1,
+            least_conn_active: None,
+            health: "up".into(),
+            last_probe: None,
+            admin: "enabled".into(),
+            in_ring: true,
+            resolved: true,
+            active_flows: 4,
+            packets,
+            bytes,
+            new_flows: packets / 10,
+        };
+        let status = |packets, bytes| Status {
+            interface: "eth0".into(),
+            outstanding_map_write: None,
+            services: vec![crate::control::ServiceStatus {
+                name: "web".into(),
+                vip: "198.18.0.100:80".into(),
+                protocol: "tcp".into(),
+                forwarding: "dsr".into(),
+                scheduler: "maglev".into(),
+                persistence_timeout_s: 0,
+                fail_open: false,
+                packets,
+                bytes,
+                new_flows: packets / 10,
+                backends: vec![backend(packets, bytes)],
+            }],
+        };
+        let t0 = std::time::Instant::now();
+        let view =
+            top_view(&(t0, status(1000, 100_000)), &(t0 + std::time::Duration::from_secs(2), status(5000, 350_000)));
+        // 4000 packets and 250 kB in 2 s: 2000 pkt/s, 1 Mbit/s, 200 new flows/s.
+        assert!(view.contains("  198.18.1.11            2.00k  1.00M  200          4       up      enabled"), "{view}");
+    }
+
+    #[test]
+    fn table_columns_line_up() {
+        let rows = vec![vec!["A".into(), "BB".into()], vec!["CCC".into(), "D".into()]];
+        assert_eq!(aligned(&rows, "  "), "  A    BB\n  CCC  D\n");
+    }
+}

@@ -1,0 +1,114 @@
+//! Reads of the data plane's maps: counters, the connection table, and the
+//! state a restarted agent adopts. Nothing here writes.
+
+use std::collections::{HashMap as StdHashMap, HashSet};
+
+use anyhow::Result;
+use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
+use lb_common::{
+    BACKEND_F_IN_USE, Backend, FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowKey, FlowState, GLOBAL_COUNTER_COUNT,
+    GlobalCounter, MAX_BACKENDS, PROTO_UDP, TrafficCounters, VipInfo, VipKey, map_names,
+};
+
+use super::{Dataplane, monotonic_coarse_ns, planner::MapsState};
+
+#[derive(Debug, Default)]
+pub struct FlowScan {
+    pub active: StdHashMap<u32, u64>,
+    pub referenced: HashSet<u32>,
+}
+
+impl Dataplane {
+    /// Global counters summed over CPUs, in `GlobalCounter::ALL` order.
+    pub fn global_counters(&self) -> Result<Vec<(GlobalCounter, u64)>> {
+        let map: PerCpuArray<&MapData, u64> = self.map(map_names::GLOBAL_COUNTERS)?;
+        let mut out = Vec::with_capacity(GLOBAL_COUNTER_COUNT as usize);
+        for counter in GlobalCounter::ALL {
+            let values = map.get(&(counter as u32), 0)?;
+            out.push((counter, values.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    pub fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters> {
+        self.traffic_counters(map_names::VIP_COUNTERS, vip_id)
+    }
+
+    pub fn backend_counters(&self, backend_id: u32) -> Result<TrafficCounters> {
+        self.traffic_counters(map_names::BACKEND_COUNTERS, backend_id)
+    }
+
+    fn traffic_counters(&self, name: &str, index: u32) -> Result<TrafficCounters> {
+        let map: PerCpuArray<&MapData, TrafficCounters> = self.map(name)?;
+        let values = map.get(&index, 0)?;
+        Ok(values.iter().fold(TrafficCounters::default(), |mut sum, c| {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.new_flows += c.new_flows;
+            sum
+        }))
+    }
+
+    /// One pass over the connection table: active flows per backend id, and
+    /// the ids some live entry may still send to.
+    pub fn scan_flows(&self, tcp_idle_timeout_ns: u64) -> Result<FlowScan> {
+        let now = monotonic_coarse_ns();
+        let mut scan = FlowScan::default();
+        for (key, state) in self.flows()? {
+            let idle = now.saturating_sub(state.last_seen_ns);
+            let (timeout, finished) = if key.proto == PROTO_UDP {
+                (self.params.udp_idle_timeout_ns, false)
+            } else {
+                (tcp_idle_timeout_ns, state.flags & FLOW_F_FINISHED != 0)
+            };
+            if key.proto == PROTO_UDP && idle > timeout {
+                continue; // the data plane schedules it afresh
+            }
+            if !finished || idle < FINISHED_LINGER_NS {
+                scan.referenced.insert(state.backend_id);
+            }
+            if !finished && idle <= timeout {
+                *scan.active.entry(state.backend_id).or_insert(0) += 1;
+            }
+        }
+        Ok(scan)
+    }
+
+    /// What the maps hold, for an agent adopting pinned state.
+    pub fn read_state(&self) -> Result<MapsState> {
+        let vips: HashMap<&MapData, VipKey, VipInfo> = self.map(map_names::VIPS)?;
+        let vips: Vec<(VipKey, VipInfo)> = vips.iter().collect::<Result<_, _>>()?;
+        let backends: Array<&MapData, Backend> = self.map(map_names::BACKENDS)?;
+        let mut in_use = Vec::new();
+        for id in 1..MAX_BACKENDS {
+            let backend = backends.get(&id, 0)?;
+            if backend.flags & BACKEND_F_IN_USE != 0 {
+                in_use.push((id, backend));
+            }
+        }
+        let rings: Array<&MapData, u32> = self.map(map_names::RINGS)?;
+        let mut ring_contents = StdHashMap::new();
+        for (_, info) in &vips {
+            let base = info.id * self.params.ring_size;
+            let ring =
+                (0..self.params.ring_size).map(|slot| rings.get(&(base + slot), 0)).collect::<Result<Vec<_>, _>>()?;
+            ring_contents.insert(info.id, ring);
+        }
+        let egress: DevMapHash<&MapData> = self.map(map_names::EGRESS_DEVICES)?;
+        let egress_devices = egress.keys().collect::<Result<Vec<_>, _>>()?;
+        Ok(MapsState { vips, backends: in_use, rings: ring_contents, egress_devices })
+    }
+
+    /// least_conn counts of `ids`: (what the data plane counted, correction).
+    pub fn least_conn_counts(&self, ids: &[u32]) -> Result<StdHashMap<u32, (u64, i64)>> {
+        let active: Array<&MapData, u64> = self.map(map_names::ACTIVE_FLOWS)?;
+        let correction: Array<&MapData, i64> = self.map(map_names::ACTIVE_CORRECTION)?;
+        ids.iter().map(|id| Ok((*id, (active.get(id, 0)?, correction.get(id, 0)?)))).collect()
+    }
+
+    /// A snapshot of the connection table.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        let map: HashMap<&MapData, FlowKey, FlowState> = self.map(map_names::CONNTRACK)?;
+        Ok(map.iter().collect::<Result<_, _>>()?)
+    }
+}

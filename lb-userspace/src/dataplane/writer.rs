@@ -1,0 +1,329 @@
+//! The one map writer: executes the planner's writes in order. At the first
+//! write the kernel refuses it stops (later writes may point at what that
+//! one should have written: a ring slot at a backend slot, a VIP at its
+//! ring) and hands the refused write and everything after it back, so the
+//! agent can `forget` them in the planner's record and retry.
+
+use std::fmt;
+
+use anyhow::Result;
+use aya::maps::{Array, DevMapHash, HashMap, MapData};
+use lb_common::{Backend, VipAddressKey, VipInfo, VipKey, map_names};
+
+use super::{Dataplane, planner::MapWrite};
+
+/// Where writes go: the kernel's maps (`Dataplane`), or a test double.
+pub trait WriteTarget {
+    /// Applies one write. For `SetRingSlots`, `Err` carries how many slots
+    /// were written before the failure.
+    fn write(&mut self, write: &MapWrite) -> Result<(), Refused>;
+}
+
+/// Why the kernel refused a write, and how far a multi-slot write got.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: anyhow::Error,
+    pub slots_written: usize,
+}
+
+impl Refused {
+    pub fn new(error: impl Into<anyhow::Error>) -> Self {
+        Self { error: error.into(), slots_written: 0 }
+    }
+}
+
+/// A write the kernel refused, and the writes of the batch it held back.
+#[derive(Debug)]
+pub struct WriteFailure {
+    /// Names the map and key, and the kernel's answer.
+    pub message: String,
+    /// The refused write (ring slots: only those not written) and every
+    /// write after it, none of them applied.
+    pub unapplied: Vec<MapWrite>,
+}
+
+impl std::error::Error for WriteFailure {}
+
+impl fmt::Display for WriteFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} write(s) held back, retried on the next reconcile)", self.message, self.unapplied.len())
+    }
+}
+
+/// Executes `writes` in order against `target`.
+pub fn apply(target: &mut impl WriteTarget, writes: &[MapWrite]) -> Result<(), WriteFailure> {
+    for (i, write) in writes.iter().enumerate() {
+        let Err(refused) = target.write(write) else {
+            continue;
+        };
+        let mut unapplied = Vec::with_capacity(writes.len() - i);
+        unapplied.push(match write {
+            MapWrite::SetRingSlots { vip_id, slots } => MapWrite::SetRingSlots {
+                vip_id: *vip_id,
+                slots: slots[refused.slots_written.min(slots.len())..].to_vec(),
+            },
+            other => other.clone(),
+        });
+        unapplied.extend_from_slice(&writes[i + 1..]);
+        return Err(WriteFailure { message: format!("{}: {:#}", describe(write), refused.error), unapplied });
+    }
+    Ok(())
+}
+
+impl WriteTarget for Dataplane {
+    fn write(&mut self, write: &MapWrite) -> Result<(), Refused> {
+        match write {
+            MapWrite::SetRingSlots { vip_id, slots } => {
+                self.ring_writes += 1;
+                let base = vip_id * self.params.ring_size;
+                let mut map: Array<&mut MapData, u32> = self.map_mut(map_names::RINGS).map_err(Refused::new)?;
+                for (written, (slot, backend_id)) in slots.iter().enumerate() {
+                    map.set(base + slot, backend_id, 0)
+                        .map_err(|e| Refused { error: e.into(), slots_written: written })?;
+                }
+                Ok(())
+            }
+            other => self.write_one(other).map_err(Refused::new),
+        }
+    }
+}
+
+impl Dataplane {
+    fn write_one(&mut self, write: &MapWrite) -> Result<()> {
+        match write {
+            MapWrite::AddEgressDevice { ifindex } => {
+                let mut map: DevMapHash<&mut MapData> = self.map_mut(map_names::EGRESS_DEVICES)?;
+                map.insert(*ifindex, *ifindex, None, 0)?;
+            }
+            MapWrite::SetBackend { id, backend } => {
+                let mut map: Array<&mut MapData, Backend> = self.map_mut(map_names::BACKENDS)?;
+                map.set(*id, backend, 0)?;
+            }
+            MapWrite::ClearBackend { id } => {
+                let mut map: Array<&mut MapData, Backend> = self.map_mut(map_names::BACKENDS)?;
+                map.set(*id, Backend::default(), 0)?;
+                // A free slot starts its next life with no flows counted.
+                let mut active: Array<&mut MapData, u64> = self.map_mut(map_names::ACTIVE_FLOWS)?;
+                active.set(*id, 0, 0)?;
+                let mut correction: Array<&mut MapData, i64> = self.map_mut(map_names::ACTIVE_CORRECTION)?;
+                correction.set(*id, 0, 0)?;
+            }
+            MapWrite::SetWildcardVips { count } => {
+                let mut map: Array<&mut MapData, u32> = self.map_mut(map_names::WILDCARD_VIPS)?;
+                map.set(0, count, 0)?;
+            }
+            MapWrite::SetActiveCorrection { id, correction } => {
+                let mut map: Array<&mut MapData, i64> = self.map_mut(map_names::ACTIVE_CORRECTION)?;
+                map.set(*id, correction, 0)?;
+            }
+            MapWrite::SetRingSlots { .. } => unreachable!("written slot by slot in `write`"),
+            MapWrite::SetVip { key, info } => {
+                let mut map: HashMap<&mut MapData, VipKey, VipInfo> = self.map_mut(map_names::VIPS)?;
+                map.insert(key, info, 0)?;
+            }
+            MapWrite::RemoveVip { key } => {
+                let mut map: HashMap<&mut MapData, VipKey, VipInfo> = self.map_mut(map_names::VIPS)?;
+                map.remove(key)?;
+            }
+            MapWrite::AddVipAddress { key } => {
+                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(map_names::VIP_ADDRESSES)?;
+                map.insert(key, 1, 0)?;
+            }
+            MapWrite::RemoveVipAddress { key } => {
+                let mut map: HashMap<&mut MapData, VipAddressKey, u32> = self.map_mut(map_names::VIP_ADDRESSES)?;
+                map.remove(key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The map and key a write goes to, for logs and `xdplb status`.
+pub fn describe(write: &MapWrite) -> String {
+    let vip = |key: &VipKey| {
+        let address = super::planner::words_address(key.addr, key.family);
+        format!("{address} port {} proto {}", u16::from_be(key.port), key.proto)
+    };
+    match write {
+        MapWrite::AddEgressDevice { ifindex } => format!("{} insert ifindex {ifindex}", map_names::EGRESS_DEVICES),
+        MapWrite::SetBackend { id, .. } => format!("{} set id {id}", map_names::BACKENDS),
+        MapWrite::ClearBackend { id } => format!("{} clear id {id}", map_names::BACKENDS),
+        MapWrite::SetRingSlots { vip_id, slots } => {
+            format!("{} set {} slot(s) of VIP id {vip_id}", map_names::RINGS, slots.len())
+        }
+        MapWrite::SetVip { key, info } => format!("{} insert {} (id {})", map_names::VIPS, vip(key), info.id),
+        MapWrite::RemoveVip { key } => format!("{} remove {}", map_names::VIPS, vip(key)),
+        MapWrite::AddVipAddress { key } => {
+            format!("{} insert {}", map_names::VIP_ADDRESSES, super::planner::words_address(key.addr, key.family))
+        }
+        MapWrite::RemoveVipAddress { key } => {
+            format!("{} remove {}", map_names::VIP_ADDRESSES, super::planner::words_address(key.addr, key.family))
+        }
+        MapWrite::SetActiveCorrection { id, .. } => format!("{} set id {id}", map_names::ACTIVE_CORRECTION),
+        MapWrite::SetWildcardVips { count } => format!("{} set count {count}", map_names::WILDCARD_VIPS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+    use super::*;
+    use crate::{
+        config::{Protocol, Scheduler},
+        dataplane::planner::Reconciler,
+        netlink::L2Path,
+        state::{DesiredBackend, DesiredService},
+    };
+
+    const RING: u32 = 31;
+
+    /// The maps as cells in memory; refuses the `fail_at`-th write (counted
+    /// from 0 over its life), a ring write after half its slots.
+    #[derive(Default)]
+    struct FakeMaps {
+        egress: BTreeSet<u32>,
+        backends: BTreeMap<u32, Backend>,
+        rings: BTreeMap<u32, u32>,
+        vips: BTreeMap<VipKey, VipInfo>,
+        vip_addresses: BTreeSet<VipAddressKey>,
+        wildcards: u32,
+        writes_seen: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl FakeMaps {
+        fn cells(&self) -> String {
+            let rings: Vec<_> = self.rings.iter().filter(|(_, id)| **id != 0).collect();
+            format!(
+                "{:?}\n{:?}\n{rings:?}\n{:?}\n{:?}\n{}",
+                self.egress, self.backends, self.vips, self.vip_addresses, self.wildcards
+            )
+        }
+    }
+
+    impl WriteTarget for FakeMaps {
+        fn write(&mut self, write: &MapWrite) -> Result<(), Refused> {
+            let failing = self.fail_at == Some(self.writes_seen);
+            self.writes_seen += 1;
+            if failing && !matches!(write, MapWrite::SetRingSlots { .. }) {
+                return Err(Refused::new(anyhow::anyhow!("injected failure")));
+            }
+            match write {
+                MapWrite::AddEgressDevice { ifindex } => {
+                    self.egress.insert(*ifindex);
+                }
+                MapWrite::SetBackend { id, backend } => {
+                    self.backends.insert(*id, *backend);
+                }
+                MapWrite::ClearBackend { id } => {
+                    self.backends.remove(id);
+                }
+                MapWrite::SetRingSlots { vip_id, slots } => {
+                    let written = if failing { slots.len() / 2 } else { slots.len() };
+                    for (slot, id) in &slots[..written] {
+                        self.rings.insert(vip_id * RING + slot, *id);
+                    }
+                    if failing {
+                        return Err(Refused { error: anyhow::anyhow!("injected failure"), slots_written: written });
+                    }
+                }
+                MapWrite::SetVip { key, info } => {
+                    self.vips.insert(*key, *info);
+                }
+                MapWrite::RemoveVip { key } => {
+                    self.vips.remove(key);
+                }
+                MapWrite::AddVipAddress { key } => {
+                    self.vip_addresses.insert(*key);
+                }
+                MapWrite::RemoveVipAddress { key } => {
+                    self.vip_addresses.remove(key);
+                }
+                MapWrite::SetActiveCorrection { .. } => {}
+                MapWrite::SetWildcardVips { count } => self.wildcards = *count,
+            }
+            Ok(())
+        }
+    }
+
+    fn service(name: &str, vip: &str, backends: &[(u8, u32)]) -> DesiredService {
+        DesiredService {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::Maglev,
+            persistence_timeout_s: 0,
+            backends: backends
+                .iter()
+                .map(|(n, weight)| DesiredBackend {
+                    address: std::net::IpAddr::from([198, 18, 1, *n]),
+                    weight: *weight,
+                    path: Some(L2Path { ifindex: 10 + *n as u32 % 3, src_mac: [2; 6], dst_mac: [2, 0, 0, 0, 1, *n] }),
+                    down: false,
+                })
+                .collect(),
+        }
+    }
+
+    /// Plans and applies `desired` as the agent does, retrying after a
+    /// refusal (each plan is one reconcile); returns how many reconciles it took.
+    fn reconcile(r: &mut Reconciler, maps: &mut FakeMaps, desired: &[DesiredService]) -> usize {
+        for attempt in 1..=5 {
+            let (writes, errors) = r.plan(desired);
+            assert!(errors.is_empty(), "{errors:?}");
+            match apply(maps, &writes) {
+                Ok(()) => return attempt,
+                Err(failure) => {
+                    assert!(failure.message.contains("injected failure"), "{failure}");
+                    for write in &failure.unapplied {
+                        r.forget(write);
+                    }
+                }
+            }
+        }
+        panic!("no convergence after 5 reconciles")
+    }
+
+    fn collect(r: &mut Reconciler, maps: &mut FakeMaps) {
+        let writes = r.collect_retired(&HashSet::new());
+        if let Err(failure) = apply(maps, &writes) {
+            for write in &failure.unapplied {
+                r.forget(write);
+            }
+            let again = r.collect_retired(&HashSet::new());
+            assert!(!again.is_empty(), "a refused clear is collected again");
+            apply(maps, &again).unwrap();
+        }
+    }
+
+    fn scenario(maps: &mut FakeMaps) -> usize {
+        let mut r = Reconciler::new(RING, 4);
+        let first = [
+            service("web", "198.18.0.100:80", &[(11, 1), (12, 1), (13, 2)]),
+            service("any", "198.18.0.101:0", &[(21, 1)]),
+        ];
+        let second = [service("web", "198.18.0.100:80", &[(11, 3), (13, 2), (14, 1)])];
+        let mut reconciles = reconcile(&mut r, maps, &first);
+        reconciles += reconcile(&mut r, maps, &second);
+        collect(&mut r, maps);
+        // Nothing left to write once converged.
+        assert_eq!(r.plan(&second).0, vec![], "the record matches the maps");
+        reconciles
+    }
+
+    #[test]
+    fn a_refused_write_is_retried_until_the_maps_match() {
+        let mut reference = FakeMaps::default();
+        assert_eq!(scenario(&mut reference), 2);
+        let total = reference.writes_seen;
+        assert!(total > 10);
+        // Refuse each write of the scenario in turn (every kind, every position).
+        for fail_at in 0..total {
+            let mut maps = FakeMaps { fail_at: Some(fail_at), ..Default::default() };
+            let reconciles = scenario(&mut maps);
+            assert_eq!(maps.cells(), reference.cells(), "refusing write {fail_at}");
+            assert!(reconciles <= 3, "refusing write {fail_at}: {reconciles} reconciles");
+        }
+    }
+}
