@@ -33,7 +33,7 @@ use crate::{
         planner::{self, Reconciler},
     },
     health::{self, ProbeReport},
-    metrics::{self, AgentMetrics},
+    metrics::{self, Metrics, Reading},
     netlink::{L2Path, Netlink},
     state::{AdminState, DesiredService, FailOpen, Runtime, desired_services},
 };
@@ -71,7 +71,7 @@ pub struct Agent {
     control_rx: mpsc::Receiver<ControlCall>,
     last_maintenance: tokio::time::Instant,
     last_rebalance: tokio::time::Instant,
-    metrics: AgentMetrics,
+    metrics: Metrics,
     scrape_rx: mpsc::Receiver<oneshot::Sender<String>>,
     /// Remove the program and the pinned state at exit.
     detach_on_exit: bool,
@@ -137,7 +137,7 @@ impl Agent {
             control_rx,
             last_maintenance: tokio::time::Instant::now(),
             last_rebalance: tokio::time::Instant::now(),
-            metrics: AgentMetrics::default(),
+            metrics: Metrics::default(),
             scrape_rx,
             detach_on_exit,
             stop_requested: false,

@@ -20,7 +20,7 @@ impl Agent {
         };
         let latency = report.outcome.latency;
         let detail = report.outcome.detail.clone();
-        let labels = AgentMetrics::labels(&report.service, report.address);
+        let labels = Metrics::labels(&report.service, report.address);
         self.metrics.probe_latency.get_or_create(&labels).observe(latency.as_secs_f64());
         if report.outcome.ok {
             state.latency.observe(latency.as_secs_f64() * 1000.0);

@@ -85,10 +85,6 @@ impl Agent {
                 .await
             }
             Request::BackendAdd { service, address, weight } => {
-                let address = match parse_address(&address) {
-                    Ok(address) => address,
-                    Err(err) => return err,
-                };
                 let weight = match checked_weight(weight.unwrap_or(1)) {
                     Ok(w) => w,
                     Err(e) => return Response::error(e),
@@ -101,10 +97,6 @@ impl Agent {
                 .await
             }
             Request::BackendRemove { service, address } => {
-                let address = match parse_address(&address) {
-                    Ok(address) => address,
-                    Err(err) => return err,
-                };
                 self.change_config(|config| {
                     let s = service_mut(config, &service)?;
                     let before = s.backends.len();
@@ -117,10 +109,6 @@ impl Agent {
                 .await
             }
             Request::BackendWeight { service, address, weight } => {
-                let address = match parse_address(&address) {
-                    Ok(address) => address,
-                    Err(err) => return err,
-                };
                 let weight = match checked_weight(weight) {
                     Ok(w) => w,
                     Err(e) => return Response::error(e),
@@ -164,11 +152,11 @@ impl Agent {
                     Err(err) => Response::error(format!("{err:#}")),
                 }
             }
-            Request::BackendDrain { service, address } => self.set_admin(&service, &address, |admin| match admin {
+            Request::BackendDrain { service, address } => self.set_admin(&service, address, |admin| match admin {
                 AdminState::Enabled => Ok(AdminState::Draining { since: Instant::now() }),
                 other => Err(format!("already {}", other.name())),
             }),
-            Request::BackendEnable { service, address } => self.set_admin(&service, &address, |admin| match admin {
+            Request::BackendEnable { service, address } => self.set_admin(&service, address, |admin| match admin {
                 AdminState::Enabled => Err("already enabled".into()),
                 _ => Ok(AdminState::Enabled),
             }),
@@ -178,13 +166,9 @@ impl Agent {
     pub(super) fn set_admin(
         &mut self,
         service: &str,
-        address: &str,
+        address: IpAddr,
         next: impl FnOnce(AdminState) -> Result<AdminState, String>,
     ) -> Response {
-        let address = match parse_address(address) {
-            Ok(address) => address,
-            Err(err) => return err,
-        };
         if !self.config.services.iter().any(|s| s.name.get_ref() == service) {
             return Response::error(format!("no service named {service:?}"));
         }
@@ -206,10 +190,6 @@ impl Agent {
 
 fn service_mut<'a>(config: &'a mut Config, name: &str) -> Result<&'a mut crate::config::ServiceConfig, String> {
     config.services.iter_mut().find(|s| s.name.get_ref() == name).ok_or_else(|| format!("no service named {name:?}"))
-}
-
-fn parse_address(text: &str) -> Result<IpAddr, Response> {
-    text.parse().map_err(|_| Response::error(format!("{text:?} is not an IP address")))
 }
 
 fn checked_weight(weight: u32) -> Result<Weight, String> {

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
 use anyhow::Result;
 
 use super::*;
+use crate::control::Health;
 
 impl Agent {
     /// Active flows come from the last maintenance scan (every 1–5 s): a
@@ -36,27 +37,26 @@ impl Agent {
                 };
                 let checked = service.health_check(backend).kind != HealthKind::None;
                 backends.push(BackendStatus {
-                    address: address.to_string(),
+                    address,
                     weight: backend.weight.0,
                     effective_weight: ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0),
                     least_conn_active: id
                         .and_then(|id| least_conn.get(&id))
                         .map(|(counted, correction)| (*counted as i64 + correction).max(0) as u64),
                     health: if !checked {
-                        "unchecked"
+                        Health::Unchecked
                     } else if runtime.health.up {
-                        "up"
+                        Health::Up
                     } else {
-                        "down"
-                    }
-                    .into(),
+                        Health::Down
+                    },
                     last_probe: runtime.health.last.as_ref().map(|p| ProbeStatus {
                         ok: p.ok,
                         detail: p.detail.clone(),
                         latency_ms: p.latency.as_secs_f64() * 1000.0,
                         age_ms: now.duration_since(p.at).unwrap_or_default().as_millis() as u64,
                     }),
-                    admin: runtime.admin.name().into(),
+                    admin: runtime.admin.view(),
                     in_ring: id.is_some() && ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0) > 0,
                     resolved: self.paths.contains_key(&address),
                     active_flows: runtime.active_flows,
@@ -67,10 +67,10 @@ impl Agent {
             }
             services.push(ServiceStatus {
                 name: name.clone(),
-                vip: service.vip.get_ref().to_string(),
-                protocol: service.protocol.to_string(),
-                forwarding: "dsr".into(),
-                scheduler: service.scheduler.name().into(),
+                vip: *service.vip.get_ref(),
+                protocol: service.protocol,
+                forwarding: service.forwarding,
+                scheduler: service.scheduler,
                 persistence_timeout_s: service.persistence_timeout_s,
                 fail_open: self.fail_open.get(name).copied().unwrap_or(false),
                 packets: counters.packets,
@@ -88,17 +88,15 @@ impl Agent {
 
     pub(super) fn scrape(&mut self) -> String {
         let status = match self.status() {
-            Ok(status) => status,
-            Err(err) => return format!("# error: {err:#}\n"),
+            Ok(status) => Some(status),
+            Err(err) => {
+                log::error!("metrics: reading the data plane: {err:#}");
+                None
+            }
         };
         let globals = self.dataplane.global_counters().unwrap_or_default();
-        let snapshot = metrics::Snapshot {
-            status: &status,
-            globals: &globals,
-            ring_rebuilds: self.dataplane.ring_writes,
-            agent: &self.metrics,
-        };
-        metrics::render(&snapshot).unwrap_or_else(|err| format!("# error: {err:#}\n"))
+        let reading = Reading { status, globals, ring_rebuilds: self.dataplane.ring_writes };
+        self.metrics.render(reading).unwrap_or_else(|err| format!("# error: {err:#}\n"))
     }
 
     /// Per-service and per-backend counters, printed at exit.

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    config::DEFAULT_CONTROL_SOCKET,
+    config::{DEFAULT_CONTROL_SOCKET, Forwarding, HealthKind, OnFailure, Protocol, value_name},
     control::{
         self, Request, Response, Status,
         views::{status_table, top_view},
@@ -89,20 +89,20 @@ pub enum BackendAction {
     /// Add a backend to a service.
     Add {
         service: String,
-        address: String,
+        address: IpAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
     /// Remove a backend; its established flows continue while it still answers.
-    Remove { service: String, address: String },
+    Remove { service: String, address: IpAddr },
     /// No new flows; established flows continue until they end.
-    Drain { service: String, address: String },
+    Drain { service: String, address: IpAddr },
     /// Undo a drain.
-    Enable { service: String, address: String },
+    Enable { service: String, address: IpAddr },
     /// Set a backend's weight (0..=1000); existing flows never move.
     Weight {
         service: String,
-        address: String,
+        address: IpAddr,
         #[arg(long)]
         weight: u32,
     },
@@ -123,18 +123,18 @@ pub struct ServiceArgs {
     #[arg(long)]
     pub vip: String,
     #[arg(long, value_enum)]
-    pub protocol: ProtocolArg,
-    #[arg(long, default_value = "dsr")]
-    pub forwarding: String,
+    pub protocol: Protocol,
+    #[arg(long, value_enum, default_value_t)]
+    pub forwarding: Forwarding,
     /// A backend, ADDRESS or ADDRESS=WEIGHT; repeat for more.
     #[arg(long = "backend")]
     pub backends: Vec<String>,
     #[arg(long, value_enum)]
-    pub on_failure: Option<OnFailureArg>,
+    pub on_failure: Option<OnFailure>,
     #[arg(long)]
     pub drain_timeout_s: Option<u64>,
     #[arg(long, value_enum)]
-    pub health_kind: Option<HealthKindArg>,
+    pub health_kind: Option<HealthKind>,
     #[arg(long)]
     pub health_port: Option<u16>,
     #[arg(long)]
@@ -160,29 +160,6 @@ pub enum OnOff {
     Off,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ProtocolArg {
-    Tcp,
-    Udp,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum OnFailureArg {
-    Reschedule,
-    Keep,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum HealthKindArg {
-    Tcp,
-    Http,
-    None,
-}
-
-fn name_of<T: ValueEnum>(value: T) -> String {
-    value.to_possible_value().expect("no skipped variants").get_name().to_string()
-}
-
 impl ServiceArgs {
     /// The `[[service]]` table these flags describe, as TOML text: the agent
     /// parses and validates it with the same code as the config file.
@@ -191,17 +168,17 @@ impl ServiceArgs {
         let mut service = Table::new();
         service.insert("name".into(), self.name.clone().into());
         service.insert("vip".into(), self.vip.clone().into());
-        service.insert("protocol".into(), name_of(self.protocol).into());
-        service.insert("forwarding".into(), self.forwarding.clone().into());
+        service.insert("protocol".into(), value_name(self.protocol).into());
+        service.insert("forwarding".into(), value_name(self.forwarding).into());
         if let Some(v) = self.on_failure {
-            service.insert("on_failure".into(), name_of(v).into());
+            service.insert("on_failure".into(), value_name(v).into());
         }
         if let Some(v) = self.drain_timeout_s {
             service.insert("drain_timeout_s".into(), Value::Integer(v as i64));
         }
         let mut health = Table::new();
         if let Some(v) = self.health_kind {
-            health.insert("kind".into(), name_of(v).into());
+            health.insert("kind".into(), value_name(v).into());
         }
         if let Some(v) = self.health_port {
             health.insert("port".into(), Value::Integer(v.into()));

@@ -2,7 +2,11 @@
 //! per line each way. Field names are stable (fields may be added, never
 //! renamed): `xdplb status --json` prints `Status` as it is.
 
+use std::net::{IpAddr, SocketAddr};
+
 use serde::{Deserialize, Serialize};
+
+use crate::config::{Forwarding, Protocol, Scheduler};
 
 /// Longest request line accepted; anything longer is malformed.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -13,24 +17,24 @@ pub enum Request {
     Status {},
     BackendAdd {
         service: String,
-        address: String,
+        address: IpAddr,
         weight: Option<u32>,
     },
     BackendRemove {
         service: String,
-        address: String,
+        address: IpAddr,
     },
     BackendDrain {
         service: String,
-        address: String,
+        address: IpAddr,
     },
     BackendEnable {
         service: String,
-        address: String,
+        address: IpAddr,
     },
     BackendWeight {
         service: String,
-        address: String,
+        address: IpAddr,
         weight: u32,
     },
     /// `toml` holds one `[[service]]` table, exactly as in the config file.
@@ -82,10 +86,10 @@ pub struct Status {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
-    pub vip: String,
-    pub protocol: String,
-    pub forwarding: String,
-    pub scheduler: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub scheduler: Scheduler,
     /// Client affinity in seconds; 0 = off.
     pub persistence_timeout_s: u32,
     /// Every backend is down and the service keeps them all in its ring.
@@ -98,18 +102,16 @@ pub struct ServiceStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub address: String,
+    pub address: IpAddr,
     pub weight: u32,
     /// The weight the scheduler uses now: 0 when the backend takes no new
     /// flows; least_response_time's derived weight.
     pub effective_weight: u32,
     /// least_conn only: the data plane's live count of active flows.
     pub least_conn_active: Option<u64>,
-    /// "up", "down", or "unchecked" (health check kind none).
-    pub health: String,
+    pub health: Health,
     pub last_probe: Option<ProbeStatus>,
-    /// "enabled", "draining" or "drained".
-    pub admin: String,
+    pub admin: Admin,
     /// Takes new flows right now.
     pub in_ring: bool,
     /// The neighbour is resolved (MAC known); unresolved backends get no traffic.
@@ -118,6 +120,49 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+/// A backend's health as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Up,
+    Down,
+    /// Health check kind `none`.
+    Unchecked,
+}
+
+/// A backend's administrative state as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    Enabled,
+    /// No new flows; established ones finish.
+    Draining,
+    /// Draining, and no active flow is left (or the drain timed out).
+    Drained,
+}
+
+impl Health {
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Unchecked => "unchecked",
+        }
+    }
+}
+
+impl Admin {
+    pub const ALL: [Admin; 3] = [Admin::Enabled, Admin::Draining, Admin::Drained];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Admin::Enabled => "enabled",
+            Admin::Draining => "draining",
+            Admin::Drained => "drained",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,7 +180,7 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_wire_form() {
-        let r = Request::BackendWeight { service: "web".into(), address: "198.18.1.11".into(), weight: 3 };
+        let r = Request::BackendWeight { service: "web".into(), address: "198.18.1.11".parse().unwrap(), weight: 3 };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"cmd":"backend_weight","service":"web","address":"198.18.1.11","weight":3}"#

@@ -28,8 +28,8 @@ pub fn top_view(previous: &(std::time::Instant, Status), current: &(std::time::I
                 human(8.0 * rate(b.bytes, old.map(|o| o.bytes))),
                 human(rate(b.new_flows, old.map(|o| o.new_flows))),
                 b.active_flows.to_string(),
-                b.health.clone(),
-                b.admin.clone(),
+                b.health.name().into(),
+                b.admin.name().into(),
             ]);
         }
     }
@@ -99,12 +99,12 @@ pub fn status_table(status: &Status) -> String {
                 b.weight.to_string()
             };
             rows.push(vec![
-                b.address.clone(),
+                b.address.to_string(),
                 weight,
-                b.health.clone(),
+                b.health.name().into(),
                 probe,
                 latency,
-                b.admin.clone(),
+                b.admin.name().into(),
                 ring.into(),
                 active,
                 b.packets.to_string(),
@@ -116,19 +116,18 @@ pub fn status_table(status: &Status) -> String {
     out
 }
 
+/// Rows as columns separated by two spaces, left-aligned, each line
+/// indented by `indent` (comfy-table without borders).
 fn aligned(rows: &[Vec<String>], indent: &str) -> String {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|v| v.chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING).set_content_arrangement(comfy_table::ContentArrangement::Disabled);
     for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
-        out += indent;
-        out += cells.join("  ").trim_end();
-        out += "\n";
+        table.add_row(row);
     }
-    out
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table.lines().map(|line| format!("{indent}{}\n", line.trim_end())).collect()
 }
 
 #[cfg(test)]
@@ -138,13 +137,13 @@ mod tests {
     #[test]
     fn top_computes_rates_between_samples() {
         let backend = |packets, bytes| crate::control::BackendStatus {
-            address: "198.18.1.11".into(),
+            address: "198.18.1.11".parse().unwrap(),
             weight: 1,
             effective_weight: 1,
             least_conn_active: None,
-            health: "up".into(),
+            health: crate::control::Health::Up,
             last_probe: None,
-            admin: "enabled".into(),
+            admin: crate::control::Admin::Enabled,
             in_ring: true,
             resolved: true,
             active_flows: 4,
@@ -157,10 +156,10 @@ mod tests {
             outstanding_map_write: None,
             services: vec![crate::control::ServiceStatus {
                 name: "web".into(),
-                vip: "198.18.0.100:80".into(),
-                protocol: "tcp".into(),
-                forwarding: "dsr".into(),
-                scheduler: "maglev".into(),
+                vip: "198.18.0.100:80".parse().unwrap(),
+                protocol: crate::config::Protocol::Tcp,
+                forwarding: crate::config::Forwarding::Dsr,
+                scheduler: crate::config::Scheduler::Maglev,
                 persistence_timeout_s: 0,
                 fail_open: false,
                 packets,

@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     config::{Config, HealthKind, OnFailure, Protocol, Scheduler},
+    control::Admin,
     health::HealthState,
     netlink::L2Path,
     scheduling::{Ewma, response_time_weights},
@@ -29,12 +30,16 @@ pub enum AdminState {
 }
 
 impl AdminState {
-    pub fn name(&self) -> &'static str {
+    pub fn view(&self) -> Admin {
         match self {
-            AdminState::Enabled => "enabled",
-            AdminState::Draining { .. } => "draining",
-            AdminState::Drained => "drained",
+            AdminState::Enabled => Admin::Enabled,
+            AdminState::Draining { .. } => Admin::Draining,
+            AdminState::Drained => Admin::Drained,
         }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.view().name()
     }
 }
 
