@@ -9,12 +9,15 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
+
+use lb_testkit::{TempDir, topology::Topology};
+use xdplb::control::{Admin, BackendStatus, Health, Status};
 
 const XDPLB: &str = env!("CARGO_BIN_EXE_xdplb");
 const XDP_PASS_OBJ: &str = concat!(env!("OUT_DIR"), "/xdp-pass");
@@ -24,65 +27,22 @@ const BACKENDS4: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.2.13"];
 const BACKENDS6: [&str; 3] = ["2001:db8:1::11", "2001:db8:1::12", "2001:db8:2::13"];
 const NAMES: [&str; 3] = ["b1", "b2", "b3"];
 
-fn harness() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/netns-harness.sh")
+/// A harness topology of this test's own; torn down on drop.
+fn topology() -> Topology {
+    Topology::up(&Topology::unique_prefix("xl"), Path::new(XDP_PASS_OBJ)).expect("harness up")
 }
 
-/// The namespaces of one harness run; removed on drop.
-struct Topology {
-    prefix: String,
-}
-
-impl Topology {
-    fn up() -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let prefix = format!("xl{:x}", (std::process::id() << 12) ^ nanos);
-        let prefix = prefix[..prefix.len().min(10)].to_string();
-        let status = Command::new("bash")
-            .arg(harness())
-            .args(["up", &prefix])
-            .env("XDP_PASS_OBJ", XDP_PASS_OBJ)
-            .status()
-            .expect("running the harness");
-        assert!(status.success(), "harness up {prefix} failed");
-        Topology { prefix }
-    }
-
-    fn ns(&self, name: &str) -> String {
-        format!("{}-{name}", self.prefix)
-    }
-
-    /// This run's own bpffs pin directory for the agent.
-    fn pin_root(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}", self.prefix))
-    }
-
-    /// The XDP program id attached to the LB's eth0, if any.
-    fn lb_program_id(&self) -> Option<u64> {
-        let out = Command::new("ip").args(["-n", &self.ns("lb"), "-j", "link", "show", "eth0"]).output().unwrap();
-        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        links[0]["xdp"]["prog"]["id"].as_u64()
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let _ = Command::new("bash").arg(harness()).args(["down", &self.prefix]).status();
-        let _ = std::fs::remove_dir_all(self.pin_root());
-    }
+/// The XDP program id attached to the LB's eth0, if any.
+fn lb_program_id(topology: &Topology) -> Option<u64> {
+    let out = Command::new("ip").args(["-n", &topology.ns("lb"), "-j", "link", "show", "eth0"]).output().unwrap();
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links[0]["xdp"]["prog"]["id"].as_u64()
 }
 
 /// Runs `f` on a thread that has entered namespace `ns`. Sockets made there
 /// stay in that namespace whatever thread uses them later.
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    lb_testkit::run_in(ns, f).expect("entering the namespace")
 }
 
 /// A running `xdplb run` in the LB namespace; stopped on drop.
@@ -93,14 +53,6 @@ struct Agent {
     log: PathBuf,
     pin_root: PathBuf,
     _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl Agent {
@@ -188,25 +140,17 @@ impl Agent {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
     }
 
-    /// `xdplb status --json`, parsed.
-    fn status(&self) -> serde_json::Value {
-        let (ok, out, err) = self.cli(&["status", "--json"]);
-        assert!(ok, "status failed: {err}");
-        serde_json::from_str(&out).unwrap()
+    /// `xdplb status --json`, parsed into the agent's own type.
+    fn status(&self) -> Status {
+        lb_testkit::status_via_cli(Path::new(XDPLB), &self.socket).unwrap()
     }
 
     /// The status entry of one backend of one service.
-    fn backend(&self, service: &str, address: &str) -> serde_json::Value {
+    fn backend(&self, service: &str, address: &str) -> BackendStatus {
+        let address: IpAddr = address.parse().unwrap();
         let status = self.status();
-        let services = status["services"].as_array().unwrap();
-        let s = services.iter().find(|s| s["name"] == service).unwrap_or_else(|| panic!("no service {service}"));
-        s["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["address"] == address)
-            .cloned()
-            .unwrap_or_else(|| panic!("no backend {address}"))
+        let s = status.services.iter().find(|s| s.name == service).unwrap_or_else(|| panic!("no service {service}"));
+        s.backends.iter().find(|b| b.address == address).cloned().unwrap_or_else(|| panic!("no backend {address}"))
     }
 
     /// SIGKILL: the agent gets no chance to clean anything up.
@@ -333,7 +277,7 @@ fn summary_value(summary: &str, line_marker: &str, key: &str) -> u64 {
 
 #[test]
 fn new_connections_follow_equal_then_weighted_shares_and_replies_bypass_the_lb() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config([1, 1, 1]));
     let sent_before = tcp_segments_sent(&topology);
 
@@ -398,7 +342,7 @@ impl LongLived {
 
 #[test]
 fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
-    let topology = Topology::up();
+    let topology = topology();
     // Start with b1 and b2 only.
     let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
     let mut conn = LongLived::open(&topology, VIP4);
@@ -444,7 +388,7 @@ fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
 
 #[test]
 fn invalid_config_is_refused_with_its_location_and_nothing_is_attached() {
-    let topology = Topology::up();
+    let topology = topology();
     let dir = std::env::temp_dir().join(format!("xdplb-test-{}-bad", topology.prefix));
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup = TempDir(dir.clone());
@@ -492,14 +436,14 @@ fn start_backend_server(topology: &Topology, name: &str) {
 }
 
 /// Polls the agent until `check` holds for the backend; returns when it did.
-fn wait_for_backend(agent: &Agent, address: &str, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> Instant {
+fn wait_for_backend(agent: &Agent, address: &str, what: &str, check: impl Fn(&BackendStatus) -> bool) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let backend = agent.backend("web", address);
         if check(&backend) {
             return Instant::now();
         }
-        assert!(Instant::now() < deadline, "backend {address} never became {what}: {backend}");
+        assert!(Instant::now() < deadline, "backend {address} never became {what}: {backend:?}");
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -544,27 +488,25 @@ fn config_with_health(health: &str, backends: &[(usize, u32)], extra_backend_tab
 
 #[test]
 fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config_with_health(FAST_HTTP_HEALTH, &[(0, 1), (1, 1), (2, 1)], ""));
     let (interval, timeout, rise, fall) = (Duration::from_millis(300), Duration::from_millis(200), 2u32, 3u32);
-    wait_for_backend(&agent, BACKENDS4[0], "probed", |b| b["last_probe"]["ok"] == true);
+    wait_for_backend(&agent, BACKENDS4[0], "probed", |b| b.last_probe.as_ref().is_some_and(|p| p.ok));
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stream = steady_stream(&topology, VIP4, stop.clone());
     thread::sleep(Duration::from_millis(700));
     let killed = Instant::now();
     kill_backend_server(&topology, "b1");
-    let down = wait_for_backend(&agent, BACKENDS4[0], "down and out of the ring", |b| {
-        b["health"] == "down" && b["in_ring"] == false
-    });
+    let down =
+        wait_for_backend(&agent, BACKENDS4[0], "down and out of the ring", |b| b.health == Health::Down && !b.in_ring);
     let bound = interval * fall + timeout + Duration::from_millis(200);
     assert!(down - killed <= bound, "left the ring {:?} after the kill, bound {bound:?}", down - killed);
     thread::sleep(Duration::from_millis(1500));
 
     let restarted = Instant::now();
     start_backend_server(&topology, "b1");
-    let up =
-        wait_for_backend(&agent, BACKENDS4[0], "up and in the ring", |b| b["health"] == "up" && b["in_ring"] == true);
+    let up = wait_for_backend(&agent, BACKENDS4[0], "up and in the ring", |b| b.health == Health::Up && b.in_ring);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = stream.join().unwrap();
 
@@ -597,12 +539,12 @@ fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
 
 #[test]
 fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
-    let topology = Topology::up();
+    let topology = topology();
     let closed_port = "\n[service.backend.health]\nkind = \"tcp\"\nport = 8081\n";
     let health = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n";
     let agent = Agent::start(&topology, &config_with_health(health, &[(0, 1), (1, 1), (2, 1)], closed_port));
     wait_for_backend(&agent, BACKENDS4[2], "down (closed TCP port)", |b| {
-        b["health"] == "down" && b["last_probe"]["detail"].as_str().unwrap_or("").contains("refused")
+        b.health == Health::Down && b.last_probe.as_ref().is_some_and(|p| p.detail.contains("refused"))
     });
     let set = |code: u16| {
         let url: SocketAddr = format!("{}:80", BACKENDS4[1]).parse().unwrap();
@@ -616,13 +558,13 @@ fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
     };
     set(503);
     wait_for_backend(&agent, BACKENDS4[1], "down (HTTP 503)", |b| {
-        b["health"] == "down" && b["last_probe"]["detail"].as_str().unwrap_or("").contains("HTTP 503")
+        b.health == Health::Down && b.last_probe.as_ref().is_some_and(|p| p.detail.contains("HTTP 503"))
     });
-    assert_eq!(agent.backend("web", BACKENDS4[0])["health"], "up");
+    assert_eq!(agent.backend("web", BACKENDS4[0]).health, Health::Up);
     let counts = spread(&topology, VIP4, 60);
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"], "{counts:?}");
     set(200);
-    wait_for_backend(&agent, BACKENDS4[1], "up again", |b| b["health"] == "up" && b["in_ring"] == true);
+    wait_for_backend(&agent, BACKENDS4[1], "up again", |b| b.health == Health::Up && b.in_ring);
     let (ok, table, _) = agent.cli(&["status"]);
     assert!(ok && table.contains("HTTP 200") && table.contains("down") && table.contains("IN RING"), "{table}");
     agent.stop();
@@ -630,7 +572,7 @@ fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
 
 #[test]
 fn drain_keeps_the_established_connection_and_reports_drained_when_it_closes() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1), (2, 1)]));
     let mut conn = LongLived::open(&topology, VIP4);
     let home = conn.get();
@@ -646,11 +588,11 @@ fn drain_keeps_the_established_connection_and_reports_drained_when_it_closes() {
         thread::sleep(Duration::from_millis(300));
     }
     let b = agent.backend("web", address);
-    assert_eq!((b["admin"].as_str(), b["in_ring"].as_bool()), (Some("draining"), Some(false)), "{b}");
-    assert!(b["active_flows"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!((b.admin, b.in_ring), (Admin::Draining, false), "{b:?}");
+    assert!(b.active_flows >= 1, "{b:?}");
     drop(conn); // the client closes: FIN
     let closed = Instant::now();
-    wait_for_backend(&agent, address, "drained", |b| b["admin"] == "drained" && b["active_flows"] == 0);
+    wait_for_backend(&agent, address, "drained", |b| b.admin == Admin::Drained && b.active_flows == 0);
     assert!(closed.elapsed() < Duration::from_secs(5), "drained only after {:?}", closed.elapsed());
     eprintln!("measured: drained {:?} after the last connection closed", closed.elapsed());
     let (ok, _, err) = agent.cli(&["backend", "enable", "web", address]);
@@ -661,7 +603,7 @@ fn drain_keeps_the_established_connection_and_reports_drained_when_it_closes() {
 
 #[test]
 fn the_cli_manages_backends_and_services_of_a_running_agent() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
     let cli_ok = |args: &[&str]| {
         let (ok, out, err) = agent.cli(args);
@@ -676,11 +618,11 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
     let b3 = BACKENDS4[2];
 
     cli_ok(&["backend", "add", "web", b3]);
-    wait_for_backend(&agent, b3, "in the ring", |b| b["in_ring"] == true);
+    wait_for_backend(&agent, b3, "in the ring", |b| b.in_ring);
     assert!(spread(&topology, VIP4, 90).contains_key("b3"));
 
     cli_ok(&["backend", "weight", "web", b3, "--weight", "0"]);
-    assert_eq!(agent.backend("web", b3)["weight"], 0);
+    assert_eq!(agent.backend("web", b3).weight, 0);
     assert!(!spread(&topology, VIP4, 60).contains_key("b3"));
     cli_ok(&["backend", "weight", "web", b3, "--weight", "2"]);
     assert!(spread(&topology, VIP4, 60).contains_key("b3"));
@@ -711,15 +653,11 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
     .unwrap();
     assert!(garbage.contains("\"ok\":false") && garbage.contains("malformed request"), "{garbage}");
     let after = agent.status();
-    let strip = |mut s: serde_json::Value| {
-        for svc in s["services"].as_array_mut().unwrap() {
-            for key in ["packets", "bytes", "new_flows"] {
-                svc[key] = 0.into();
-            }
-            for b in svc["backends"].as_array_mut().unwrap() {
-                for key in ["packets", "bytes", "new_flows", "last_probe", "active_flows"] {
-                    b[key] = 0.into();
-                }
+    let strip = |mut s: Status| {
+        for svc in &mut s.services {
+            (svc.packets, svc.bytes, svc.new_flows) = (0, 0, 0);
+            for b in &mut svc.backends {
+                (b.packets, b.bytes, b.new_flows, b.active_flows, b.last_probe) = (0, 0, 0, 0, None);
             }
         }
         s
@@ -742,7 +680,7 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
         &format!("{}=2", BACKENDS6[2]),
     ]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.status()["services"][1]["backends"].as_array().unwrap().iter().any(|b| b["in_ring"] == false) {
+    while agent.status().services[1].backends.iter().any(|b| !b.in_ring) {
         assert!(Instant::now() < deadline, "web6 backends never entered the ring");
         thread::sleep(Duration::from_millis(50));
     }
@@ -757,7 +695,7 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
 
 #[test]
 fn reload_through_the_cli_applies_changes_and_refuses_a_broken_file() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
     agent.write_config(&config_with(&[(1, 1), (2, 1)]));
     let (ok, out, err) = agent.cli(&["reload"]);
@@ -776,7 +714,7 @@ fn reload_through_the_cli_applies_changes_and_refuses_a_broken_file() {
 
 #[test]
 fn only_root_may_use_the_control_socket() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config_with(&[(0, 1)]));
     let mode = std::fs::metadata(&agent.socket)
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
@@ -826,7 +764,7 @@ fn scrape(topology: &Topology, address: &str) -> String {
 
 #[test]
 fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
-    let topology = Topology::up();
+    let topology = topology();
     let config = config([1, 1, 1]);
     let agent = Agent::start(&topology, &config);
     let mut long_lived: Vec<(LongLived, String)> = (0..3)
@@ -839,20 +777,20 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stream = steady_stream(&topology, VIP4, stop.clone());
     thread::sleep(Duration::from_millis(800));
-    let before_kill = agent.status()["services"][0]["packets"].as_u64().unwrap();
-    let first_program = topology.lb_program_id().expect("a program on eth0");
+    let before_kill = agent.status().services[0].packets;
+    let first_program = lb_program_id(&topology).expect("a program on eth0");
 
     // 1. SIGKILL: forwarding goes on without any agent.
     agent.kill();
     thread::sleep(Duration::from_millis(1500));
-    assert_eq!(topology.lb_program_id(), Some(first_program), "the program went away with the agent");
+    assert_eq!(lb_program_id(&topology), Some(first_program), "the program went away with the agent");
     for (c, home) in &mut long_lived {
         assert_eq!(c.get(), *home, "a long-lived connection broke while no agent ran");
     }
     // 2. A new agent adopts the pinned state.
     let agent = Agent::start(&topology, &config);
     assert!(agent.log_text().contains("adopting the pinned state"), "{}", agent.log_text());
-    let after_restart = agent.status()["services"][0]["packets"].as_u64().unwrap();
+    let after_restart = agent.status().services[0].packets;
     assert!(after_restart > before_kill, "counters restarted: {after_restart} <= {before_kill}");
     for (c, home) in &mut long_lived {
         assert_eq!(c.get(), *home, "a long-lived connection moved after the restart");
@@ -860,20 +798,20 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
 
     // 3. In-place upgrade: the agent exits normally (the program stays) and
     // the next binary's program is swapped onto the pinned link atomically.
-    let running = topology.lb_program_id();
+    let running = lb_program_id(&topology);
     assert_ne!(running, Some(first_program), "adoption did not swap in the new agent's program");
     agent.stop();
-    assert_eq!(topology.lb_program_id(), running, "a normal exit detached the program");
+    assert_eq!(lb_program_id(&topology), running, "a normal exit detached the program");
     thread::sleep(Duration::from_millis(500));
     let agent = Agent::start(&topology, &config);
-    let upgraded = topology.lb_program_id();
+    let upgraded = lb_program_id(&topology);
     assert_ne!(upgraded, running, "no new program was swapped in");
     assert!(agent.log_text().contains("swapped onto the pinned link"), "{}", agent.log_text());
     thread::sleep(Duration::from_millis(800));
     for (c, home) in &mut long_lived {
         assert_eq!(c.get(), *home, "a long-lived connection moved after the upgrade");
     }
-    let after_upgrade = agent.status()["services"][0]["packets"].as_u64().unwrap();
+    let after_upgrade = agent.status().services[0].packets;
     assert!(after_upgrade > after_restart);
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -887,13 +825,13 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     let (ok, out, err) = agent.cli(&["stop"]);
     assert!(ok, "{out}{err}");
     drop(agent);
-    assert_eq!(topology.lb_program_id(), None, "xdplb stop left the program attached");
+    assert_eq!(lb_program_id(&topology), None, "xdplb stop left the program attached");
     assert!(!topology.pin_root().join(format!("layout-{}", lb_common::LAYOUT_VERSION)).exists(), "pins left behind");
 }
 
 #[test]
 fn changed_map_sizes_or_another_layout_are_refused_with_a_clear_message() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
     agent.stop(); // the program and the pinned maps stay
     let refused = |config: &str, expected: &str| {
@@ -918,12 +856,12 @@ fn changed_map_sizes_or_another_layout_are_refused_with_a_clear_message() {
     let out = Command::new(XDPLB).args(["stop", "--pin-dir"]).arg(topology.pin_root()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("the program is detached"));
-    assert_eq!(topology.lb_program_id(), None);
+    assert_eq!(lb_program_id(&topology), None);
 }
 
 #[test]
 fn metrics_match_the_traffic_and_show_a_dead_backend() {
-    let topology = Topology::up();
+    let topology = topology();
     let health = "\n[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
     let config = config_with_health(health, &[(0, 1), (1, 1), (2, 1)], "").replacen(
         "[agent]\n",
@@ -955,7 +893,7 @@ fn metrics_match_the_traffic_and_show_a_dead_backend() {
     assert_eq!(metric(&text, "xdplb_backend_health", "198.18.1.11"), 1.0);
 
     kill_backend_server(&topology, "b1");
-    wait_for_backend(&agent, BACKENDS4[0], "down", |b| b["health"] == "down");
+    wait_for_backend(&agent, BACKENDS4[0], "down", |b| b.health == Health::Down);
     let text = scrape(&topology, "127.0.0.1:9591");
     assert_eq!(metric(&text, "xdplb_backend_health", "198.18.1.11"), 0.0, "{text}");
     assert_eq!(metric(&text, "xdplb_backend_in_ring", "198.18.1.11"), 0.0);
@@ -966,7 +904,7 @@ fn metrics_match_the_traffic_and_show_a_dead_backend() {
 
 #[test]
 fn top_once_shows_rates_under_traffic_and_debug_logging_switches_at_run_time() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &config([1, 1, 1]));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stream = steady_stream(&topology, VIP4, stop.clone());
@@ -979,10 +917,10 @@ fn top_once_shows_rates_under_traffic_and_debug_logging_switches_at_run_time() {
         assert!(pps != "0", "no packet rate for {address}: {line}\n{view}");
     }
 
-    let program = topology.lb_program_id();
+    let program = lb_program_id(&topology);
     let (ok, out, err) = agent.cli(&["debug", "on"]);
     assert!(ok && out.contains("swapped in"), "{out}{err}");
-    assert_ne!(topology.lb_program_id(), program, "debug on did not swap the program");
+    assert_ne!(lb_program_id(&topology), program, "debug on did not swap the program");
     agent.wait_for_log("new flow from port", 3);
     let (ok, _, err) = agent.cli(&["debug", "off"]);
     assert!(ok, "{err}");
@@ -1006,9 +944,7 @@ fn scheduler_config(scheduler: &str, extra: &str, backends: &[(usize, u32)]) -> 
 /// Pins the calling thread to CPU 0: the LB's XDP program then runs there
 /// too (veth delivers on the sender's CPU), so per-CPU cursors are one cursor.
 fn pin_to_cpu0() {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+    lb_testkit::pin_to_cpu(0).unwrap();
 }
 
 /// `n` sequential requests from the client, in order.
@@ -1032,7 +968,7 @@ fn counts_of(names: &[String]) -> BTreeMap<String, usize> {
 
 #[test]
 fn scheduler_round_robin_cycles_through_backends() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &scheduler_config("round_robin", "", &[(0, 1), (1, 3), (2, 1)]));
     let names = names_in_order(&topology, 30, true);
     assert_eq!(counts_of(&names[..3]).len(), 3, "{names:?}");
@@ -1046,7 +982,7 @@ fn scheduler_round_robin_cycles_through_backends() {
 
 #[test]
 fn scheduler_weighted_round_robin_follows_1_2_3_within_5_percent() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &scheduler_config("weighted_round_robin", "", &[(0, 1), (1, 2), (2, 3)]));
     let counts = counts_of(&names_in_order(&topology, 600, false));
     for (name, expected) in [("b1", 100.0), ("b2", 200.0), ("b3", 300.0)] {
@@ -1058,7 +994,7 @@ fn scheduler_weighted_round_robin_follows_1_2_3_within_5_percent() {
 
 #[test]
 fn scheduler_random_follows_weights_within_10_percent() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &scheduler_config("random", "", &[(0, 1), (1, 1), (2, 2)]));
     let counts = counts_of(&names_in_order(&topology, 3000, false));
     for (name, expected) in [("b1", 750.0), ("b2", 750.0), ("b3", 1500.0)] {
@@ -1091,7 +1027,7 @@ fn names_from(topology: &Topology, source: &str, n: usize) -> Vec<String> {
 
 #[test]
 fn scheduler_source_hash_keeps_each_client_address_on_one_backend() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &scheduler_config("source_hash", "", &[(0, 1), (1, 1), (2, 1)]));
     let one = counts_of(&names_from(&topology, "198.18.2.2", 100));
     assert_eq!(one.len(), 1, "one client address reached several backends: {one:?}");
@@ -1113,7 +1049,7 @@ fn scheduler_source_hash_keeps_each_client_address_on_one_backend() {
 
 #[test]
 fn scheduler_least_conn_sends_new_connections_away_from_a_loaded_backend() {
-    let topology = Topology::up();
+    let topology = topology();
     let agent = Agent::start(&topology, &scheduler_config("least_conn", "", &[(0, 1)]));
     // 20 long-lived connections on b1 while it is alone.
     let mut held: Vec<LongLived> = (0..20).map(|_| LongLived::open(&topology, VIP4)).collect();
@@ -1124,9 +1060,9 @@ fn scheduler_least_conn_sends_new_connections_away_from_a_loaded_backend() {
         let (ok, _, err) = agent.cli(&["backend", "add", "web", address]);
         assert!(ok, "{err}");
     }
-    wait_for_backend(&agent, BACKENDS4[2], "in the ring", |b| b["in_ring"] == true);
+    wait_for_backend(&agent, BACKENDS4[2], "in the ring", |b| b.in_ring);
     let b1 = agent.backend("web", BACKENDS4[0]);
-    assert_eq!(b1["least_conn_active"], 20, "{b1}");
+    assert_eq!(b1.least_conn_active, Some(20), "{b1:?}");
     let counts = spread(&topology, VIP4, 60);
     assert!(!counts.contains_key("b1"), "new connections reached the loaded backend: {counts:?}");
     // b2 and b3 are both idle between these short requests: ties, shared fairly.
@@ -1139,7 +1075,7 @@ fn scheduler_least_conn_sends_new_connections_away_from_a_loaded_backend() {
 
 #[test]
 fn scheduler_least_response_time_sends_fewer_connections_to_a_slow_backend() {
-    let topology = Topology::up();
+    let topology = topology();
     let health = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 3\n";
     let agent = Agent::start(&topology, &scheduler_config("least_response_time", health, &[(0, 1), (1, 1), (2, 1)]));
     let url: SocketAddr = format!("{}:80", BACKENDS4[0]).parse().unwrap();
@@ -1152,8 +1088,8 @@ fn scheduler_least_response_time_sends_fewer_connections_to_a_slow_backend() {
     });
     // Derived weights move at most halfway per rebalance (2 s): wait for them.
     let slow = wait_for_backend(&agent, BACKENDS4[0], "weighted down", |b| {
-        let fast = agent.backend("web", BACKENDS4[1])["effective_weight"].as_u64().unwrap_or(0);
-        b["effective_weight"].as_u64().unwrap_or(u64::MAX) * 4 < fast
+        let fast = agent.backend("web", BACKENDS4[1]).effective_weight as u64;
+        (b.effective_weight as u64) * 4 < fast
     });
     let counts = spread(&topology, VIP4, 300);
     let (b1, others) =
@@ -1165,7 +1101,7 @@ fn scheduler_least_response_time_sends_fewer_connections_to_a_slow_backend() {
 
 #[test]
 fn scheduler_persistence_keeps_a_client_on_one_backend_until_the_timeout() {
-    let topology = Topology::up();
+    let topology = topology();
     // Round robin moves every new connection, unless affinity holds it.
     let agent = Agent::start(
         &topology,
@@ -1181,6 +1117,6 @@ fn scheduler_persistence_keeps_a_client_on_one_backend_until_the_timeout() {
     // Each time the timeout passed, the client was scheduled afresh.
     assert!(homes.windows(2).all(|w| w[0] != w[1]), "affinity outlived its timeout: {homes:?}");
     let status = agent.status();
-    assert_eq!(status["services"][0]["persistence_timeout_s"], 1);
+    assert_eq!(status.services[0].persistence_timeout_s, 1);
     agent.stop();
 }

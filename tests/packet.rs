@@ -6,10 +6,11 @@
 //! `unshare`), where test runs see `lo` as the ingress interface and a dummy
 //! device serves as the XDP_REDIRECT target. Needs root.
 
-use std::{net::IpAddr, process::Command, thread, time::Duration};
+use std::{process::Command, thread, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{FlowKey, GlobalCounter, PROTO_TCP};
+use lb_common::{FlowKey, GlobalCounter};
+use lb_testkit::frames::{ACK, CLIENT_MAC, FIN_ACK, Frame, LB_MAC, PSH_ACK, RST, SYN, dst_mac, rewritten, tcp, udp};
 use xdplb::{
     config::{Protocol, Scheduler},
     dataplane::planner::{Reconciler, address_words},
@@ -23,15 +24,8 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
-const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
-const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
 const EGRESS_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0xee];
 const RING: u32 = 1021;
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const RST: u8 = 0x04;
-const PSH_ACK: u8 = 0x18;
 
 fn backend_mac(n: u8) -> [u8; 6] {
     [0x02, 0xbe, 0, 0, 0, n]
@@ -50,7 +44,7 @@ impl World {
     }
 
     fn with_udp_timeout(udp_idle_timeout: Duration) -> Self {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+        lb_testkit::isolate_thread().unwrap();
         for args in [
             &["link", "set", "lo", "up"][..],
             &["link", "add", "xdplbtest0", "type", "veth", "peer", "name", "xdplbtest1"],
@@ -134,118 +128,6 @@ fn service(name: &str, vip: &str, protocol: Protocol, backends: Vec<DesiredBacke
         persistence_timeout_s: 0,
         backends,
     }
-}
-
-// ---- frame building -------------------------------------------------------
-
-#[derive(Clone)]
-struct Frame {
-    vlan: Option<u16>,
-    src: IpAddr,
-    dst: IpAddr,
-    proto: u8,
-    sport: u16,
-    dport: u16,
-    tcp_flags: u8,
-    ipv4_option_words: u8,
-    frag: u16,
-    ipv6_next_header: Option<u8>,
-    payload: Vec<u8>,
-}
-
-fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Frame {
-    Frame {
-        vlan: None,
-        src: src.parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        proto: PROTO_TCP,
-        sport,
-        dport,
-        tcp_flags: flags,
-        ipv4_option_words: 0,
-        frag: 0,
-        ipv6_next_header: None,
-        payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-    }
-}
-
-fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame {
-    Frame { proto: 17, tcp_flags: 0, payload: b"query".to_vec(), ..tcp(src, sport, dst, dport, 0) }
-}
-
-impl Frame {
-    fn bytes(&self) -> Vec<u8> {
-        let mut l4 = Vec::new();
-        l4.extend(self.sport.to_be_bytes());
-        l4.extend(self.dport.to_be_bytes());
-        if self.proto == PROTO_TCP {
-            l4.extend(1000u32.to_be_bytes());
-            l4.extend(0u32.to_be_bytes());
-            l4.push(5 << 4);
-            l4.push(self.tcp_flags);
-            l4.extend(65535u16.to_be_bytes());
-            l4.extend([0, 0, 0, 0]);
-        } else {
-            l4.extend((8 + self.payload.len() as u16).to_be_bytes());
-            l4.extend([0, 0]);
-        }
-        l4.extend(&self.payload);
-
-        let mut f = Vec::new();
-        f.extend(LB_MAC);
-        f.extend(CLIENT_MAC);
-        if let Some(tci) = self.vlan {
-            f.extend(0x8100u16.to_be_bytes());
-            f.extend(tci.to_be_bytes());
-        }
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                f.extend(0x0800u16.to_be_bytes());
-                let ihl = 5 + self.ipv4_option_words;
-                f.push(0x40 | ihl);
-                f.push(0);
-                f.extend((ihl as u16 * 4 + l4.len() as u16).to_be_bytes());
-                f.extend([0x12, 0x34]);
-                f.extend(self.frag.to_be_bytes());
-                f.push(64);
-                f.push(self.proto);
-                f.extend([0, 0]);
-                f.extend(s.octets());
-                f.extend(d.octets());
-                // NOP options, then the L4 header.
-                f.extend(std::iter::repeat_n(1u8, self.ipv4_option_words as usize * 4));
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                f.extend(0x86ddu16.to_be_bytes());
-                f.extend([0x60, 0, 0, 0]);
-                let ext = self.ipv6_next_header.is_some();
-                f.extend((l4.len() as u16 + if ext { 8 } else { 0 }).to_be_bytes());
-                f.push(self.ipv6_next_header.unwrap_or(self.proto));
-                f.push(64);
-                f.extend(s.octets());
-                f.extend(d.octets());
-                if ext {
-                    // An empty hop-by-hop / destination options header.
-                    f.extend([self.proto, 0, 1, 4, 0, 0, 0, 0]);
-                }
-            }
-            _ => panic!("mixed families"),
-        }
-        f.extend(l4);
-        f
-    }
-}
-
-/// The frame as DSR must emit it: only the Ethernet addresses differ.
-fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let mut out = frame.to_vec();
-    out[0..6].copy_from_slice(&dst);
-    out[6..12].copy_from_slice(&src);
-    out
-}
-
-fn dst_mac(out: &[u8]) -> [u8; 6] {
-    out[0..6].try_into().unwrap()
 }
 
 const VIP4: &str = "198.18.0.100";
@@ -695,9 +577,7 @@ fn syn_to(w: &World, client: &str, port: u16) -> u8 {
 
 /// Test runs execute on the calling CPU; the sequence cursor is per CPU.
 fn pin_to_one_cpu() {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+    lb_testkit::pin_to_cpu(0).unwrap();
 }
 
 fn tally(picks: &[u8]) -> std::collections::BTreeMap<u8, usize> {
@@ -781,7 +661,7 @@ fn least_conn_picks_the_backend_with_fewest_active_flows_per_weight() {
         assert_eq!(tally(&picks), [(12, 20), (13, 10)].into_iter().collect(), "{picks:?}");
         // 15 of backend 11's flows end (FIN): it has the fewest per weight now.
         for p in 0..15 {
-            w.run(&tcp("198.18.0.2", 31000 + p, VIP4, 80, 0x11).bytes());
+            w.run(&tcp("198.18.0.2", 31000 + p, VIP4, 80, FIN_ACK).bytes());
         }
         let ids: Vec<u32> = ["198.18.1.11", "198.18.1.12", "198.18.1.13"]
             .iter()
@@ -872,7 +752,7 @@ fn a_syn_after_the_flow_finished_or_was_established_is_a_new_connection() {
         // Round robin moves every new connection to the next backend.
         w.set(&[scheduled(&w, Scheduler::RoundRobin, 0, &[(11, 1), (12, 1), (13, 1)])]);
         let first = syn_to(&w, "198.18.0.2", 47000);
-        w.run(&tcp("198.18.0.2", 47000, VIP4, 80, 0x11).bytes()); // FIN|ACK
+        w.run(&tcp("198.18.0.2", 47000, VIP4, 80, FIN_ACK).bytes()); // FIN|ACK
         let after_fin = syn_to(&w, "198.18.0.2", 47000);
         assert_ne!(after_fin, first, "a SYN after FIN was taken for a retransmission");
         // Established (the client's ACK ended the half-open phase): a SYN on

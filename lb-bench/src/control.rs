@@ -37,7 +37,7 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
     }
     // Maps of their own for each measurement, private to this process.
     std::thread::spawn(|| -> Result<ControlPlane> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        lb_testkit::isolate_thread()?;
         let params = DataplaneParams {
             ring_size: lb_common::DEFAULT_RING_SIZE,
             max_services: 64,

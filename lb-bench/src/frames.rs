@@ -1,84 +1,40 @@
-//! Benchmark frames: minimal, valid headers (checksums are not checked by
-//! XDP and are left zero).
+//! Benchmark frames: headers only, padded to Ethernet's minimum (built by
+//! the test kit's frame builder; checksums are not checked by XDP).
 
-pub const SYN: u8 = 0x02;
-pub const ACK: u8 = 0x10;
-const CLIENT: [u8; 4] = [198, 18, 2, 2];
-const VIP: [u8; 4] = [198, 18, 0, 100];
-const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const VIP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+pub use lb_testkit::frames::{ACK, SYN};
+use lb_testkit::frames::{tcp, udp};
 
-fn ethernet(ether_type: u16) -> Vec<u8> {
-    let mut f = vec![0x02, 0x1b, 0, 0, 0, 1, 0x02, 0xc1, 0, 0, 0, 1];
-    f.extend(ether_type.to_be_bytes());
-    f
-}
-
-fn ipv4(f: &mut Vec<u8>, src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: usize) {
-    f.extend([0x45, 0]);
-    f.extend(((20 + l4_len) as u16).to_be_bytes());
-    f.extend([0, 0, 0x40, 0, 64, proto, 0, 0]);
-    f.extend(src);
-    f.extend(dst);
-}
-
-fn tcp(f: &mut Vec<u8>, sport: u16, dport: u16, flags: u8) {
-    f.extend(sport.to_be_bytes());
-    f.extend(dport.to_be_bytes());
-    f.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-}
+const CLIENT: &str = "198.18.2.2";
+const VIP: &str = "198.18.0.100";
+const CLIENT6: &str = "2001:db8:2::2";
+const VIP6: &str = "2001:db8::100";
 
 /// TCP to the IPv4 VIP, port 80.
 pub fn tcp4(sport: u16, flags: u8) -> Vec<u8> {
-    let mut f = ethernet(0x0800);
-    ipv4(&mut f, CLIENT, VIP, 6, 20);
-    tcp(&mut f, sport, 80, flags);
-    pad(f)
+    tcp(CLIENT, sport, VIP, 80, flags).bare().padded()
 }
 
 /// TCP from the `i`-th client (address and port vary): a new flow each.
 pub fn tcp4_from(i: u32, flags: u8) -> Vec<u8> {
-    let mut f = ethernet(0x0800);
-    let client = [198, 19, (i >> 16) as u8, (i >> 8) as u8];
-    ipv4(&mut f, client, VIP, 6, 20);
-    tcp(&mut f, 1024 + (i & 0xff) as u16, 80, flags);
-    pad(f)
+    let client = format!("198.19.{}.{}", (i >> 16) as u8, (i >> 8) as u8);
+    tcp(&client, 1024 + (i & 0xff) as u16, VIP, 80, flags).bare().padded()
 }
 
 pub fn udp4(sport: u16) -> Vec<u8> {
-    let mut f = ethernet(0x0800);
-    ipv4(&mut f, CLIENT, VIP, 17, 8);
-    f.extend(sport.to_be_bytes());
-    f.extend(53u16.to_be_bytes());
-    f.extend([0, 8, 0, 0]);
-    pad(f)
+    udp(CLIENT, sport, VIP, 53).bare().padded()
 }
 
 pub fn tcp6(sport: u16, flags: u8) -> Vec<u8> {
-    let mut f = ethernet(0x86dd);
-    f.extend([0x60, 0, 0, 0, 0, 20, 6, 64]);
-    f.extend(CLIENT6);
-    f.extend(VIP6);
-    tcp(&mut f, sport, 80, flags);
-    f
+    tcp(CLIENT6, sport, VIP6, 80, flags).bare().padded()
 }
 
 pub fn non_vip() -> Vec<u8> {
-    let mut f = ethernet(0x0800);
-    ipv4(&mut f, CLIENT, [198, 18, 0, 200], 6, 20);
-    tcp(&mut f, 40000, 80, ACK);
-    pad(f)
+    tcp(CLIENT, 40000, "198.18.0.200", 80, ACK).bare().padded()
 }
 
 /// UDP to the VIP, 64 bytes on the wire (60 + FCS), for the generator.
 pub fn udp4_64() -> Vec<u8> {
     udp4(1024)
-}
-
-/// Ethernet minimum: 60 bytes before the FCS.
-fn pad(mut f: Vec<u8>) -> Vec<u8> {
-    f.resize(f.len().max(60), 0);
-    f
 }
 
 #[cfg(test)]

@@ -253,10 +253,8 @@ pub struct Cost {
 
 /// Measures every fixture on every program, `rounds` interleaved rounds.
 pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(crate::BENCH_CPU)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare: run as root")?;
+    lb_testkit::pin_to_cpu(crate::BENCH_CPU)?;
+    lb_testkit::isolate_thread()?;
     let mut programs = Programs::new()?;
     let mut fixtures = fixtures();
     if only_quick {

@@ -10,12 +10,13 @@
 //! namespace it was spent for; with DSR the replies never touch the LB.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use lb_testkit::topology::Topology;
 
 pub struct PeerRun {
     pub lb: &'static str,
@@ -37,35 +38,6 @@ impl PeerRun {
     }
 }
 
-struct Harness {
-    script: PathBuf,
-    prefix: String,
-}
-
-impl Harness {
-    fn up(xdp_pass: &Path) -> Result<Self> {
-        let script = PathBuf::from("tests/netns-harness.sh");
-        let prefix = format!("xbp{}", std::process::id() % 100_000);
-        let status = Command::new("bash").arg(&script).args(["up", &prefix]).env("XDP_PASS_OBJ", xdp_pass).status()?;
-        if !status.success() {
-            bail!("harness up failed");
-        }
-        Ok(Self { script, prefix })
-    }
-
-    fn ns(&self, name: &str) -> String {
-        format!("{}-{name}", self.prefix)
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = Command::new("bash").arg(&self.script).args(["down", &self.prefix]).status();
-        let _ = std::fs::remove_dir_all(format!("/tmp/{}", self.prefix));
-        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{}", self.prefix));
-    }
-}
-
 fn sh(cmd: &str) -> Result<()> {
     let status = Command::new("sh").arg("-c").arg(cmd).status()?;
     if !status.success() {
@@ -75,7 +47,7 @@ fn sh(cmd: &str) -> Result<()> {
 }
 
 /// Replaces the harness's Python servers with nginx (answers with the name).
-fn start_nginx(h: &Harness, dir: &Path) -> Result<()> {
+fn start_nginx(h: &Topology, dir: &Path) -> Result<()> {
     for name in ["b1", "b2", "b3"] {
         let ns = h.ns(name);
         let _ = sh(&format!("kill $(ip netns pids {ns}) 2>/dev/null; sleep 0.2"));
@@ -127,7 +99,7 @@ fn xdp_run_seconds(name: &str) -> f64 {
 }
 
 /// wrk in the client namespace; returns (requests per second, requests).
-fn wrk(h: &Harness, seconds: u64, close: bool) -> Result<(f64, u64)> {
+fn wrk(h: &Topology, seconds: u64, close: bool) -> Result<(f64, u64)> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &h.ns("client"), "wrk", "-t2", "-c64", &format!("-d{seconds}s")]);
     if close {
@@ -152,7 +124,7 @@ fn wrk(h: &Harness, seconds: u64, close: bool) -> Result<(f64, u64)> {
     Ok((rps, requests))
 }
 
-fn measure(h: &Harness, lb: &'static str, lb_pid: u32, seconds: u64) -> Result<Vec<PeerRun>> {
+fn measure(h: &Topology, lb: &'static str, lb_pid: u32, seconds: u64) -> Result<Vec<PeerRun>> {
     let mut runs = Vec::new();
     for (mode, close) in [("keep-alive", false), ("new connections", true)] {
         let (cpu0, xdp0, soft0) = (cpu_seconds_of(lb_pid), xdp_run_seconds("xdplb"), machine_softirq_seconds());
@@ -192,9 +164,9 @@ impl Drop for Stop {
 }
 
 pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> {
-    let h = Harness::up(xdp_pass)?;
-    let dir = PathBuf::from(format!("/tmp/{}", h.prefix));
-    std::fs::create_dir_all(&dir)?;
+    let h = Topology::up(&format!("xbp{}", std::process::id() % 100_000), xdp_pass)?;
+    let scratch = lb_testkit::TempDir::new(format!("/tmp/{}", h.prefix))?;
+    let dir = scratch.0.clone();
     start_nginx(&h, &dir)?;
     sh("sysctl -qw kernel.bpf_stats_enabled=1")?;
     let mut runs = Vec::new();
@@ -203,9 +175,9 @@ pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> 
     let config = std::fs::read_to_string("config/harness.toml")?.replacen(
         "[agent]\n",
         &format!(
-            "[agent]\ncontrol_socket = \"{d}/xdplb.sock\"\npin_dir = \"/sys/fs/bpf/{p}\"\n",
+            "[agent]\ncontrol_socket = \"{d}/xdplb.sock\"\npin_dir = \"{p}\"\n",
             d = dir.display(),
-            p = h.prefix
+            p = h.pin_root().display()
         ),
         1,
     );

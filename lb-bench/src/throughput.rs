@@ -109,14 +109,7 @@ fn ip_cmd(cmd: &str, args: &[&str]) -> Result<()> {
 
 /// Runs `f` on a thread inside namespace `ns`.
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path)?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        f()
-    })
-    .join()
-    .expect("namespace thread")
+    lb_testkit::run_in(ns, f)?
 }
 
 fn ifindex(ns: &str, dev: &str) -> Result<u32> {
@@ -280,14 +273,10 @@ fn generate(
     let start = Instant::now();
     let mut workers = Vec::new();
     for t in 0..threads {
-        let (gen_side, stop, frame, path) =
-            (gen_side.clone(), stop.clone(), frame.to_vec(), format!("/run/netns/{gen_ns}"));
+        let (gen_side, stop, frame, gen_ns) = (gen_side.clone(), stop.clone(), frame.to_vec(), gen_ns.to_string());
         workers.push(std::thread::spawn(move || -> Result<()> {
-            let file = std::fs::File::open(&path)?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let mut cpus = nix::sched::CpuSet::new();
-            cpus.set(t)?;
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+            lb_testkit::enter(&gen_ns)?;
+            lb_testkit::pin_to_cpu(t)?;
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
             let ctx: Vec<u8> =
                 [0, frame.len() as u32, 0, g0, t as u32, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();

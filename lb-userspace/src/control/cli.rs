@@ -89,19 +89,33 @@ pub enum BackendAction {
     /// Add a backend to a service.
     Add {
         service: String,
+        #[arg(value_parser = parse_address)]
         address: IpAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
     /// Remove a backend; its established flows continue while it still answers.
-    Remove { service: String, address: IpAddr },
+    Remove {
+        service: String,
+        #[arg(value_parser = parse_address)]
+        address: IpAddr,
+    },
     /// No new flows; established flows continue until they end.
-    Drain { service: String, address: IpAddr },
+    Drain {
+        service: String,
+        #[arg(value_parser = parse_address)]
+        address: IpAddr,
+    },
     /// Undo a drain.
-    Enable { service: String, address: IpAddr },
+    Enable {
+        service: String,
+        #[arg(value_parser = parse_address)]
+        address: IpAddr,
+    },
     /// Set a backend's weight (0..=1000); existing flows never move.
     Weight {
         service: String,
+        #[arg(value_parser = parse_address)]
         address: IpAddr,
         #[arg(long)]
         weight: u32,
@@ -230,6 +244,11 @@ impl ServiceArgs {
         document.insert("service".into(), Value::Array(vec![Value::Table(service)]));
         Ok(toml::to_string(&document)?)
     }
+}
+
+/// A backend address from the command line.
+fn parse_address(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an IP address"))
 }
 
 /// Runs a client command against the agent; returns what to print.

@@ -1,0 +1,145 @@
+//! Frames for packet tests and benchmarks: Ethernet, an optional VLAN tag,
+//! IPv4 (with options, fragments) or IPv6 (with an extension header), TCP or
+//! UDP. Checksums are left zero: XDP does not check them.
+
+use std::net::IpAddr;
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+pub const FIN_ACK: u8 = FIN | ACK;
+pub const PSH_ACK: u8 = PSH | ACK;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// The client's side of the wire (source MAC of every frame).
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+/// The load balancer's interface (destination MAC of every frame).
+pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
+/// Ethernet's minimum frame size before the FCS.
+pub const MIN_FRAME: usize = 60;
+
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub vlan: Option<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub ipv4_option_words: u8,
+    pub frag: u16,
+    pub ipv6_next_header: Option<u8>,
+    pub payload: Vec<u8>,
+}
+
+pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Frame {
+    Frame {
+        vlan: None,
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        proto: PROTO_TCP,
+        sport,
+        dport,
+        tcp_flags: flags,
+        ipv4_option_words: 0,
+        frag: 0,
+        ipv6_next_header: None,
+        payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    }
+}
+
+pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame {
+    Frame { proto: 17, tcp_flags: 0, payload: b"query".to_vec(), ..tcp(src, sport, dst, dport, 0) }
+}
+
+impl Frame {
+    /// The same frame without payload: headers only.
+    pub fn bare(self) -> Self {
+        Frame { payload: Vec::new(), ..self }
+    }
+
+    /// `bytes()`, padded to Ethernet's minimum as a NIC would.
+    pub fn padded(&self) -> Vec<u8> {
+        let mut bytes = self.bytes();
+        bytes.resize(bytes.len().max(MIN_FRAME), 0);
+        bytes
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend(self.sport.to_be_bytes());
+        l4.extend(self.dport.to_be_bytes());
+        if self.proto == PROTO_TCP {
+            l4.extend(1000u32.to_be_bytes());
+            l4.extend(0u32.to_be_bytes());
+            l4.push(5 << 4);
+            l4.push(self.tcp_flags);
+            l4.extend(65535u16.to_be_bytes());
+            l4.extend([0, 0, 0, 0]);
+        } else {
+            l4.extend((8 + self.payload.len() as u16).to_be_bytes());
+            l4.extend([0, 0]);
+        }
+        l4.extend(&self.payload);
+
+        let mut f = Vec::new();
+        f.extend(LB_MAC);
+        f.extend(CLIENT_MAC);
+        if let Some(tci) = self.vlan {
+            f.extend(0x8100u16.to_be_bytes());
+            f.extend(tci.to_be_bytes());
+        }
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                f.extend(0x0800u16.to_be_bytes());
+                let ihl = 5 + self.ipv4_option_words;
+                f.push(0x40 | ihl);
+                f.push(0);
+                f.extend((ihl as u16 * 4 + l4.len() as u16).to_be_bytes());
+                f.extend([0x12, 0x34]);
+                f.extend(self.frag.to_be_bytes());
+                f.push(64);
+                f.push(self.proto);
+                f.extend([0, 0]);
+                f.extend(s.octets());
+                f.extend(d.octets());
+                // NOP options, then the L4 header.
+                f.extend(std::iter::repeat_n(1u8, self.ipv4_option_words as usize * 4));
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                f.extend(0x86ddu16.to_be_bytes());
+                f.extend([0x60, 0, 0, 0]);
+                let ext = self.ipv6_next_header.is_some();
+                f.extend((l4.len() as u16 + if ext { 8 } else { 0 }).to_be_bytes());
+                f.push(self.ipv6_next_header.unwrap_or(self.proto));
+                f.push(64);
+                f.extend(s.octets());
+                f.extend(d.octets());
+                if ext {
+                    // An empty hop-by-hop / destination options header.
+                    f.extend([self.proto, 0, 1, 4, 0, 0, 0, 0]);
+                }
+            }
+            _ => panic!("mixed families"),
+        }
+        f.extend(l4);
+        f
+    }
+}
+
+/// The frame as DSR must emit it: only the Ethernet addresses differ.
+pub fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out
+}
+
+pub fn dst_mac(out: &[u8]) -> [u8; 6] {
+    out[0..6].try_into().unwrap()
+}

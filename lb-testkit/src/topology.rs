@@ -1,0 +1,57 @@
+//! The harness topology (`tests/netns-harness.sh`): client, router, LB and
+//! backend namespaces under a prefix unique to the run, torn down on drop,
+//! also when a test fails or a benchmark returns early.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Result, bail};
+
+pub struct Topology {
+    pub prefix: String,
+}
+
+fn harness() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/netns-harness.sh")
+}
+
+impl Topology {
+    /// Builds the namespaces under `PREFIX-*` (at most 10 characters, so
+    /// interface names fit); `xdp_pass` is the XDP_PASS object the harness
+    /// attaches to the peers of XDP_TX / XDP_REDIRECT interfaces.
+    pub fn up(prefix: &str, xdp_pass: &Path) -> Result<Self> {
+        let prefix = prefix[..prefix.len().min(10)].to_string();
+        let status =
+            Command::new("bash").arg(harness()).args(["up", &prefix]).env("XDP_PASS_OBJ", xdp_pass).status()?;
+        if !status.success() {
+            bail!("harness up {prefix} failed");
+        }
+        Ok(Topology { prefix })
+    }
+
+    /// A prefix unique to this process and moment.
+    pub fn unique_prefix(tag: &str) -> String {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        format!("{tag}{:x}", (std::process::id() << 12) ^ nanos)
+    }
+
+    /// The full name of namespace `name` (client, router, lb, b1, ...).
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// This run's own bpffs pin directory for an agent.
+    pub fn pin_root(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}", self.prefix))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(harness()).args(["down", &self.prefix]).status();
+        let _ = std::fs::remove_dir_all(self.pin_root());
+    }
+}
