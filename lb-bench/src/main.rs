@@ -36,14 +36,27 @@ struct Args {
     /// The XDP_PASS object for the harness (tests/netns-harness.sh).
     #[arg(long)]
     xdp_pass: PathBuf,
+    /// lb-ebpf's `xdp-baselines` object: baselines, generator and sink.
+    #[arg(long)]
+    baselines: PathBuf,
     /// Run only this section (packet, throughput, peer, control); the others
     /// are left out of the report.
     #[arg(long)]
     only: Option<String>,
 }
 
+/// Where `--baselines` points (bench-only programs stay out of `xdplb`).
+static BASELINES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// A fresh load of the baseline programs.
+pub fn load_baselines() -> Result<aya::Ebpf> {
+    let path = BASELINES.get().ok_or_else(|| anyhow::anyhow!("--baselines is not set"))?;
+    aya::Ebpf::load_file(path).map_err(|e| anyhow::anyhow!("loading the baselines {}: {e}", path.display()))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    BASELINES.set(args.baselines.clone()).expect("set once");
     std::fs::create_dir_all(&args.out)?;
     let (iterations, rounds) = if args.quick { (20_000, 3) } else { (1_000_000, 5) };
 

@@ -18,7 +18,7 @@ use aya::{
 use xdplb::{
     config::{Protocol, Scheduler},
     dataplane::planner::Reconciler,
-    dataplane::{BENCH_OBJECT, Dataplane, DataplaneParams, DebugLog},
+    dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
     state::{DesiredBackend, DesiredService},
 };
@@ -148,7 +148,7 @@ impl Programs {
         };
         let mut xdplb = Dataplane::load(params, DebugLog::Off)?;
         xdplb.attach_or_adopt("xb0", XdpMode::Driver)?;
-        let mut baselines = Ebpf::load(BENCH_OBJECT).context("loading the baselines")?;
+        let mut baselines = crate::load_baselines()?;
         for (name, dev) in
             [("bench_drop", "xb1"), ("bench_macswap", "xb2"), ("bench_vip_lookup", "xb3"), ("bench_flow_lookup", "xb4")]
         {

@@ -29,7 +29,7 @@ use aya::{
 use xdplb::{
     config::{Protocol, Scheduler},
     dataplane::planner::Reconciler,
-    dataplane::{BENCH_OBJECT, Dataplane, DataplaneParams, DebugLog},
+    dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
     state::{DesiredBackend, DesiredService},
 };
@@ -141,7 +141,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
 
     // Generator side: trafficgen (run, not attached) and the return sink on g0.
     let gen_side = in_ns(&ns.gen_ns, move || {
-        let mut ebpf = Ebpf::load(BENCH_OBJECT)?;
+        let mut ebpf = crate::load_baselines()?;
         for name in ["trafficgen", "sink"] {
             let p: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
             p.load()?;
@@ -182,7 +182,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             service("web", "198.18.0.100:80", Protocol::Tcp),
         ]);
         dataplane.apply(&writes)?;
-        let mut baselines = Ebpf::load(BENCH_OBJECT)?;
+        let mut baselines = crate::load_baselines()?;
         for name in ["bench_macswap", "sink"] {
             let p: &mut Xdp = baselines.program_mut(name).context("program")?.try_into()?;
             p.load()?;

@@ -108,3 +108,44 @@ pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 pub const DEFAULT_MAX_SERVICES: u32 = 64;
 /// How long a draining backend may keep flows before it counts as drained.
 pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 300;
+
+// ---- Health checks ----
+
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 500;
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+/// Allowed probe intervals.
+pub const HEALTH_INTERVAL_MS: core::ops::RangeInclusive<u64> = 50..=3_600_000;
+/// Allowed `rise` and `fall`.
+pub const HEALTH_STREAK: core::ops::RangeInclusive<u32> = 1..=100;
+
+// ---- Agent ----
+
+/// How long one neighbour resolution may wait for an answer.
+pub const NEIGHBOUR_RESOLVE_TIMEOUT_MS: u64 = 2000;
+/// How often a pending neighbour resolution looks at the neighbour table.
+pub const NEIGHBOUR_POLL_MS: u64 = 50;
+/// How often neighbours are re-resolved and the connection table scanned.
+pub const MAINTENANCE_PERIOD_MS: u64 = 5000;
+/// The same while something is pending (a neighbour, a drain, a refused write).
+pub const BUSY_MAINTENANCE_PERIOD_MS: u64 = 1000;
+/// How often least_response_time re-derives weights from response times.
+pub const REBALANCE_PERIOD_MS: u64 = 2000;
+/// Longest control-socket request line; anything longer is refused as it is read.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Probe latency histogram: first bucket (s), factor, buckets (100 µs … ~1.6 s).
+pub const PROBE_LATENCY_BUCKETS: (f64, f64, u16) = (0.0001, 2.0, 15);
+
+// ---- least_response_time ----
+
+/// Weight of the newest latency sample in the mean.
+pub const EWMA_ALPHA: f64 = 0.3;
+/// Latencies below this count as this: sub-millisecond differences are
+/// noise, not a reason to move traffic.
+pub const LATENCY_FLOOR_MS: f64 = 1.0;
+/// A derived weight moves at most this fraction of the way to its target
+/// per rebalance...
+pub const LATENCY_DAMPING: f64 = 0.5;
+/// ...and not at all when within this fraction of it: no oscillation.
+pub const LATENCY_DEAD_BAND: f64 = 0.1;

@@ -4,10 +4,9 @@
 
 use lb_common::{AffinityKey, AffinityState, BACKEND_F_DOWN, BACKEND_F_ELIGIBLE, BACKEND_F_IN_USE, VipInfo};
 
-use crate::{
-    maps::{AFFINITY, BACKENDS},
-    parse::Packet,
-};
+use lb_ebpf::parse::Packet;
+
+use crate::maps::{AFFINITY, BACKENDS};
 
 #[inline(always)]
 fn key(packet: &Packet, vip: &VipInfo) -> AffinityKey {
@@ -17,10 +16,12 @@ fn key(packet: &Packet, vip: &VipInfo) -> AffinityKey {
 /// The client's backend, if it has one that is still fresh and eligible.
 #[inline(always)]
 pub fn lookup(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
+    // SAFETY: the map returned a pointer to a live entry; only this flow's client writes it.
     let state = unsafe { &mut *AFFINITY.get_ptr_mut(&key(packet, vip))? };
     if now.saturating_sub(state.last_seen_ns) > vip.persistence_timeout_ns {
         return None;
     }
+    // SAFETY: a pointer into the BACKENDS array, valid for the whole run.
     let flags = unsafe { (*BACKENDS.get_ptr(state.backend_id)?).flags };
     let wanted = BACKEND_F_IN_USE | BACKEND_F_ELIGIBLE;
     if flags & (wanted | BACKEND_F_DOWN) != wanted {

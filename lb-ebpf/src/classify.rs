@@ -8,6 +8,7 @@ use crate::maps::{VIP_ADDRESSES, VIPS, WILDCARD_VIPS};
 #[inline(always)]
 pub fn lookup_vip(flow: &FlowKey) -> Option<VipInfo> {
     let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
+    // SAFETY: a hash lookup whose value outlives this run; it is only read.
     if let Some(vip) = unsafe { VIPS.get(&key) } {
         return Some(*vip);
     }
@@ -15,6 +16,7 @@ pub fn lookup_vip(flow: &FlowKey) -> Option<VipInfo> {
         return None;
     }
     key.port = 0;
+    // SAFETY: a hash lookup whose value outlives this run; it is only read.
     unsafe { VIPS.get(&key) }.copied()
 }
 
@@ -22,5 +24,6 @@ pub fn lookup_vip(flow: &FlowKey) -> Option<VipInfo> {
 #[inline(always)]
 pub fn is_vip_address(dst: [u32; 4], family: u8) -> bool {
     let key = VipAddressKey { addr: dst, family, _pad: [0; 3] };
+    // SAFETY: a hash lookup whose value outlives this run; it is only read.
     unsafe { VIP_ADDRESSES.get(&key) }.is_some()
 }

@@ -7,6 +7,7 @@ use crate::maps::{BACKEND_COUNTERS, GLOBAL_COUNTERS, VIP_COUNTERS};
 #[inline(always)]
 pub fn count(counter: GlobalCounter) {
     if let Some(value) = GLOBAL_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot: no other CPU writes it.
         unsafe { *value += 1 };
     }
 }
@@ -14,9 +15,11 @@ pub fn count(counter: GlobalCounter) {
 #[inline(always)]
 pub fn count_traffic(vip_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
     if let Some(c) = VIP_COUNTERS.get_ptr_mut(vip_id) {
+        // SAFETY: a per-CPU slot: no other CPU writes it.
         unsafe { add(&mut *c, bytes, new_flow) };
     }
     if let Some(c) = BACKEND_COUNTERS.get_ptr_mut(backend_id) {
+        // SAFETY: a per-CPU slot: no other CPU writes it.
         unsafe { add(&mut *c, bytes, new_flow) };
     }
 }

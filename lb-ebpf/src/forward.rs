@@ -15,6 +15,7 @@ pub fn forward_dsr(ctx: &XdpContext, backend: &Backend) -> u32 {
         // Unreachable after a successful parse; keeps the verifier informed.
         return xdp_action::XDP_PASS;
     }
+    // SAFETY: the Ethernet header was bounds-checked against data_end just above.
     let eth = unsafe { &mut *(start as *mut EthHdr) };
     eth.dst_addr = backend.dst_mac;
     eth.src_addr = backend.src_mac;

@@ -11,19 +11,15 @@ mod classify;
 mod counters;
 mod forward;
 mod maps;
-mod parse;
 mod schedule;
 mod select;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::GlobalCounter;
-use lb_ebpf as _; // panic handler
+use lb_ebpf::parse::{self, Parsed, Unclassifiable};
 
-use crate::{
-    counters::{count, count_traffic},
-    parse::{Parsed, Unclassifiable},
-};
+use crate::counters::{count, count_traffic};
 
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
@@ -59,6 +55,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
             selection.backend_id
         );
     }
+    // SAFETY: `select_backend` returns a pointer into the BACKENDS array, valid for the whole run.
     forward::forward_dsr(&ctx, unsafe { &*selection.backend })
 }
 

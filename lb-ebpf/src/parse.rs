@@ -78,11 +78,13 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 #[inline(always)]
 fn parse_inner(ctx: &XdpContext) -> Option<Parsed> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `eth` was bounds-checked against data_end just above.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3_offset = EthHdr::LEN;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         // One tag; the inner ethertype is the last two bytes of the tag.
         let inner: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + 2)?;
+        // SAFETY: the VLAN tag was bounds-checked against data_end just above.
         ether_type = u16::from_be_bytes(unsafe { *inner });
         l3_offset += VLAN_HDR_LEN;
     }
@@ -96,6 +98,7 @@ fn parse_inner(ctx: &XdpContext) -> Option<Parsed> {
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Option<Parsed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: the IP header was bounds-checked against data_end just above.
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize;
     if ip.vihl >> 4 != 4 || ihl < 5 {
@@ -117,6 +120,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Option<Parsed> {
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Option<Parsed> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: the IP header was bounds-checked against data_end just above.
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
         return None;
@@ -142,7 +146,9 @@ fn parse_l4(ctx: &XdpContext, offset: usize, mut flow: FlowKey) -> Option<Parsed
             // The flags byte is read through the checked header pointer: a
             // second ptr_at would be folded away by the compiler and leave
             // the verifier without a range for the new pointer.
+            // SAFETY: the whole TCP header, flags byte included, was bounds-checked just above.
             let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFFSET) };
+            // SAFETY: the TCP header was bounds-checked against data_end just above.
             let tcp = unsafe { &*tcp };
             flow.sport = u16::from_ne_bytes(tcp.source);
             flow.dport = u16::from_ne_bytes(tcp.dest);
@@ -150,6 +156,7 @@ fn parse_l4(ctx: &XdpContext, offset: usize, mut flow: FlowKey) -> Option<Parsed
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, offset)?;
+            // SAFETY: the UDP header was bounds-checked against data_end just above.
             let udp = unsafe { &*udp };
             flow.sport = u16::from_ne_bytes(udp.src);
             flow.dport = u16::from_ne_bytes(udp.dst);

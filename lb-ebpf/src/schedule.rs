@@ -6,10 +6,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{BACKEND_F_IN_USE, MAX_LEAST_CONN_CANDIDATES, VipInfo, flow_hash, scheduler, source_hash};
 
+use lb_ebpf::parse::Packet;
+
 use crate::{
     affinity,
     maps::{ACTIVE_CORRECTION, ACTIVE_FLOWS, BACKENDS, CURSORS, RINGS, ring_size},
-    parse::Packet,
 };
 
 /// The backend for a new flow of `vip`, client affinity first.
@@ -22,6 +23,7 @@ pub fn pick(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
     }
     let backend_id = match vip.scheduler {
         scheduler::SEQUENCE => sequence(vip),
+        // SAFETY: a helper without arguments or preconditions.
         scheduler::RANDOM => ring_slot(vip, unsafe { bpf_get_prandom_u32() }),
         scheduler::SOURCE_HASH => ring_slot(vip, source_hash(&packet.flow.src)),
         scheduler::LEAST_CONN => least_conn(vip),
@@ -51,6 +53,7 @@ fn sequence(vip: &VipInfo) -> Option<u32> {
     if len == 0 {
         return None;
     }
+    // SAFETY: a per-CPU slot: no other CPU touches it.
     let cursor = unsafe { &mut *CURSORS.get_ptr_mut(vip.id)? };
     let position = *cursor % len;
     *cursor = cursor.wrapping_add(1);
@@ -66,6 +69,7 @@ fn sequence(vip: &VipInfo) -> Option<u32> {
 #[inline(always)]
 fn least_conn(vip: &VipInfo) -> Option<u32> {
     let base = vip.id.wrapping_mul(ring_size());
+    // SAFETY: a helper without arguments or preconditions.
     let salt = unsafe { bpf_get_prandom_u32() };
     let mut best: Option<(u32, u64, u64, u32)> = None; // (id, active, weight, tie key)
     for i in 0..MAX_LEAST_CONN_CANDIDATES {
@@ -109,6 +113,7 @@ pub fn account(backend_id: u32, delta: i64) {
         // A plain atomic add whose result is unused: one BPF XADD. (The BPF
         // target has no compare-and-swap, so core's AtomicU64 offers no
         // fetch_add; the intrinsic is what it would call.)
+        // SAFETY: `counter` points into the ACTIVE_FLOWS array; XADD is atomic across CPUs.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta as u64) };
     }
 }

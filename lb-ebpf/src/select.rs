@@ -19,11 +19,11 @@ use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowState, GlobalCounter,
     LAST_SEEN_REFRESH_NS, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, VipInfo, scheduler,
 };
+use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     counters::count,
     maps::{BACKENDS, CONNTRACK, udp_idle_timeout_ns},
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     schedule,
 };
 

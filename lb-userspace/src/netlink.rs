@@ -127,7 +127,7 @@ impl Netlink {
                 }
                 asked = true;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(lb_common::NEIGHBOUR_POLL_MS)).await;
         }
         results
     }

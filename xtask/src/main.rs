@@ -151,12 +151,15 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
             .args(criterion),
     )?;
     let xdp_pass = newest(&root.join("target/release/build"), "lb-userspace-", "out/xdp-pass")?;
+    let baselines = newest(&root.join("target/release/build"), "lb-userspace-", "out/xdp-baselines")?;
     let mut cmd = Command::new(root.join("target/release/xdplb-bench"));
     cmd.current_dir(root)
         .arg("--xdplb")
         .arg(root.join("target/release/xdplb"))
         .arg("--xdp-pass")
         .arg(xdp_pass)
+        .arg("--baselines")
+        .arg(baselines)
         .arg("--criterion")
         .arg(root.join("target/criterion"))
         .arg("--out")

@@ -11,10 +11,6 @@
 #![no_std]
 #![no_main]
 
-#[path = "../parse.rs"]
-#[allow(dead_code)]
-mod parse;
-
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
     macros::{map, xdp},
@@ -22,7 +18,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{DEFAULT_CONNTRACK_SIZE, FlowKey, FlowState, MAX_VIPS, VipInfo, VipKey};
-use lb_ebpf as _; // panic handler
+use lb_ebpf::parse;
 use network_types::eth::EthHdr;
 
 /// Frames seen by `sink`, per CPU.
@@ -65,6 +61,7 @@ fn swap_and_tx(ctx: &XdpContext) -> u32 {
     if start + EthHdr::LEN > ctx.data_end() {
         return xdp_action::XDP_PASS;
     }
+    // SAFETY: the Ethernet header was bounds-checked against data_end just above.
     let eth = unsafe { &mut *(start as *mut EthHdr) };
     core::mem::swap(&mut eth.dst_addr, &mut eth.src_addr);
     xdp_action::XDP_TX
@@ -75,6 +72,7 @@ pub fn bench_vip_lookup(ctx: XdpContext) -> u32 {
     let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
     let f = &packet.flow;
     let key = VipKey { addr: f.dst, port: f.dport, proto: f.proto, family: f.family };
+    // SAFETY: a hash lookup whose value outlives this run; it is only read.
     if unsafe { ANATOMY_VIPS.get(&key) }.is_none() {
         // Present after the first packet, as a configured VIP would be.
         let _ = ANATOMY_VIPS.insert(&key, &VipInfo::default(), 0);
@@ -85,6 +83,7 @@ pub fn bench_vip_lookup(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_flow_lookup(ctx: XdpContext) -> u32 {
     let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    // SAFETY: a hash lookup whose value is not used.
     if unsafe { ANATOMY_FLOWS.get(&packet.flow) }.is_none() {
         let _ = ANATOMY_FLOWS.insert(&packet.flow, &FlowState::default(), 0);
     }
@@ -98,10 +97,14 @@ pub fn trafficgen(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     }
     let Some(counter) = GEN_COUNTER.get_ptr_mut(0) else { return xdp_action::XDP_DROP };
+    // SAFETY: a per-CPU slot: no other CPU touches it.
     let n = unsafe { *counter };
+    // SAFETY: a per-CPU slot: no other CPU touches it.
     unsafe { *counter = n.wrapping_add(1) };
+    // SAFETY: a plain read of a static that the loader may rewrite.
     let ports = unsafe { core::ptr::read_volatile(&GEN_PORTS) }.max(1);
     let port = (1024 + n % ports) as u16;
+    // SAFETY: the frame was bounds-checked to hold the L4 ports just above.
     unsafe { *((start + L4_SOURCE_PORT_OFFSET) as *mut [u8; 2]) = port.to_be_bytes() };
     xdp_action::XDP_TX
 }
@@ -109,6 +112,7 @@ pub fn trafficgen(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn sink(_ctx: XdpContext) -> u32 {
     if let Some(count) = SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot: no other CPU touches it.
         unsafe { *count += 1 };
     }
     xdp_action::XDP_DROP

@@ -38,14 +38,10 @@ use crate::{
     state::{AdminState, DesiredService, FailOpen, Runtime, desired_services},
 };
 
-/// How long one neighbour resolution may wait for an answer.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often neighbours are re-resolved and retired backends collected.
-const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
-/// How often while something is pending (an unresolved neighbour, a drain).
-const BUSY_MAINTENANCE_PERIOD: Duration = Duration::from_secs(1);
-/// How often least_response_time re-derives weights from response times.
-const REBALANCE_PERIOD: Duration = Duration::from_secs(2);
+const RESOLVE_TIMEOUT: Duration = Duration::from_millis(lb_common::NEIGHBOUR_RESOLVE_TIMEOUT_MS);
+const MAINTENANCE_PERIOD: Duration = Duration::from_millis(lb_common::MAINTENANCE_PERIOD_MS);
+const BUSY_MAINTENANCE_PERIOD: Duration = Duration::from_millis(lb_common::BUSY_MAINTENANCE_PERIOD_MS);
+const REBALANCE_PERIOD: Duration = Duration::from_millis(lb_common::REBALANCE_PERIOD_MS);
 
 struct Checker {
     check: HealthCheck,

@@ -1,21 +1,27 @@
-//! The TOML configuration: parsing, and validation whose errors name the
-//! file, line and column of the offending value.
+//! The TOML configuration: the schema and its parsing here, validation in
+//! `validate`, errors that name the file, line and column in `error`.
+
+mod error;
+mod validate;
+
+use self::error::line_column;
+pub use self::{error::ConfigError, validate::is_prime};
 
 use std::{
-    collections::HashSet,
     fmt,
     net::{IpAddr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
 };
 
-use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S, MAX_VIPS};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-pub const MAX_WEIGHT: u32 = 1000;
-/// Backend slots are shared by all services; id 0 means "none".
-pub const MAX_BACKENDS_PER_SERVICE: usize = 1000;
+pub use lb_common::{
+    DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL_MS, DEFAULT_HEALTH_TIMEOUT_MS, DEFAULT_RISE, MAX_BACKENDS_PER_SERVICE,
+    MAX_WEIGHT,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,44 +202,7 @@ impl HealthSpec {
             fall: self.fall.or(base.fall),
         }
     }
-
-    fn validate(&self) -> Result<(), String> {
-        let interval = self.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS);
-        let timeout = self.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS);
-        if !(50..=3_600_000).contains(&interval) {
-            return Err(format!("interval_ms {interval} is out of range 50..=3600000"));
-        }
-        if timeout == 0 || timeout > interval {
-            return Err(format!("timeout_ms {timeout} must be between 1 and interval_ms ({interval})"));
-        }
-        for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
-            if let Some(v) = value
-                && !(1..=100).contains(&v)
-            {
-                return Err(format!("{name} {v} is out of range 1..=100"));
-            }
-        }
-        if let Some(path) = &self.path
-            && !path.starts_with('/')
-        {
-            return Err(format!("path {path:?} must start with '/'"));
-        }
-        if let Some(codes) = &self.expect_status {
-            if codes.is_empty() {
-                return Err("expect_status is empty".into());
-            }
-            if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
-                return Err(format!("expect_status {bad} is not an HTTP status"));
-            }
-        }
-        Ok(())
-    }
 }
-
-pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
-pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 500;
-pub const DEFAULT_RISE: u32 = 2;
-pub const DEFAULT_FALL: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -340,7 +309,7 @@ fn default_ring_size() -> Spanned<u32> {
     Spanned::new(0..0, DEFAULT_RING_SIZE)
 }
 fn default_max_services() -> Spanned<u32> {
-    Spanned::new(0..0, 64)
+    Spanned::new(0..0, lb_common::DEFAULT_MAX_SERVICES)
 }
 fn default_conntrack_size() -> u32 {
     DEFAULT_CONNTRACK_SIZE
@@ -349,32 +318,15 @@ fn default_udp_idle_timeout_s() -> u64 {
     DEFAULT_UDP_IDLE_TIMEOUT_S
 }
 fn default_tcp_idle_timeout_s() -> u64 {
-    900
+    lb_common::DEFAULT_TCP_IDLE_TIMEOUT_S
 }
 fn default_drain_timeout_s() -> u64 {
-    300
+    lb_common::DEFAULT_DRAIN_TIMEOUT_S
 }
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/xdplb/xdplb.sock";
 fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
-
-/// A configuration error, located in its file.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -411,99 +363,6 @@ impl Config {
             ConfigError { path: origin.to_path_buf(), line, column, message: e.message().to_string() }
         })
     }
-
-    fn validate(&self) -> Result<(), (Range<usize>, String)> {
-        let ring_size = *self.agent.ring_size.get_ref();
-        if !is_prime(ring_size) || ring_size < 3 {
-            return Err((self.agent.ring_size.span(), format!("ring_size {ring_size} is not a prime ≥ 3")));
-        }
-        let max_services = *self.agent.max_services.get_ref();
-        if max_services == 0 || max_services > MAX_VIPS {
-            return Err((
-                self.agent.max_services.span(),
-                format!("max_services {max_services} is out of range 1..={MAX_VIPS}"),
-            ));
-        }
-        if (max_services as u64) * (ring_size as u64) > u32::MAX as u64 / 4 {
-            return Err((self.agent.max_services.span(), "max_services × ring_size is too large".into()));
-        }
-        if self.services.len() > max_services as usize {
-            let span = self.services[max_services as usize].name.span();
-            return Err((span, format!("more than max_services = {max_services} services")));
-        }
-        let mut names = HashSet::new();
-        let mut vips = HashSet::new();
-        for service in &self.services {
-            let name = service.name.get_ref();
-            if name.is_empty() || !names.insert(name.clone()) {
-                return Err((service.name.span(), format!("duplicate or empty service name {name:?}")));
-            }
-            let vip = *service.vip.get_ref();
-            if !vips.insert((vip, service.protocol)) {
-                return Err((service.vip.span(), format!("duplicate VIP {vip}/{}", service.protocol)));
-            }
-            let candidates = lb_common::MAX_LEAST_CONN_CANDIDATES as usize;
-            if service.scheduler == Scheduler::LeastConn && service.backends.len() > candidates {
-                return Err((
-                    service.name.span(),
-                    format!("service {name:?}: least_conn takes at most {candidates} backends"),
-                ));
-            }
-            if service.backends.len() > MAX_BACKENDS_PER_SERVICE {
-                return Err((
-                    service.name.span(),
-                    format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends"),
-                ));
-            }
-            let service_health = service.health.as_ref().map(|h| h.get_ref().clone()).unwrap_or_default();
-            if let Some(health) = &service.health {
-                health.get_ref().validate().map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
-            }
-            let mut addresses = HashSet::new();
-            for backend in &service.backends {
-                if let Some(health) = &backend.health {
-                    health
-                        .get_ref()
-                        .over(&service_health)
-                        .validate()
-                        .map_err(|e| (health.span(), format!("backend {} health: {e}", backend.address.get_ref())))?;
-                }
-                let addr = *backend.address.get_ref();
-                if addr.is_ipv4() != vip.is_ipv4() {
-                    return Err((
-                        backend.address.span(),
-                        format!("backend {addr} is not of the same IP family as VIP {vip}"),
-                    ));
-                }
-                if !addresses.insert(addr) {
-                    return Err((backend.address.span(), format!("duplicate backend {addr} in service {name:?}")));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
-    (line, column)
-}
-
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let n = n as u64;
-    let mut d = 2u64;
-    while d * d <= n {
-        if n.is_multiple_of(d) {
-            return false;
-        }
-        d += 1;
-    }
-    true
 }
 
 #[cfg(test)]

@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Forwarding, Protocol, Scheduler};
 
-/// Longest request line accepted; anything longer is malformed.
-pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+pub use lb_common::MAX_REQUEST_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]

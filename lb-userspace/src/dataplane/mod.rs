@@ -29,10 +29,6 @@ pub use self::{
 /// The XDP object built by build.rs from `lb-ebpf`.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The benchmark's baseline, generator and sink programs (lb-ebpf's
-/// `xdp-baselines`), for `cargo xtask bench`.
-pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-baselines"));
-
 /// Load-time parameters of the data plane.
 #[derive(Clone, Debug)]
 pub struct DataplaneParams {

@@ -56,8 +56,8 @@ struct ReasonLabels {
 }
 
 fn latency_histogram() -> Histogram {
-    // 100 µs … ~1.6 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15))
+    let (start, factor, count) = lb_common::PROBE_LATENCY_BUCKETS;
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(start, factor, count))
 }
 
 /// What one scrape shows of the data plane, read by the agent.

@@ -5,7 +5,7 @@
 
 pub mod maglev;
 
-use lb_common::MAX_WEIGHT;
+use lb_common::{EWMA_ALPHA, LATENCY_DAMPING as DAMPING, LATENCY_DEAD_BAND as DEAD_BAND, LATENCY_FLOOR_MS, MAX_WEIGHT};
 
 /// Smooth weighted round robin (nginx's algorithm): every step each backend
 /// gains its weight, the richest is picked and pays the total. Each backend
@@ -70,9 +70,6 @@ pub struct Ewma {
     pub mean: Option<f64>,
 }
 
-/// Weight of the newest sample.
-pub const EWMA_ALPHA: f64 = 0.3;
-
 impl Ewma {
     pub fn observe(&mut self, sample: f64) {
         self.mean = Some(match self.mean {
@@ -81,14 +78,6 @@ impl Ewma {
         });
     }
 }
-
-/// Latencies below this count as this: sub-millisecond differences are
-/// noise, not a reason to move traffic.
-pub const LATENCY_FLOOR_MS: f64 = 1.0;
-/// A weight moves at most this fraction of the way to its target per
-/// rebalance, and not at all when within `DEAD_BAND` of it: no oscillation.
-pub const DAMPING: f64 = 0.5;
-pub const DEAD_BAND: f64 = 0.1;
 
 /// least_response_time: the weights to use now, from the configured weights
 /// and each backend's mean response time. A backend's target is its

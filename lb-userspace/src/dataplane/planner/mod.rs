@@ -15,6 +15,9 @@
 //! pinned flows keep flowing, and its id is freed only once no
 //! connection-table entry refers to it (`collect_retired`).
 
+mod services;
+mod upkeep;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
@@ -22,7 +25,7 @@ use std::{
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_ELIGIBLE, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
-    VipAddressKey, VipInfo, VipKey, scheduler,
+    VipAddressKey, VipInfo, VipKey,
 };
 
 use crate::{
@@ -323,186 +326,6 @@ impl Reconciler {
             MapWrite::SetWildcardVips { .. } => self.wildcard_vips = None,
         }
     }
-
-    fn update_service(&mut self, desired: &DesiredService, writes: &mut Vec<MapWrite>) -> Result<(), ReconcileError> {
-        let is_new = !self.services.contains_key(&desired.name);
-        if is_new {
-            let vip_id = self.free_vip_ids.pop().ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
-            self.services.insert(
-                desired.name.clone(),
-                AppliedService { vip_id, key: vip_key(desired), info: None, backends: BTreeMap::new() },
-            );
-        }
-        let mut result = Ok(());
-
-        // Backends: keep ids of those that stay, retire those that left.
-        let mut service = self.services.remove(&desired.name).expect("inserted above");
-        let resolved: BTreeMap<IpAddr, &DesiredBackend> =
-            desired.backends.iter().filter(|b| b.path.is_some()).map(|b| (b.address, b)).collect();
-        let left: Vec<IpAddr> = service.backends.keys().filter(|a| !resolved.contains_key(a)).copied().collect();
-        let mut retiring = Vec::new();
-        for address in left {
-            retiring.push(service.backends.remove(&address).expect("listed above"));
-        }
-        let mut members = Vec::new();
-        for (address, backend) in &resolved {
-            let id = match service.backends.get(address) {
-                Some(id) => *id,
-                None => match self.free_backend_ids.pop() {
-                    Some(id) => {
-                        service.backends.insert(*address, id);
-                        id
-                    }
-                    None => {
-                        result = Err(ReconcileError::OutOfBackendIds(desired.name.clone(), *address));
-                        continue;
-                    }
-                },
-            };
-            let path = backend.path.expect("filtered on resolved");
-            if self.egress_devices.insert(path.ifindex) {
-                writes.push(MapWrite::AddEgressDevice { ifindex: path.ifindex });
-            }
-            let slot = backend_slot(*address, path, backend, service.vip_id);
-            if self.backends.get(&id) != Some(&slot) {
-                self.backends.insert(id, slot);
-                writes.push(MapWrite::SetBackend { id, backend: slot });
-            }
-            members.push(MaglevBackend {
-                id,
-                identity: maglev::stable_hash(&address_bytes(*address)),
-                weight: backend.weight,
-            });
-        }
-
-        let (ring, info) = self.scheduler_state(desired, service.vip_id, &members);
-        // A shorter sequence is announced before its tail is cleared, a
-        // longer one after it is written: the cursor never reads a hole.
-        let info_changed = service.info != Some(info);
-        let shrinking = service.info.is_some_and(|old| old.seq_len > info.seq_len);
-        if info_changed && shrinking {
-            writes.push(MapWrite::SetVip { key: service.key, info });
-        }
-        let size = self.ring_size as usize;
-        let recorded = self.rings.entry(service.vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
-        let slots: Vec<(u32, u32)> = ring
-            .iter()
-            .zip(recorded.iter())
-            .enumerate()
-            .filter(|(_, (new, old))| new != old)
-            .map(|(i, (new, _))| (i as u32, *new))
-            .collect();
-        if !slots.is_empty() {
-            writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
-        }
-        *recorded = ring;
-
-        if info_changed && !shrinking {
-            writes.push(MapWrite::SetVip { key: service.key, info });
-        }
-        service.info = Some(info);
-        self.retired.extend(retiring);
-        self.services.insert(desired.name.clone(), service);
-        result
-    }
-
-    /// What the VIP's slot region holds and its `VIPS` entry, by scheduler.
-    fn scheduler_state(&self, desired: &DesiredService, vip_id: u32, members: &[MaglevBackend]) -> (Vec<u32>, VipInfo) {
-        let weighted: Vec<(u32, u64, u32)> = members.iter().map(|m| (m.id, m.identity, m.weight)).collect();
-        let unweighted: Vec<(u32, u64, u32)> = weighted.iter().map(|(id, i, w)| (*id, *i, (*w > 0) as u32)).collect();
-        let (kind, list) = match desired.scheduler {
-            Scheduler::Maglev | Scheduler::LeastResponseTime => (scheduler::MAGLEV, None),
-            Scheduler::Random => (scheduler::RANDOM, None),
-            Scheduler::SourceHash => (scheduler::SOURCE_HASH, None),
-            Scheduler::RoundRobin => {
-                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&unweighted, self.ring_size as usize)))
-            }
-            Scheduler::WeightedRoundRobin => {
-                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&weighted, self.ring_size as usize)))
-            }
-            Scheduler::LeastConn => (scheduler::LEAST_CONN, Some(scheduling::least_conn_candidates(&weighted))),
-        };
-        let (ring, seq_len) = match list {
-            None => (maglev::build_table(members, self.ring_size), 0),
-            Some(list) => {
-                let mut ring = vec![lb_common::NO_BACKEND; self.ring_size as usize];
-                ring[..list.len()].copy_from_slice(&list);
-                (ring, list.len() as u32)
-            }
-        };
-        let info = VipInfo {
-            id: vip_id,
-            flags: 0,
-            scheduler: kind,
-            seq_len,
-            persistence_timeout_ns: desired.persistence_timeout_s as u64 * lb_common::NS_PER_SEC,
-        };
-        (ring, info)
-    }
-
-    fn remove_service(&mut self, name: &str, writes: &mut Vec<MapWrite>) {
-        let Some(service) = self.services.remove(name) else {
-            return;
-        };
-        writes.push(MapWrite::RemoveVip { key: service.key });
-        self.clear_ring(service.vip_id, writes);
-        self.free_vip_ids.push(service.vip_id);
-        self.retired.extend(service.backends.into_values());
-    }
-
-    /// Empties the ring of a VIP id no service uses any more.
-    fn clear_ring(&mut self, vip_id: u32, writes: &mut Vec<MapWrite>) {
-        let ring = self.rings.remove(&vip_id).unwrap_or_default();
-        let slots: Vec<(u32, u32)> = ring
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| **id != lb_common::NO_BACKEND)
-            .map(|(i, _)| (i as u32, lb_common::NO_BACKEND))
-            .collect();
-        if !slots.is_empty() {
-            writes.push(MapWrite::SetRingSlots { vip_id, slots });
-        }
-    }
-
-    /// Ids of the backends of least_conn services.
-    pub fn least_conn_backends(&self) -> Vec<u32> {
-        self.services
-            .values()
-            .filter(|s| s.info.is_some_and(|i| i.scheduler == scheduler::LEAST_CONN))
-            .flat_map(|s| s.backends.values().copied())
-            .collect()
-    }
-
-    /// Corrections that make the data plane's least_conn counts equal the
-    /// scan's (LRU evictions and idle expiry are invisible to the data plane).
-    pub fn active_corrections(
-        &self,
-        scanned: &std::collections::HashMap<u32, u64>,
-        counted: &std::collections::HashMap<u32, (u64, i64)>,
-    ) -> Vec<MapWrite> {
-        let mut writes = Vec::new();
-        for id in self.least_conn_backends() {
-            let (raw, current) = counted.get(&id).copied().unwrap_or((0, 0));
-            let correction = *scanned.get(&id).unwrap_or(&0) as i64 - raw as i64;
-            if correction != current {
-                writes.push(MapWrite::SetActiveCorrection { id, correction });
-            }
-        }
-        writes
-    }
-
-    /// Frees retired backend slots that no connection-table entry refers to.
-    pub fn collect_retired(&mut self, referenced: &HashSet<u32>) -> Vec<MapWrite> {
-        let free: Vec<u32> = self.retired.iter().filter(|id| !referenced.contains(id)).copied().collect();
-        let mut writes = Vec::new();
-        for id in free {
-            self.retired.remove(&id);
-            self.backends.remove(&id);
-            self.free_backend_ids.push(id);
-            writes.push(MapWrite::ClearBackend { id });
-        }
-        writes
-    }
 }
 
 pub fn vip_key(service: &DesiredService) -> VipKey {
@@ -585,6 +408,8 @@ fn address_bytes(address: IpAddr) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::scheduler;
+
     use super::*;
     use crate::config::Protocol;
 

@@ -1,0 +1,130 @@
+//! Validation of a parsed configuration: ranges, primes, duplicates,
+//! families. Errors carry the span of the offending value.
+
+use std::{collections::HashSet, ops::Range};
+
+use lb_common::{HEALTH_INTERVAL_MS, HEALTH_STREAK, MAX_VIPS};
+
+use super::*;
+
+impl Config {
+    pub(super) fn validate(&self) -> Result<(), (Range<usize>, String)> {
+        let ring_size = *self.agent.ring_size.get_ref();
+        if !is_prime(ring_size) || ring_size < 3 {
+            return Err((self.agent.ring_size.span(), format!("ring_size {ring_size} is not a prime ≥ 3")));
+        }
+        let max_services = *self.agent.max_services.get_ref();
+        if max_services == 0 || max_services > MAX_VIPS {
+            return Err((
+                self.agent.max_services.span(),
+                format!("max_services {max_services} is out of range 1..={MAX_VIPS}"),
+            ));
+        }
+        if (max_services as u64) * (ring_size as u64) > u32::MAX as u64 / 4 {
+            return Err((self.agent.max_services.span(), "max_services × ring_size is too large".into()));
+        }
+        if self.services.len() > max_services as usize {
+            let span = self.services[max_services as usize].name.span();
+            return Err((span, format!("more than max_services = {max_services} services")));
+        }
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        for service in &self.services {
+            let name = service.name.get_ref();
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err((service.name.span(), format!("duplicate or empty service name {name:?}")));
+            }
+            let vip = *service.vip.get_ref();
+            if !vips.insert((vip, service.protocol)) {
+                return Err((service.vip.span(), format!("duplicate VIP {vip}/{}", service.protocol)));
+            }
+            let candidates = lb_common::MAX_LEAST_CONN_CANDIDATES as usize;
+            if service.scheduler == Scheduler::LeastConn && service.backends.len() > candidates {
+                return Err((
+                    service.name.span(),
+                    format!("service {name:?}: least_conn takes at most {candidates} backends"),
+                ));
+            }
+            if service.backends.len() > MAX_BACKENDS_PER_SERVICE {
+                return Err((
+                    service.name.span(),
+                    format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends"),
+                ));
+            }
+            let service_health = service.health.as_ref().map(|h| h.get_ref().clone()).unwrap_or_default();
+            if let Some(health) = &service.health {
+                health.get_ref().validate().map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
+            }
+            let mut addresses = HashSet::new();
+            for backend in &service.backends {
+                if let Some(health) = &backend.health {
+                    health
+                        .get_ref()
+                        .over(&service_health)
+                        .validate()
+                        .map_err(|e| (health.span(), format!("backend {} health: {e}", backend.address.get_ref())))?;
+                }
+                let addr = *backend.address.get_ref();
+                if addr.is_ipv4() != vip.is_ipv4() {
+                    return Err((
+                        backend.address.span(),
+                        format!("backend {addr} is not of the same IP family as VIP {vip}"),
+                    ));
+                }
+                if !addresses.insert(addr) {
+                    return Err((backend.address.span(), format!("duplicate backend {addr} in service {name:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HealthSpec {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        let interval = self.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS);
+        let timeout = self.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS);
+        if !HEALTH_INTERVAL_MS.contains(&interval) {
+            return Err(format!("interval_ms {interval} is out of range {HEALTH_INTERVAL_MS:?}"));
+        }
+        if timeout == 0 || timeout > interval {
+            return Err(format!("timeout_ms {timeout} must be between 1 and interval_ms ({interval})"));
+        }
+        for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if let Some(v) = value
+                && !HEALTH_STREAK.contains(&v)
+            {
+                return Err(format!("{name} {v} is out of range {HEALTH_STREAK:?}"));
+            }
+        }
+        if let Some(path) = &self.path
+            && !path.starts_with('/')
+        {
+            return Err(format!("path {path:?} must start with '/'"));
+        }
+        if let Some(codes) = &self.expect_status {
+            if codes.is_empty() {
+                return Err("expect_status is empty".into());
+            }
+            if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
+                return Err(format!("expect_status {bad} is not an HTTP status"));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = n as u64;
+    let mut d = 2u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}

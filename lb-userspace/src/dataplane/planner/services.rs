@@ -1,0 +1,159 @@
+//! One service's writes: its backend slots, its ring or sequence, its VIP
+//! entry, in the order that keeps the data plane consistent; and its removal.
+
+use std::collections::BTreeMap;
+
+use lb_common::{VipInfo, scheduler};
+
+use super::*;
+
+impl Reconciler {
+    pub(super) fn update_service(
+        &mut self,
+        desired: &DesiredService,
+        writes: &mut Vec<MapWrite>,
+    ) -> Result<(), ReconcileError> {
+        let is_new = !self.services.contains_key(&desired.name);
+        if is_new {
+            let vip_id = self.free_vip_ids.pop().ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
+            self.services.insert(
+                desired.name.clone(),
+                AppliedService { vip_id, key: vip_key(desired), info: None, backends: BTreeMap::new() },
+            );
+        }
+        let mut result = Ok(());
+
+        // Backends: keep ids of those that stay, retire those that left.
+        let mut service = self.services.remove(&desired.name).expect("inserted above");
+        let resolved: BTreeMap<IpAddr, &DesiredBackend> =
+            desired.backends.iter().filter(|b| b.path.is_some()).map(|b| (b.address, b)).collect();
+        let left: Vec<IpAddr> = service.backends.keys().filter(|a| !resolved.contains_key(a)).copied().collect();
+        let mut retiring = Vec::new();
+        for address in left {
+            retiring.push(service.backends.remove(&address).expect("listed above"));
+        }
+        let mut members = Vec::new();
+        for (address, backend) in &resolved {
+            let id = match service.backends.get(address) {
+                Some(id) => *id,
+                None => match self.free_backend_ids.pop() {
+                    Some(id) => {
+                        service.backends.insert(*address, id);
+                        id
+                    }
+                    None => {
+                        result = Err(ReconcileError::OutOfBackendIds(desired.name.clone(), *address));
+                        continue;
+                    }
+                },
+            };
+            let path = backend.path.expect("filtered on resolved");
+            if self.egress_devices.insert(path.ifindex) {
+                writes.push(MapWrite::AddEgressDevice { ifindex: path.ifindex });
+            }
+            let slot = backend_slot(*address, path, backend, service.vip_id);
+            if self.backends.get(&id) != Some(&slot) {
+                self.backends.insert(id, slot);
+                writes.push(MapWrite::SetBackend { id, backend: slot });
+            }
+            members.push(MaglevBackend {
+                id,
+                identity: maglev::stable_hash(&address_bytes(*address)),
+                weight: backend.weight,
+            });
+        }
+
+        let (ring, info) = self.scheduler_state(desired, service.vip_id, &members);
+        // A shorter sequence is announced before its tail is cleared, a
+        // longer one after it is written: the cursor never reads a hole.
+        let info_changed = service.info != Some(info);
+        let shrinking = service.info.is_some_and(|old| old.seq_len > info.seq_len);
+        if info_changed && shrinking {
+            writes.push(MapWrite::SetVip { key: service.key, info });
+        }
+        let size = self.ring_size as usize;
+        let recorded = self.rings.entry(service.vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
+        let slots: Vec<(u32, u32)> = ring
+            .iter()
+            .zip(recorded.iter())
+            .enumerate()
+            .filter(|(_, (new, old))| new != old)
+            .map(|(i, (new, _))| (i as u32, *new))
+            .collect();
+        if !slots.is_empty() {
+            writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
+        }
+        *recorded = ring;
+
+        if info_changed && !shrinking {
+            writes.push(MapWrite::SetVip { key: service.key, info });
+        }
+        service.info = Some(info);
+        self.retired.extend(retiring);
+        self.services.insert(desired.name.clone(), service);
+        result
+    }
+
+    /// What the VIP's slot region holds and its `VIPS` entry, by scheduler.
+    pub(super) fn scheduler_state(
+        &self,
+        desired: &DesiredService,
+        vip_id: u32,
+        members: &[MaglevBackend],
+    ) -> (Vec<u32>, VipInfo) {
+        let weighted: Vec<(u32, u64, u32)> = members.iter().map(|m| (m.id, m.identity, m.weight)).collect();
+        let unweighted: Vec<(u32, u64, u32)> = weighted.iter().map(|(id, i, w)| (*id, *i, (*w > 0) as u32)).collect();
+        let (kind, list) = match desired.scheduler {
+            Scheduler::Maglev | Scheduler::LeastResponseTime => (scheduler::MAGLEV, None),
+            Scheduler::Random => (scheduler::RANDOM, None),
+            Scheduler::SourceHash => (scheduler::SOURCE_HASH, None),
+            Scheduler::RoundRobin => {
+                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&unweighted, self.ring_size as usize)))
+            }
+            Scheduler::WeightedRoundRobin => {
+                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&weighted, self.ring_size as usize)))
+            }
+            Scheduler::LeastConn => (scheduler::LEAST_CONN, Some(scheduling::least_conn_candidates(&weighted))),
+        };
+        let (ring, seq_len) = match list {
+            None => (maglev::build_table(members, self.ring_size), 0),
+            Some(list) => {
+                let mut ring = vec![lb_common::NO_BACKEND; self.ring_size as usize];
+                ring[..list.len()].copy_from_slice(&list);
+                (ring, list.len() as u32)
+            }
+        };
+        let info = VipInfo {
+            id: vip_id,
+            flags: 0,
+            scheduler: kind,
+            seq_len,
+            persistence_timeout_ns: desired.persistence_timeout_s as u64 * lb_common::NS_PER_SEC,
+        };
+        (ring, info)
+    }
+
+    pub(super) fn remove_service(&mut self, name: &str, writes: &mut Vec<MapWrite>) {
+        let Some(service) = self.services.remove(name) else {
+            return;
+        };
+        writes.push(MapWrite::RemoveVip { key: service.key });
+        self.clear_ring(service.vip_id, writes);
+        self.free_vip_ids.push(service.vip_id);
+        self.retired.extend(service.backends.into_values());
+    }
+
+    /// Empties the ring of a VIP id no service uses any more.
+    pub(super) fn clear_ring(&mut self, vip_id: u32, writes: &mut Vec<MapWrite>) {
+        let ring = self.rings.remove(&vip_id).unwrap_or_default();
+        let slots: Vec<(u32, u32)> = ring
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| **id != lb_common::NO_BACKEND)
+            .map(|(i, _)| (i as u32, lb_common::NO_BACKEND))
+            .collect();
+        if !slots.is_empty() {
+            writes.push(MapWrite::SetRingSlots { vip_id, slots });
+        }
+    }
+}
