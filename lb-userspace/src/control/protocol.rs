@@ -173,6 +173,44 @@ pub struct ProbeStatus {
     pub age_ms: u64,
 }
 
+/// A one-service, one-backend status for tests of what reads it: `packets`
+/// and `bytes` on both, a tenth of the packets as new flows.
+#[cfg(test)]
+pub fn sample_status(packets: u64, bytes: u64) -> Status {
+    let backend = BackendStatus {
+        address: "198.18.1.11".parse().unwrap(),
+        weight: 1,
+        effective_weight: 1,
+        least_conn_active: None,
+        health: Health::Up,
+        last_probe: None,
+        admin: Admin::Enabled,
+        in_ring: true,
+        resolved: true,
+        active_flows: 4,
+        packets,
+        bytes,
+        new_flows: packets / 10,
+    };
+    Status {
+        interface: "eth0".into(),
+        outstanding_map_write: None,
+        services: vec![ServiceStatus {
+            name: "web".into(),
+            vip: "198.18.0.100:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            forwarding: Forwarding::Dsr,
+            scheduler: Scheduler::Maglev,
+            persistence_timeout_s: 0,
+            fail_open: false,
+            packets,
+            bytes,
+            new_flows: packets / 10,
+            backends: vec![backend],
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,38 +136,7 @@ mod tests {
 
     #[test]
     fn top_computes_rates_between_samples() {
-        let backend = |packets, bytes| crate::control::BackendStatus {
-            address: "198.18.1.11".parse().unwrap(),
-            weight: 1,
-            effective_weight: 1,
-            least_conn_active: None,
-            health: crate::control::Health::Up,
-            last_probe: None,
-            admin: crate::control::Admin::Enabled,
-            in_ring: true,
-            resolved: true,
-            active_flows: 4,
-            packets,
-            bytes,
-            new_flows: packets / 10,
-        };
-        let status = |packets, bytes| Status {
-            interface: "eth0".into(),
-            outstanding_map_write: None,
-            services: vec![crate::control::ServiceStatus {
-                name: "web".into(),
-                vip: "198.18.0.100:80".parse().unwrap(),
-                protocol: crate::config::Protocol::Tcp,
-                forwarding: crate::config::Forwarding::Dsr,
-                scheduler: crate::config::Scheduler::Maglev,
-                persistence_timeout_s: 0,
-                fail_open: false,
-                packets,
-                bytes,
-                new_flows: packets / 10,
-                backends: vec![backend(packets, bytes)],
-            }],
-        };
+        let status = crate::control::protocol::sample_status;
         let t0 = std::time::Instant::now();
         let view =
             top_view(&(t0, status(1000, 100_000)), &(t0 + std::time::Duration::from_secs(2), status(5000, 350_000)));

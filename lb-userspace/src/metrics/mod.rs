@@ -267,41 +267,14 @@ fn encode_globals(encoder: &mut DescriptorEncoder, globals: &[(GlobalCounter, u6
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{BackendStatus, ServiceStatus};
 
     #[test]
     fn exposition_has_conventional_names_and_summed_values() {
-        let status = Status {
-            outstanding_map_write: None,
-            interface: "eth0".into(),
-            services: vec![ServiceStatus {
-                name: "web".into(),
-                vip: "198.18.0.100:80".parse().unwrap(),
-                protocol: crate::config::Protocol::Tcp,
-                forwarding: crate::config::Forwarding::Dsr,
-                scheduler: crate::config::Scheduler::Maglev,
-                persistence_timeout_s: 0,
-                fail_open: false,
-                packets: 10,
-                bytes: 1000,
-                new_flows: 2,
-                backends: vec![BackendStatus {
-                    address: "198.18.1.11".parse().unwrap(),
-                    weight: 1,
-                    effective_weight: 1,
-                    least_conn_active: None,
-                    health: Health::Down,
-                    last_probe: None,
-                    admin: Admin::Draining,
-                    in_ring: false,
-                    resolved: true,
-                    active_flows: 3,
-                    packets: 7,
-                    bytes: 700,
-                    new_flows: 1,
-                }],
-            }],
-        };
+        let mut status = crate::control::protocol::sample_status(10, 1000);
+        status.services[0].new_flows = 2;
+        let backend = &mut status.services[0].backends[0];
+        (backend.health, backend.admin, backend.in_ring) = (Health::Down, Admin::Draining, false);
+        (backend.active_flows, backend.packets, backend.bytes, backend.new_flows) = (3, 7, 700, 1);
         let metrics = Metrics::default();
         metrics.probe_latency.get_or_create(&Metrics::labels("web", "198.18.1.11")).observe(0.002);
         let globals =
