@@ -81,6 +81,7 @@ impl Agent {
             .args([XDPLB, "run", "--config"])
             .arg(&agent.config)
             .env("RUST_LOG", "info")
+            .env("XDPLB_TEST_REFUSE_MAP_WRITES", agent.refusal_flag())
             .stdout(Stdio::piped())
             .stderr(File::create(&agent.log).unwrap())
             .spawn()
@@ -98,6 +99,20 @@ impl Agent {
             1,
         );
         std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// While this file exists the agent's map writes are refused (the
+    /// writer's test hook).
+    fn refusal_flag(&self) -> PathBuf {
+        self._dir.0.join("refuse-map-writes")
+    }
+
+    fn refuse_map_writes(&self, refuse: bool) {
+        if refuse {
+            std::fs::write(self.refusal_flag(), b"").unwrap();
+        } else {
+            std::fs::remove_file(self.refusal_flag()).unwrap();
+        }
     }
 
     fn log_text(&self) -> String {
@@ -899,6 +914,52 @@ fn metrics_match_the_traffic_and_show_a_dead_backend() {
     assert_eq!(metric(&text, "xdplb_backend_in_ring", "198.18.1.11"), 0.0);
     assert_eq!(metric(&text, "xdplb_backend_health_transitions_total", "198.18.1.11"), 1.0);
     assert!(metric(&text, "xdplb_ring_rebuilds_total", "") >= 2.0);
+    agent.stop();
+}
+
+#[test]
+fn a_refused_map_write_is_reported_counted_and_retried_while_the_data_plane_forwards() {
+    let topology = topology();
+    let config = config_with(&[(0, 1), (1, 1), (2, 1)]).replacen(
+        "[agent]\n",
+        "[agent]\nmetrics_listen = \"127.0.0.1:9592\"\n",
+        1,
+    );
+    let agent = Agent::start(&topology, &config);
+    assert_eq!(agent.status().outstanding_map_write, None);
+    assert_eq!(metric(&scrape(&topology, "127.0.0.1:9592"), "xdplb_map_update_errors_total", ""), 0.0);
+
+    // b3 should take no new flows, but the kernel refuses the writes.
+    agent.refuse_map_writes(true);
+    let (ok, out, err) = agent.cli(&["backend", "weight", "web", BACKENDS4[2], "--weight", "0"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("not yet in the data plane, retrying"), "{out}");
+    let refused = agent.status().outstanding_map_write.expect("status shows the refused write");
+    assert!(refused.contains("BACKENDS set id") && refused.contains("refused by the test hook"), "{refused}");
+    let (_, table, _) = agent.cli(&["status"]);
+    assert!(table.contains("WARNING: a map write was refused"), "{table}");
+    assert!(agent.log_text().contains("map write refused: BACKENDS set id"), "{}", agent.log_text());
+    let first = metric(&scrape(&topology, "127.0.0.1:9592"), "xdplb_map_update_errors_total", "");
+    assert!(first >= 1.0, "{first}");
+    // Forwarding goes on with the state the kernel holds: b3 still takes new connections.
+    let counts = spread(&topology, VIP4, 60);
+    assert!(counts.get("b3").copied().unwrap_or(0) > 0, "{counts:?}");
+    // Retried (and refused again) at least once a second.
+    thread::sleep(Duration::from_millis(2500));
+    let later = metric(&scrape(&topology, "127.0.0.1:9592"), "xdplb_map_update_errors_total", "");
+    assert!(later >= first + 2.0, "{first} then {later}");
+
+    // The kernel accepts writes again: the next retry converges.
+    agent.refuse_map_writes(false);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while agent.status().outstanding_map_write.is_some() {
+        assert!(Instant::now() < deadline, "the refused write was never applied");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let counts = spread(&topology, VIP4, 60);
+    assert_eq!(counts.get("b3"), None, "weight 0 is in the data plane now: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 60);
+    assert!(agent.log_text().contains("map writes applied after an earlier refusal"));
     agent.stop();
 }
 

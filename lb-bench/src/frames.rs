@@ -14,10 +14,12 @@ pub fn tcp4(sport: u16, flags: u8) -> Vec<u8> {
     tcp(CLIENT, sport, VIP, 80, flags).bare().padded()
 }
 
-/// TCP from the `i`-th client (address and port vary): a new flow each.
+/// TCP from the `i`-th client: 2^31 distinct five-tuples (source address
+/// from 198.18.0.0/15, source port 1024..17408), a new flow each.
 pub fn tcp4_from(i: u32, flags: u8) -> Vec<u8> {
-    let client = format!("198.19.{}.{}", (i >> 16) as u8, (i >> 8) as u8);
-    tcp(&client, 1024 + (i & 0xff) as u16, VIP, 80, flags).bare().padded()
+    let host = 0xc612_0000 + ((i >> 14) & 0x1_ffff); // 198.18.0.0 + 17 bits
+    let client = std::net::Ipv4Addr::from(host).to_string();
+    tcp(&client, 1024 + (i & 0x3fff) as u16, VIP, 80, flags).bare().padded()
 }
 
 pub fn udp4(sport: u16) -> Vec<u8> {
@@ -49,5 +51,8 @@ mod tests {
         // The generator rewrites the L4 source port at 14 + 20.
         assert_eq!(&udp4(0x1234)[34..36], &[0x12, 0x34]);
         assert_ne!(tcp4_from(1, SYN)[26..30], tcp4_from(1 << 16, SYN)[26..30]);
+        // Distinct five-tuples across the whole range the fixtures use.
+        assert_ne!(tcp4_from(0, SYN), tcp4_from(1 << 14, SYN));
+        assert_ne!(tcp4_from(0, SYN), tcp4_from(1 << 30, SYN));
     }
 }

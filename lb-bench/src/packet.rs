@@ -264,14 +264,16 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>
     }
     let mut costs: Vec<Cost> = Vec::new();
     for round in 0..rounds {
-        for fixture in &fixtures {
+        for (index, fixture) in fixtures.iter().enumerate() {
             programs.configure(fixture.backends, fixture.scheduler)?;
-            // New-flow fixtures continue where the last round stopped, so
-            // every packet really is a new flow.
+            // New-flow fixtures continue where the last round stopped, each
+            // in a range of five-tuples of its own, so every packet really
+            // is a new flow (never a SYN retransmission or a reused port).
             let offset = if fixture.name == "tcp_ack_60k_flows" {
                 0 // the same 60000 flows every round: established
             } else {
-                (round as u32).wrapping_mul(iterations + fixture.warmup)
+                let per_round = iterations + fixture.warmup;
+                (index as u32 * rounds as u32 + round as u32).wrapping_mul(per_round)
             };
             programs.warm_up(fixture, offset)?;
             for program in PROGRAMS {

@@ -79,8 +79,8 @@ fn cpu_seconds_of(pid: u32) -> f64 {
 }
 
 fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+    // Linux always reports it; 100 is its value on every common build.
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64
 }
 
 fn machine_softirq_seconds() -> f64 {

@@ -22,8 +22,7 @@ pub enum GlobalCounter {
     /// and was scheduled.
     ConntrackMiss,
     ConntrackInsertFailed,
-    /// A SYN that opened a new connection: scheduled, never a table lookup
-    /// on the way (its insert is a "create only").
+    /// A SYN that opened a new connection: it took the scheduler.
     SynScheduled,
     /// A SYN retransmission: it found its own half-open entry and went to
     /// the same backend.

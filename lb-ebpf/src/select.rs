@@ -7,14 +7,15 @@
 //! and takes the scheduler's pick, with one exception: a retransmitted SYN
 //! (its five-tuple's entry is still half-open and younger than
 //! `SYN_RETRANSMIT_WINDOW_NS`) goes where the first SYN went, because that
-//! backend may already hold the half-open connection. The SYN's insert is
-//! "create only", so a new connection pays no lookup for this. A RST never
-//! creates an entry; the client's FIN or RST marks the flow finished.
+//! backend may already hold the half-open connection. A SYN that finds an
+//! older entry of its five-tuple (a client reusing a port) rewrites that
+//! entry in place instead of inserting a new one. A RST never creates an
+//! entry; the client's FIN or RST marks the flow finished.
 //!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
 //! counted in `ACTIVE_FLOWS` here.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowState, GlobalCounter,
     LAST_SEEN_REFRESH_NS, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, VipInfo, scheduler,
@@ -43,14 +44,6 @@ enum Pinned {
     Miss,
 }
 
-/// What a SYN found in its five-tuple's existing entry.
-enum Existing {
-    /// Its own earlier SYN: same backend.
-    Retransmission(Selection),
-    /// An older or finished flow: replaced; `leaves` is the live flow it ends.
-    Replaced { leaves: Option<u32> },
-}
-
 #[inline(always)]
 pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     // SAFETY: a helper without arguments or preconditions.
@@ -59,7 +52,22 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The live flow this packet's five-tuple leaves, for least_conn accounting.
     let mut leaves: Option<u32> = None;
-    if !is_syn {
+    // A SYN's earlier entry, to be rewritten in place.
+    let mut earlier: Option<*mut FlowState> = None;
+    if is_syn {
+        match syn_entry(packet, now) {
+            SynEntry::Retransmission(selection) => {
+                count(GlobalCounter::SynRetransmit);
+                return Some(selection);
+            }
+            SynEntry::Earlier { state, live_backend } => {
+                earlier = Some(state);
+                leaves = live_backend;
+            }
+            SynEntry::None => {}
+        }
+        count(GlobalCounter::SynScheduled);
+    } else {
         match pinned_backend(packet, now, least_conn) {
             Pinned::Hit(selection) => {
                 count(GlobalCounter::ConntrackHit);
@@ -84,28 +92,17 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
             0
         };
         let state = FlowState { backend_id, flags, last_seen_ns: now };
-        let insert_flags = if is_syn { BPF_NOEXIST as u64 } else { 0 };
-        if CONNTRACK.insert(&packet.flow, &state, insert_flags).is_err() {
-            if !is_syn {
-                count(GlobalCounter::ConntrackInsertFailed);
-            } else {
-                match existing_for_syn(packet, now) {
-                    Existing::Retransmission(selection) => {
-                        count(GlobalCounter::SynRetransmit);
-                        return Some(selection);
-                    }
-                    Existing::Replaced { leaves: old } => {
-                        leaves = old;
-                        if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
-                            count(GlobalCounter::ConntrackInsertFailed);
-                        }
-                    }
+        match earlier {
+            // SAFETY: a pointer to a live entry from the lookup above; the
+            // fields are plain words, written while only this SYN's
+            // five-tuple uses them.
+            Some(entry) => unsafe { *entry = state },
+            None => {
+                if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
+                    count(GlobalCounter::ConntrackInsertFailed);
                 }
             }
         }
-    }
-    if is_syn {
-        count(GlobalCounter::SynScheduled);
     }
     if least_conn {
         if let Some(old) = leaves {
@@ -118,26 +115,38 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     Some(Selection { backend_id, backend, new_flow })
 }
 
-/// A SYN's create-only insert failed: its five-tuple has an entry. A
-/// half-open one younger than the window whose backend still serves is this
-/// SYN's own first transmission.
+/// What a SYN finds under its five-tuple.
+enum SynEntry {
+    /// Its own earlier SYN, half-open and young, on a backend that serves:
+    /// the same backend.
+    Retransmission(Selection),
+    /// An older or finished flow: rewritten in place for the new
+    /// connection; `live_backend` is where the flow it ends was pinned.
+    Earlier {
+        state: *mut FlowState,
+        live_backend: Option<u32>,
+    },
+    None,
+}
+
 #[inline(always)]
-fn existing_for_syn(packet: &Packet, now: u64) -> Existing {
-    // SAFETY: the map returns a pointer to a live value or none.
-    let Some(state) = (unsafe { CONNTRACK.get(&packet.flow) }) else {
-        return Existing::Replaced { leaves: None };
+fn syn_entry(packet: &Packet, now: u64) -> SynEntry {
+    let Some(state) = CONNTRACK.get_ptr_mut(&packet.flow) else {
+        return SynEntry::None;
     };
-    let live = state.flags & FLOW_F_FINISHED == 0;
-    let young = now.saturating_sub(state.last_seen_ns) <= SYN_RETRANSMIT_WINDOW_NS;
-    if live && young && state.flags & FLOW_F_HALF_OPEN != 0 {
-        if let Some(backend) = usable_backend(state.backend_id) {
+    // SAFETY: the map returned a pointer to a live entry.
+    let entry = unsafe { &*state };
+    let live = entry.flags & FLOW_F_FINISHED == 0;
+    let young = now.saturating_sub(entry.last_seen_ns) <= SYN_RETRANSMIT_WINDOW_NS;
+    if live && young && entry.flags & FLOW_F_HALF_OPEN != 0 {
+        if let Some(backend) = usable_backend(entry.backend_id) {
             // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
             if unsafe { (*backend).flags } & BACKEND_F_DOWN == 0 {
-                return Existing::Retransmission(Selection { backend_id: state.backend_id, backend, new_flow: false });
+                return SynEntry::Retransmission(Selection { backend_id: entry.backend_id, backend, new_flow: false });
             }
         }
     }
-    Existing::Replaced { leaves: if live { Some(state.backend_id) } else { None } }
+    SynEntry::Earlier { state, live_backend: if live { Some(entry.backend_id) } else { None } }
 }
 
 #[inline(always)]

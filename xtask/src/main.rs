@@ -94,7 +94,7 @@ fn main() -> Result<()> {
 fn test(root: &Path) -> Result<()> {
     let mut child = Command::new("cargo")
         .current_dir(root)
-        .args(["test", "--", "--test-threads=1"])
+        .args(["test", "--features", "lb-userspace/test-hooks", "--", "--test-threads=1"])
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;

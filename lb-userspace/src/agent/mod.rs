@@ -251,7 +251,12 @@ impl Agent {
         if !writes.is_empty() {
             log::debug!("applying {} map write(s)", writes.len());
         }
-        self.apply_writes(&writes).context("updating the data plane")
+        self.apply_writes(&writes).context("updating the data plane")?;
+        // A full plan applied: whatever was refused before is in the maps now.
+        if let Some(previous) = self.outstanding_write.take() {
+            log::info!("map writes applied after an earlier refusal ({previous})");
+        }
+        Ok(())
     }
 
     /// The one place map writes are applied. A write the kernel refuses is
@@ -260,12 +265,7 @@ impl Agent {
     /// next reconcile (at most a second later) writes it again.
     fn apply_writes(&mut self, writes: &[MapWrite]) -> Result<()> {
         match self.dataplane.apply(writes) {
-            Ok(()) => {
-                if let Some(previous) = self.outstanding_write.take() {
-                    log::info!("map writes applied after an earlier refusal ({previous})");
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(failure) => {
                 self.metrics.map_update_errors.inc();
                 for write in &failure.unapplied {

@@ -44,7 +44,10 @@ impl Agent {
         self.config = candidate;
         self.apply_config_change().await;
         log::info!("{message}");
-        Response::done(message)
+        match &self.outstanding_write {
+            Some(refused) => Response::done(format!("{message}; not yet in the data plane, retrying: {refused}")),
+            None => Response::done(message),
+        }
     }
 
     pub(super) async fn on_request(&mut self, request: Request) -> Response {

@@ -72,6 +72,8 @@ pub fn apply(target: &mut impl WriteTarget, writes: &[MapWrite]) -> Result<(), W
 
 impl WriteTarget for Dataplane {
     fn write(&mut self, write: &MapWrite) -> Result<(), Refused> {
+        #[cfg(feature = "test-hooks")]
+        refuse_if_asked()?;
         match write {
             MapWrite::SetRingSlots { vip_id, slots } => {
                 self.ring_writes += 1;
@@ -85,6 +87,20 @@ impl WriteTarget for Dataplane {
             }
             other => self.write_one(other).map_err(Refused::new),
         }
+    }
+}
+
+/// Test builds only (`--features test-hooks`, as `cargo xtask test` builds):
+/// while the file named by `XDPLB_TEST_REFUSE_MAP_WRITES` exists, every map
+/// write is refused, so end-to-end tests can watch a refusal be reported
+/// and retried. Production builds have no such hook.
+#[cfg(feature = "test-hooks")]
+fn refuse_if_asked() -> Result<(), Refused> {
+    match std::env::var_os("XDPLB_TEST_REFUSE_MAP_WRITES") {
+        Some(flag) if std::path::Path::new(&flag).exists() => {
+            Err(Refused::new(anyhow::anyhow!("refused by the test hook")))
+        }
+        _ => Ok(()),
     }
 }
 
