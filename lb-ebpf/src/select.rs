@@ -4,18 +4,18 @@
 //! Every non-SYN packet keeps the backend its flow is pinned to, so
 //! established flows survive ring changes, unless their backend is marked
 //! down, in which case they are scheduled afresh. A SYN is a new connection
-//! and takes the scheduler's pick, with one exception: a retransmitted SYN
-//! (its five-tuple's entry is still half-open and younger than
+//! and takes the scheduler's pick, inserted "create only": a new five-tuple
+//! pays no extra lookup. Only when the five-tuple has an entry is it looked
+//! at: a retransmitted SYN (the entry is still half-open and younger than
 //! `SYN_RETRANSMIT_WINDOW_NS`) goes where the first SYN went, because that
-//! backend may already hold the half-open connection. A SYN that finds an
-//! older entry of its five-tuple (a client reusing a port) rewrites that
-//! entry in place instead of inserting a new one. A RST never creates an
+//! backend may already hold the half-open connection; an older entry (a
+//! client reusing a port) is rewritten in place. A RST never creates an
 //! entry; the client's FIN or RST marks the flow finished.
 //!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
 //! counted in `ACTIVE_FLOWS` here.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowState, GlobalCounter,
     LAST_SEEN_REFRESH_NS, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, VipInfo, scheduler,
@@ -52,22 +52,7 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The live flow this packet's five-tuple leaves, for least_conn accounting.
     let mut leaves: Option<u32> = None;
-    // A SYN's earlier entry, to be rewritten in place.
-    let mut earlier: Option<*mut FlowState> = None;
-    if is_syn {
-        match syn_entry(packet, now) {
-            SynEntry::Retransmission(selection) => {
-                count(GlobalCounter::SynRetransmit);
-                return Some(selection);
-            }
-            SynEntry::Earlier { state, live_backend } => {
-                earlier = Some(state);
-                leaves = live_backend;
-            }
-            SynEntry::None => {}
-        }
-        count(GlobalCounter::SynScheduled);
-    } else {
+    if !is_syn {
         match pinned_backend(packet, now, least_conn) {
             Pinned::Hit(selection) => {
                 count(GlobalCounter::ConntrackHit);
@@ -92,17 +77,27 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
             0
         };
         let state = FlowState { backend_id, flags, last_seen_ns: now };
-        match earlier {
-            // SAFETY: a pointer to a live entry from the lookup above; the
-            // fields are plain words, written while only this SYN's
-            // five-tuple uses them.
-            Some(entry) => unsafe { *entry = state },
-            None => {
-                if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
-                    count(GlobalCounter::ConntrackInsertFailed);
+        // A SYN's insert is "create only": a new five-tuple (nearly every
+        // SYN) pays no lookup; only when one exists is it looked at.
+        let insert_flags = if is_syn { BPF_NOEXIST as u64 } else { 0 };
+        if CONNTRACK.insert(&packet.flow, &state, insert_flags).is_err() {
+            match if is_syn { syn_entry(packet, now) } else { SynEntry::None } {
+                SynEntry::Retransmission(selection) => {
+                    count(GlobalCounter::SynRetransmit);
+                    return Some(selection);
                 }
+                SynEntry::Earlier { state: entry, live_backend } => {
+                    leaves = live_backend;
+                    // SAFETY: a pointer to a live entry from the lookup; its
+                    // fields are plain words and only this five-tuple uses it.
+                    unsafe { *entry = state };
+                }
+                SynEntry::None => count(GlobalCounter::ConntrackInsertFailed),
             }
         }
+    }
+    if is_syn {
+        count(GlobalCounter::SynScheduled);
     }
     if least_conn {
         if let Some(old) = leaves {
