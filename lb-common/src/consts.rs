@@ -117,6 +117,12 @@ pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 /// Allowed probe intervals.
 pub const HEALTH_INTERVAL_MS: core::ops::RangeInclusive<u64> = 50..=3_600_000;
+/// The port probed when the service's VIP takes every port (port 0).
+pub const DEFAULT_HEALTH_PORT: u16 = 80;
+/// The status an HTTP probe expects unless told otherwise.
+pub const DEFAULT_HTTP_EXPECT_STATUS: u16 = 200;
+/// What counts as an HTTP status code in `expect_status`.
+pub const HTTP_STATUS: core::ops::RangeInclusive<u16> = 100..=599;
 /// Allowed `rise` and `fall`.
 pub const HEALTH_STREAK: core::ops::RangeInclusive<u32> = 1..=100;
 
@@ -149,3 +155,6 @@ pub const LATENCY_FLOOR_MS: f64 = 1.0;
 pub const LATENCY_DAMPING: f64 = 0.5;
 /// ...and not at all when within this fraction of it: no oscillation.
 pub const LATENCY_DEAD_BAND: f64 = 0.1;
+/// The fastest backend's derived weight is at most this many times its
+/// configured weight (room for fine ratios below MAX_WEIGHT).
+pub const LATENCY_WEIGHT_SCALE: f64 = 100.0;

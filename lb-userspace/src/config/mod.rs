@@ -276,9 +276,9 @@ impl ServiceConfig {
         let service_port = self.vip.get_ref().port();
         HealthCheck {
             kind: spec.kind.unwrap_or(default_kind),
-            port: spec.port.unwrap_or(if service_port == 0 { 80 } else { service_port }),
+            port: spec.port.unwrap_or(if service_port == 0 { lb_common::DEFAULT_HEALTH_PORT } else { service_port }),
             path: spec.path.unwrap_or_else(|| "/".into()),
-            expect_status: spec.expect_status.unwrap_or_else(|| vec![200]),
+            expect_status: spec.expect_status.unwrap_or_else(|| vec![lb_common::DEFAULT_HTTP_EXPECT_STATUS]),
             expect_body: spec.expect_body,
             interval: std::time::Duration::from_millis(spec.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS)),
             timeout: std::time::Duration::from_millis(spec.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS)),

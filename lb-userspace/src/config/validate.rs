@@ -106,7 +106,7 @@ impl HealthSpec {
             if codes.is_empty() {
                 return Err("expect_status is empty".into());
             }
-            if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
+            if let Some(bad) = codes.iter().find(|c| !lb_common::HTTP_STATUS.contains(*c)) {
                 return Err(format!("expect_status {bad} is not an HTTP status"));
             }
         }

@@ -97,9 +97,10 @@ pub fn response_time_weights(configured: &[u32], mean_ms: &[Option<f64>], previo
             if weight == 0 {
                 return 0;
             }
-            // Scale so that the fastest backend has up to 100× its configured
-            // weight (room for fine ratios) while every weight stays ≤ MAX_WEIGHT.
-            let unit = (MAX_WEIGHT as f64 / max_configured).min(100.0);
+            // Scale so that the fastest backend has up to LATENCY_WEIGHT_SCALE×
+            // its configured weight (room for fine ratios) while every weight
+            // stays ≤ MAX_WEIGHT.
+            let unit = (MAX_WEIGHT as f64 / max_configured).min(lb_common::LATENCY_WEIGHT_SCALE);
             let target = match mean {
                 Some(m) if fastest.is_finite() => weight as f64 * unit * fastest / floor(*m),
                 _ => weight as f64 * unit,
