@@ -6,13 +6,16 @@
 //! `unshare`), where test runs see `lo` as the ingress interface and a dummy
 //! device serves as the XDP_REDIRECT target. Needs root.
 
-use std::{process::Command, thread, time::Duration};
+use std::{net::IpAddr, process::Command, thread, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FlowKey, GlobalCounter};
-use lb_testkit::frames::{ACK, CLIENT_MAC, FIN_ACK, Frame, LB_MAC, PSH_ACK, RST, SYN, dst_mac, rewritten, tcp, udp};
+use lb_testkit::frames::{
+    ACK, CLIENT_MAC, FIN_ACK, Frame, LB_MAC, PSH_ACK, RST, SYN, Tunnel, dst_mac, encapsulated, internet_checksum,
+    rewritten, tcp, udp,
+};
 use xdplb::{
-    config::{Protocol, Scheduler},
+    config::{Forwarding, Protocol, Scheduler},
     dataplane::planner::{Reconciler, address_words},
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
@@ -108,7 +111,7 @@ impl World {
         DesiredBackend {
             address: address.parse().unwrap(),
             weight,
-            path: Some(L2Path { ifindex, src_mac, dst_mac: backend_mac(n) }),
+            path: Some(L2Path { ifindex, src_mac, dst_mac: backend_mac(n), mtu: 1500, source: None }),
             down: false,
         }
     }
@@ -126,6 +129,8 @@ fn service(name: &str, vip: &str, protocol: Protocol, backends: Vec<DesiredBacke
         protocol,
         scheduler: Scheduler::Maglev,
         persistence_timeout_s: 0,
+        forwarding: Forwarding::Dsr,
+        gue_port: lb_common::DEFAULT_GUE_PORT,
         backends,
     }
 }
@@ -564,6 +569,8 @@ fn scheduled(w: &World, scheduler: Scheduler, persistence_s: u32, backends: &[(u
     DesiredService {
         scheduler,
         persistence_timeout_s: persistence_s,
+        forwarding: Forwarding::Dsr,
+        gue_port: lb_common::DEFAULT_GUE_PORT,
         ..service("web", "198.18.0.100:80", Protocol::Tcp, backends)
     }
 }
@@ -817,5 +824,320 @@ fn a_refused_map_write_is_retried_until_the_data_plane_matches() {
                 .0,
             vec![]
         );
+    });
+}
+
+// ---- tunnels ---------------------------------------------------------------
+
+const TUNNEL_SRC4: &str = "198.18.2.1";
+const TUNNEL_SRC6: &str = "2001:db8:0:2::1";
+
+/// A tunnel service with one backend at `backend`, reached through `lo`.
+fn tunnelled(w: &World, forwarding: Forwarding, vip: &str, protocol: Protocol, backend: &str, mtu: u16) -> DesiredService {
+    let source = if backend.contains(':') { TUNNEL_SRC6 } else { TUNNEL_SRC4 };
+    let mut member = w.tx_backend(backend, 21, 1);
+    member.path = member.path.map(|p| L2Path { mtu, source: Some(source.parse().unwrap()), ..p });
+    DesiredService { forwarding, ..service("tunnel", vip, protocol, vec![member]) }
+}
+
+fn flow_of(frame: &Frame) -> FlowKey {
+    FlowKey {
+        src: address_words(frame.src),
+        dst: address_words(frame.dst),
+        sport: frame.sport.to_be(),
+        dport: frame.dport.to_be(),
+        proto: frame.proto,
+        family: if frame.src.is_ipv4() { 4 } else { 6 },
+        _pad: [0; 2],
+    }
+}
+
+/// The tunnel xdplb must build for `frame` to `backend`.
+fn expected_tunnel(frame: &Frame, forwarding: Forwarding, backend: &str) -> Tunnel {
+    let hash = lb_common::flow_hash(&flow_of(frame));
+    let source = if backend.contains(':') { TUNNEL_SRC6 } else { TUNNEL_SRC4 };
+    Tunnel {
+        src: source.parse().unwrap(),
+        dst: backend.parse().unwrap(),
+        src_mac: LB_MAC,
+        dst_mac: backend_mac(21),
+        gue_ports: (forwarding == Forwarding::Gue)
+            .then_some((49152 + (hash % 16384) as u16, lb_common::DEFAULT_GUE_PORT)),
+        flow_label: hash & 0xfffff,
+    }
+}
+
+#[test]
+fn tunnels_encapsulate_every_family_combination_with_exact_headers() {
+    in_world(|| {
+        let mut w = World::new();
+        let combinations = [
+            ("198.18.0.100", "198.18.3.21", "198.18.0.2"),
+            ("2001:db8::100", "2001:db8:0:3::21", "2001:db8:1::2"),
+            ("198.18.0.100", "2001:db8:0:3::21", "198.18.0.2"),
+            ("2001:db8::100", "198.18.3.21", "2001:db8:1::2"),
+        ];
+        let mut sent = 0;
+        // Every combination's flows are new: a known five-tuple would keep
+        // the backend it is pinned to.
+        let mut client_port = 40000;
+        for forwarding in [Forwarding::Ipip, Forwarding::Gue] {
+            for (vip, backend, client) in combinations {
+                client_port += 1;
+                let bracketed = if vip.contains(':') { format!("[{vip}]") } else { vip.to_string() };
+                w.set(&[
+                    tunnelled(&w, forwarding, &format!("{bracketed}:80"), Protocol::Tcp, backend, 1500),
+                    DesiredService {
+                        name: "dns".into(),
+                        ..tunnelled(&w, forwarding, &format!("{bracketed}:53"), Protocol::Udp, backend, 1500)
+                    },
+                ]);
+                let mut syn = tcp(client, client_port, vip, 80, SYN);
+                if let IpAddr::V4(_) = syn.src {
+                    syn.frag = 0x4000; // DF: the outer IPv4 header copies it
+                }
+                let ack = Frame { tcp_flags: PSH_ACK, ..syn.clone() };
+                let query = udp(client, client_port, vip, 53);
+                for frame in [&syn, &ack, &query] {
+                    let (action, out) = w.run(&frame.bytes());
+                    let expected = encapsulated(&frame.bytes(), &expected_tunnel(frame, forwarding, backend));
+                    assert_eq!(action, XDP_TX, "{forwarding} {vip} → {backend}");
+                    assert_eq!(out, expected, "{forwarding} {vip} → {backend}, {frame:?}");
+                    sent += 1;
+                }
+                // The outer IPv4 checksum verifies on its own.
+                let (_, out) = w.run(&syn.bytes());
+                if out[12..14] == [0x08, 0x00] {
+                    assert_eq!(internet_checksum(&out[14..34]), 0);
+                }
+            }
+            let counter =
+                if forwarding == Forwarding::Gue { GlobalCounter::ForwardedGue } else { GlobalCounter::ForwardedIpip };
+            assert_eq!(w.counter(counter), 4 * 4, "{forwarding}");
+        }
+        assert_eq!(sent, 24);
+        assert_eq!(w.counter(GlobalCounter::ForwardedDsr), 0);
+    });
+}
+
+#[test]
+fn gue_source_ports_are_stable_per_flow_and_spread_over_flows() {
+    in_world(|| {
+        let mut w = World::new();
+        w.set(&[tunnelled(&w, Forwarding::Gue, "198.18.0.100:80", Protocol::Tcp, "198.18.3.21", 1500)]);
+        let mut ports = std::collections::BTreeSet::new();
+        for client_port in 40000..40256u16 {
+            let syn = tcp("198.18.0.2", client_port, VIP4, 80, SYN).bytes();
+            let ack = tcp("198.18.0.2", client_port, VIP4, 80, ACK).bytes();
+            let (_, first) = w.run(&syn);
+            let (_, second) = w.run(&ack);
+            let port = u16::from_be_bytes([first[34], first[35]]);
+            assert_eq!(port, u16::from_be_bytes([second[34], second[35]]), "stable within a flow");
+            assert!(port >= 49152, "{port} outside the ephemeral range");
+            ports.insert(port);
+        }
+        assert!(ports.len() > 240, "only {} distinct source ports for 256 flows", ports.len());
+    });
+}
+
+/// The ICMP message of a "too big" reply, checked field by field.
+fn assert_too_big_reply(out: &[u8], original: &[u8], mtu: u16) {
+    // Back to the client, from the LB's MAC.
+    assert_eq!(&out[0..6], &CLIENT_MAC);
+    assert_eq!(&out[6..12], &LB_MAC);
+    let quote = &original[14..14 + lb_common::TOO_BIG_QUOTE_LEN];
+    if out[12..14] == [0x08, 0x00] {
+        let ip = &out[14..34];
+        assert_eq!(out.len(), 14 + 20 + 8 + quote.len());
+        assert_eq!((ip[0], ip[9], u16::from_be_bytes([ip[2], ip[3]])), (0x45, 1, 92));
+        assert_eq!(&ip[12..16], &original[30..34], "from the VIP");
+        assert_eq!(&ip[16..20], &original[26..30], "to the client");
+        assert_eq!(internet_checksum(ip), 0);
+        let icmp = &out[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+        assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), mtu);
+        assert_eq!(&icmp[8..], quote);
+        assert_eq!(internet_checksum(icmp), 0);
+    } else {
+        let ip = &out[14..54];
+        assert_eq!(out.len(), 14 + 40 + 8 + quote.len());
+        assert_eq!((ip[0] >> 4, ip[6], u16::from_be_bytes([ip[4], ip[5]])), (6, 58, 72));
+        assert_eq!(&ip[8..24], &original[38..54], "from the VIP");
+        assert_eq!(&ip[24..40], &original[22..38], "to the client");
+        let icmp = &out[54..];
+        assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+        assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), mtu as u32);
+        assert_eq!(&icmp[8..], quote);
+        let mut pseudo = ip[8..40].to_vec();
+        pseudo.extend(72u32.to_be_bytes());
+        pseudo.extend([0, 0, 0, 58]);
+        pseudo.extend(icmp);
+        assert_eq!(internet_checksum(&pseudo), 0);
+    }
+}
+
+#[test]
+fn a_packet_too_big_for_the_tunnel_gets_icmp_too_big_from_xdp() {
+    in_world(|| {
+        let mut w = World::new();
+        // 1500-byte IP packets: 1460 bytes of TCP payload over IPv4, 1440 over IPv6.
+        let big4 = |flags: u16, port: u16| Frame {
+            frag: flags,
+            payload: vec![0x55; 1460],
+            ..tcp("198.18.0.2", port, VIP4, 80, ACK)
+        };
+        let big6 = Frame { payload: vec![0x66; 1440], ..tcp("2001:db8:1::2", 40000, VIP6, 80, ACK) };
+
+        w.set(&[tunnelled(&w, Forwarding::Ipip, "198.18.0.100:80", Protocol::Tcp, "198.18.3.21", 1500)]);
+        let frame = big4(0x4000, 40000).bytes();
+        assert_eq!(frame.len(), 1514);
+        let (action, out) = w.run(&frame);
+        assert_eq!(action, XDP_TX);
+        assert_too_big_reply(&out, &frame, 1480);
+        assert_eq!(w.counter(GlobalCounter::TooBigSentV4), 1);
+        // Without DF it cannot be answered (nor fragmented in XDP): dropped.
+        let (action, _) = w.run(&big4(0, 40000).bytes());
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(w.counter(GlobalCounter::DropTooBig), 1);
+        // 1480 bytes fit exactly.
+        let fits = Frame { frag: 0x4000, payload: vec![0x55; 1440], ..tcp("198.18.0.2", 40000, VIP4, 80, ACK) };
+        let (action, out) = w.run(&fits.bytes());
+        assert_eq!((action, out.len()), (XDP_TX, 1514));
+
+        // IPv6 in GUE over IPv6: 48 bytes of tunnel.
+        w.set(&[tunnelled(&w, Forwarding::Gue, "[2001:db8::100]:80", Protocol::Tcp, "2001:db8:0:3::21", 1500)]);
+        let frame = big6.bytes();
+        let (action, out) = w.run(&frame);
+        assert_eq!(action, XDP_TX);
+        assert_too_big_reply(&out, &frame, 1452);
+        assert_eq!(w.counter(GlobalCounter::TooBigSentV6), 1);
+
+        // A route with a smaller MTU: IPv4 in IPIP over IPv6, 1400 - 40 (a
+        // new flow: the old one stays with its backend).
+        w.set(&[tunnelled(&w, Forwarding::Ipip, "198.18.0.100:80", Protocol::Tcp, "2001:db8:0:3::21", 1400)]);
+        let frame = big4(0x4000, 40001).bytes();
+        let (action, out) = w.run(&frame);
+        assert_eq!(action, XDP_TX);
+        assert_too_big_reply(&out, &frame, 1360);
+        assert_eq!(w.counter(GlobalCounter::ForwardedIpip), 1);
+    });
+}
+
+// ---- the backend's decapsulation program -------------------------------------
+
+struct Decap {
+    ebpf: aya::Ebpf,
+}
+
+impl Decap {
+    fn new(local: &[&str]) -> Self {
+        let mut ebpf = aya::Ebpf::load(xdplb::decap::DECAP_OBJECT).expect("load decap object");
+        let program: &mut aya::programs::Xdp = ebpf.program_mut("xdplb_decap").unwrap().try_into().unwrap();
+        program.load().expect("verify decap program");
+        let mut addresses: aya::maps::HashMap<_, lb_common::AddressKey, u32> =
+            aya::maps::HashMap::try_from(ebpf.map_mut("DECAP_ADDRESSES").unwrap()).unwrap();
+        for address in local {
+            let address: IpAddr = address.parse().unwrap();
+            let key = lb_common::AddressKey {
+                addr: address_words(address),
+                family: if address.is_ipv4() { 4 } else { 6 },
+                _pad: [0; 3],
+            };
+            addresses.insert(key, 1, 0).unwrap();
+        }
+        Decap { ebpf }
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &aya::programs::Xdp = self.ebpf.program("xdplb_decap").unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let result = program.test_run(opts).expect("test_run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counter(&self, which: lb_common::DecapCounter) -> u64 {
+        let array: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(self.ebpf.map("DECAP_COUNTERS").unwrap()).unwrap();
+        array.get(&(which as u32), 0).unwrap().iter().sum()
+    }
+}
+
+/// What the backend's stack must receive: the inner packet behind the
+/// outer frame's Ethernet addresses.
+fn decapsulated(outer: &[u8], inner_frame: &[u8]) -> Vec<u8> {
+    let mut out = outer[..12].to_vec();
+    out.extend(&inner_frame[12..]);
+    out
+}
+
+#[test]
+fn decap_opens_every_tunnel_for_this_host_and_nothing_else() {
+    in_world(|| {
+        lb_testkit::isolate_thread().unwrap();
+        let decap = Decap::new(&["198.18.3.21", "2001:db8:0:3::21"]);
+        let inner4 = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
+        let inner6 = tcp("2001:db8:1::2", 40000, VIP6, 80, SYN).bytes();
+        let tunnel = |dst: &str, gue: bool| Tunnel {
+            src: if dst.contains(':') { TUNNEL_SRC6 } else { TUNNEL_SRC4 }.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            src_mac: [0x02, 0x77, 0, 0, 0, 1],
+            dst_mac: backend_mac(21),
+            gue_ports: gue.then_some((50000, lb_common::DEFAULT_GUE_PORT)),
+            flow_label: 0x12345,
+        };
+        let mut opened = 0;
+        for gue in [false, true] {
+            for outer_dst in ["198.18.3.21", "2001:db8:0:3::21"] {
+                for inner in [&inner4, &inner6] {
+                    let frame = encapsulated(inner, &tunnel(outer_dst, gue));
+                    let (action, out) = decap.run(&frame);
+                    assert_eq!((action, &out), (XDP_PASS, &decapsulated(&frame, inner)), "gue {gue} via {outer_dst}");
+                    opened += 1;
+                }
+            }
+        }
+        assert_eq!(opened, 8);
+        assert_eq!(decap.counter(lb_common::DecapCounter::Ipip), 4);
+        assert_eq!(decap.counter(lb_common::DecapCounter::Gue), 4);
+
+        // For another host: passed untouched.
+        let other = encapsulated(&inner4, &tunnel("198.18.3.22", false));
+        assert_eq!(decap.run(&other), (XDP_PASS, other.clone()));
+        assert_eq!(decap.counter(lb_common::DecapCounter::PassNotLocal), 1);
+        // UDP to another port, and plain traffic: not tunnels, untouched.
+        let mut wrong_port = tunnel("198.18.3.21", true);
+        wrong_port.gue_ports = Some((50000, 6081));
+        let not_gue = encapsulated(&inner4, &wrong_port);
+        assert_eq!(decap.run(&not_gue), (XDP_PASS, not_gue.clone()));
+        let plain = tcp("198.18.0.2", 40000, "198.18.3.21", 80, SYN).bytes();
+        assert_eq!(decap.run(&plain), (XDP_PASS, plain.clone()));
+
+        // Malformed tunnels for this host are dropped, never half-opened.
+        let whole = encapsulated(&inner4, &tunnel("198.18.3.21", false));
+        let mut dropped = 0;
+        for cut in 34..34 + 20 {
+            // The inner IPv4 header cut short.
+            let (action, _) = decap.run(&whole[..cut]);
+            assert_eq!(action, XDP_DROP, "inner header cut at {cut}");
+            dropped += 1;
+        }
+        // Announced IPv4 (protocol 4), but the inner packet is IPv6.
+        let mut mislabelled = encapsulated(&inner6, &tunnel("198.18.3.21", false));
+        mislabelled[23] = 4;
+        mislabelled[24..26].copy_from_slice(&[0, 0]);
+        let check = internet_checksum(&mislabelled[14..34]);
+        mislabelled[24..26].copy_from_slice(&check.to_be_bytes());
+        assert_eq!(decap.run(&mislabelled).0, XDP_DROP);
+        // GUE whose payload is not IP.
+        let mut not_ip = encapsulated(&inner4, &tunnel("198.18.3.21", true));
+        not_ip[42] = 0x55;
+        assert_eq!(decap.run(&not_ip).0, XDP_DROP);
+        assert_eq!(decap.counter(lb_common::DecapCounter::DropMalformed), dropped + 2);
+        // The outer header cut short: not recognisable, passed untouched.
+        for cut in [14, 20, 33] {
+            assert_eq!(decap.run(&whole[..cut]), (XDP_PASS, whole[..cut].to_vec()), "outer cut at {cut}");
+        }
     });
 }

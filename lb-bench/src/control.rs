@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use xdplb::{
-    config::{Protocol, Scheduler},
+    config::{Forwarding, Protocol, Scheduler},
     dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
@@ -55,6 +55,8 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
                 ifindex: 1,
                 src_mac: [2, 0, 0, 0, 0, 1],
                 dst_mac: [2, 0, 0, 0, (i >> 8) as u8, i as u8],
+                mtu: 1500,
+                source: None,
             }),
             down: false,
         };
@@ -64,6 +66,8 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Maglev,
             persistence_timeout_s: 0,
+            forwarding: Forwarding::Dsr,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
             backends: (0..1000).map(|i| backend(i, 1)).collect(),
         };
         let mut changes = Vec::new();

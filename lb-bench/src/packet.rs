@@ -16,7 +16,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
 use xdplb::{
-    config::{Protocol, Scheduler},
+    config::{Forwarding, Protocol, Scheduler},
     dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
@@ -178,6 +178,8 @@ impl Programs {
                             ifindex: 1,
                             src_mac: [2, 0, 0, 0, 0, 1],
                             dst_mac: [2, 0xbe, 0, 0, 0, i as u8],
+                            mtu: 1500,
+                            source: None,
                         }),
                         down: false,
                     }
@@ -190,6 +192,8 @@ impl Programs {
             protocol,
             scheduler,
             persistence_timeout_s: 0,
+            forwarding: Forwarding::Dsr,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
             backends: members(name, v6),
         };
         let desired = [

@@ -27,7 +27,7 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use xdplb::{
-    config::{Protocol, Scheduler},
+    config::{Forwarding, Protocol, Scheduler},
     dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
@@ -165,7 +165,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
         let backend = || DesiredBackend {
             address: "198.18.1.11".parse().unwrap(),
             weight: 1,
-            path: Some(L2Path { ifindex: l0, src_mac: l0_mac, dst_mac: g0_mac }),
+            path: Some(L2Path { ifindex: l0, src_mac: l0_mac, dst_mac: g0_mac, mtu: 1500, source: None }),
             down: false,
         };
         let service = |name: &str, vip: &str, protocol| DesiredService {
@@ -174,6 +174,8 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             protocol,
             scheduler: Scheduler::Maglev,
             persistence_timeout_s: 0,
+            forwarding: Forwarding::Dsr,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
             backends: vec![backend()],
         };
         let mut reconciler = Reconciler::new(lb_common::DEFAULT_RING_SIZE, 4);

@@ -5,7 +5,7 @@
 /// with any change to a map's key or value type, or to the map schema (the
 /// size test is a reminder): an agent refuses to adopt pinned maps of
 /// another version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 pub const NS_PER_MS: u64 = 1_000_000;
@@ -97,6 +97,44 @@ pub mod scheduler {
     pub const LEAST_CONN: u32 = 4;
 }
 
+/// How a backend is reached (`Backend::forwarding`).
+pub mod forwarding {
+    /// L2 direct server return: only the MAC addresses change.
+    pub const DSR: u8 = 0;
+    /// IP-in-IP: IPv4 or IPv6 outer header (protocol 4 or 41 for the inner
+    /// family), the backend's address as outer destination.
+    pub const IPIP: u8 = 1;
+    /// GUE variant 1: outer IP and UDP, the inner IP header right after.
+    pub const GUE: u8 = 2;
+}
+
+// ---- Tunnels ----
+
+/// MTU assumed for an interface that does not report one.
+pub const DEFAULT_LINK_MTU: u32 = 1500;
+/// Addresses of one host the decapsulation program accepts tunnels for.
+pub const MAX_DECAP_ADDRESSES: u32 = 256;
+/// Default UDP port of GUE decapsulation on backends.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// TTL / hop limit of outer headers.
+pub const TUNNEL_TTL: u8 = 64;
+/// GUE outer source ports are drawn from the flow hash within this range
+/// (RFC 8086 §5.11: the ephemeral range, for RSS on the backends' NICs).
+pub const GUE_SOURCE_PORT_MIN: u16 = 49152;
+pub const GUE_SOURCE_PORT_SPAN: u32 = 16384;
+/// Bytes of the offending packet an ICMP "too big" message quotes (its IP
+/// header and the start of its TCP or UDP header: what the client's stack
+/// needs to find the socket). A multiple of 4 for the checksum helper.
+pub const TOO_BIG_QUOTE_LEN: usize = 64;
+/// IPv6 links carry at least this (RFC 8200): a "too big" never reports less.
+pub const IPV6_MIN_MTU: u16 = 1280;
+/// IPv4's smallest MTU worth reporting (RFC 791's 68 is of no use to TCP).
+pub const IPV4_MIN_REPORTED_MTU: u16 = 576;
+/// Marks of the agent's tunnelled health probes: `PROBE_MARK | backend id`.
+/// The tc egress program encapsulates packets carrying such a mark.
+pub const PROBE_MARK: u32 = 0x786c_0000; // "xl"
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
+
 /// Map flags (uapi `BPF_F_*`), for the map schema.
 pub const BPF_F_NO_FLAGS: u32 = 0;
 /// Per-CPU LRU lists: inserts take no global lock.
@@ -136,6 +174,9 @@ pub const NEIGHBOUR_POLL_MS: u64 = 50;
 pub const MAINTENANCE_PERIOD_MS: u64 = 5000;
 /// The same while something is pending (a neighbour, a drain, a refused write).
 pub const BUSY_MAINTENANCE_PERIOD_MS: u64 = 1000;
+/// After a route, neighbour or link change, paths are re-resolved this
+/// much later (a burst of changes costs one re-resolution).
+pub const NETLINK_SETTLE_MS: u64 = 100;
 /// How often least_response_time re-derives weights from response times.
 pub const REBALANCE_PERIOD_MS: u64 = 2000;
 /// Longest control-socket request line; anything longer is refused as it is read.

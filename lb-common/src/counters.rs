@@ -31,9 +31,25 @@ pub enum GlobalCounter {
     ActionRedirect,
     /// A new flow followed its client's affinity (persistence).
     AffinityHit,
+    /// Packets sent on by L2 DSR (MAC rewrite).
+    ForwardedDsr,
+    /// Packets sent on IP-in-IP encapsulated (4in4, 6in6, 4in6, 6in4).
+    ForwardedIpip,
+    /// Packets sent on GUE encapsulated.
+    ForwardedGue,
+    /// ICMP "fragmentation needed" sent back to an IPv4 client whose DF
+    /// packet would exceed the path MTU once encapsulated.
+    TooBigSentV4,
+    /// ICMPv6 "packet too big" sent back to an IPv6 client.
+    TooBigSentV6,
+    /// Too big once encapsulated and not answerable (IPv4 without DF, which
+    /// XDP cannot fragment): dropped.
+    DropTooBig,
+    /// The frame could not be grown or shrunk for encapsulation: dropped.
+    DropEncapFailed,
 }
 
-pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::AffinityHit as u32 + 1;
+pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::DropEncapFailed as u32 + 1;
 
 impl GlobalCounter {
     pub const ALL: [GlobalCounter; GLOBAL_COUNTER_COUNT as usize] = [
@@ -51,6 +67,13 @@ impl GlobalCounter {
         GlobalCounter::ActionTx,
         GlobalCounter::ActionRedirect,
         GlobalCounter::AffinityHit,
+        GlobalCounter::ForwardedDsr,
+        GlobalCounter::ForwardedIpip,
+        GlobalCounter::ForwardedGue,
+        GlobalCounter::TooBigSentV4,
+        GlobalCounter::TooBigSentV6,
+        GlobalCounter::DropTooBig,
+        GlobalCounter::DropEncapFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -69,6 +92,45 @@ impl GlobalCounter {
             GlobalCounter::ActionTx => "action_tx",
             GlobalCounter::ActionRedirect => "action_redirect",
             GlobalCounter::AffinityHit => "affinity_hit",
+            GlobalCounter::ForwardedDsr => "forwarded_dsr",
+            GlobalCounter::ForwardedIpip => "forwarded_ipip",
+            GlobalCounter::ForwardedGue => "forwarded_gue",
+            GlobalCounter::TooBigSentV4 => "too_big_sent_v4",
+            GlobalCounter::TooBigSentV6 => "too_big_sent_v6",
+            GlobalCounter::DropTooBig => "drop_too_big",
+            GlobalCounter::DropEncapFailed => "drop_encap_failed",
+        }
+    }
+}
+
+/// What the backend-side decapsulation program (`xdplb decap`) counts
+/// (`DECAP_COUNTERS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// IPIP (any family in any family) opened and passed to the stack.
+    Ipip = 0,
+    /// GUE opened and passed to the stack.
+    Gue,
+    /// A tunnel packet for another host: passed untouched.
+    PassNotLocal,
+    /// A tunnel packet for this host whose inner header is cut short, not
+    /// IP, or not the family announced: dropped.
+    DropMalformed,
+}
+
+pub const DECAP_COUNTER_COUNT: u32 = DecapCounter::DropMalformed as u32 + 1;
+
+impl DecapCounter {
+    pub const ALL: [DecapCounter; DECAP_COUNTER_COUNT as usize] =
+        [DecapCounter::Ipip, DecapCounter::Gue, DecapCounter::PassNotLocal, DecapCounter::DropMalformed];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapCounter::Ipip => "decapsulated_ipip",
+            DecapCounter::Gue => "decapsulated_gue",
+            DecapCounter::PassNotLocal => "passed_not_local",
+            DecapCounter::DropMalformed => "dropped_malformed",
         }
     }
 }

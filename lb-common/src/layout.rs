@@ -61,6 +61,9 @@ pub struct VipAddressKey {
     pub _pad: [u8; 3],
 }
 
+/// An address as a map key (the decapsulation program's local addresses).
+pub type AddressKey = VipAddressKey;
+
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,6 +83,17 @@ pub struct Backend {
     /// The VIP (service) this slot belongs to, so that a restarted agent can
     /// tell which service's backend a pinned slot is.
     pub vip_id: u32,
+    /// Outer source address of tunnelled packets (the family of `addr`).
+    pub tunnel_src: [u32; 4],
+    /// How packets reach this backend: one of `consts::forwarding::*`.
+    pub forwarding: u8,
+    pub _pad: u8,
+    /// GUE: the backend's decapsulation port, network byte order.
+    pub gue_port: u16,
+    /// MTU of the path to the backend (egress interface or route): a
+    /// tunnelled packet that would exceed it is answered with "too big".
+    pub mtu: u16,
+    pub _pad2: u16,
 }
 
 /// Key of the connection table: the packet's five-tuple as seen on the wire.

@@ -8,6 +8,7 @@ pub mod counters;
 pub mod hash;
 pub mod layout;
 pub mod schema;
+pub mod wire;
 
 pub use consts::*;
 pub use counters::*;
@@ -44,7 +45,7 @@ mod tests {
         assert_eq!(size_of::<AffinityState>(), 16);
         assert_eq!(size_of::<VipAddressKey>(), 20);
         // Changing any of these changes what pinned maps hold: bump LAYOUT_VERSION.
-        assert_eq!(size_of::<Backend>(), 40);
+        assert_eq!(size_of::<Backend>(), 64);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);

@@ -126,6 +126,8 @@ pub fn map_spec(name: &str) -> Option<&'static MapSpec> {
 /// Names of the program and its load-time globals in the object file.
 pub mod names {
     pub const PROGRAM: &str = "xdplb";
+    /// The tc egress program that tunnels health probes.
+    pub const PROBE_PROGRAM: &str = "xdplb_probe";
     /// aya-log's level global: 0 (off) lets the verifier prune all logging.
     pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
     pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";

@@ -11,10 +11,15 @@ mod classify;
 mod counters;
 mod forward;
 mod maps;
+mod probe;
 mod schedule;
 mod select;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use aya_log_ebpf::debug;
 use lb_common::GlobalCounter;
 use lb_ebpf::parse::{self, Parsed, Unclassifiable};
@@ -56,7 +61,13 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         );
     }
     // SAFETY: `select_backend` returns a pointer into the BACKENDS array, valid for the whole run.
-    forward::forward_dsr(&ctx, unsafe { &*selection.backend })
+    forward::forward(&ctx, &packet, unsafe { &*selection.backend })
+}
+
+/// tc egress: tunnels the agent's health probes to the backend they check.
+#[classifier]
+pub fn xdplb_probe(ctx: TcContext) -> i32 {
+    probe::encapsulate_probe(&ctx)
 }
 
 #[inline(always)]

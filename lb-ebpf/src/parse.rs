@@ -21,6 +21,7 @@ const VLAN_HDR_LEN: usize = 4;
 
 /// IPv4 "more fragments" flag and fragment offset mask.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+const IPV4_DF: u16 = lb_common::wire::IPV4_DF;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -34,6 +35,21 @@ pub struct Packet {
     pub flow: FlowKey,
     /// TCP flags byte; 0 for UDP.
     pub tcp_flags: u8,
+    /// What a tunnel or a "too big" reply needs of the IP header.
+    pub ip: IpInfo,
+}
+
+/// The IP header as forwarding needs it.
+#[derive(Clone, Copy)]
+pub struct IpInfo {
+    /// Where the IP header starts (after Ethernet and any VLAN tag).
+    pub offset: usize,
+    /// The IP packet's length by its header (excluding Ethernet padding).
+    pub len: u16,
+    /// IPv4 TOS or IPv6 traffic class (DSCP and ECN), copied to outer headers.
+    pub tos: u8,
+    /// IPv4 "don't fragment"; always set for IPv6 (routers never fragment it).
+    pub df: bool,
 }
 
 /// Why a packet could not be classified by port.
@@ -107,14 +123,16 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Option<Parsed> {
     let mut flow = FlowKey { family: FAMILY_IPV4, proto: ip.proto, ..FlowKey::default() };
     flow.src[0] = u32::from_ne_bytes(ip.src_addr);
     flow.dst[0] = u32::from_ne_bytes(ip.dst_addr);
-    if u16::from_be_bytes(ip.frags) & IPV4_MF_OR_OFFSET != 0 {
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IPV4_MF_OR_OFFSET != 0 {
         return Some(Parsed::Unclassifiable {
             dst: flow.dst,
             family: FAMILY_IPV4,
             reason: Unclassifiable::Ipv4Fragment,
         });
     }
-    parse_l4(ctx, offset + ihl * 4, flow)
+    let info = IpInfo { offset, len: u16::from_be_bytes(ip.tot_len), tos: ip.tos, df: frags & IPV4_DF != 0 };
+    parse_l4(ctx, offset + ihl * 4, flow, info)
 }
 
 #[inline(always)]
@@ -135,11 +153,17 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Option<Parsed> {
             reason: Unclassifiable::Ipv6ExtensionHeader,
         });
     }
-    parse_l4(ctx, offset + Ipv6Hdr::LEN, flow)
+    let info = IpInfo {
+        offset,
+        len: u16::from_be_bytes(ip.payload_len).saturating_add(Ipv6Hdr::LEN as u16),
+        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+        df: true,
+    };
+    parse_l4(ctx, offset + Ipv6Hdr::LEN, flow, info)
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, offset: usize, mut flow: FlowKey) -> Option<Parsed> {
+fn parse_l4(ctx: &XdpContext, offset: usize, mut flow: FlowKey, ip: IpInfo) -> Option<Parsed> {
     let tcp_flags = match flow.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, offset)?;
@@ -164,7 +188,7 @@ fn parse_l4(ctx: &XdpContext, offset: usize, mut flow: FlowKey) -> Option<Parsed
         }
         _ => return Some(Parsed::OtherProtocol),
     };
-    Some(Parsed::Packet(Packet { flow, tcp_flags }))
+    Some(Parsed::Packet(Packet { flow, tcp_flags, ip }))
 }
 
 #[inline(always)]

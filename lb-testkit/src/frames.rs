@@ -143,3 +143,84 @@ pub fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
 pub fn dst_mac(out: &[u8]) -> [u8; 6] {
     out[0..6].try_into().unwrap()
 }
+
+/// A tunnel as a test expects the load balancer to build it.
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// GUE: (outer source port, destination port); `None` for IPIP.
+    pub gue_ports: Option<(u16, u16)>,
+    /// The outer IPv6 flow label (the flow hash's low 20 bits).
+    pub flow_label: u32,
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`, written independently of
+/// the code under test.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// `frame` (untagged) inside `tunnel`: the bytes xdplb must emit.
+pub fn encapsulated(frame: &[u8], tunnel: &Tunnel) -> Vec<u8> {
+    let inner = &frame[14..];
+    let inner_v4 = inner[0] >> 4 == 4;
+    let inner_len = if inner_v4 {
+        u16::from_be_bytes([inner[2], inner[3]]) as usize
+    } else {
+        40 + u16::from_be_bytes([inner[4], inner[5]]) as usize
+    };
+    let inner = &inner[..inner_len];
+    let tos = if inner_v4 { inner[1] } else { (inner[0] << 4) | (inner[1] >> 4) };
+    let df = !inner_v4 || inner[6] & 0x40 != 0;
+    let mut payload = Vec::new();
+    let protocol = match tunnel.gue_ports {
+        Some((sport, dport)) => {
+            payload.extend(sport.to_be_bytes());
+            payload.extend(dport.to_be_bytes());
+            payload.extend((8 + inner_len as u16).to_be_bytes());
+            payload.extend([0, 0]);
+            PROTO_UDP
+        }
+        None if inner_v4 => 4,
+        None => 41,
+    };
+    payload.extend(inner);
+    let mut out = Vec::new();
+    out.extend(tunnel.dst_mac);
+    out.extend(tunnel.src_mac);
+    match (tunnel.src, tunnel.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend(0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, tos];
+            ip.extend((20 + payload.len() as u16).to_be_bytes());
+            ip.extend([0, 0, if df { 0x40 } else { 0 }, 0, 64, protocol, 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let check = internet_checksum(&ip);
+            ip[10..12].copy_from_slice(&check.to_be_bytes());
+            out.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend(0x86ddu16.to_be_bytes());
+            let first = 6u32 << 28 | u32::from(tos) << 20 | (tunnel.flow_label & 0xfffff);
+            out.extend(first.to_be_bytes());
+            out.extend((payload.len() as u16).to_be_bytes());
+            out.extend([protocol, 64]);
+            out.extend(s.octets());
+            out.extend(d.octets());
+        }
+        _ => panic!("outer addresses of mixed families"),
+    }
+    out.extend(payload);
+    out
+}

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod decap;
 pub mod health;
 pub mod metrics;
 pub mod netlink;

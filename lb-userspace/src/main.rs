@@ -5,6 +5,7 @@ use clap::Parser;
 use xdplb::{
     agent::Agent,
     config::Config,
+    decap,
     control::cli::{self, Cli, Command},
 };
 
@@ -17,6 +18,17 @@ fn main() -> std::process::ExitCode {
         Command::Check { config } => Config::load(&config).map(|c| {
             println!("{}: ok, {} service(s)", config.display(), c.services.len());
         }),
+        Command::Decap { interface, gue_port, detach, stats, xdp_mode, pin_dir } => {
+            let pin_dir = pin_dir.unwrap_or_else(|| decap::default_pin_dir(&interface));
+            let report = if detach {
+                decap::detach(&interface, &pin_dir)
+            } else if stats {
+                decap::counters_text(&pin_dir)
+            } else {
+                decap::attach(&interface, gue_port, xdp_mode, &pin_dir)
+            };
+            report.map(|text| print!("{text}"))
+        }
         command => cli::client(&cli.socket, command).map(|text| print!("{text}")),
     };
     match result {

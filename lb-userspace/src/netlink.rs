@@ -1,23 +1,46 @@
 //! Kernel routing and neighbour lookups over rtnetlink: where a backend is
-//! reached from (egress interface, next hop) and at which MAC address.
+//! reached from (egress interface, next hop, source address, MTU) and at
+//! which MAC address; and a watch on route, neighbour and link changes.
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
-    route::{RouteAddress, RouteAttribute},
+    route::{RouteAddress, RouteAttribute, RouteMetric},
 };
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, RouteMessageBuilder, sys::AsyncSocket as _};
+use tokio::sync::mpsc;
 
-/// How a backend is reached at layer 2.
+// rtnetlink multicast groups (uapi rtnetlink.h, the legacy bitmask form).
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_NEIGH: u32 = 0x4;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+
+/// How a backend is reached: the frame's interface and MAC addresses (of
+/// the backend, or of the router on the way), and for tunnels the outer
+/// source address and the MTU of the path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct L2Path {
     pub ifindex: u32,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// The route's MTU, or the egress interface's.
+    pub mtu: u16,
+    /// The source address the kernel would use toward the backend.
+    pub source: Option<IpAddr>,
+}
+
+/// The kernel's route to an address.
+struct Route {
+    ifindex: u32,
+    /// The gateway, or the address itself when it is on-link.
+    next_hop: IpAddr,
+    source: Option<IpAddr>,
+    mtu: Option<u32>,
 }
 
 pub struct Netlink {
@@ -29,6 +52,29 @@ impl Netlink {
         let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
         tokio::spawn(connection);
         Ok(Self { handle })
+    }
+
+    /// Reports every route, neighbour and link change the kernel announces
+    /// (one `()` per message; the receiver coalesces them).
+    pub fn watch_changes() -> Result<mpsc::UnboundedReceiver<()>> {
+        let (mut connection, _handle, mut messages) =
+            rtnetlink::new_connection().context("opening rtnetlink for change notifications")?;
+        let groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
+            .context("subscribing to route, neighbour and link changes")?;
+        tokio::spawn(connection);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while messages.next().await.is_some() {
+                if tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
     }
 
     pub async fn ifindex_by_name(&self, name: &str) -> Result<u32> {
@@ -45,16 +91,28 @@ impl Netlink {
         Ok(link.header.index)
     }
 
-    pub async fn mac_of(&self, ifindex: u32) -> Result<[u8; 6]> {
+    /// An interface's MAC address and MTU.
+    pub async fn link_of(&self, ifindex: u32) -> Result<([u8; 6], u32)> {
         let links: Vec<_> = self.handle.link().get().match_index(ifindex).execute().try_collect().await?;
         let link = links.first().ok_or_else(|| anyhow!("interface {ifindex} not found"))?;
-        link.attributes
+        let mac = link
+            .attributes
             .iter()
             .find_map(|a| match a {
                 LinkAttribute::Address(mac) if mac.len() == 6 => mac.as_slice().try_into().ok(),
                 _ => None,
             })
-            .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
+            .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))?;
+        let mtu = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        });
+        Ok((mac, mtu.unwrap_or(lb_common::DEFAULT_LINK_MTU)))
+    }
+
+    /// The interface the kernel's route to `addr` leaves by.
+    pub async fn route_interface(&self, addr: IpAddr) -> Result<u32> {
+        Ok(self.route_to(addr).await?.ifindex)
     }
 
     /// Resolves the L2 paths to `addresses` from the kernel's route and
@@ -66,28 +124,30 @@ impl Netlink {
         timeout: Duration,
     ) -> HashMap<IpAddr, Result<L2Path, String>> {
         let mut results = HashMap::new();
-        let mut pending = Vec::new(); // (address, ifindex, next hop, interface MAC)
-        let mut interface_macs: HashMap<u32, [u8; 6]> = HashMap::new();
+        let mut pending = Vec::new(); // (address, ifindex, next hop, path without dst_mac)
+        let mut links: HashMap<u32, ([u8; 6], u32)> = HashMap::new();
         let routes = futures::future::join_all(addresses.iter().map(|a| self.route_to(*a))).await;
         for (address, route) in addresses.iter().zip(routes) {
-            let (ifindex, next_hop) = match route {
+            let route = match route {
                 Ok(route) => route,
                 Err(err) => {
                     results.insert(*address, Err(format!("{err:#}")));
                     continue;
                 }
             };
-            let src_mac = match interface_macs.get(&ifindex) {
-                Some(mac) => *mac,
-                None => match self.mac_of(ifindex).await {
-                    Ok(mac) => *interface_macs.entry(ifindex).or_insert(mac),
+            let (src_mac, link_mtu) = match links.get(&route.ifindex) {
+                Some(link) => *link,
+                None => match self.link_of(route.ifindex).await {
+                    Ok(link) => *links.entry(route.ifindex).or_insert(link),
                     Err(err) => {
                         results.insert(*address, Err(format!("{err:#}")));
                         continue;
                     }
                 },
             };
-            pending.push((*address, ifindex, next_hop, src_mac));
+            let mtu = route.mtu.unwrap_or(link_mtu).min(u16::MAX as u32) as u16;
+            let path = L2Path { ifindex: route.ifindex, src_mac, dst_mac: [0; 6], mtu, source: route.source };
+            pending.push((*address, route.ifindex, route.next_hop, path));
         }
 
         let deadline = tokio::time::Instant::now() + timeout;
@@ -102,11 +162,11 @@ impl Netlink {
                     break;
                 }
             };
-            pending.retain(|(address, ifindex, next_hop, src_mac)| {
+            pending.retain(|(address, ifindex, next_hop, path)| {
                 let Some(dst_mac) = neighbours.get(&(*ifindex, *next_hop)) else {
                     return true;
                 };
-                results.insert(*address, Ok(L2Path { ifindex: *ifindex, src_mac: *src_mac, dst_mac: *dst_mac }));
+                results.insert(*address, Ok(L2Path { dst_mac: *dst_mac, ..*path }));
                 false
             });
             if pending.is_empty() {
@@ -132,9 +192,8 @@ impl Netlink {
         results
     }
 
-    /// Egress interface and next hop (gateway, or the address itself when it
-    /// is on-link) of the kernel's route to `addr`.
-    async fn route_to(&self, addr: IpAddr) -> Result<(u32, IpAddr)> {
+    /// The kernel's route to `addr` (`ip route get ADDR`).
+    async fn route_to(&self, addr: IpAddr) -> Result<Route> {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
         let request = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(addr, prefix)
@@ -151,16 +210,34 @@ impl Netlink {
         let route = routes.first().ok_or_else(|| anyhow!("no route to backend {addr}"))?;
         let mut ifindex = None;
         let mut next_hop = addr;
+        let mut source = None;
+        let mut mtu = None;
         for attr in &route.attributes {
             match attr {
                 RouteAttribute::Oif(index) => ifindex = Some(*index),
-                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => next_hop = IpAddr::V4(*gw),
-                RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => next_hop = IpAddr::V6(*gw),
+                RouteAttribute::Gateway(gw) | RouteAttribute::PrefSource(gw) => {
+                    let address = match gw {
+                        RouteAddress::Inet(a) => IpAddr::V4(*a),
+                        RouteAddress::Inet6(a) => IpAddr::V6(*a),
+                        _ => continue,
+                    };
+                    if matches!(attr, RouteAttribute::Gateway(_)) {
+                        next_hop = address;
+                    } else {
+                        source = Some(address);
+                    }
+                }
+                RouteAttribute::Metrics(metrics) => {
+                    mtu = metrics.iter().find_map(|m| match m {
+                        RouteMetric::Mtu(mtu) if *mtu > 0 => Some(*mtu),
+                        _ => None,
+                    });
+                }
                 _ => {}
             }
         }
         let ifindex = ifindex.ok_or_else(|| anyhow!("route to {addr} has no output interface"))?;
-        Ok((ifindex, next_hop))
+        Ok(Route { ifindex, next_hop, source, mtu })
     }
 
     /// Every usable neighbour entry: (ifindex, address) → MAC.

@@ -44,6 +44,7 @@ impl Agent {
     pub(super) async fn maintain(&mut self) {
         self.last_maintenance = tokio::time::Instant::now();
         self.resolve().await;
+        self.attach_probe_tunnels().await;
         let tcp_idle_ns = self.config.agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC);
         match self.dataplane.scan_flows(tcp_idle_ns) {
             Ok(scan) => {

@@ -32,7 +32,7 @@ use crate::{
         pins,
         planner::{self, Reconciler},
     },
-    health::{self, ProbeReport},
+    health::{self, ProbeReport, TunnelSlot},
     metrics::{self, Metrics, Reading},
     netlink::{L2Path, Netlink},
     state::{AdminState, DesiredService, FailOpen, Runtime, desired_services},
@@ -42,11 +42,14 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_millis(lb_common::NEIGHBOUR_RES
 const MAINTENANCE_PERIOD: Duration = Duration::from_millis(lb_common::MAINTENANCE_PERIOD_MS);
 const BUSY_MAINTENANCE_PERIOD: Duration = Duration::from_millis(lb_common::BUSY_MAINTENANCE_PERIOD_MS);
 const REBALANCE_PERIOD: Duration = Duration::from_millis(lb_common::REBALANCE_PERIOD_MS);
+const NETLINK_SETTLE: Duration = Duration::from_millis(lb_common::NETLINK_SETTLE_MS);
 
 struct Checker {
     check: HealthCheck,
     generation: u64,
     task: JoinHandle<()>,
+    /// The backend slot its probes are tunnelled to (through_tunnel).
+    tunnel_slot: TunnelSlot,
 }
 
 pub struct Agent {
@@ -75,6 +78,10 @@ pub struct Agent {
     stop_requested: bool,
     /// The last map write the kernel refused, while it is not yet applied.
     outstanding_write: Option<String>,
+    /// Route, neighbour and link changes announced by the kernel.
+    netlink_changes: mpsc::UnboundedReceiver<()>,
+    /// When to re-resolve paths after such a change (coalesced).
+    resolve_at: Option<tokio::time::Instant>,
 }
 
 impl Agent {
@@ -138,6 +145,8 @@ impl Agent {
             detach_on_exit,
             stop_requested: false,
             outstanding_write: None,
+            netlink_changes: Netlink::watch_changes()?,
+            resolve_at: None,
         };
         agent.runtime.sync_with(&agent.config);
         agent.resolve().await;
@@ -154,6 +163,7 @@ impl Agent {
             tokio::spawn(metrics::serve(listener, scrape_tx));
         }
         agent.sync_checkers();
+        agent.attach_probe_tunnels().await;
         log::info!(
             "attached to {} ({}) with {} service(s); program {}; control socket {}",
             agent.config.agent.interface,
@@ -177,6 +187,8 @@ impl Agent {
             let maintenance = tokio::time::sleep_until(self.last_maintenance + self.maintenance_period());
             let rebalance = tokio::time::sleep_until(self.last_rebalance + REBALANCE_PERIOD);
             let has_lrt = self.config.services.iter().any(|s| s.scheduler == Scheduler::LeastResponseTime);
+            let resolve_at = self.resolve_at;
+            let resolve_soon = tokio::time::sleep_until(resolve_at.unwrap_or_else(tokio::time::Instant::now));
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -197,6 +209,15 @@ impl Agent {
                     let _ = reply.send(self.scrape());
                 }
                 _ = maintenance => self.maintain().await,
+                Some(()) = self.netlink_changes.recv() => {
+                    // Coalesce a burst of changes into one re-resolution.
+                    self.resolve_at.get_or_insert_with(|| tokio::time::Instant::now() + NETLINK_SETTLE);
+                }
+                _ = resolve_soon, if resolve_at.is_some() => {
+                    self.resolve_at = None;
+                    self.resolve().await;
+                    self.reconcile_logged();
+                }
                 _ = rebalance, if has_lrt => {
                     self.last_rebalance = tokio::time::Instant::now();
                     if self.runtime.rebalance_response_time(&self.config) {
@@ -251,7 +272,9 @@ impl Agent {
         if !writes.is_empty() {
             log::debug!("applying {} map write(s)", writes.len());
         }
-        self.apply_writes(&writes).context("updating the data plane")?;
+        let applied = self.apply_writes(&writes).context("updating the data plane");
+        self.update_tunnel_slots();
+        applied?;
         // A full plan applied: whatever was refused before is in the maps now.
         if let Some(previous) = self.outstanding_write.take() {
             log::info!("map writes applied after an earlier refusal ({previous})");

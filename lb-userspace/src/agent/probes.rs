@@ -1,7 +1,7 @@
 //! Health checkers: started, replaced and stopped with the configuration;
 //! their reports move backends up and down.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::IpAddr};
 
 use super::*;
 
@@ -61,14 +61,45 @@ impl Agent {
             }
             self.next_generation += 1;
             let generation = self.next_generation;
+            let tunnel_slot = TunnelSlot::default();
             let task = tokio::spawn(health::run_checker(
                 key.0.clone(),
                 key.1,
                 check.clone(),
+                tunnel_slot.clone(),
                 generation,
                 self.probe_tx.clone(),
             ));
-            self.checkers.insert(key, Checker { check, generation, task });
+            self.checkers.insert(key, Checker { check, generation, task, tunnel_slot });
+        }
+        self.update_tunnel_slots();
+    }
+
+    /// Tells the probes through tunnels which backend slot to encapsulate
+    /// to (slots change as backends come and go).
+    pub(super) fn update_tunnel_slots(&self) {
+        for ((service, address), checker) in &self.checkers {
+            if checker.check.through_tunnel.is_some() {
+                let slot = self.reconciler.backend_id(service, *address).unwrap_or(0);
+                checker.tunnel_slot.store(slot, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Puts the probe-tunnelling tc program on every interface a probe
+    /// through a tunnel leaves by: the kernel's route to each such VIP.
+    pub(super) async fn attach_probe_tunnels(&mut self) {
+        let vips: std::collections::BTreeSet<IpAddr> =
+            self.checkers.values().filter_map(|c| c.check.through_tunnel).collect();
+        for vip in vips {
+            let result = async {
+                let ifindex = self.netlink.route_interface(vip).await?;
+                self.dataplane.attach_probe_tunnel(ifindex)
+            }
+            .await;
+            if let Err(err) = result {
+                log::warn!("probes of VIP {vip} through tunnels: {err:#}");
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ impl Agent {
         self.sync_checkers();
         self.resolve().await;
         self.reconcile_logged();
+        self.attach_probe_tunnels().await;
     }
 
     /// Applies `change` to a copy of the configuration; if the result is

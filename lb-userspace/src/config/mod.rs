@@ -62,6 +62,13 @@ pub struct AgentConfig {
     /// Serve Prometheus metrics at http://ADDRESS/metrics; off when unset.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Outer source address of IPv4 tunnels; default: the address the
+    /// kernel's route to each backend names (the egress interface's).
+    #[serde(default)]
+    pub tunnel_source_v4: Option<Spanned<std::net::Ipv4Addr>>,
+    /// The same for IPv6 tunnels.
+    #[serde(default)]
+    pub tunnel_source_v6: Option<Spanned<std::net::Ipv6Addr>>,
 }
 
 impl AgentConfig {
@@ -86,6 +93,9 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// GUE: the UDP port the backends decapsulate on.
+    #[serde(default = "default_gue_port")]
+    pub gue_port: Spanned<u16>,
     /// How new flows pick a backend.
     #[serde(default)]
     pub scheduler: Scheduler,
@@ -163,6 +173,10 @@ pub struct HealthSpec {
     pub timeout_ms: Option<u64>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
+    /// Tunnel services: probe the VIP through the tunnel to the backend (as
+    /// clients reach it), not the backend's own address. Default: true for
+    /// tunnel services; DSR services cannot.
+    pub through_tunnel: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum)]
@@ -185,6 +199,9 @@ pub struct HealthCheck {
     pub timeout: std::time::Duration,
     pub rise: u32,
     pub fall: u32,
+    /// Probe the VIP through the tunnel to the backend: connect to this
+    /// address (the VIP), and let the tc program encapsulate the probe.
+    pub through_tunnel: Option<IpAddr>,
 }
 
 impl HealthSpec {
@@ -200,6 +217,7 @@ impl HealthSpec {
             timeout_ms: self.timeout_ms.or(base.timeout_ms),
             rise: self.rise.or(base.rise),
             fall: self.fall.or(base.fall),
+            through_tunnel: self.through_tunnel.or(base.through_tunnel),
         }
     }
 }
@@ -249,6 +267,25 @@ pub enum Forwarding {
     /// L2 direct server return: only MAC addresses are rewritten.
     #[default]
     Dsr,
+    /// IP-in-IP to the backend's address, wherever it is routed.
+    Ipip,
+    /// GUE (UDP) to the backend's `gue_port`.
+    Gue,
+}
+
+impl Forwarding {
+    pub fn is_tunnel(self) -> bool {
+        self != Forwarding::Dsr
+    }
+
+    /// The data plane's value (`Backend::forwarding`).
+    pub fn mode(self) -> u8 {
+        match self {
+            Forwarding::Dsr => lb_common::forwarding::DSR,
+            Forwarding::Ipip => lb_common::forwarding::IPIP,
+            Forwarding::Gue => lb_common::forwarding::GUE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +321,8 @@ impl ServiceConfig {
             timeout: std::time::Duration::from_millis(spec.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS)),
             rise: spec.rise.unwrap_or(DEFAULT_RISE),
             fall: spec.fall.unwrap_or(DEFAULT_FALL),
+            through_tunnel: (spec.through_tunnel.unwrap_or(true) && self.forwarding.is_tunnel())
+                .then(|| self.vip.get_ref().ip()),
         }
     }
 }
@@ -319,6 +358,9 @@ fn default_udp_idle_timeout_s() -> u64 {
 }
 fn default_tcp_idle_timeout_s() -> u64 {
     lb_common::DEFAULT_TCP_IDLE_TIMEOUT_S
+}
+fn default_gue_port() -> Spanned<u16> {
+    Spanned::new(0..0, lb_common::DEFAULT_GUE_PORT)
 }
 fn default_drain_timeout_s() -> u64 {
     lb_common::DEFAULT_DRAIN_TIMEOUT_S
@@ -474,8 +516,8 @@ address = "2001:db8:0:2::11"
     fn bad_enum_value_is_reported() {
         let err = error_of(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
         assert!(err.contains("unknown variant `sctp`"), "{err}");
-        let err = error_of(&GOOD.replace("forwarding = \"dsr\"", "forwarding = \"nat\""));
-        assert!(err.contains("unknown variant `nat`"), "{err}");
+        let err = error_of(&GOOD.replace("forwarding = \"dsr\"", "forwarding = \"natt\""));
+        assert!(err.contains("unknown variant `natt`"), "{err}");
     }
 
     #[test]

@@ -51,7 +51,19 @@ impl Config {
                     format!("service {name:?} has more than {MAX_BACKENDS_PER_SERVICE} backends"),
                 ));
             }
+            if service.forwarding == Forwarding::Gue && *service.gue_port.get_ref() == 0 {
+                return Err((service.gue_port.span(), format!("service {name:?}: gue_port 0 is not a port")));
+            }
             let service_health = service.health.as_ref().map(|h| h.get_ref().clone()).unwrap_or_default();
+            let through_tunnel = |spec: &HealthSpec| spec.through_tunnel == Some(true);
+            if !service.forwarding.is_tunnel()
+                && let Some(health) = service.health.as_ref().filter(|h| through_tunnel(h.get_ref()))
+            {
+                return Err((
+                    health.span(),
+                    format!("service {name:?}: through_tunnel needs forwarding = \"ipip\" or \"gue\""),
+                ));
+            }
             if let Some(health) = &service.health {
                 health.get_ref().validate().map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
             }
@@ -65,10 +77,15 @@ impl Config {
                         .map_err(|e| (health.span(), format!("backend {} health: {e}", backend.address.get_ref())))?;
                 }
                 let addr = *backend.address.get_ref();
-                if addr.is_ipv4() != vip.is_ipv4() {
+                // A tunnel carries either family in either; L2 DSR hands the
+                // client's packet over as it is.
+                if addr.is_ipv4() != vip.is_ipv4() && !service.forwarding.is_tunnel() {
                     return Err((
                         backend.address.span(),
-                        format!("backend {addr} is not of the same IP family as VIP {vip}"),
+                        format!(
+                            "backend {addr} is not of the same IP family as VIP {vip} \
+                             (forwarding = \"dsr\" needs that; \"ipip\" and \"gue\" do not)"
+                        ),
                     ));
                 }
                 if !addresses.insert(addr) {

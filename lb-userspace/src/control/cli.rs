@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    config::{DEFAULT_CONTROL_SOCKET, Forwarding, HealthKind, OnFailure, Protocol, value_name},
+    config::{DEFAULT_CONTROL_SOCKET, Forwarding, HealthKind, OnFailure, Protocol, XdpModeConfig, value_name},
     control::{
         self, Request, Response, Status,
         views::{status_table, top_view},
@@ -82,6 +82,26 @@ pub enum Command {
     },
     /// Re-read the configuration file and apply the difference (as SIGHUP).
     Reload,
+    /// On a backend of a tunnel service: attach the XDP program that opens
+    /// xdplb's IPIP and GUE tunnels (it stays attached after this exits).
+    Decap {
+        #[arg(long)]
+        interface: String,
+        /// The UDP port GUE arrives on (the services' gue_port).
+        #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+        gue_port: u16,
+        /// Remove it instead.
+        #[arg(long, conflicts_with = "stats")]
+        detach: bool,
+        /// Print what it has decapsulated and exit.
+        #[arg(long)]
+        stats: bool,
+        #[arg(long, value_enum, default_value = "driver")]
+        xdp_mode: XdpModeConfig,
+        /// Where its link and maps are pinned (default /sys/fs/bpf/xdplb/decap/INTERFACE).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,6 +160,9 @@ pub struct ServiceArgs {
     pub protocol: Protocol,
     #[arg(long, value_enum, default_value_t)]
     pub forwarding: Forwarding,
+    /// GUE: the backends' decapsulation port (default 6080).
+    #[arg(long)]
+    pub gue_port: Option<u16>,
     /// A backend, ADDRESS or ADDRESS=WEIGHT; repeat for more.
     #[arg(long = "backend")]
     pub backends: Vec<String>,
@@ -166,6 +189,9 @@ pub struct ServiceArgs {
     pub health_rise: Option<u32>,
     #[arg(long)]
     pub health_fall: Option<u32>,
+    /// Tunnel services: probe the VIP through the tunnel (default true).
+    #[arg(long)]
+    pub health_through_tunnel: Option<bool>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -190,6 +216,9 @@ impl ServiceArgs {
         if let Some(v) = self.drain_timeout_s {
             service.insert("drain_timeout_s".into(), Value::Integer(v as i64));
         }
+        if let Some(v) = self.gue_port {
+            service.insert("gue_port".into(), Value::Integer(v.into()));
+        }
         let mut health = Table::new();
         if let Some(v) = self.health_kind {
             health.insert("kind".into(), value_name(v).into());
@@ -206,6 +235,9 @@ impl ServiceArgs {
         }
         if let Some(v) = &self.health_expect_body {
             health.insert("expect_body".into(), v.clone().into());
+        }
+        if let Some(v) = self.health_through_tunnel {
+            health.insert("through_tunnel".into(), v.into());
         }
         for (key, value) in [
             ("interval_ms", self.health_interval_ms),
@@ -254,7 +286,7 @@ fn parse_address(text: &str) -> Result<IpAddr, String> {
 /// Runs a client command against the agent; returns what to print.
 pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
     let (request, json) = match command {
-        Command::Run { .. } | Command::Check { .. } | Command::Stop { .. } => {
+        Command::Run { .. } | Command::Check { .. } | Command::Stop { .. } | Command::Decap { .. } => {
             unreachable!("handled by main")
         }
         Command::Top { once, interval_ms } => {

@@ -13,8 +13,9 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc,
         xdp::XdpLink,
     },
 };
@@ -82,6 +83,8 @@ pub struct Dataplane {
     logger: Option<tokio::task::JoinHandle<()>>,
     /// Ring rewrites applied, for metrics.
     pub ring_writes: u64,
+    /// Interfaces whose egress runs the probe-tunnelling program.
+    probe_interfaces: std::collections::BTreeSet<u32>,
 }
 
 impl Dataplane {
@@ -90,7 +93,15 @@ impl Dataplane {
     /// pinning). Nothing is attached yet.
     pub fn load(params: DataplaneParams, debug_log: DebugLog) -> Result<Self> {
         let ebpf = load_object(&params, debug_log)?;
-        Ok(Self { ebpf, params, link: None, debug_log, logger: None, ring_writes: 0 })
+        Ok(Self {
+            ebpf,
+            params,
+            link: None,
+            debug_log,
+            logger: None,
+            ring_writes: 0,
+            probe_interfaces: Default::default(),
+        })
     }
 
     /// Whether the previous agent left a pinned link to adopt.
@@ -138,6 +149,34 @@ impl Dataplane {
         Ok(false)
     }
 
+    /// Runs the probe-tunnelling tc program on `ifindex`'s egress (once per
+    /// interface; it goes when this process does).
+    pub fn attach_probe_tunnel(&mut self, ifindex: u32) -> Result<()> {
+        if self.probe_interfaces.contains(&ifindex) {
+            return Ok(());
+        }
+        let interface = nix::net::if_::if_indextoname(ifindex)
+            .with_context(|| format!("interface {ifindex}"))?
+            .to_string_lossy()
+            .into_owned();
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(names::PROBE_PROGRAM)
+            .ok_or_else(|| anyhow!("program {} missing", names::PROBE_PROGRAM))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().context("verifying the probe-tunnelling tc program")?;
+        }
+        // Kernels before 6.6 attach through a clsact qdisc (one may exist).
+        let _ = tc::qdisc_add_clsact(&interface);
+        program
+            .attach(&interface, TcAttachType::Egress)
+            .with_context(|| format!("attaching the probe-tunnelling program to {interface} egress"))?;
+        self.probe_interfaces.insert(ifindex);
+        log::info!("probes through tunnels leave by {interface}: tc egress program attached");
+        Ok(())
+    }
+
     /// Loads the program again with another debug-log setting and swaps it
     /// onto the link; the maps are shared, so no state is lost.
     pub fn set_debug_log(&mut self, debug_log: DebugLog) -> Result<()> {
@@ -153,6 +192,10 @@ impl Dataplane {
         }
         self.ebpf = ebpf;
         self.debug_log = debug_log;
+        // The tc links belonged to the old object's program.
+        for ifindex in std::mem::take(&mut self.probe_interfaces) {
+            self.attach_probe_tunnel(ifindex)?;
+        }
         if debug_log == DebugLog::On {
             self.logger = Some(forward_ebpf_logs(&mut self.ebpf)?);
         }

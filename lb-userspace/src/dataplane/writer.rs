@@ -270,12 +270,14 @@ mod tests {
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Maglev,
             persistence_timeout_s: 0,
+            forwarding: crate::config::Forwarding::Dsr,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
             backends: backends
                 .iter()
                 .map(|(n, weight)| DesiredBackend {
                     address: std::net::IpAddr::from([198, 18, 1, *n]),
                     weight: *weight,
-                    path: Some(L2Path { ifindex: 10 + *n as u32 % 3, src_mac: [2; 6], dst_mac: [2, 0, 0, 0, 1, *n] }),
+                    path: Some(L2Path { ifindex: 10 + *n as u32 % 3, src_mac: [2; 6], dst_mac: [2, 0, 0, 0, 1, *n], mtu: 1500, source: None }),
                     down: false,
                 })
                 .collect(),

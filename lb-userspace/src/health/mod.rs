@@ -5,7 +5,7 @@ mod probe;
 
 use std::time::{Duration, SystemTime};
 
-pub use self::probe::{ProbeReport, probe, run_checker};
+pub use self::probe::{ProbeReport, TunnelSlot, probe, run_checker};
 
 /// The result of one probe.
 #[derive(Clone, Debug, PartialEq, Eq)]

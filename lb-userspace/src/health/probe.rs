@@ -1,12 +1,24 @@
 //! The probes: TCP connect or HTTP GET from the LB host to each backend,
-//! on a timer per backend, reported to the agent.
+//! on a timer per backend, reported to the agent. A probe through the
+//! tunnel connects to the VIP instead, on a socket marked with the
+//! backend's id, which the tc program encapsulates to that backend.
 
 use std::{
     net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::SystemTime,
 };
 
-use tokio::{net::TcpStream, sync::mpsc};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    sync::mpsc,
+};
 
 use super::ProbeOutcome;
 use crate::config::{HealthCheck, HealthKind};
@@ -21,6 +33,10 @@ pub struct ProbeReport {
     pub outcome: ProbeOutcome,
 }
 
+/// The backend slot a tunnelled probe is encapsulated to: set by the agent
+/// after each reconcile (0 while the backend has no slot).
+pub type TunnelSlot = Arc<AtomicU32>;
+
 /// Runs `check` against `address` forever, reporting every result. The first
 /// probe starts at a random point within the first interval, so the probes
 /// of many backends do not run in lockstep; after that at a fixed period.
@@ -28,16 +44,16 @@ pub async fn run_checker(
     service: String,
     address: IpAddr,
     check: HealthCheck,
+    tunnel_slot: TunnelSlot,
     generation: u64,
     reports: mpsc::UnboundedSender<ProbeReport>,
 ) {
     let jitter = check.interval.mul_f64(fastrand::f64());
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + jitter, check.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let client = http_client(&check);
     loop {
         ticks.tick().await;
-        let outcome = probe(address, &check, client.as_ref()).await;
+        let outcome = probe(address, &check, tunnel_slot.load(Ordering::Relaxed)).await;
         let report = ProbeReport { service: service.clone(), address, generation, outcome };
         if reports.send(report).is_err() {
             return; // the agent is gone
@@ -45,35 +61,16 @@ pub async fn run_checker(
     }
 }
 
-fn http_client(check: &HealthCheck) -> Option<reqwest::Client> {
-    if check.kind != HealthKind::Http {
-        return None;
-    }
-    reqwest::Client::builder()
-        .no_proxy()
-        // A new connection for every probe: the probe checks that the
-        // backend accepts connections, not that an old one still works.
-        .pool_max_idle_per_host(0)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(check.timeout)
-        .build()
-        .ok()
-}
-
-pub async fn probe(address: IpAddr, check: &HealthCheck, client: Option<&reqwest::Client>) -> ProbeOutcome {
+/// One probe. `tunnel_slot` is the backend's slot, for probes through the
+/// tunnel.
+pub async fn probe(address: IpAddr, check: &HealthCheck, tunnel_slot: u32) -> ProbeOutcome {
     let start = std::time::Instant::now();
     let at = SystemTime::now();
-    let target = SocketAddr::new(address, check.port);
     let result = match check.kind {
         HealthKind::None => Ok("not checked".to_string()),
-        HealthKind::Tcp => match tokio::time::timeout(check.timeout, TcpStream::connect(target)).await {
-            Ok(Ok(_)) => Ok("connected".to_string()),
-            Ok(Err(e)) => Err(e.to_string()),
+        kind => match tokio::time::timeout(check.timeout, probe_once(kind, address, check, tunnel_slot)).await {
+            Ok(result) => result,
             Err(_) => Err(format!("timed out after {:?}", check.timeout)),
-        },
-        HealthKind::Http => match client {
-            Some(client) => http_probe(client, target, check).await,
-            None => Err("no HTTP client".to_string()),
         },
     };
     let latency = start.elapsed();
@@ -83,27 +80,64 @@ pub async fn probe(address: IpAddr, check: &HealthCheck, client: Option<&reqwest
     }
 }
 
-async fn http_probe(client: &reqwest::Client, target: SocketAddr, check: &HealthCheck) -> Result<String, String> {
-    let url = format!("http://{target}{}", check.path);
-    let response = client.get(&url).send().await.map_err(|e| {
-        if e.is_timeout() { format!("timed out after {:?}", check.timeout) } else { describe_reqwest_error(&e) }
-    })?;
-    let status = response.status().as_u16();
-    if !check.expect_status.contains(&status) {
-        return Err(format!("HTTP {status}, expected {:?}", check.expect_status));
-    }
-    if let Some(needle) = &check.expect_body {
-        let body = response.text().await.map_err(|e| describe_reqwest_error(&e))?;
-        if !body.contains(needle.as_str()) {
-            return Err(format!("HTTP {status} body lacks {needle:?}"));
+async fn probe_once(kind: HealthKind, address: IpAddr, check: &HealthCheck, tunnel_slot: u32) -> Result<String, String> {
+    let (target, mark) = match check.through_tunnel {
+        Some(vip) if tunnel_slot == 0 => {
+            return Err(format!("no tunnel to the backend yet (probing {vip} through it needs a resolved path)"));
         }
+        Some(vip) => (SocketAddr::new(vip, check.port), Some(lb_common::PROBE_MARK | tunnel_slot)),
+        None => (SocketAddr::new(address, check.port), None),
+    };
+    let stream = connect(target, mark).await.map_err(|e| e.to_string())?;
+    let via = if mark.is_some() { " through the tunnel" } else { "" };
+    match kind {
+        HealthKind::Http => http_get(stream, target, check).await.map(|status| format!("{status}{via}")),
+        _ => Ok(format!("connected{via}")),
     }
-    Ok(format!("HTTP {status}"))
 }
 
-/// The innermost cause: "connection refused" rather than "error sending request".
-fn describe_reqwest_error(e: &reqwest::Error) -> String {
-    let mut source: &dyn std::error::Error = e;
+async fn connect(target: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(mark) = mark {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)?;
+    }
+    socket.connect(target).await
+}
+
+/// HTTP/1.1 GET on a new connection: the probe checks that the backend
+/// accepts connections, not that an old one still works.
+async fn http_get(stream: TcpStream, target: SocketAddr, check: &HealthCheck) -> Result<String, String> {
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| innermost(&e))?;
+    let driver = tokio::spawn(connection);
+    let request = hyper::Request::get(check.path.as_str())
+        .header(hyper::header::HOST, target.to_string())
+        .header(hyper::header::CONNECTION, "close")
+        .header(hyper::header::USER_AGENT, concat!("xdplb/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let response = sender.send_request(request).await.map_err(|e| innermost(&e))?;
+        let status = response.status().as_u16();
+        if !check.expect_status.contains(&status) {
+            return Err(format!("HTTP {status}, expected {:?}", check.expect_status));
+        }
+        if let Some(needle) = &check.expect_body {
+            let body = response.into_body().collect().await.map_err(|e| innermost(&e))?.to_bytes();
+            if !String::from_utf8_lossy(&body).contains(needle.as_str()) {
+                return Err(format!("HTTP {status} body lacks {needle:?}"));
+            }
+        }
+        Ok(format!("HTTP {status}"))
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// The innermost cause: "connection reset by peer" rather than "error sending request".
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = e;
     while let Some(next) = source.source() {
         source = next;
     }

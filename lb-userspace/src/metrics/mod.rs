@@ -55,6 +55,16 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     let (start, factor, count) = lb_common::PROBE_LATENCY_BUCKETS;
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(start, factor, count))
@@ -221,17 +231,22 @@ fn encode_backends(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Res
     family(encoder, "backend_admin_state", "1 for the backend's current admin state", MetricType::Gauge, admin)
 }
 
-const DROPS: [GlobalCounter; 4] = [
+const DROPS: [GlobalCounter; 6] = [
     GlobalCounter::DropFragment,
     GlobalCounter::DropIpv6ExtHeader,
     GlobalCounter::DropNoBackend,
     GlobalCounter::DropNoEgressDevice,
+    GlobalCounter::DropTooBig,
+    GlobalCounter::DropEncapFailed,
 ];
 
 fn encode_globals(encoder: &mut DescriptorEncoder, globals: &[(GlobalCounter, u64)]) -> fmt::Result {
     let value = |c: GlobalCounter| globals.iter().find(|(g, _)| *g == c).map_or(0, |(_, v)| *v) as i64;
     let actions = [
-        ("tx", value(GlobalCounter::ActionTx)),
+        (
+            "tx",
+            value(GlobalCounter::ActionTx) + value(GlobalCounter::TooBigSentV4) + value(GlobalCounter::TooBigSentV6),
+        ),
         ("redirect", value(GlobalCounter::ActionRedirect)),
         ("pass", value(GlobalCounter::PassNonVip) + value(GlobalCounter::PassUnparsed)),
         ("drop", DROPS.iter().map(|d| value(*d)).sum()),
@@ -243,6 +258,22 @@ fn encode_globals(encoder: &mut DescriptorEncoder, globals: &[(GlobalCounter, u6
     let passes = [("non_vip", GlobalCounter::PassNonVip), ("unparsed", GlobalCounter::PassUnparsed)]
         .map(|(reason, c)| (ReasonLabels { reason }, value(c)));
     family(encoder, "passes", "Packets passed to the kernel, by reason", MetricType::Counter, passes)?;
+    let forwarded = [
+        ("dsr", GlobalCounter::ForwardedDsr),
+        ("ipip", GlobalCounter::ForwardedIpip),
+        ("gue", GlobalCounter::ForwardedGue),
+    ]
+    .map(|(mode, c)| (ModeLabels { mode }, value(c)));
+    family(encoder, "forwarded", "Packets sent to backends, by forwarding mode", MetricType::Counter, forwarded)?;
+    let too_big = [("ipv4", GlobalCounter::TooBigSentV4), ("ipv6", GlobalCounter::TooBigSentV6)]
+        .map(|(family, c)| (FamilyLabels { family }, value(c)));
+    family(
+        encoder,
+        "too_big_sent",
+        "ICMP fragmentation-needed / ICMPv6 packet-too-big sent to clients whose packets would not fit the tunnel",
+        MetricType::Counter,
+        too_big,
+    )?;
     for (name, help, c) in [
         (
             "conntrack_hits",
@@ -278,7 +309,13 @@ mod tests {
         let metrics = Metrics::default();
         metrics.probe_latency.get_or_create(&Metrics::labels("web", "198.18.1.11")).observe(0.002);
         let globals =
-            [(GlobalCounter::ActionTx, 4), (GlobalCounter::DropFragment, 2), (GlobalCounter::DropNoBackend, 1)];
+        [
+            (GlobalCounter::ActionTx, 4),
+            (GlobalCounter::DropFragment, 2),
+            (GlobalCounter::DropNoBackend, 1),
+            (GlobalCounter::ForwardedGue, 9),
+            (GlobalCounter::TooBigSentV6, 1),
+        ];
         let reading = Reading { status: Some(status), globals: globals.to_vec(), ring_rebuilds: 5 };
         let text = metrics.render(reading).unwrap();
         for line in [
@@ -291,6 +328,9 @@ mod tests {
             "xdplb_xdp_actions_total{action=\"drop\"} 3",
             "xdplb_drops_total{reason=\"fragment\"} 2",
             "xdplb_ring_rebuilds_total 5",
+            "xdplb_forwarded_total{mode=\"gue\"} 9",
+            "xdplb_too_big_sent_total{family=\"ipv6\"} 1",
+            "xdplb_xdp_actions_total{action=\"tx\"} 5",
             "xdplb_conntrack_misses_total 0",
             "# HELP xdplb_syn_retransmits SYN retransmissions",
             "xdplb_backend_probe_latency_seconds_count{service=\"web\",backend=\"198.18.1.11\"} 1",

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    config::{Config, HealthKind, OnFailure, Protocol, Scheduler},
+    config::{AgentConfig, Config, Forwarding, HealthKind, OnFailure, Protocol, Scheduler},
     control::Admin,
     health::HealthState,
     netlink::L2Path,
@@ -195,7 +195,7 @@ pub fn desired_services(
                 DesiredBackend {
                     address,
                     weight: if takes_new_flows { weight } else { 0 },
-                    path: paths.get(&address).copied(),
+                    path: paths.get(&address).and_then(|p| path_for(service.forwarding, &config.agent, address, p)),
                     down: !up && !failing_open && service.on_failure == OnFailure::Reschedule,
                 }
             })
@@ -206,10 +206,26 @@ pub fn desired_services(
             protocol: service.protocol,
             scheduler: service.scheduler,
             persistence_timeout_s: service.persistence_timeout_s,
+            forwarding: service.forwarding,
+            gue_port: *service.gue_port.get_ref(),
             backends,
         });
     }
     (services, fail_open)
+}
+
+/// A backend's path as its forwarding mode uses it: a tunnel needs an
+/// outer source address, `[agent] tunnel_source_v4/v6` when set.
+fn path_for(forwarding: Forwarding, agent: &AgentConfig, backend: IpAddr, path: &L2Path) -> Option<L2Path> {
+    if !forwarding.is_tunnel() {
+        return Some(*path);
+    }
+    let configured = match backend {
+        IpAddr::V4(_) => agent.tunnel_source_v4.as_ref().map(|a| IpAddr::V4(*a.get_ref())),
+        IpAddr::V6(_) => agent.tunnel_source_v6.as_ref().map(|a| IpAddr::V6(*a.get_ref())),
+    };
+    let source = configured.or(path.source).filter(|s| s.is_ipv4() == backend.is_ipv4())?;
+    Some(L2Path { source: Some(source), ..*path })
 }
 
 /// A service as the data plane should serve it now: what the planner reads.
@@ -220,6 +236,9 @@ pub struct DesiredService {
     pub protocol: Protocol,
     pub scheduler: Scheduler,
     pub persistence_timeout_s: u32,
+    pub forwarding: Forwarding,
+    /// GUE: the backends' decapsulation port.
+    pub gue_port: u16,
     pub backends: Vec<DesiredBackend>,
 }
 
@@ -253,7 +272,7 @@ mod tests {
     }
 
     fn paths() -> HashMap<IpAddr, L2Path> {
-        [11, 12].map(|n| (addr(n), L2Path { ifindex: 2, src_mac: [0; 6], dst_mac: [n; 6] })).into_iter().collect()
+        [11, 12].map(|n| (addr(n), L2Path { ifindex: 2, src_mac: [0; 6], dst_mac: [n; 6], mtu: 1500, source: None })).into_iter().collect()
     }
 
     fn set_health(runtime: &mut Runtime, n: u8, up: bool) {

@@ -352,7 +352,7 @@ fn vip_address_key(key: &VipKey) -> VipAddressKey {
     VipAddressKey { addr: key.addr, family: key.family, _pad: [0; 3] }
 }
 
-fn backend_slot(address: IpAddr, path: L2Path, desired: &DesiredBackend, vip_id: u32) -> Backend {
+fn backend_slot(address: IpAddr, path: L2Path, desired: &DesiredBackend, service: &DesiredService, vip_id: u32) -> Backend {
     let mut flags = BACKEND_F_IN_USE;
     if desired.down {
         flags |= BACKEND_F_DOWN;
@@ -369,6 +369,12 @@ fn backend_slot(address: IpAddr, path: L2Path, desired: &DesiredBackend, vip_id:
         dst_mac: path.dst_mac,
         src_mac: path.src_mac,
         vip_id,
+        tunnel_src: path.source.map(address_words).unwrap_or_default(),
+        forwarding: service.forwarding.mode(),
+        _pad: 0,
+        gue_port: service.gue_port.to_be(),
+        mtu: path.mtu,
+        _pad2: 0,
     }
 }
 
@@ -416,7 +422,7 @@ mod tests {
     const RING: u32 = 251;
 
     fn path(n: u8) -> Option<L2Path> {
-        Some(L2Path { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 1, n] })
+        Some(L2Path { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 1, n], mtu: 1500, source: None })
     }
 
     fn service(name: &str, backends: &[(u8, u32)]) -> DesiredService {
@@ -426,6 +432,8 @@ mod tests {
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Maglev,
             persistence_timeout_s: 0,
+            forwarding: crate::config::Forwarding::Dsr,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
             backends: backends
                 .iter()
                 .map(|(n, w)| DesiredBackend {

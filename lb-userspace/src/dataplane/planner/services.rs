@@ -51,7 +51,7 @@ impl Reconciler {
             if self.egress_devices.insert(path.ifindex) {
                 writes.push(MapWrite::AddEgressDevice { ifindex: path.ifindex });
             }
-            let slot = backend_slot(*address, path, backend, service.vip_id);
+            let slot = backend_slot(*address, path, backend, desired, service.vip_id);
             if self.backends.get(&id) != Some(&slot) {
                 self.backends.insert(id, slot);
                 writes.push(MapWrite::SetBackend { id, backend: slot });

@@ -1,0 +1,64 @@
+//! Writing a tunnel's Ethernet and outer headers in front of an inner IP
+//! packet: shared by the XDP forwarding path and the tc program that
+//! tunnels the agent's health probes.
+
+use lb_common::{
+    Backend, FAMILY_IPV4, forwarding,
+    wire::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, UDP_HLEN},
+};
+
+/// Where the furthest header write ends (Ethernet, IPv6, UDP). Every
+/// tunnelled frame is at least this long (the shortest, 4in4 IPIP of an
+/// empty UDP datagram, is 14 + 20 + 28 bytes), so one bounds check covers
+/// every write.
+pub const MIN_TUNNELLED_FRAME: usize = ETH_HLEN + IPV6_HLEN + UDP_HLEN;
+
+/// What the outer headers copy from the inner packet.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    pub family: u8,
+    /// The inner IP packet's length.
+    pub len: u16,
+    pub tos: u8,
+    /// Inner IPv4 DF (IPv6: always set); the outer IPv4 header copies it.
+    pub df: bool,
+    /// Stable per flow: GUE source port, outer IPv6 flow label.
+    pub flow_hash: u32,
+}
+
+/// Writes Ethernet and outer headers at `start`, where the caller made
+/// `tunnel_overhead` bytes of room before the inner packet.
+///
+/// # Safety
+/// `start..start + MIN_TUNNELLED_FRAME` must be writable packet memory.
+#[inline(always)]
+pub unsafe fn write_headers(start: usize, backend: &Backend, inner: &Inner) {
+    let gue = backend.forwarding == forwarding::GUE;
+    let ether_type = if backend.family == FAMILY_IPV4 { ETH_P_IP } else { ETH_P_IPV6 };
+    let mut eth = [0u8; ETH_HLEN];
+    eth[..6].copy_from_slice(&backend.dst_mac);
+    eth[6..12].copy_from_slice(&backend.src_mac);
+    eth[12..].copy_from_slice(&ether_type.to_be_bytes());
+    let payload_len = if gue { inner.len + UDP_HLEN as u16 } else { inner.len };
+    let protocol = wire::outer_protocol(backend.forwarding, inner.family);
+    // SAFETY (all writes below): the caller guarantees MIN_TUNNELLED_FRAME
+    // writable bytes from `start`; every write ends before that.
+    unsafe {
+        core::ptr::write_unaligned(start as *mut [u8; ETH_HLEN], eth);
+        let udp_at = if backend.family == FAMILY_IPV4 {
+            let df = inner.df || inner.family != FAMILY_IPV4;
+            let ip = wire::outer_ipv4(inner.tos, payload_len, df, protocol, backend.tunnel_src[0], backend.addr[0]);
+            core::ptr::write_unaligned((start + ETH_HLEN) as *mut [u8; IPV4_HLEN], ip);
+            start + ETH_HLEN + IPV4_HLEN
+        } else {
+            let ip =
+                wire::outer_ipv6(inner.tos, inner.flow_hash, payload_len, protocol, &backend.tunnel_src, &backend.addr);
+            core::ptr::write_unaligned((start + ETH_HLEN) as *mut [u8; IPV6_HLEN], ip);
+            start + ETH_HLEN + IPV6_HLEN
+        };
+        if gue {
+            let udp = wire::gue_udp_header(wire::gue_source_port(inner.flow_hash), backend.gue_port, inner.len);
+            core::ptr::write_unaligned(udp_at as *mut [u8; UDP_HLEN], udp);
+        }
+    }
+}
