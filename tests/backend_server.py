@@ -5,9 +5,14 @@ answers every GET with its own name, on IPv4 and IPv6.
 /healthz answers with the status last set through /admin/healthz/CODE
 (200 at start), so tests can make a backend fail its HTTP health check.
 /admin/delay/MS makes every later answer (health checks included) wait MS
-milliseconds, so tests can make a backend slow."""
+milliseconds, so tests can make a backend slow.
+
+With --udp-port, it also answers every UDP datagram to each --udp-address
+(the VIPs on lo: bound to them, so that replies come from the VIP) with
+its name."""
 import argparse
 import socket
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -52,11 +57,24 @@ def handler_for(name):
     return Handler
 
 
+def serve_udp(name, address, port):
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((address, port))
+    while True:
+        _, client = sock.recvfrom(2048)
+        sock.sendto(name.encode(), client)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
     parser.add_argument("--port", type=int, default=80)
+    parser.add_argument("--udp-port", type=int)
+    parser.add_argument("--udp-address", action="append", default=[])
     args = parser.parse_args()
+    for address in args.udp_address if args.udp_port else []:
+        threading.Thread(target=serve_udp, args=(args.name, address, args.udp_port), daemon=True).start()
     DualStackServer(("::", args.port), handler_for(args.name)).serve_forever()
 
 

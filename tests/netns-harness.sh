@@ -20,12 +20,24 @@
 #   b3 shares the client's segment, so xdplb reaches it with XDP_TX; b1 and b2
 #   sit behind lb eth1, reached with XDP_REDIRECT. Backends answer the client
 #   directly (through sw), never through lb: direct server return.
+#
+# With HARNESS_ROUTED=1, also a subnet two routers away from lb, for tunnels:
+#
+#   sw tr0 198.18.4.1 ---- rt tr0 198.18.4.2 (router) br3 198.18.3.1 --+-- t1 198.18.3.21
+#          2001:db8:4::1      2001:db8:4::2            2001:db8:3::1   +-- t2 198.18.3.22
+#                                                                      +-- t3 198.18.3.23
+#
+#   t1..t3 hold the VIPs on lo like b1..b3 but share no segment with lb:
+#   xdplb reaches them only through tunnels, which they open with
+#   `xdplb decap` (the tests run it).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VIP4=198.18.0.100
 VIP6=2001:db8::100
 HTTP_PORT=80
+# UDP services: the backends answer datagrams to VIP:UDP_PORT with their name.
+UDP_PORT=53
 
 die() { echo "netns-harness: $*" >&2; exit 1; }
 
@@ -34,8 +46,10 @@ in_ns() { local n=$1; shift; ip netns exec "$n" "$@"; }
 
 names() {
     local p=$1
-    for n in sw client lb b1 b2 b3; do ns "$p" "$n"; done
+    for n in sw client lb b1 b2 b3 rt t1 t2 t3; do ns "$p" "$n"; done
 }
+
+routed() { [ "${HARNESS_ROUTED:-0}" = 1 ]; }
 
 veth() { # veth NS_A IF_A NS_B IF_B
     ip link add "$2" netns "$1" type veth peer name "$4" netns "$3"
@@ -54,6 +68,7 @@ up() {
     find_xdp_pass
     sw=$(ns "$p" sw) client=$(ns "$p" client) lb=$(ns "$p" lb)
     for n in $(names "$p"); do
+        case "${n##*-}" in rt|t1|t2|t3) routed || continue ;; esac
         ip netns add "$n"
         in_ns "$n" ip link set lo up
     done
@@ -100,9 +115,15 @@ up() {
     in_ns "$lb" ip route add default via 198.18.2.1
     in_ns "$lb" ip -6 route add default via 2001:db8:2::1
 
-    backend() { # backend NAME SEGMENT(1|2) HOST
+    backend() { # backend NAME SEGMENT(1|2|3) HOST
         local b; b=$(ns "$p" "$1")
-        attach "$b" eth0 "$1" "br$(( $2 == 2 ? 0 : 1 ))"
+        if [ "$2" = 3 ]; then
+            veth "$b" eth0 "$(ns "$p" rt)" "$1"
+            in_ns "$(ns "$p" rt)" ip link set "$1" master br3 up
+            in_ns "$b" ip link set eth0 up
+        else
+            attach "$b" eth0 "$1" "br$(( $2 == 2 ? 0 : 1 ))"
+        fi
         in_ns "$b" ip addr add "198.18.$2.$3/24" dev eth0
         in_ns "$b" ip addr add "2001:db8:$2::$3/64" dev eth0 nodad
         in_ns "$b" ip route add default via "198.18.$2.1"
@@ -114,16 +135,43 @@ up() {
             net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2
         # setsid: the server outlives this script and is ended by `down`.
         in_ns "$b" setsid python3 "$HERE/backend_server.py" --name "$1" --port "$HTTP_PORT" \
+            --udp-port "$UDP_PORT" --udp-address "$VIP4" --udp-address "$VIP6" \
             </dev/null >/dev/null 2>&1 &
     }
     backend b1 1 11
     backend b2 1 12
     backend b3 2 13
+    local specs="b1:198.18.1.11 b2:198.18.1.12 b3:198.18.2.13 \
+        b1:[2001:db8:1::11] b2:[2001:db8:1::12] b3:[2001:db8:2::13]"
+
+    if routed; then
+        local rt; rt=$(ns "$p" rt)
+        veth "$sw" tr0 "$rt" tr0
+        in_ns "$sw" ip link set tr0 up
+        in_ns "$rt" ip link set tr0 up
+        in_ns "$sw" ip addr add 198.18.4.1/24 dev tr0
+        in_ns "$sw" ip addr add 2001:db8:4::1/64 dev tr0 nodad
+        in_ns "$rt" ip addr add 198.18.4.2/24 dev tr0
+        in_ns "$rt" ip addr add 2001:db8:4::2/64 dev tr0 nodad
+        in_ns "$sw" ip route add 198.18.3.0/24 via 198.18.4.2
+        in_ns "$sw" ip -6 route add 2001:db8:3::/64 via 2001:db8:4::2
+        in_ns "$rt" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+        in_ns "$rt" ip link add br3 type bridge mcast_snooping 0
+        in_ns "$rt" ip link set br3 up
+        in_ns "$rt" ip addr add 198.18.3.1/24 dev br3
+        in_ns "$rt" ip addr add 2001:db8:3::1/64 dev br3 nodad
+        in_ns "$rt" ip route add default via 198.18.4.1
+        in_ns "$rt" ip -6 route add default via 2001:db8:4::1
+        backend t1 3 21
+        backend t2 3 22
+        backend t3 3 23
+        specs="$specs t1:198.18.3.21 t2:198.18.3.22 t3:198.18.3.23 \
+            t1:[2001:db8:3::21] t2:[2001:db8:3::22] t3:[2001:db8:3::23]"
+    fi
 
     # Wait until every backend answers on its own addresses, IPv4 and IPv6.
     local deadline=$((SECONDS + 10))
-    for spec in b1:198.18.1.11 b2:198.18.1.12 b3:198.18.2.13 \
-        b1:[2001:db8:1::11] b2:[2001:db8:1::12] b3:[2001:db8:2::13]; do
+    for spec in $specs; do
         local name=${spec%%:*} addr=${spec#*:}
         until in_ns "$client" curl -sf --max-time 1 "http://$addr:$HTTP_PORT/" 2>/dev/null | grep -qx "$name"; do
             (( SECONDS < deadline )) || die "backend $name at $addr did not come up"

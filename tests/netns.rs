@@ -253,9 +253,13 @@ fn spread(topology: &Topology, vip: &str, n: usize) -> BTreeMap<String, usize> {
 }
 
 fn assert_shares(counts: &BTreeMap<String, usize>, weights: [u32; 3], what: &str) {
+    assert_shares_of(counts, NAMES, weights, what);
+}
+
+fn assert_shares_of(counts: &BTreeMap<String, usize>, names: [&str; 3], weights: [u32; 3], what: &str) {
     let total: usize = counts.values().sum();
     let weight_sum: u32 = weights.iter().sum();
-    for (name, weight) in NAMES.iter().zip(weights) {
+    for (name, weight) in names.iter().zip(weights) {
         let expected = total as f64 * weight as f64 / weight_sum as f64;
         let got = *counts.get(*name).unwrap_or(&0) as f64;
         assert!(
@@ -1179,5 +1183,204 @@ fn scheduler_persistence_keeps_a_client_on_one_backend_until_the_timeout() {
     assert!(homes.windows(2).all(|w| w[0] != w[1]), "affinity outlived its timeout: {homes:?}");
     let status = agent.status();
     assert_eq!(status.services[0].persistence_timeout_s, 1);
+    agent.stop();
+}
+
+// ---- tunnels ------------------------------------------------------------------
+
+/// Backends two routers away from the LB (the harness's routed subnet).
+const ROUTED4: [&str; 3] = ["198.18.3.21", "198.18.3.22", "198.18.3.23"];
+const ROUTED6: [&str; 3] = ["2001:db8:3::21", "2001:db8:3::22", "2001:db8:3::23"];
+const ROUTED_NAMES: [&str; 3] = ["t1", "t2", "t3"];
+
+fn routed_topology() -> Topology {
+    Topology::up_routed(&Topology::unique_prefix("xt"), Path::new(XDP_PASS_OBJ)).expect("harness up")
+}
+
+/// `xdplb decap --interface eth0 ARGS...` on routed backend `name`.
+fn decap(topology: &Topology, name: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.ns(name)))
+        .args([XDPLB, "decap", "--interface", "eth0", "--pin-dir"])
+        .arg(topology.decap_pin_dir(name))
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "xdplb decap on {name} {args:?} failed: {stderr}");
+    stdout.into_owned()
+}
+
+/// One `[[service]]` table of a tunnel configuration.
+fn tunnel_service(name: &str, vip: &str, protocol: &str, forwarding: &str, backends: &[&str], extra: &str) -> String {
+    let mut text = format!(
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{protocol}\"\nforwarding = \"{forwarding}\"\n{extra}"
+    );
+    for address in backends {
+        text += &format!("\n[[service.backend]]\naddress = \"{address}\"\n");
+    }
+    text
+}
+
+/// A counter of `xdplb decap --stats`.
+fn decap_count(stats: &str, counter: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(counter).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no {counter} in {stats}"))
+}
+
+/// One UDP datagram to `vip` from the client; the answering backend's name.
+fn udp_ask(topology: &Topology, vip: &str) -> String {
+    let vip: SocketAddr = vip.parse().unwrap();
+    in_netns(&topology.ns("client"), move || {
+        let bind = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let socket = std::net::UdpSocket::bind(bind).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket.connect(vip).unwrap();
+        for _ in 0..3 {
+            socket.send(b"who").unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok(n) = socket.recv(&mut buf) {
+                return String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+        panic!("no UDP answer from {vip}");
+    })
+}
+
+#[test]
+fn tunnels_reach_backends_two_routers_away_in_every_family_combination() {
+    let topology = routed_topology();
+    for name in ROUTED_NAMES {
+        let report = decap(&topology, name, &[]);
+        assert!(report.contains("decap attached on eth0"), "{report}");
+    }
+    let agent_header = "[agent]\ninterface = \"eth0\"\n";
+    // (forwarding, backends of the IPv4 VIP, backends of the IPv6 VIP)
+    let phases: [(&str, [&str; 3], [&str; 3]); 4] = [
+        ("ipip", ROUTED4, ROUTED6),
+        ("gue", ROUTED4, ROUTED6),
+        ("ipip", ROUTED6, ROUTED4),
+        ("gue", ROUTED6, ROUTED4),
+    ];
+    let config_of = |(forwarding, v4, v6): (&str, [&str; 3], [&str; 3])| {
+        let mut text = agent_header.to_string();
+        text += &tunnel_service("web", VIP4, "tcp", forwarding, &v4, "");
+        text += &tunnel_service("web6", VIP6, "tcp", forwarding, &v6, "");
+        text += &tunnel_service("dns", "198.18.0.100:53", "udp", forwarding, &v4, "");
+        text
+    };
+    let agent = Agent::start(&topology, &config_of(phases[0]));
+    for (i, phase) in phases.into_iter().enumerate() {
+        if i > 0 {
+            agent.reload(&config_of(phase));
+        }
+        let what = format!("{} with IPv4 VIP → {} backends", phase.0, if phase.1[0].contains(':') { "IPv6" } else { "IPv4" });
+        assert_shares_of(&spread(&topology, VIP4, 300), ROUTED_NAMES, [1, 1, 1], &what);
+        let what = format!("{} with IPv6 VIP → {} backends", phase.0, if phase.2[0].contains(':') { "IPv6" } else { "IPv4" });
+        assert_shares_of(&spread(&topology, VIP6, 300), ROUTED_NAMES, [1, 1, 1], &what);
+        let answer = udp_ask(&topology, "198.18.0.100:53");
+        assert!(ROUTED_NAMES.contains(&answer.as_str()), "UDP answer {answer:?} ({})", phase.0);
+    }
+    let status = agent.status();
+    assert_eq!(status.services.iter().find(|s| s.name == "web").unwrap().forwarding.to_string(), "gue");
+    let summary = agent.stop();
+    assert!(summary_value(&summary, "global:", "forwarded_ipip") > 1000, "{summary}");
+    assert!(summary_value(&summary, "global:", "forwarded_gue") > 1000, "{summary}");
+    assert_eq!(summary_value(&summary, "global:", "forwarded_dsr"), 0, "{summary}");
+    // Each backend opened both kinds of tunnel.
+    for name in ROUTED_NAMES {
+        let stats = decap(&topology, name, &["--stats"]);
+        assert!(decap_count(&stats, "decapsulated_ipip") > 100, "{name}: {stats}");
+        assert!(decap_count(&stats, "decapsulated_gue") > 100, "{name}: {stats}");
+        assert_eq!(decap_count(&stats, "dropped_malformed"), 0, "{name}: {stats}");
+    }
+}
+
+#[test]
+fn a_long_lived_connection_through_a_tunnel_survives_backend_changes() {
+    let topology = routed_topology();
+    for name in ROUTED_NAMES {
+        decap(&topology, name, &[]);
+    }
+    let config = |backends: &[&str]| {
+        format!("[agent]\ninterface = \"eth0\"\n{}", tunnel_service("web", VIP4, "tcp", "gue", backends, ""))
+    };
+    let agent = Agent::start(&topology, &config(&ROUTED4[..2]));
+    let mut conn = LongLived::open(&topology, VIP4);
+    let home = conn.get();
+    let home_index = ROUTED_NAMES.iter().position(|n| *n == home).expect("t1 or t2");
+    let other = ROUTED4[1 - home_index];
+    for (step, backends) in [
+        ("add t3", vec![ROUTED4[0], ROUTED4[1], ROUTED4[2]]),
+        ("remove the other backend", vec![ROUTED4[home_index], ROUTED4[2]]),
+        ("remove the connection's own backend", vec![ROUTED4[2], other]),
+    ] {
+        agent.reload(&config(&backends));
+        for _ in 0..5 {
+            assert_eq!(conn.get(), home, "after {step:?} the long-lived connection moved or broke");
+        }
+        let counts = spread(&topology, VIP4, 60);
+        for name in counts.keys() {
+            let i = ROUTED_NAMES.iter().position(|n| n == name).unwrap();
+            assert!(backends.contains(&ROUTED4[i]), "after {step:?} a new connection reached {name}: {counts:?}");
+        }
+    }
+    assert_eq!(conn.get(), home);
+    agent.stop();
+}
+
+#[test]
+fn tunnel_health_checks_probe_the_vip_through_the_tunnel() {
+    let topology = routed_topology();
+    for name in ROUTED_NAMES {
+        decap(&topology, name, &[]);
+    }
+    let health = "[service.health]\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 2\n";
+    let config = format!("[agent]\ninterface = \"eth0\"\n{}", tunnel_service("web", VIP4, "tcp", "ipip", &ROUTED4, health));
+    let agent = Agent::start(&topology, &config);
+    let wait_for = |address: &str, health: Health| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let backend = agent.backend("web", address);
+            if backend.health == health {
+                return backend;
+            }
+            assert!(Instant::now() < deadline, "{address} never became {health:?}: {backend:?}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    thread::sleep(Duration::from_millis(1000));
+    for address in ROUTED4 {
+        let backend = wait_for(address, Health::Up);
+        let probe = backend.last_probe.expect("probed");
+        assert!(probe.detail.contains("through the tunnel"), "{address}: {probe:?}");
+    }
+
+    // t2 stops decapsulating: its own address still answers, but the VIP
+    // through the tunnel does not.
+    let report = decap(&topology, "t2", &["--detach"]);
+    assert!(report.contains("decap detached"), "{report}");
+    wait_for(ROUTED4[1], Health::Down);
+    let own = in_netns(&topology.ns("client"), || get_new_connection("198.18.3.22:80".parse().unwrap()));
+    assert_eq!(own.as_deref(), Ok("t2"), "t2's own address must still answer");
+    let counts = spread(&topology, VIP4, 60);
+    assert!(!counts.contains_key("t2"), "a down backend got new connections: {counts:?}");
+
+    // t3 loses the VIP from lo: down too, while t1 stays up.
+    let status = Command::new("ip")
+        .args(["-n", &topology.ns("t3"), "addr", "del", "198.18.0.100/32", "dev", "lo"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for(ROUTED4[2], Health::Down);
+    assert_eq!(agent.backend("web", ROUTED4[0]).health, Health::Up);
+    let counts = spread(&topology, VIP4, 30);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["t1"], "{counts:?}");
+
+    // Decapsulation back on t2: up again.
+    decap(&topology, "t2", &[]);
+    wait_for(ROUTED4[1], Health::Up);
     agent.stop();
 }

@@ -22,9 +22,23 @@ impl Topology {
     /// interface names fit); `xdp_pass` is the XDP_PASS object the harness
     /// attaches to the peers of XDP_TX / XDP_REDIRECT interfaces.
     pub fn up(prefix: &str, xdp_pass: &Path) -> Result<Self> {
+        Self::build(prefix, xdp_pass, false)
+    }
+
+    /// `up`, plus the routed subnet (router `rt`, backends `t1`..`t3`) that
+    /// only tunnels reach.
+    pub fn up_routed(prefix: &str, xdp_pass: &Path) -> Result<Self> {
+        Self::build(prefix, xdp_pass, true)
+    }
+
+    fn build(prefix: &str, xdp_pass: &Path, routed: bool) -> Result<Self> {
         let prefix = prefix[..prefix.len().min(10)].to_string();
-        let status =
-            Command::new("bash").arg(harness()).args(["up", &prefix]).env("XDP_PASS_OBJ", xdp_pass).status()?;
+        let status = Command::new("bash")
+            .arg(harness())
+            .args(["up", &prefix])
+            .env("XDP_PASS_OBJ", xdp_pass)
+            .env("HARNESS_ROUTED", if routed { "1" } else { "0" })
+            .status()?;
         if !status.success() {
             bail!("harness up {prefix} failed");
         }
@@ -47,11 +61,17 @@ impl Topology {
     pub fn pin_root(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}", self.prefix))
     }
+
+    /// Where `xdplb decap` on backend `name` pins its state in this run.
+    pub fn decap_pin_dir(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}-decap", self.prefix)).join(name)
+    }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
         let _ = Command::new("bash").arg(harness()).args(["down", &self.prefix]).status();
         let _ = std::fs::remove_dir_all(self.pin_root());
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/xdplb-test-{}-decap", self.prefix));
     }
 }
