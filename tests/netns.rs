@@ -1384,3 +1384,62 @@ fn tunnel_health_checks_probe_the_vip_through_the_tunnel() {
     wait_for(ROUTED4[1], Health::Up);
     agent.stop();
 }
+
+#[test]
+fn a_route_change_moves_tunnelled_traffic_to_the_new_next_hop_at_once() {
+    let topology = routed_topology();
+    for name in ROUTED_NAMES {
+        decap(&topology, name, &[]);
+    }
+    let metrics = "127.0.0.1:9593";
+    let config = format!(
+        "[agent]\ninterface = \"eth0\"\nmetrics_listen = \"{metrics}\"\n{}",
+        tunnel_service("web", VIP4, "tcp", "ipip", &ROUTED4, "")
+    );
+    let agent = Agent::start(&topology, &config);
+    let actions = || {
+        let text = scrape(&topology, metrics);
+        let value = |action: &str| metric(&text, "xdplb_xdp_actions_total", &format!("action=\"{action}\""));
+        (value("tx"), value("redirect"))
+    };
+    assert_shares_of(&spread(&topology, VIP4, 300), ROUTED_NAMES, [1, 1, 1], "through eth0");
+    let (tx, redirect) = actions();
+    assert!(tx >= 300.0 && redirect == 0.0, "tx {tx}, redirect {redirect}: the routed subnet is reached by eth0");
+
+    // A more specific route by eth1 (the LB's other segment, whose router
+    // also reaches the routed subnet): the agent hears of it from the
+    // kernel, well before its 5 s maintenance pass.
+    let route = |verb: &str| {
+        let ns = topology.ns("lb");
+        let args = ["-n", &ns, "route", verb, "198.18.3.0/24", "via", "198.18.1.1", "dev", "eth1"];
+        assert!(Command::new("ip").args(args).status().unwrap().success());
+    };
+    let moved_within = |what: &str, moved: &dyn Fn(f64, f64) -> bool| {
+        let start = Instant::now();
+        loop {
+            let name = in_netns(&topology.ns("client"), || get_new_connection(VIP4.parse().unwrap()));
+            assert!(name.is_ok(), "{what}: a request failed: {name:?}");
+            let (tx, redirect) = actions();
+            if moved(tx, redirect) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < Duration::from_secs(2), "{what}: not moved after 2 s: tx {tx} redirect {redirect}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (tx_before, _) = actions();
+    route("add");
+    let took = moved_within("route added", &|_, redirect| redirect > 0.0);
+    eprintln!("measured: tunnelled traffic moved to eth1 {took:?} after the route was added");
+    let (_, redirect_before) = actions();
+    assert_shares_of(&spread(&topology, VIP4, 300), ROUTED_NAMES, [1, 1, 1], "through eth1");
+    let (tx_after, redirect_after) = actions();
+    assert!(redirect_after >= redirect_before + 300.0, "redirect {redirect_before} → {redirect_after}");
+    assert!(tx_after < tx_before + 20.0, "still sent by eth0: tx {tx_before} → {tx_after}");
+
+    route("del");
+    let (tx_now, _) = actions();
+    let took = moved_within("route removed", &|tx, _| tx > tx_now + 1.0);
+    eprintln!("measured: tunnelled traffic back on eth0 {took:?} after the route was removed");
+    agent.stop();
+}
