@@ -1258,12 +1258,8 @@ fn tunnels_reach_backends_two_routers_away_in_every_family_combination() {
     }
     let agent_header = "[agent]\ninterface = \"eth0\"\n";
     // (forwarding, backends of the IPv4 VIP, backends of the IPv6 VIP)
-    let phases: [(&str, [&str; 3], [&str; 3]); 4] = [
-        ("ipip", ROUTED4, ROUTED6),
-        ("gue", ROUTED4, ROUTED6),
-        ("ipip", ROUTED6, ROUTED4),
-        ("gue", ROUTED6, ROUTED4),
-    ];
+    let phases: [(&str, [&str; 3], [&str; 3]); 4] =
+        [("ipip", ROUTED4, ROUTED6), ("gue", ROUTED4, ROUTED6), ("ipip", ROUTED6, ROUTED4), ("gue", ROUTED6, ROUTED4)];
     let config_of = |(forwarding, v4, v6): (&str, [&str; 3], [&str; 3])| {
         let mut text = agent_header.to_string();
         text += &tunnel_service("web", VIP4, "tcp", forwarding, &v4, "");
@@ -1276,9 +1272,11 @@ fn tunnels_reach_backends_two_routers_away_in_every_family_combination() {
         if i > 0 {
             agent.reload(&config_of(phase));
         }
-        let what = format!("{} with IPv4 VIP → {} backends", phase.0, if phase.1[0].contains(':') { "IPv6" } else { "IPv4" });
+        let what =
+            format!("{} with IPv4 VIP → {} backends", phase.0, if phase.1[0].contains(':') { "IPv6" } else { "IPv4" });
         assert_shares_of(&spread(&topology, VIP4, 300), ROUTED_NAMES, [1, 1, 1], &what);
-        let what = format!("{} with IPv6 VIP → {} backends", phase.0, if phase.2[0].contains(':') { "IPv6" } else { "IPv4" });
+        let what =
+            format!("{} with IPv6 VIP → {} backends", phase.0, if phase.2[0].contains(':') { "IPv6" } else { "IPv4" });
         assert_shares_of(&spread(&topology, VIP6, 300), ROUTED_NAMES, [1, 1, 1], &what);
         let answer = udp_ask(&topology, "198.18.0.100:53");
         assert!(ROUTED_NAMES.contains(&answer.as_str()), "UDP answer {answer:?} ({})", phase.0);
@@ -1338,7 +1336,8 @@ fn tunnel_health_checks_probe_the_vip_through_the_tunnel() {
         decap(&topology, name, &[]);
     }
     let health = "[service.health]\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 2\n";
-    let config = format!("[agent]\ninterface = \"eth0\"\n{}", tunnel_service("web", VIP4, "tcp", "ipip", &ROUTED4, health));
+    let config =
+        format!("[agent]\ninterface = \"eth0\"\n{}", tunnel_service("web", VIP4, "tcp", "ipip", &ROUTED4, health));
     let agent = Agent::start(&topology, &config);
     let wait_for = |address: &str, health: Health| {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1423,7 +1422,10 @@ fn a_route_change_moves_tunnelled_traffic_to_the_new_next_hop_at_once() {
             if moved(tx, redirect) {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < Duration::from_secs(2), "{what}: not moved after 2 s: tx {tx} redirect {redirect}");
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "{what}: not moved after 2 s: tx {tx} redirect {redirect}"
+            );
             thread::sleep(Duration::from_millis(50));
         }
     };

@@ -546,7 +546,13 @@ fn debug_logging_off_is_pruned_from_the_program() {
         // The log reader of the debug program runs on tokio.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _context = runtime.enter();
+        let start = std::time::Instant::now();
         let mut w = World::new();
+        eprintln!(
+            "measured: program loaded and verified in {:?}, {} instructions processed by the verifier",
+            start.elapsed(),
+            w.dataplane.verified_instructions().unwrap()
+        );
         let off = w.dataplane.program_size().unwrap();
         w.dataplane.set_debug_log(DebugLog::On).unwrap();
         let on = w.dataplane.program_size().unwrap();
@@ -833,7 +839,14 @@ const TUNNEL_SRC4: &str = "198.18.2.1";
 const TUNNEL_SRC6: &str = "2001:db8:0:2::1";
 
 /// A tunnel service with one backend at `backend`, reached through `lo`.
-fn tunnelled(w: &World, forwarding: Forwarding, vip: &str, protocol: Protocol, backend: &str, mtu: u16) -> DesiredService {
+fn tunnelled(
+    w: &World,
+    forwarding: Forwarding,
+    vip: &str,
+    protocol: Protocol,
+    backend: &str,
+    mtu: u16,
+) -> DesiredService {
     let source = if backend.contains(':') { TUNNEL_SRC6 } else { TUNNEL_SRC4 };
     let mut member = w.tx_backend(backend, 21, 1);
     member.path = member.path.map(|p| L2Path { mtu, source: Some(source.parse().unwrap()), ..p });
@@ -893,7 +906,7 @@ fn tunnels_encapsulate_every_family_combination_with_exact_headers() {
                     },
                 ]);
                 let mut syn = tcp(client, client_port, vip, 80, SYN);
-                if let IpAddr::V4(_) = syn.src {
+                if syn.src.is_ipv4() {
                     syn.frag = 0x4000; // DF: the outer IPv4 header copies it
                 }
                 let ack = Frame { tcp_flags: PSH_ACK, ..syn.clone() };

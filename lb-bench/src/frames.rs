@@ -39,6 +39,11 @@ pub fn udp4_64() -> Vec<u8> {
     udp4(1024)
 }
 
+/// The same to the throughput topology's IPIP service (port 54).
+pub fn udp4_64_tunnel() -> Vec<u8> {
+    udp(CLIENT, 1024, VIP, 54).bare().padded()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

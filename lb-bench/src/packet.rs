@@ -36,6 +36,7 @@ pub struct Fixture {
     /// Packets sent before measuring (pins flows, fills the table).
     pub warmup: u32,
     pub scheduler: Scheduler,
+    pub forwarding: Forwarding,
 }
 
 pub fn fixtures() -> Vec<Fixture> {
@@ -48,6 +49,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 frame: |_| frames::tcp4(40000, frames::SYN),
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
             },
             Fixture {
                 name: "tcp_syn_new_flow",
@@ -55,6 +57,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 frame: |i| frames::tcp4_from(i, frames::SYN),
                 warmup: lb_common::DEFAULT_CONNTRACK_SIZE,
                 scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
             },
             Fixture {
                 name: "tcp_ack_established",
@@ -62,6 +65,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 frame: |_| frames::tcp4(40001, frames::ACK),
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
             },
             // The throughput generator's working set: 60000 established flows in turn.
             Fixture {
@@ -70,14 +74,23 @@ pub fn fixtures() -> Vec<Fixture> {
                 frame: |i| frames::tcp4_from(i % 60_000, frames::ACK),
                 warmup: 60_000,
                 scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
             },
-            Fixture { name: "udp", backends, frame: |_| frames::udp4(40002), warmup: 1, scheduler: Scheduler::Maglev },
+            Fixture {
+                name: "udp",
+                backends,
+                frame: |_| frames::udp4(40002),
+                warmup: 1,
+                scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
+            },
             Fixture {
                 name: "ipv6_tcp_syn",
                 backends,
                 frame: |_| frames::tcp6(40003, frames::SYN),
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
             },
             Fixture {
                 name: "ipv6_tcp_ack",
@@ -85,6 +98,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 frame: |_| frames::tcp6(40004, frames::ACK),
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
             },
             Fixture {
                 name: "non_vip",
@@ -92,6 +106,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 frame: |_| frames::non_vip(),
                 warmup: 0,
                 scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
             },
         ]);
     }
@@ -105,8 +120,34 @@ pub fn fixtures() -> Vec<Fixture> {
         ("sched_least_conn", Scheduler::LeastConn, 32),
         ("sched_least_response_time", Scheduler::LeastResponseTime, 3),
     ] {
-        list.push(Fixture { name, backends, frame: |i| frames::tcp4_from(i, frames::SYN), warmup: 0, scheduler });
+        list.push(Fixture {
+            name,
+            backends,
+            frame: |i| frames::tcp4_from(i, frames::SYN),
+            warmup: 0,
+            scheduler,
+            forwarding: Forwarding::Dsr,
+        });
     }
+    // The tunnel paths: the same packets, encapsulated (IPv6 VIP → IPv6 backends).
+    let tunnel = |name, frame: fn(u32) -> Vec<u8>, forwarding| Fixture {
+        name,
+        backends: 3,
+        frame,
+        warmup: 1,
+        scheduler: Scheduler::Maglev,
+        forwarding,
+    };
+    list.extend([
+        tunnel("ipip_tcp_syn", |_| frames::tcp4(40010, frames::SYN), Forwarding::Ipip),
+        tunnel("ipip_tcp_ack_established", |_| frames::tcp4(40011, frames::ACK), Forwarding::Ipip),
+        tunnel("ipip_udp", |_| frames::udp4(40012), Forwarding::Ipip),
+        tunnel("ipip_ipv6_tcp_ack", |_| frames::tcp6(40013, frames::ACK), Forwarding::Ipip),
+        tunnel("gue_tcp_syn", |_| frames::tcp4(40020, frames::SYN), Forwarding::Gue),
+        tunnel("gue_tcp_ack_established", |_| frames::tcp4(40021, frames::ACK), Forwarding::Gue),
+        tunnel("gue_udp", |_| frames::udp4(40022), Forwarding::Gue),
+        tunnel("gue_ipv6_tcp_ack", |_| frames::tcp6(40023, frames::ACK), Forwarding::Gue),
+    ]);
     list
 }
 
@@ -117,8 +158,14 @@ pub struct Programs {
     baselines: Ebpf,
 }
 
-pub const PROGRAMS: [&str; 5] =
-    ["xdplb", "xdp_drop", "parse_macswap_tx", "swap_plus_vip_lookup", "swap_plus_flow_lookup"];
+pub const PROGRAMS: [&str; 6] =
+    ["xdplb", "xdp_drop", "parse_macswap_tx", "swap_plus_vip_lookup", "swap_plus_flow_lookup", "parse_encap_tx"];
+
+/// Whether `program` is measured on `fixture`: the encapsulation baseline
+/// only on the tunnel fixtures, which it matches.
+fn applies(program: &str, fixture: &Fixture) -> bool {
+    program != "parse_encap_tx" || fixture.forwarding != Forwarding::Dsr
+}
 
 impl Programs {
     /// Must run on a thread that has its own network namespace.
@@ -130,13 +177,17 @@ impl Programs {
             &["link", "add", "xb2", "type", "veth", "peer", "name", "xb2p"],
             &["link", "add", "xb3", "type", "veth", "peer", "name", "xb3p"],
             &["link", "add", "xb4", "type", "veth", "peer", "name", "xb4p"],
+            &["link", "add", "xb5", "type", "veth", "peer", "name", "xb5p"],
+            &["link", "add", "xb6", "type", "veth", "peer", "name", "xb6p"],
         ] {
             let status = Command::new("ip").args(args).status().context("ip")?;
             if !status.success() {
                 bail!("ip {args:?} failed");
             }
         }
-        for dev in ["xb0", "xb0p", "xb1", "xb1p", "xb2", "xb2p", "xb3", "xb3p", "xb4", "xb4p"] {
+        for dev in
+            ["xb0", "xb0p", "xb1", "xb1p", "xb2", "xb2p", "xb3", "xb3p", "xb4", "xb4p", "xb5", "xb5p", "xb6", "xb6p"]
+        {
             Command::new("ip").args(["link", "set", dev, "up"]).status()?;
         }
         let params = DataplaneParams {
@@ -149,9 +200,14 @@ impl Programs {
         let mut xdplb = Dataplane::load(params, DebugLog::Off)?;
         xdplb.attach_or_adopt("xb0", XdpMode::Driver)?;
         let mut baselines = crate::load_baselines()?;
-        for (name, dev) in
-            [("bench_drop", "xb1"), ("bench_macswap", "xb2"), ("bench_vip_lookup", "xb3"), ("bench_flow_lookup", "xb4")]
-        {
+        for (name, dev) in [
+            ("bench_drop", "xb1"),
+            ("bench_macswap", "xb2"),
+            ("bench_vip_lookup", "xb3"),
+            ("bench_flow_lookup", "xb4"),
+            ("bench_encap_ipip", "xb5"),
+            ("bench_encap_gue", "xb6"),
+        ] {
             let program: &mut Xdp = baselines.program_mut(name).context("baseline")?.try_into()?;
             program.load()?;
             program.attach(dev, XdpMode::Driver)?;
@@ -159,8 +215,9 @@ impl Programs {
         Ok(Self { xdplb, reconciler: Reconciler::new(RING, 4), baselines })
     }
 
-    /// Programs the maps for `backends` backends under `scheduler`.
-    pub fn configure(&mut self, backends: usize, scheduler: Scheduler) -> Result<()> {
+    /// Programs the maps for `backends` backends under `scheduler`, reached
+    /// by `forwarding`.
+    pub fn configure(&mut self, backends: usize, scheduler: Scheduler, forwarding: Forwarding) -> Result<()> {
         let members = |prefix: &str, v6: bool| -> Vec<DesiredBackend> {
             (0..backends)
                 .map(|i| {
@@ -179,7 +236,7 @@ impl Programs {
                             src_mac: [2, 0, 0, 0, 0, 1],
                             dst_mac: [2, 0xbe, 0, 0, 0, i as u8],
                             mtu: 1500,
-                            source: None,
+                            source: Some(if v6 { "2001:db8:2::1" } else { "198.18.2.1" }.parse().unwrap()),
                         }),
                         down: false,
                     }
@@ -192,7 +249,7 @@ impl Programs {
             protocol,
             scheduler,
             persistence_timeout_s: 0,
-            forwarding: Forwarding::Dsr,
+            forwarding,
             gue_port: lb_common::DEFAULT_GUE_PORT,
             backends: members(name, v6),
         };
@@ -208,8 +265,12 @@ impl Programs {
         Ok(self.xdplb.apply(&writes)?)
     }
 
-    fn program(&self, which: &str) -> Result<&Xdp> {
+    fn program(&self, which: &str, fixture: &Fixture) -> Result<&Xdp> {
         Ok(match which {
+            "parse_encap_tx" if fixture.forwarding == Forwarding::Gue => {
+                self.baselines.program("bench_encap_gue").context("encap")?.try_into()?
+            }
+            "parse_encap_tx" => self.baselines.program("bench_encap_ipip").context("encap")?.try_into()?,
             "xdplb" => self.xdplb.program()?,
             "xdp_drop" => self.baselines.program("bench_drop").context("drop")?.try_into()?,
             "swap_plus_vip_lookup" => self.baselines.program("bench_vip_lookup").context("vip")?.try_into()?,
@@ -220,7 +281,7 @@ impl Programs {
 
     /// Runs `fixture` `iterations` times on `which`; mean kernel-reported ns.
     pub fn measure(&self, which: &str, fixture: &Fixture, iterations: u32, offset: u32) -> Result<f64> {
-        let program = self.program(which)?;
+        let program = self.program(which, fixture)?;
         let mut out = vec![0u8; 512];
         let mut total = Duration::ZERO;
         for i in 0..iterations {
@@ -269,7 +330,7 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>
     let mut costs: Vec<Cost> = Vec::new();
     for round in 0..rounds {
         for (index, fixture) in fixtures.iter().enumerate() {
-            programs.configure(fixture.backends, fixture.scheduler)?;
+            programs.configure(fixture.backends, fixture.scheduler, fixture.forwarding)?;
             // New-flow fixtures continue where the last round stopped, each
             // in a range of five-tuples of its own, so every packet really
             // is a new flow (never a SYN retransmission or a reused port).
@@ -280,7 +341,7 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>
                 (index as u32 * rounds as u32 + round as u32).wrapping_mul(per_round)
             };
             programs.warm_up(fixture, offset)?;
-            for program in PROGRAMS {
+            for program in PROGRAMS.into_iter().filter(|p| applies(p, fixture)) {
                 let ns = programs.measure(program, fixture, iterations, offset + fixture.warmup)?;
                 match costs
                     .iter_mut()

@@ -6,8 +6,10 @@
 //!
 //! `trafficgen` sends 64-byte frames out of g0, each with the next of 60000
 //! source ports. On l0 runs the program under test: xdplb (the backend sits
-//! behind l0, so it answers with XDP_TX), the parse + MAC swap + XDP_TX
-//! baseline, or the counting XDP_DROP sink (what reaches the LB at all).
+//! behind l0, so it answers with XDP_TX; the `udp_64B_ipip` frames go to a
+//! service that reaches it through IPIP), the parse + MAC swap + XDP_TX
+//! baseline, the parse + IPIP + XDP_TX baseline, or the counting XDP_DROP
+//! sink (what reaches the LB at all).
 //! Frames sent back out of l0 are counted by a sink on g0: that is what was
 //! delivered towards the backend.
 
@@ -44,7 +46,7 @@ pub struct Throughput {
     pub mpps: Samples,
 }
 
-pub const PROGRAMS: [&str; 3] = ["xdplb", "parse_macswap_tx", "xdp_drop_sink"];
+pub const PROGRAMS: [&str; 4] = ["xdplb", "parse_macswap_tx", "parse_encap_tx", "xdp_drop_sink"];
 
 /// Namespaces of this run, removed on drop.
 struct Namespaces {
@@ -126,7 +128,11 @@ fn mac(ns: &str, dev: &str) -> Result<[u8; 6]> {
 }
 
 fn baseline_name(program: &str) -> &'static str {
-    if program == "xdp_drop_sink" { "sink" } else { "bench_macswap" }
+    match program {
+        "xdp_drop_sink" => "sink",
+        "parse_encap_tx" => "bench_encap_ipip",
+        _ => "bench_macswap",
+    }
 }
 
 fn sink_total(ebpf: &Ebpf) -> Result<u64> {
@@ -165,7 +171,13 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
         let backend = || DesiredBackend {
             address: "198.18.1.11".parse().unwrap(),
             weight: 1,
-            path: Some(L2Path { ifindex: l0, src_mac: l0_mac, dst_mac: g0_mac, mtu: 1500, source: None }),
+            path: Some(L2Path {
+                ifindex: l0,
+                src_mac: l0_mac,
+                dst_mac: g0_mac,
+                mtu: 1500,
+                source: Some("198.18.2.1".parse().unwrap()),
+            }),
             down: false,
         };
         let service = |name: &str, vip: &str, protocol| DesiredService {
@@ -182,10 +194,11 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
         let (writes, _) = reconciler.plan(&[
             service("dns", "198.18.0.100:53", Protocol::Udp),
             service("web", "198.18.0.100:80", Protocol::Tcp),
+            DesiredService { forwarding: Forwarding::Ipip, ..service("tunnel", "198.18.0.100:54", Protocol::Udp) },
         ]);
         dataplane.apply(&writes)?;
         let mut baselines = crate::load_baselines()?;
-        for name in ["bench_macswap", "sink"] {
+        for name in ["bench_macswap", "bench_encap_ipip", "sink"] {
             let p: &mut Xdp = baselines.program_mut(name).context("program")?.try_into()?;
             p.load()?;
         }
@@ -214,9 +227,11 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             xdplb = attached_xdplb;
             baselines = attached_baselines;
 
-            for (frame_name, frame) in
-                [("udp_64B", frames::udp4_64()), ("tcp_ack_64B", frames::tcp4(1024, frames::ACK))]
-            {
+            for (frame_name, frame) in [
+                ("udp_64B", frames::udp4_64()),
+                ("tcp_ack_64B", frames::tcp4(1024, frames::ACK)),
+                ("udp_64B_ipip", frames::udp4_64_tunnel()),
+            ] {
                 for threads in [1usize, 2] {
                     let counter = |ebpf: &Ebpf| sink_total(ebpf);
                     let before = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };

@@ -5,8 +5,8 @@
 //! (wire order, `from_ne_bytes`).
 
 use crate::{
-    FAMILY_IPV4, GUE_SOURCE_PORT_MIN, GUE_SOURCE_PORT_SPAN, IPV4_MIN_REPORTED_MTU, IPV6_MIN_MTU, PROTO_UDP,
-    TUNNEL_TTL, forwarding,
+    FAMILY_IPV4, GUE_SOURCE_PORT_MIN, GUE_SOURCE_PORT_SPAN, IPV4_MIN_REPORTED_MTU, IPV6_MIN_MTU, PROTO_UDP, TUNNEL_TTL,
+    forwarding,
 };
 
 pub const ETH_HLEN: usize = 14;

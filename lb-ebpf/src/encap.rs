@@ -2,10 +2,13 @@
 //! packet: shared by the XDP forwarding path and the tc program that
 //! tunnels the agent's health probes.
 
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    Backend, FAMILY_IPV4, forwarding,
-    wire::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, UDP_HLEN},
+    Backend, FAMILY_IPV4, flow_hash, forwarding,
+    wire::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, UDP_HLEN, tunnel_overhead},
 };
+
+use crate::parse::Packet;
 
 /// Where the furthest header write ends (Ethernet, IPv6, UDP). Every
 /// tunnelled frame is at least this long (the shortest, 4in4 IPIP of an
@@ -24,6 +27,40 @@ pub struct Inner {
     pub df: bool,
     /// Stable per flow: GUE source port, outer IPv6 flow label.
     pub flow_hash: u32,
+}
+
+impl Inner {
+    /// What the outer headers take from a parsed packet.
+    #[inline(always)]
+    pub fn of(packet: &Packet) -> Self {
+        Inner {
+            family: packet.flow.family,
+            len: packet.ip.len,
+            tos: packet.ip.tos,
+            df: packet.ip.df,
+            flow_hash: flow_hash(&packet.flow),
+        }
+    }
+}
+
+/// Encapsulates the packet in XDP: room for Ethernet and the outer headers
+/// right before the inner IP header (a VLAN tag, if any, goes with the old
+/// Ethernet header), then the headers. False if the frame could not grow.
+#[inline(always)]
+pub fn encapsulate_xdp(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> bool {
+    let overhead = tunnel_overhead(backend.family, backend.forwarding);
+    let delta = packet.ip.offset as i32 - (ETH_HLEN + overhead) as i32;
+    // SAFETY: the helper checks `delta` against the frame's headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return false;
+    }
+    let start = ctx.data();
+    if start + MIN_TUNNELLED_FRAME > ctx.data_end() {
+        return false; // unreachable: see MIN_TUNNELLED_FRAME
+    }
+    // SAFETY: MIN_TUNNELLED_FRAME bytes from `start` were bounds-checked just above.
+    unsafe { write_headers(start, backend, &Inner::of(packet)) };
+    true
 }
 
 /// Writes Ethernet and outer headers at `start`, where the caller made

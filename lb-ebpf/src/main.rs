@@ -24,7 +24,10 @@ use aya_log_ebpf::debug;
 use lb_common::GlobalCounter;
 use lb_ebpf::parse::{self, Parsed, Unclassifiable};
 
-use crate::counters::{count, count_traffic};
+use crate::{
+    counters::{count, count_traffic},
+    maps::BACKENDS,
+};
 
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
@@ -41,15 +44,20 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         return pass(GlobalCounter::PassNonVip);
     };
 
-    let Some(selection) = select::select_backend(&packet, &vip) else {
-        count(GlobalCounter::DropNoBackend);
-        debug!(&ctx, "VIP {}: no usable backend, dropped", vip.id);
-        return xdp_action::XDP_DROP;
+    let selected = select::select(&packet, &vip);
+    let (backend_id, new_flow) = select::unpack(selected);
+    let backend = match BACKENDS.get(backend_id) {
+        Some(backend) if selected != select::NOTHING_SELECTED => backend,
+        _ => {
+            count(GlobalCounter::DropNoBackend);
+            debug!(&ctx, "VIP {}: no usable backend, dropped", vip.id);
+            return xdp_action::XDP_DROP;
+        }
     };
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    count_traffic(vip.id, selection.backend_id, bytes, selection.new_flow);
-    if selection.new_flow {
+    count_traffic(vip.id, backend_id, bytes, new_flow);
+    if new_flow {
         // Debug logging is a load-time setting: when off, the verifier
         // removes this code (xdplb swaps in a new program to switch it).
         debug!(
@@ -57,11 +65,10 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
             "VIP {}: new flow from port {} to backend {}",
             vip.id,
             u16::from_be(packet.flow.sport),
-            selection.backend_id
+            backend_id
         );
     }
-    // SAFETY: `select_backend` returns a pointer into the BACKENDS array, valid for the whole run.
-    forward::forward(&ctx, &packet, unsafe { &*selection.backend })
+    forward::forward(&ctx, &packet, backend)
 }
 
 /// tc egress: tunnels the agent's health probes to the backend they check.

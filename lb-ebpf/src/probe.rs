@@ -49,11 +49,8 @@ pub fn encapsulate_probe(ctx: &TcContext) -> i32 {
     };
     let inner_len = ctx.len().saturating_sub(ETH_HLEN as u32) as u16;
     let overhead = tunnel_overhead(backend.family, backend.forwarding);
-    let mut flags = if backend.family == FAMILY_IPV4 {
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-    } else {
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
-    } as u64;
+    let mut flags =
+        if backend.family == FAMILY_IPV4 { BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 } else { BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 } as u64;
     if backend.forwarding == forwarding::GUE {
         flags |= BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64;
     }

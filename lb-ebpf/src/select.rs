@@ -34,6 +34,31 @@ pub struct Selection {
     pub new_flow: bool,
 }
 
+/// `select_backend` packed into one scalar: the backend id in the low 32
+/// bits, the new-flow flag in bit 32; `NOTHING_SELECTED` when there is no
+/// usable backend.
+pub type Packed = u64;
+pub const NOTHING_SELECTED: Packed = u64::MAX;
+const NEW_FLOW_BIT: Packed = 1 << 32;
+
+/// `select_backend` as a BPF subprogram (not inlined): its many paths (one
+/// per scheduler, hit, miss, retransmission...) end in one return, so what
+/// follows is verified once instead of once per path (half the verifier's
+/// work). Returns a scalar, which keeps the states after it alike.
+#[inline(never)]
+pub fn select(packet: &Packet, vip: &VipInfo) -> Packed {
+    match select_backend(packet, vip) {
+        Some(s) => s.backend_id as Packed | if s.new_flow { NEW_FLOW_BIT } else { 0 },
+        None => NOTHING_SELECTED,
+    }
+}
+
+/// (backend id, new flow) of a packed selection.
+#[inline(always)]
+pub fn unpack(packed: Packed) -> (u32, bool) {
+    (packed as u32, packed & NEW_FLOW_BIT != 0)
+}
+
 enum Pinned {
     Hit(Selection),
     /// An entry whose backend is down, or an idle UDP flow: schedule afresh.

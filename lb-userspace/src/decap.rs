@@ -79,11 +79,8 @@ pub fn attach(interface: &str, gue_port: u16, mode: XdpModeConfig, pin_dir: &Pat
         addresses.remove(&key).context("clearing the old local addresses")?;
     }
     for address in local.iter().take(MAX_DECAP_ADDRESSES as usize) {
-        let key = AddressKey {
-            addr: planner::address_words(*address),
-            family: planner::family(*address),
-            _pad: [0; 3],
-        };
+        let key =
+            AddressKey { addr: planner::address_words(*address), family: planner::family(*address), _pad: [0; 3] };
         addresses.insert(key, 1, 0).with_context(|| format!("adding local address {address}"))?;
     }
     let listed: Vec<String> = local.iter().map(|a| a.to_string()).collect();
@@ -113,10 +110,7 @@ pub fn counters(pin_dir: &Path) -> Result<Vec<(DecapCounter, u64)>> {
     let map = aya::maps::MapData::from_pin(&path)
         .with_context(|| format!("decap is not attached here (no {})", path.display()))?;
     let array: PerCpuArray<_, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map))?;
-    DecapCounter::ALL
-        .iter()
-        .map(|c| Ok((*c, array.get(&(*c as u32), 0)?.iter().sum())))
-        .collect()
+    DecapCounter::ALL.iter().map(|c| Ok((*c, array.get(&(*c as u32), 0)?.iter().sum()))).collect()
 }
 
 pub fn counters_text(pin_dir: &Path) -> Result<String> {

@@ -5,8 +5,8 @@ use clap::Parser;
 use xdplb::{
     agent::Agent,
     config::Config,
-    decap,
     control::cli::{self, Cli, Command},
+    decap,
 };
 
 fn main() -> std::process::ExitCode {

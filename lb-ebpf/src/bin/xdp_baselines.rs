@@ -7,18 +7,30 @@
 //! - `sink`: counts and drops what arrives;
 //! - `bench_vip_lookup`, `bench_flow_lookup`: the MAC-swap baseline plus one
 //!   hash lookup shaped like xdplb's VIP lookup, or like its connection-table
-//!   lookup: what those steps cost on their own.
+//!   lookup: what those steps cost on their own;
+//! - `bench_encap_ipip`, `bench_encap_gue`: parse, then the same IPIP or GUE
+//!   encapsulation as xdplb (its own header writer) to a fixed backend of
+//!   the packet's family, and XDP_TX: no lookup at all, so that xdplb's own
+//!   logic on the tunnel paths stays visible.
 #![no_std]
 #![no_main]
 
+use aya_ebpf::helpers::generated::bpf_xdp_adjust_head;
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
     macros::{map, xdp},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{DEFAULT_CONNTRACK_SIZE, FlowKey, FlowState, MAX_VIPS, VipInfo, VipKey};
-use lb_ebpf::parse;
+use lb_common::{
+    Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, FAMILY_IPV4, FlowKey, FlowState, MAX_VIPS, VipInfo, VipKey,
+    flow_hash, forwarding,
+    wire::{ETH_HLEN, tunnel_overhead},
+};
+use lb_ebpf::{
+    encap::{self, Inner, MIN_TUNNELLED_FRAME},
+    parse,
+};
 use network_types::eth::EthHdr;
 
 /// Frames seen by `sink`, per CPU.
@@ -88,6 +100,40 @@ pub fn bench_flow_lookup(ctx: XdpContext) -> u32 {
         let _ = ANATOMY_FLOWS.insert(&packet.flow, &FlowState::default(), 0);
     }
     swap_and_tx(&ctx)
+}
+
+#[xdp]
+pub fn bench_encap_ipip(ctx: XdpContext) -> u32 {
+    encap_and_tx(&ctx, forwarding::IPIP)
+}
+
+#[xdp]
+pub fn bench_encap_gue(ctx: XdpContext) -> u32 {
+    encap_and_tx(&ctx, forwarding::GUE)
+}
+
+#[inline(always)]
+fn encap_and_tx(ctx: &XdpContext, mode: u8) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(ctx) else { return xdp_action::XDP_PASS };
+    let mut backend = Backend {
+        family: packet.flow.family,
+        forwarding: mode,
+        gue_port: DEFAULT_GUE_PORT.to_be(),
+        mtu: 1500,
+        ..Backend::default()
+    };
+    // 198.18.3.21 from 198.18.2.1, or 2001:db8:3::21 from 2001:db8:2::1.
+    if packet.flow.family == FAMILY_IPV4 {
+        backend.addr[0] = u32::from_ne_bytes([198, 18, 3, 21]);
+        backend.tunnel_src[0] = u32::from_ne_bytes([198, 18, 2, 1]);
+    } else {
+        backend.addr = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, u32::from_ne_bytes([0, 0, 0, 0x21])];
+        backend.tunnel_src = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    }
+    if !encap::encapsulate_xdp(ctx, &packet, &backend) {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_TX
 }
 
 #[xdp]

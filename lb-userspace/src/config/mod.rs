@@ -499,9 +499,35 @@ address = "2001:db8:0:2::11"
     fn mixed_family_and_duplicate_backends_are_rejected() {
         let err = error_of(&GOOD.replace("2001:db8:0:2::11", "198.18.1.12"));
         assert!(err.contains("not of the same IP family"), "{err}");
+        assert!(err.contains("forwarding = \"dsr\" needs that"), "{err}");
         let text = GOOD.replace("weight = 2\n", "weight = 2\n\n[[service.backend]]\naddress = \"198.18.1.11\"\n");
         let err = error_of(&text);
         assert!(err.contains("duplicate backend 198.18.1.11"), "{err}");
+    }
+
+    #[test]
+    fn tunnels_carry_either_family_and_probe_through_the_tunnel() {
+        let tunnel = GOOD.replace("forwarding = \"dsr\"", "forwarding = \"gue\"\ngue_port = 7000");
+        let mixed = tunnel.replace("198.18.1.11", "2001:db8:0:3::21");
+        let config = parse(&mixed).unwrap();
+        let web = &config.services[0];
+        assert_eq!((web.forwarding, *web.gue_port.get_ref()), (Forwarding::Gue, 7000));
+        // Tunnel services probe the VIP through the tunnel unless told not to.
+        let check = web.health_check(&web.backends[0]);
+        assert_eq!(check.through_tunnel, Some("198.18.0.100".parse().unwrap()));
+        let off = mixed.replace("gue_port = 7000", "gue_port = 7000\n[service.health]\nthrough_tunnel = false");
+        let config = parse(&off).unwrap();
+        assert_eq!(config.services[0].health_check(&config.services[0].backends[0]).through_tunnel, None);
+        // DSR services never do, and cannot be asked to.
+        let web6 = &config.services[1];
+        assert_eq!(web6.health_check(&web6.backends[0]).through_tunnel, None);
+        let err = error_of(&GOOD.replace("forwarding = \"dsr\"", "forwarding = \"dsr\"\n[service.health]\nthrough_tunnel = true"));
+        assert!(err.contains("through_tunnel needs forwarding = \"ipip\" or \"gue\""), "{err}");
+        // The default GUE port, and port 0 refused where it is.
+        assert_eq!(*parse(GOOD).unwrap().services[0].gue_port.get_ref(), 6080);
+        let err = error_of(&tunnel.replace("gue_port = 7000", "gue_port = 0"));
+        assert!(err.starts_with("lb.toml:10:12: "), "{err}");
+        assert!(err.contains("gue_port 0 is not a port"), "{err}");
     }
 
     #[test]

@@ -232,6 +232,12 @@ impl Dataplane {
         Ok(self.program()?.info()?.size_translated().unwrap_or(0))
     }
 
+    /// Instructions the verifier processed to accept the program (its
+    /// verification cost, which load, debug switches and upgrades pay).
+    pub fn verified_instructions(&self) -> Result<u32> {
+        Ok(self.program()?.info()?.verified_instruction_count().unwrap_or(0))
+    }
+
     /// Executes the writes in order through the one writer.
     pub fn apply(&mut self, writes: &[MapWrite]) -> Result<(), WriteFailure> {
         writer::apply(self, writes)

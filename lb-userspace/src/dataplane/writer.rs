@@ -277,7 +277,13 @@ mod tests {
                 .map(|(n, weight)| DesiredBackend {
                     address: std::net::IpAddr::from([198, 18, 1, *n]),
                     weight: *weight,
-                    path: Some(L2Path { ifindex: 10 + *n as u32 % 3, src_mac: [2; 6], dst_mac: [2, 0, 0, 0, 1, *n], mtu: 1500, source: None }),
+                    path: Some(L2Path {
+                        ifindex: 10 + *n as u32 % 3,
+                        src_mac: [2; 6],
+                        dst_mac: [2, 0, 0, 0, 1, *n],
+                        mtu: 1500,
+                        source: None,
+                    }),
                     down: false,
                 })
                 .collect(),

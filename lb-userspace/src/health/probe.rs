@@ -80,7 +80,12 @@ pub async fn probe(address: IpAddr, check: &HealthCheck, tunnel_slot: u32) -> Pr
     }
 }
 
-async fn probe_once(kind: HealthKind, address: IpAddr, check: &HealthCheck, tunnel_slot: u32) -> Result<String, String> {
+async fn probe_once(
+    kind: HealthKind,
+    address: IpAddr,
+    check: &HealthCheck,
+    tunnel_slot: u32,
+) -> Result<String, String> {
     let (target, mark) = match check.through_tunnel {
         Some(vip) if tunnel_slot == 0 => {
             return Err(format!("no tunnel to the backend yet (probing {vip} through it needs a resolved path)"));

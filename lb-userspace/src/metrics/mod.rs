@@ -308,8 +308,7 @@ mod tests {
         (backend.active_flows, backend.packets, backend.bytes, backend.new_flows) = (3, 7, 700, 1);
         let metrics = Metrics::default();
         metrics.probe_latency.get_or_create(&Metrics::labels("web", "198.18.1.11")).observe(0.002);
-        let globals =
-        [
+        let globals = [
             (GlobalCounter::ActionTx, 4),
             (GlobalCounter::DropFragment, 2),
             (GlobalCounter::DropNoBackend, 1),

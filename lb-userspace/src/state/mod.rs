@@ -272,7 +272,10 @@ mod tests {
     }
 
     fn paths() -> HashMap<IpAddr, L2Path> {
-        [11, 12].map(|n| (addr(n), L2Path { ifindex: 2, src_mac: [0; 6], dst_mac: [n; 6], mtu: 1500, source: None })).into_iter().collect()
+        [11, 12]
+            .map(|n| (addr(n), L2Path { ifindex: 2, src_mac: [0; 6], dst_mac: [n; 6], mtu: 1500, source: None }))
+            .into_iter()
+            .collect()
     }
 
     fn set_health(runtime: &mut Runtime, n: u8, up: bool) {
@@ -399,6 +402,35 @@ mod tests {
         assert!(w12 * 5 < w11, "w11 {w11}, w12 {w12}");
         // Settled: another round changes nothing.
         assert!(!r.rebalance_response_time(&c));
+    }
+
+    #[test]
+    fn tunnel_backends_need_a_source_of_their_family_and_take_the_configured_one() {
+        let c = config("forwarding = \"ipip\"");
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        // No source known: no slot (like an unresolved neighbour).
+        let (services, _) = desired_services(&c, &r, &paths());
+        assert!(services[0].backends.iter().all(|b| b.path.is_none()));
+        // The route's source.
+        let with_source: HashMap<IpAddr, L2Path> = paths()
+            .into_iter()
+            .map(|(a, p)| (a, L2Path { source: Some("198.18.2.3".parse().unwrap()), ..p }))
+            .collect();
+        let (services, _) = desired_services(&c, &r, &with_source);
+        assert_eq!(services[0].backends[0].path.unwrap().source, Some("198.18.2.3".parse().unwrap()));
+        assert_eq!(services[0].forwarding, Forwarding::Ipip);
+        // [agent] tunnel_source_v4 wins; tunnel_source_v6 is not for IPv4 backends.
+        let mut c = c.clone();
+        c.agent.tunnel_source_v6 = Some(toml::Spanned::new(0..0, "2001:db8::3".parse().unwrap()));
+        let (services, _) = desired_services(&c, &r, &with_source);
+        assert_eq!(services[0].backends[0].path.unwrap().source, Some("198.18.2.3".parse().unwrap()));
+        c.agent.tunnel_source_v4 = Some(toml::Spanned::new(0..0, "198.18.2.99".parse().unwrap()));
+        let (services, _) = desired_services(&c, &r, &paths());
+        assert_eq!(services[0].backends[1].path.unwrap().source, Some("198.18.2.99".parse().unwrap()));
+        // DSR backends need no source.
+        let dsr = config("");
+        assert!(desired_services(&dsr, &r, &paths()).0[0].backends.iter().all(|b| b.path.is_some()));
     }
 
     #[test]

@@ -352,7 +352,13 @@ fn vip_address_key(key: &VipKey) -> VipAddressKey {
     VipAddressKey { addr: key.addr, family: key.family, _pad: [0; 3] }
 }
 
-fn backend_slot(address: IpAddr, path: L2Path, desired: &DesiredBackend, service: &DesiredService, vip_id: u32) -> Backend {
+fn backend_slot(
+    address: IpAddr,
+    path: L2Path,
+    desired: &DesiredBackend,
+    service: &DesiredService,
+    vip_id: u32,
+) -> Backend {
     let mut flags = BACKEND_F_IN_USE;
     if desired.down {
         flags |= BACKEND_F_DOWN;
@@ -448,6 +454,36 @@ mod tests {
 
     fn ring_of(r: &Reconciler, name: &str) -> Vec<u32> {
         r.rings[&r.services[name].vip_id].clone()
+    }
+
+    #[test]
+    fn tunnel_slots_carry_mode_port_source_and_mtu_and_change_with_them() {
+        let mut r = Reconciler::new(RING, 4);
+        let mut desired = service("web", &[(11, 1)]);
+        desired.forwarding = crate::config::Forwarding::Gue;
+        desired.gue_port = 7000;
+        desired.backends[0].path = desired.backends[0]
+            .path
+            .map(|p| L2Path { mtu: 9000, source: Some("198.18.2.3".parse().unwrap()), ..p });
+        let (writes, _) = r.plan(std::slice::from_ref(&desired));
+        let slot = writes
+            .iter()
+            .find_map(|w| match w {
+                MapWrite::SetBackend { backend, .. } => Some(*backend),
+                _ => None,
+            })
+            .expect("a backend slot");
+        assert_eq!(slot.forwarding, lb_common::forwarding::GUE);
+        assert_eq!(slot.gue_port, 7000u16.to_be());
+        assert_eq!(slot.mtu, 9000);
+        assert_eq!(slot.tunnel_src, address_words("198.18.2.3".parse().unwrap()));
+        // The service switches to IPIP: the slot is rewritten in place.
+        desired.forwarding = crate::config::Forwarding::Ipip;
+        let (writes, _) = r.plan(std::slice::from_ref(&desired));
+        assert!(
+            matches!(&writes[..], [MapWrite::SetBackend { backend, .. }] if backend.forwarding == lb_common::forwarding::IPIP),
+            "{writes:?}"
+        );
     }
 
     #[test]
