@@ -423,6 +423,33 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_service_flags_become_a_tunnel_service() {
+        let cli = Cli::parse_from([
+            "xdplb",
+            "service",
+            "add",
+            "remote",
+            "--vip",
+            "[2001:db8::100]:80",
+            "--protocol",
+            "tcp",
+            "--forwarding",
+            "gue",
+            "--gue-port",
+            "7000",
+            "--health-through-tunnel",
+            "false",
+            "--backend",
+            "198.18.3.21",
+        ]);
+        let Command::Service { action: ServiceAction::Add(args) } = cli.command else { panic!() };
+        let services = Config::parse_services(&args.to_toml().unwrap(), Path::new("<cli>")).unwrap();
+        let s = &services[0];
+        assert_eq!((s.forwarding, *s.gue_port.get_ref()), (Forwarding::Gue, 7000));
+        assert_eq!(s.health_check(&s.backends[0]).through_tunnel, None);
+    }
+
+    #[test]
     fn bad_backend_flags_are_refused_before_sending() {
         let cli = Cli::parse_from([
             "xdplb",
