@@ -152,6 +152,11 @@ pub fn trafficgen(ctx: XdpContext) -> u32 {
     let port = (1024 + n % ports) as u16;
     // SAFETY: the frame was bounds-checked to hold the L4 ports just above.
     unsafe { *((start + L4_SOURCE_PORT_OFFSET) as *mut [u8; 2]) = port.to_be_bytes() };
+    // Live frames are recycled pages: a program under test that encapsulated
+    // in place (IPIP) wrote its outer header over this frame's Ethernet
+    // header. The MACs do not matter on the veth; the ethertype does.
+    // SAFETY: within the bounds checked above.
+    unsafe { *((start + 12) as *mut [u8; 2]) = 0x0800u16.to_be_bytes() };
     xdp_action::XDP_TX
 }
 

@@ -521,7 +521,9 @@ address = "2001:db8:0:2::11"
         // DSR services never do, and cannot be asked to.
         let web6 = &config.services[1];
         assert_eq!(web6.health_check(&web6.backends[0]).through_tunnel, None);
-        let err = error_of(&GOOD.replace("forwarding = \"dsr\"", "forwarding = \"dsr\"\n[service.health]\nthrough_tunnel = true"));
+        let err = error_of(
+            &GOOD.replace("forwarding = \"dsr\"", "forwarding = \"dsr\"\n[service.health]\nthrough_tunnel = true"),
+        );
         assert!(err.contains("through_tunnel needs forwarding = \"ipip\" or \"gue\""), "{err}");
         // The default GUE port, and port 0 refused where it is.
         assert_eq!(*parse(GOOD).unwrap().services[0].gue_port.get_ref(), 6080);

@@ -462,9 +462,8 @@ mod tests {
         let mut desired = service("web", &[(11, 1)]);
         desired.forwarding = crate::config::Forwarding::Gue;
         desired.gue_port = 7000;
-        desired.backends[0].path = desired.backends[0]
-            .path
-            .map(|p| L2Path { mtu: 9000, source: Some("198.18.2.3".parse().unwrap()), ..p });
+        desired.backends[0].path =
+            desired.backends[0].path.map(|p| L2Path { mtu: 9000, source: Some("198.18.2.3".parse().unwrap()), ..p });
         let (writes, _) = r.plan(std::slice::from_ref(&desired));
         let slot = writes
             .iter()
