@@ -1265,6 +1265,7 @@ fn tunnels_reach_backends_two_routers_away_in_every_family_combination() {
         text += &tunnel_service("web", VIP4, "tcp", forwarding, &v4, "");
         text += &tunnel_service("web6", VIP6, "tcp", forwarding, &v6, "");
         text += &tunnel_service("dns", "198.18.0.100:53", "udp", forwarding, &v4, "");
+        text += &tunnel_service("dns6", "[2001:db8::100]:53", "udp", forwarding, &v6, "");
         text
     };
     let agent = Agent::start(&topology, &config_of(phases[0]));
@@ -1278,8 +1279,10 @@ fn tunnels_reach_backends_two_routers_away_in_every_family_combination() {
         let what =
             format!("{} with IPv6 VIP → {} backends", phase.0, if phase.2[0].contains(':') { "IPv6" } else { "IPv4" });
         assert_shares_of(&spread(&topology, VIP6, 300), ROUTED_NAMES, [1, 1, 1], &what);
-        let answer = udp_ask(&topology, "198.18.0.100:53");
-        assert!(ROUTED_NAMES.contains(&answer.as_str()), "UDP answer {answer:?} ({})", phase.0);
+        for vip in ["198.18.0.100:53", "[2001:db8::100]:53"] {
+            let answer = udp_ask(&topology, vip);
+            assert!(ROUTED_NAMES.contains(&answer.as_str()), "UDP answer {answer:?} from {vip} ({})", phase.0);
+        }
     }
     let status = agent.status();
     assert_eq!(status.services.iter().find(|s| s.name == "web").unwrap().forwarding.to_string(), "gue");

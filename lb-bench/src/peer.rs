@@ -158,7 +158,10 @@ struct Stop(Child);
 
 impl Drop for Stop {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+        // SIGTERM, not SIGINT: a run started in the background by a
+        // non-interactive shell inherits an ignored SIGINT, which HAProxy
+        // keeps (it then never exits and the benchmark waits for ever).
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
         let _ = self.0.wait();
     }
 }
