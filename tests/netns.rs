@@ -66,6 +66,15 @@ impl Agent {
     }
 
     fn spawn(topology: &Topology, config: &str) -> Self {
+        Self::spawn_with_env(topology, config, &[])
+    }
+
+    fn spawn_with_env(topology: &Topology, config: &str, env: &[(&str, &Path)]) -> Self {
+        Self::spawn_wrapped(topology, config, env, &[])
+    }
+
+    /// The agent started through `wrapper` (a command that execs its arguments).
+    fn spawn_wrapped(topology: &Topology, config: &str, env: &[(&str, &Path)], wrapper: &[&str]) -> Self {
         static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("xdplb-test-{}-{n}", topology.prefix));
@@ -78,10 +87,12 @@ impl Agent {
         agent.write_config(config);
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
+            .args(wrapper)
             .args([XDPLB, "run", "--config"])
             .arg(&agent.config)
             .env("RUST_LOG", "info")
             .env("XDPLB_TEST_REFUSE_MAP_WRITES", agent.refusal_flag())
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(File::create(&agent.log).unwrap())
             .spawn()
@@ -1446,5 +1457,71 @@ fn a_route_change_moves_tunnelled_traffic_to_the_new_next_hop_at_once() {
     let (tx_now, _) = actions();
     let took = moved_within("route removed", &|tx, _| tx > tx_now + 1.0);
     eprintln!("measured: tunnelled traffic back on eth0 {took:?} after the route was removed");
+    agent.stop();
+}
+
+// ---- running under systemd ----------------------------------------------------
+
+#[test]
+fn the_agent_tells_systemd_it_is_ready_only_once_attached_and_reports_reloads_and_stop() {
+    let topology = topology();
+    let dir = TempDir::new(format!("/tmp/xdplb-notify-{}", topology.prefix)).unwrap();
+    let socket_path = dir.0.join("notify.sock");
+    // Stands in for systemd's NOTIFY_SOCKET.
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let receive = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let agent = Agent::spawn_with_env(&topology, &config([1, 1, 1]), &[("NOTIFY_SOCKET", socket_path.as_path())]);
+    // The first message is READY=1, and when it arrives the program is
+    // attached and the maps are programmed.
+    let first = receive();
+    let attached = lb_program_id(&topology);
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert!(first.contains("STATUS=forwarding on eth0 with 2 service(s)"), "{first:?}");
+    assert!(attached.is_some(), "READY=1 before the program was attached");
+    assert!(agent.log_text().contains("attached to eth0"), "{}", agent.log_text());
+    assert_shares(&spread(&topology, VIP4, 300), [1, 1, 1], "right after READY=1");
+
+    // SIGHUP (systemctl reload): RELOADING=1 with the monotonic time, then READY=1.
+    agent.signal("HUP");
+    let reloading = receive();
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading:?}");
+    assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading:?}");
+    let ready = receive();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+
+    agent.stop();
+    assert_eq!(receive(), "STOPPING=1\n");
+}
+
+#[test]
+fn the_agent_runs_with_cap_bpf_net_admin_and_perfmon_only() {
+    // What contrib/systemd/xdplb.service grants, nothing more.
+    let topology = routed_topology();
+    for name in ROUTED_NAMES {
+        decap(&topology, name, &[]);
+    }
+    let health = "[service.health]\ninterval_ms = 300\ntimeout_ms = 200\n";
+    let config =
+        format!("[agent]\ninterface = \"eth0\"\n{}", tunnel_service("web", VIP4, "tcp", "ipip", &ROUTED4, health));
+    let wrapper = ["setpriv", "--bounding-set", "-all,+bpf,+net_admin,+perfmon", "--"];
+    let agent = Agent::spawn_wrapped(&topology, &config, &[], &wrapper);
+    agent.wait_for_log("attached to", 1);
+    agent.wait_for_log("all backends resolved", 1);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.as_ref().unwrap().id())).unwrap();
+    let effective = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim().to_string();
+    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(u64::from_str_radix(&effective, 16).unwrap(), 1 << 12 | 1 << 38 | 1 << 39, "CapEff {effective}");
+    assert_shares_of(&spread(&topology, VIP4, 300), ROUTED_NAMES, [1, 1, 1], "with three capabilities");
+    // Probes through the tunnel (SO_MARK, the tc program) work too.
+    thread::sleep(Duration::from_millis(1000));
+    for address in ROUTED4 {
+        let probe = agent.backend("web", address).last_probe.expect("probed");
+        assert!(probe.ok && probe.detail.contains("through the tunnel"), "{address}: {probe:?}");
+    }
     agent.stop();
 }

@@ -8,6 +8,7 @@ pub mod control;
 pub mod dataplane;
 pub mod decap;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod netlink;
 pub mod scheduling;

@@ -6,12 +6,12 @@ use xdplb::{
     agent::Agent,
     config::Config,
     control::cli::{self, Cli, Command},
-    decap,
+    decap, logging,
 };
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Run { config, detach_on_exit } => run(config, detach_on_exit),
         Command::Stop { config, pin_dir } => cli::stop(&cli.socket, config, pin_dir).map(|text| print!("{text}")),
@@ -29,6 +29,11 @@ fn main() -> std::process::ExitCode {
             };
             report.map(|text| print!("{text}"))
         }
+        Command::Completions { shell } => {
+            print!("{}", cli::completions(shell));
+            Ok(())
+        }
+        Command::Manpages { dir } => cli::write_manpages(&dir).map(|text| print!("{text}")),
         command => cli::client(&cli.socket, command).map(|text| print!("{text}")),
     };
     match result {

@@ -206,8 +206,8 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .with_context(|| format!("no route to backend {addr}"))?;
-        let route = routes.first().ok_or_else(|| anyhow!("no route to backend {addr}"))?;
+            .with_context(|| format!("no route to {addr}"))?;
+        let route = routes.first().ok_or_else(|| anyhow!("no route to {addr}"))?;
         let mut ifindex = None;
         let mut next_hop = addr;
         let mut source = None;

@@ -18,6 +18,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("command -v curl", "curl"),
     ("command -v python3", "python3"),
     ("command -v nsenter", "util-linux"),
+    // tests/units.rs checks contrib/systemd with systemd-analyze.
+    ("command -v systemd-analyze", "systemd"),
     // The benchmark crate builds with the tests; its charts render text with
     // fontconfig and freetype.
     ("command -v pkg-config", "pkg-config"),

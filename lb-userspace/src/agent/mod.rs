@@ -12,6 +12,7 @@
 mod maintenance;
 mod probes;
 mod requests;
+mod systemd;
 mod views;
 
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
@@ -175,6 +176,11 @@ impl Agent {
         if !agent.unresolved {
             log::info!("all backends resolved");
         }
+        systemd::ready(&format!(
+            "forwarding on {} with {} service(s)",
+            agent.config.agent.interface,
+            agent.config.services.len()
+        ));
         Ok(agent)
     }
 
@@ -193,9 +199,11 @@ impl Agent {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = sighup.recv() => {
+                    systemd::reloading();
                     if let Err(err) = self.reload().await {
                         log::error!("{err}");
                     }
+                    systemd::ready("configuration reloaded");
                 }
                 Some(report) = self.probe_rx.recv() => self.on_probe(report),
                 Some(call) = self.control_rx.recv() => {
@@ -226,6 +234,7 @@ impl Agent {
                 }
             }
         }
+        systemd::stopping();
         for checker in self.checkers.values() {
             checker.task.abort();
         }

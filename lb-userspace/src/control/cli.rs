@@ -20,6 +20,10 @@ pub struct Cli {
     /// The running agent's control socket ([agent] control_socket).
     #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
     pub socket: PathBuf,
+    /// Log lines as text (under systemd: without timestamps, with journald
+    /// levels) or as one JSON object each.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -82,6 +86,17 @@ pub enum Command {
     },
     /// Re-read the configuration file and apply the difference (as SIGHUP).
     Reload,
+    /// Print a shell completion script: `xdplb completions bash > /etc/bash_completion.d/xdplb`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (xdplb.8 and one per command) into a directory.
+    #[command(hide = true)]
+    Manpages {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// On a backend of a tunnel service: attach the XDP program that opens
     /// xdplb's IPIP and GUE tunnels (it stays attached after this exits).
     Decap {
@@ -278,6 +293,32 @@ impl ServiceArgs {
     }
 }
 
+/// The completion script for `shell`, generated from the clap definitions.
+pub fn completions(shell: clap_complete::Shell) -> String {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "xdplb", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Man pages from the clap definitions: `xdplb.8` and `xdplb-COMMAND.8`.
+pub fn write_manpages(dir: &std::path::Path) -> Result<String> {
+    // Section 8: system administration commands (the binary is /usr/sbin/xdplb).
+    fn write(command: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in command.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            write(sub, dir)?;
+        }
+        clap_mangen::Man::new(command).section("8").generate_to(dir).map(drop)
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut command = <Cli as clap::CommandFactory>::command().name("xdplb").disable_help_subcommand(true);
+    command.build();
+    write(command, dir)?;
+    let mut pages: Vec<String> =
+        std::fs::read_dir(dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    pages.sort();
+    Ok(format!("wrote {} man pages to {}: {}\n", pages.len(), dir.display(), pages.join(" ")))
+}
+
 /// A backend address from the command line.
 fn parse_address(text: &str) -> Result<IpAddr, String> {
     text.parse().map_err(|_| format!("{text:?} is not an IP address"))
@@ -286,7 +327,12 @@ fn parse_address(text: &str) -> Result<IpAddr, String> {
 /// Runs a client command against the agent; returns what to print.
 pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
     let (request, json) = match command {
-        Command::Run { .. } | Command::Check { .. } | Command::Stop { .. } | Command::Decap { .. } => {
+        Command::Run { .. }
+        | Command::Check { .. }
+        | Command::Stop { .. }
+        | Command::Decap { .. }
+        | Command::Completions { .. }
+        | Command::Manpages { .. } => {
             unreachable!("handled by main")
         }
         Command::Top { once, interval_ms } => {
@@ -447,6 +493,25 @@ mod tests {
         let s = &services[0];
         assert_eq!((s.forwarding, *s.gue_port.get_ref()), (Forwarding::Gue, 7000));
         assert_eq!(s.health_check(&s.backends[0]).through_tunnel, None);
+    }
+
+    #[test]
+    fn completions_and_man_pages_come_from_the_command_definitions() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let script = completions(shell);
+            for word in ["status", "decap", "gue-port", "log-format"] {
+                assert!(script.contains(word), "{shell} completion lacks {word}");
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("xdplb-man-{}", std::process::id()));
+        let report = write_manpages(&dir).unwrap();
+        let main = std::fs::read_to_string(dir.join("xdplb.8")).unwrap();
+        let decap = std::fs::read_to_string(dir.join("xdplb-decap.8")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(main.starts_with(".ie") || main.contains(".TH xdplb 8"), "{main}");
+        assert!(decap.contains("gue\\-port"), "{decap}");
+        assert!(report.contains("xdplb-backend-add.8"), "{report}");
+        assert!(!report.contains("manpages"), "the hidden command has no page: {report}");
     }
 
     #[test]
