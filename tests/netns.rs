@@ -1525,3 +1525,101 @@ fn the_agent_runs_with_cap_bpf_net_admin_and_perfmon_only() {
     }
     agent.stop();
 }
+
+// ---- the Grafana dashboard ------------------------------------------------------
+
+/// A Prometheus server in the LB namespace; stopped on drop.
+struct Prometheus {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `text` with every byte outside [A-Za-z0-9] percent-encoded (a URL query value).
+fn url_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+/// GET `path` from `address` in the LB namespace; the body.
+fn http_get_in_lb(topology: &Topology, address: &str, path: &str) -> Result<String, String> {
+    let address: SocketAddr = address.parse().unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
+    in_netns(&topology.ns("lb"), move || {
+        let mut s = TcpStream::connect_timeout(&address, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+        let mut r = String::new();
+        s.read_to_string(&mut r).map_err(|e| e.to_string())?;
+        Ok(r.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+    })
+}
+
+#[test]
+fn every_grafana_dashboard_query_returns_data_from_a_real_prometheus() {
+    let topology = topology();
+    let metrics = "127.0.0.1:9594";
+    let config = config([1, 1, 1]).replacen("[agent]\n", &format!("[agent]\nmetrics_listen = \"{metrics}\"\n"), 1);
+    let agent = Agent::start(&topology, &config);
+
+    let dir = TempDir::new(format!("/tmp/xdplb-prometheus-{}", topology.prefix)).unwrap();
+    let prometheus_config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &prometheus_config,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: xdplb\n    static_configs:\n      - targets: [\"{metrics}\"]\n"),
+    )
+    .unwrap();
+    let prometheus_address = "127.0.0.1:9595";
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
+        .arg("prometheus")
+        .arg(format!("--config.file={}", prometheus_config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+        .arg(format!("--web.listen-address={prometheus_address}"))
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.0.join("prometheus.log")).unwrap())
+        .spawn()
+        .expect("starting prometheus (cargo xtask setup installs it)");
+    let _prometheus = Prometheus { child, _dir: TempDir(dir.0.clone()) };
+
+    // Traffic while Prometheus scrapes every second, for longer than the
+    // rate window the queries use.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(12) {
+        spread(&topology, VIP4, 30);
+        spread(&topology, VIP6, 30);
+        thread::sleep(Duration::from_millis(300));
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/grafana/xdplb.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    let mut empty = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            // Grafana's variables, as Grafana would fill them in.
+            let expr = target["expr"].as_str().unwrap().replace("$__rate_interval", "15s").replace("$service", ".*");
+            let body =
+                http_get_in_lb(&topology, prometheus_address, &format!("/api/v1/query?query={}", url_encoded(&expr)))
+                    .unwrap_or_else(|e| panic!("querying Prometheus: {e}"));
+            let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{expr}: {body}"));
+            assert_eq!(answer["status"], "success", "{expr}: {body}");
+            if answer["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+                empty.push(format!("{} / {expr}", panel["title"]));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} expressions in the dashboard");
+    assert!(empty.is_empty(), "dashboard expressions without data:\n{}", empty.join("\n"));
+    agent.stop();
+}

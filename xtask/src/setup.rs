@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("command -v nsenter", "util-linux"),
     // tests/units.rs checks contrib/systemd with systemd-analyze.
     ("command -v systemd-analyze", "systemd"),
+    // The Grafana dashboard's queries are checked against a real Prometheus.
+    ("command -v prometheus", "prometheus"),
     // The benchmark crate builds with the tests; its charts render text with
     // fontconfig and freetype.
     ("command -v pkg-config", "pkg-config"),
