@@ -30,7 +30,6 @@ use crate::{
 
 pub struct Selection {
     pub backend_id: u32,
-    pub backend: *const Backend,
     pub new_flow: bool,
 }
 
@@ -90,7 +89,7 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     }
 
     let backend_id = schedule::pick(packet, vip, now)?;
-    let backend = usable_backend(backend_id)?;
+    usable_backend(backend_id)?;
     let new_flow = packet.tcp_flags & TCP_RST == 0;
     let finished = packet.tcp_flags & TCP_FIN != 0;
     if new_flow {
@@ -132,7 +131,7 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
             schedule::account(backend_id, 1);
         }
     }
-    Some(Selection { backend_id, backend, new_flow })
+    Some(Selection { backend_id, new_flow })
 }
 
 /// What a SYN finds under its five-tuple.
@@ -162,7 +161,7 @@ fn syn_entry(packet: &Packet, now: u64) -> SynEntry {
         if let Some(backend) = usable_backend(entry.backend_id) {
             // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
             if unsafe { (*backend).flags } & BACKEND_F_DOWN == 0 {
-                return SynEntry::Retransmission(Selection { backend_id: entry.backend_id, backend, new_flow: false });
+                return SynEntry::Retransmission(Selection { backend_id: entry.backend_id, new_flow: false });
             }
         }
     }
@@ -205,7 +204,7 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
         }
         state.flags = flags;
     }
-    Pinned::Hit(Selection { backend_id: state.backend_id, backend, new_flow: false })
+    Pinned::Hit(Selection { backend_id: state.backend_id, new_flow: false })
 }
 
 #[inline(always)]

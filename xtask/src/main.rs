@@ -6,6 +6,8 @@
 //!   cargo xtask test    setup, then every test (unit, packet, namespace)
 //!   cargo xtask demo    setup, build, then the namespace demo with traffic
 //!   cargo xtask bench   benchmarks side by side; target/bench/report.md
+//!   cargo xtask package the Debian package (target/debian/xdplb_*.deb)
+mod package;
 mod setup;
 
 use std::{
@@ -41,6 +43,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the Debian package: binary, config, systemd units, completions, man pages.
+    Package,
     /// Build, create the namespace topology, run xdplb, send traffic, show the result.
     Demo {
         /// HTTP requests per address family.
@@ -63,8 +67,14 @@ fn main() -> Result<()> {
             require_root("the tests")?;
             // One test at a time: the packet and namespace tests load XDP
             // programs and build topologies; on 2 cores that is kinder and
-            // keeps timings honest.
-            test(&root)
+            // keeps timings honest. The package is built first: its tests
+            // (tests/units.rs) check the .deb itself.
+            let deb = package::run(&root)?;
+            test(&root, &deb)
+        }
+        Task::Package => {
+            setup::run()?;
+            package::run(&root).map(drop)
         }
         Task::Bench { quick } => {
             setup::run()?;
@@ -91,9 +101,10 @@ fn main() -> Result<()> {
 
 /// `cargo test` on every default member, echoing its output, then one
 /// closing line with the totals over all test binaries.
-fn test(root: &Path) -> Result<()> {
+fn test(root: &Path, deb: &Path) -> Result<()> {
     let mut child = Command::new("cargo")
         .current_dir(root)
+        .env("XDPLB_DEB", deb)
         .args(["test", "--features", "lb-userspace/test-hooks", "--", "--test-threads=1"])
         .stdout(Stdio::piped())
         .spawn()

@@ -34,10 +34,28 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 pub const BENCH_PACKAGES: &[(&str, &str)] =
     &[("command -v haproxy", "haproxy"), ("command -v wrk", "wrk"), ("command -v nginx", "nginx")];
 
+/// What `cargo xtask package` needs besides cargo-deb: dpkg-shlibdeps for
+/// the package's library dependencies, gzip for the man pages.
+const PACKAGING_PACKAGES: &[(&str, &str)] = &[("command -v dpkg-shlibdeps", "dpkg-dev"), ("command -v gzip", "gzip")];
+
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
-    debian_packages(DEBIAN_PACKAGES)
+    debian_packages(DEBIAN_PACKAGES)?;
+    packaging()
+}
+
+/// cargo-deb, built from crates.io (major version 3, whose metadata keys
+/// lb-userspace/Cargo.toml uses).
+fn packaging() -> Result<()> {
+    debian_packages(PACKAGING_PACKAGES)?;
+    let version = Command::new("cargo").args(["deb", "--version"]).output();
+    if version.is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("cargo-deb 3."))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask setup: building cargo-deb (about two minutes)");
+    exec(Command::new("cargo").args(["install", "--locked", "cargo-deb", "--version", "^3"]))
 }
 
 fn succeeds(cmd: &mut Command) -> bool {

@@ -15,7 +15,6 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::helpers::generated::bpf_xdp_adjust_head;
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
     macros::{map, xdp},
@@ -24,13 +23,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, FAMILY_IPV4, FlowKey, FlowState, MAX_VIPS, VipInfo, VipKey,
-    flow_hash, forwarding,
-    wire::{ETH_HLEN, tunnel_overhead},
+    forwarding,
 };
-use lb_ebpf::{
-    encap::{self, Inner, MIN_TUNNELLED_FRAME},
-    parse,
-};
+use lb_ebpf::{encap, parse};
 use network_types::eth::EthHdr;
 
 /// Frames seen by `sink`, per CPU.

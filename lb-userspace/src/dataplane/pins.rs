@@ -41,7 +41,7 @@ pub fn prepare(root: &Path) -> Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|stat| stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|stat| stat.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 fn mount_bpffs() -> Result<()> {
