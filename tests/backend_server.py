@@ -2,6 +2,8 @@
 """Test backend for the xdplb harness: an HTTP/1.1 server (keep-alive) that
 answers every GET with its own name, on IPv4 and IPv6.
 
+/client answers with the address the connection came from (what the
+server sees as the client: the LB's own address behind full NAT).
 /healthz answers with the status last set through /admin/healthz/CODE
 (200 at start), so tests can make a backend fail its HTTP health check.
 /admin/delay/MS makes every later answer (health checks included) wait MS
@@ -37,6 +39,8 @@ def handler_for(name):
             if self.path.startswith("/admin/healthz/"):
                 state["healthz"] = int(self.path.rsplit("/", 1)[1])
                 text = f"{name} healthz {state['healthz']}"
+            elif self.path == "/client":
+                text = self.client_address[0].removeprefix("::ffff:")
             elif self.path.startswith("/admin/delay/"):
                 state["delay_ms"] = int(self.path.rsplit("/", 1)[1])
                 text = f"{name} delay {state['delay_ms']}"

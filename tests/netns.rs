@@ -6,10 +6,10 @@
 //! on drop, also when the test fails.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -173,7 +173,7 @@ impl Agent {
 
     /// The status entry of one backend of one service.
     fn backend(&self, service: &str, address: &str) -> BackendStatus {
-        let address: IpAddr = address.parse().unwrap();
+        let address: xdplb::config::BackendAddress = address.parse().unwrap();
         let status = self.status();
         let s = status.services.iter().find(|s| s.name == service).unwrap_or_else(|| panic!("no service {service}"));
         s.backends.iter().find(|b| b.address == address).cloned().unwrap_or_else(|| panic!("no backend {address}"))
@@ -393,7 +393,11 @@ fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
             // A broken file on reload is rejected and changes nothing.
             agent.reload_rejected("[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"198.18.0.100:80\"\nprotocol = \"tcp\"\n\n[[service.backend]]\naddress = \"198.18.1.300\"\n");
             assert_eq!(conn.get(), home, "after a rejected reload");
-            assert!(agent.log_text().contains("xdplb.toml:12:11: invalid IP address syntax"), "{}", agent.log_text());
+            assert!(
+                agent.log_text().contains("xdplb.toml:12:11: \"198.18.1.300\" is not a backend address"),
+                "{}",
+                agent.log_text()
+            );
             let counts = spread(&topology, VIP4, 30);
             assert!(counts.len() >= 2, "a rejected reload changed the backends: {counts:?}");
         }
@@ -664,7 +668,7 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
     // Bad input is refused, names the problem, and changes nothing.
     let before = agent.status();
     cli_err(&["backend", "add", "nosuch", b3], "no service named \"nosuch\"");
-    cli_err(&["backend", "add", "web", "198.18.1.999"], "not an IP address");
+    cli_err(&["backend", "add", "web", "198.18.1.999"], "is not a backend address");
     cli_err(&["backend", "add", "web", BACKENDS4[0]], "duplicate backend 198.18.1.11");
     cli_err(&["backend", "add", "web", "2001:db8:1::11"], "not of the same IP family");
     cli_err(&["backend", "weight", "web", BACKENDS4[0], "--weight", "5000"], "out of range");
@@ -1566,7 +1570,13 @@ fn http_get_in_lb(topology: &Topology, address: &str, path: &str) -> Result<Stri
 fn every_grafana_dashboard_query_returns_data_from_a_real_prometheus() {
     let topology = topology();
     let metrics = "127.0.0.1:9594";
-    let config = config([1, 1, 1]).replacen("[agent]\n", &format!("[agent]\nmetrics_listen = \"{metrics}\"\n"), 1);
+    // A NAT service too (VIP port 8080 to the backends' port 80), for the
+    // NAT panels.
+    nat_ready(&topology);
+    let backends: Vec<String> = BACKENDS4.iter().map(|b| format!("{b}:80")).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let config = config([1, 1, 1]).replacen("[agent]\n", &format!("[agent]\nmetrics_listen = \"{metrics}\"\n"), 1)
+        + &nat_service("app", &format!("{VIP_ADDRESS4}:8080"), "tcp", &backends, "");
     let agent = Agent::start(&topology, &config);
 
     let dir = TempDir::new(format!("/tmp/xdplb-prometheus-{}", topology.prefix)).unwrap();
@@ -1595,6 +1605,7 @@ fn every_grafana_dashboard_query_returns_data_from_a_real_prometheus() {
     while start.elapsed() < Duration::from_secs(12) {
         spread(&topology, VIP4, 30);
         spread(&topology, VIP6, 30);
+        spread(&topology, &format!("{VIP_ADDRESS4}:8080"), 10);
         thread::sleep(Duration::from_millis(300));
     }
 
@@ -1621,5 +1632,262 @@ fn every_grafana_dashboard_query_returns_data_from_a_real_prometheus() {
     }
     assert!(checked >= 20, "only {checked} expressions in the dashboard");
     assert!(empty.is_empty(), "dashboard expressions without data:\n{}", empty.join("\n"));
+    agent.stop();
+}
+
+// ---- NAT ------------------------------------------------------------------
+
+const VIP_ADDRESS4: &str = "198.18.0.100";
+const VIP_ADDRESS6: &str = "2001:db8::100";
+/// The backends' own addresses and ports behind NAT: plain servers.
+const NAT_BACKENDS4: [&str; 3] = ["198.18.1.11:8080", "198.18.1.12:8080", "198.18.2.13:8080"];
+const NAT_BACKENDS6: [&str; 3] = ["[2001:db8:1::11]:8080", "[2001:db8:1::12]:8080", "[2001:db8:2::13]:8080"];
+/// The LB's addresses on the backends' segments: full NAT's sources.
+const LB_SOURCES4: [&str; 2] = ["198.18.1.3", "198.18.2.3"];
+const LB_SOURCES6: [&str; 2] = ["2001:db8:1::3", "2001:db8:2::3"];
+
+fn in_ns(topology: &Topology, name: &str, args: &[&str]) {
+    let status = Command::new("ip").args(["netns", "exec", &topology.ns(name)]).args(args).status().unwrap();
+    assert!(status.success(), "{name}: {args:?}");
+}
+
+/// What NAT on veth needs around the LB: forwarding on the LB (the kernel's
+/// route lookup for NAT replies needs it), and the backends' veths filling
+/// in their own checksums (a veth artifact: a real NIC does it on the wire,
+/// while veth leaves it to "hardware" that XDP's rewrite bypasses; the
+/// client's is off too).
+fn nat_ready(topology: &Topology) {
+    in_ns(topology, "lb", &["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1", "net.ipv6.conf.all.forwarding=1"]);
+    for name in NAMES {
+        in_ns(topology, name, &["ethtool", "-K", "eth0", "tx", "off"]);
+    }
+}
+
+/// Makes b1..b3 plain servers that know nothing of xdplb: no VIP on lo, no
+/// ARP settings, default route not through the LB; each serves HTTP on
+/// 8080 and UDP on 5353 at its own addresses. The LB forwards IP (the
+/// kernel's route lookup for NAT replies needs it).
+fn plain_backends(topology: &Topology) {
+    for (i, name) in NAMES.iter().enumerate() {
+        in_ns(topology, name, &["ip", "addr", "del", &format!("{VIP_ADDRESS4}/32"), "dev", "lo"]);
+        in_ns(topology, name, &["ip", "addr", "del", &format!("{VIP_ADDRESS6}/128"), "dev", "lo"]);
+        for key in ["all.arp_ignore", "all.arp_announce", "eth0.arp_ignore", "eth0.arp_announce"] {
+            in_ns(topology, name, &["sysctl", "-qw", &format!("net.ipv4.conf.{key}=0")]);
+        }
+        let (v4, v6) = (BACKENDS4[i], BACKENDS6[i]);
+        let server = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/backend_server.py");
+        // In the background, as the harness starts its servers; `down` ends it.
+        let start = format!(
+            "ip netns exec {} setsid python3 {server} --name {name} --port 8080 --udp-port 5353 \
+             --udp-address {v4} --udp-address {v6} </dev/null >/dev/null 2>&1 &",
+            topology.ns(name)
+        );
+        assert!(Command::new("sh").arg("-c").arg(start).status().unwrap().success());
+    }
+    nat_ready(topology);
+    // Up when the client reaches each server directly.
+    let targets: Vec<SocketAddr> = NAT_BACKENDS4.iter().chain(&NAT_BACKENDS6).map(|a| a.parse().unwrap()).collect();
+    in_netns(&topology.ns("client"), move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for target in targets {
+            while get_new_connection_within(target, Duration::from_millis(500)).is_err() {
+                assert!(Instant::now() < deadline, "backend server at {target} did not come up");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+}
+
+fn nat_service(name: &str, vip: &str, protocol: &str, backends: &[&str], extra: &str) -> String {
+    let mut text = format!(
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{protocol}\"\nforwarding = \"nat\"\n{extra}\n"
+    );
+    for backend in backends {
+        text += &format!("\n[[service.backend]]\naddress = \"{backend}\"\n");
+    }
+    text
+}
+
+/// The NAT services of the tests: HTTP 80 → 8080 and UDP 53 → 5353, both families.
+fn nat_config(agent_extra: &str, more: &str) -> String {
+    let udp4: Vec<String> = NAT_BACKENDS4.iter().map(|a| a.replace(":8080", ":5353")).collect();
+    let udp6: Vec<String> = NAT_BACKENDS6.iter().map(|a| a.replace(":8080", ":5353")).collect();
+    let udp4: Vec<&str> = udp4.iter().map(String::as_str).collect();
+    let udp6: Vec<&str> = udp6.iter().map(String::as_str).collect();
+    format!("[agent]\ninterface = \"eth0\"\n{agent_extra}\n")
+        + &nat_service("web", &format!("{VIP_ADDRESS4}:80"), "tcp", &NAT_BACKENDS4, "")
+        + &nat_service("web6", &format!("[{VIP_ADDRESS6}]:80"), "tcp", &NAT_BACKENDS6, "")
+        + &nat_service("dns", &format!("{VIP_ADDRESS4}:53"), "udp", &udp4, "")
+        + &nat_service("dns6", &format!("[{VIP_ADDRESS6}]:53"), "udp", &udp6, "")
+        + more
+}
+
+/// `n` GETs of /client through `vip`: the addresses the backends saw.
+fn clients_seen(topology: &Topology, vip: &str, n: usize) -> BTreeSet<String> {
+    let vip: SocketAddr = vip.parse().unwrap();
+    in_netns(&topology.ns("client"), move || {
+        (0..n)
+            .map(|i| {
+                let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+                    .unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
+                stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                stream.write_all(b"GET /client HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).unwrap();
+                body_of(&response).unwrap()
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn nat_reaches_plain_backends_in_both_families_and_they_see_the_lb_as_the_client() {
+    let topology = topology();
+    plain_backends(&topology);
+    // A UDP service whose backend port is closed: the backend answers with
+    // ICMP port unreachable, which must reach the client translated.
+    let closed = nat_service("closed", &format!("{VIP_ADDRESS4}:54"), "udp", &["198.18.1.11:5999"], "");
+    let agent = Agent::start(&topology, &nat_config("", &closed));
+    for (vip, sources) in [(format!("{VIP_ADDRESS4}:80"), LB_SOURCES4), (format!("[{VIP_ADDRESS6}]:80"), LB_SOURCES6)] {
+        let counts = spread(&topology, &vip, 600);
+        assert_shares(&counts, [1, 1, 1], &format!("600 connections through NAT to {vip}"));
+        let seen = clients_seen(&topology, &vip, 30);
+        assert!(
+            !seen.is_empty() && seen.iter().all(|a| sources.contains(&a.as_str())),
+            "behind full NAT the backends must see only the LB's addresses {sources:?}, saw {seen:?}"
+        );
+    }
+    // UDP, port 53 mapped to 5353: every answer from a backend, several of them.
+    for vip in [format!("{VIP_ADDRESS4}:53"), format!("[{VIP_ADDRESS6}]:53")] {
+        let answers: BTreeSet<String> = (0..30).map(|_| udp_ask(&topology, &vip)).collect();
+        assert!(answers.iter().all(|a| NAMES.contains(&a.as_str())) && answers.len() >= 2, "{vip}: {answers:?}");
+    }
+    let vip: SocketAddr = format!("{VIP_ADDRESS4}:54").parse().unwrap();
+    let refused = in_netns(&topology.ns("client"), move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket.connect(vip).unwrap();
+        socket.send(b"anyone?").unwrap();
+        socket.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| e.kind())
+    });
+    assert_eq!(
+        refused,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the backend's port unreachable did not reach the client's socket as one about VIP:54"
+    );
+    // The translations show up per backend, with the pool's free ports.
+    agent.wait_for_log("all backends resolved", 1);
+    thread::sleep(Duration::from_millis(5500)); // one maintenance scan
+    let status = agent.status();
+    let web = status.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.nat_port_exhausted, Some(0));
+    let translations: u64 = web.backends.iter().map(|b| b.nat_flows.unwrap()).sum();
+    assert!(translations > 0, "no NAT flow in status: {web:?}");
+    assert!(web.backends.iter().all(|b| b.nat_free_ports.unwrap() > 30_000), "{web:?}");
+    let (ok, text, _) = agent.cli(&["status"]);
+    assert!(ok && text.contains("NAT FLOWS") && text.contains("FREE PORTS"), "{text}");
+    // A backend's address with its port in the CLI.
+    let (ok, text, err) = agent.cli(&["backend", "drain", "web", "198.18.1.11:8080"]);
+    assert!(ok, "{text}{err}");
+    let (ok, _, err) = agent.cli(&["backend", "drain", "web", "198.18.1.11"]);
+    assert!(!ok && err.contains("has no backend 198.18.1.11"), "{err}");
+    agent.stop();
+}
+
+#[test]
+fn nat_keeps_a_long_lived_connection_across_backend_changes_and_can_preserve_the_client() {
+    let topology = topology();
+    plain_backends(&topology);
+    // DNAT only: b1 must send its replies to clients through the LB.
+    in_ns(&topology, "b1", &["ip", "route", "add", "198.18.2.0/24", "via", "198.18.1.3"]);
+    let preserve =
+        nat_service("keep", &format!("{VIP_ADDRESS4}:81"), "tcp", &[NAT_BACKENDS4[0]], "nat_preserve_client = true");
+    let weighted = |backends: &[(usize, u32)]| {
+        let mut service = nat_service("web", &format!("{VIP_ADDRESS4}:80"), "tcp", &[], "");
+        for (i, weight) in backends {
+            service += &format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n", NAT_BACKENDS4[*i]);
+        }
+        String::from("[agent]\ninterface = \"eth0\"\n") + &service + &preserve
+    };
+    let with = |backends: &[usize]| weighted(&backends.iter().map(|i| (*i, 1)).collect::<Vec<_>>());
+    let agent = Agent::start(&topology, &with(&[0, 1]));
+    let seen = clients_seen(&topology, &format!("{VIP_ADDRESS4}:81"), 10);
+    assert_eq!(seen, BTreeSet::from(["198.18.2.2".to_string()]), "nat_preserve_client shows the real client");
+
+    let mut conn = LongLived::open(&topology, &format!("{VIP_ADDRESS4}:80"));
+    let home = conn.get();
+    let home_index = NAMES.iter().position(|n| *n == home).unwrap();
+    let other = 1 - home_index;
+    for (step, backends) in [
+        ("add b3", vec![(0, 1), (1, 1), (2, 1)]),
+        ("reweight", vec![(home_index, 1), (other, 5), (2, 3)]),
+        ("remove the other backend", vec![(home_index, 1), (2, 1)]),
+        ("remove the connection's own backend", vec![(2, 1), (other, 1)]),
+        ("add everything back", vec![(0, 1), (1, 1), (2, 1)]),
+    ] {
+        agent.reload(&weighted(&backends));
+        let backends: Vec<usize> = backends.iter().map(|(i, _)| *i).collect();
+        for _ in 0..5 {
+            assert_eq!(conn.get(), home, "after {step:?} the long-lived NAT connection moved or broke");
+        }
+        let counts = spread(&topology, &format!("{VIP_ADDRESS4}:80"), 30);
+        for name in counts.keys() {
+            let i = NAMES.iter().position(|n| n == name).unwrap();
+            assert!(backends.contains(&i), "after {step:?} a new connection reached {name}: {counts:?}");
+        }
+    }
+    assert_eq!(conn.get(), home);
+    // The translations are pinned: the connection outlives a SIGKILLed agent
+    // (the program forwards on, on both interfaces) and its successor.
+    agent.kill();
+    assert_eq!(conn.get(), home, "after SIGKILL");
+    let agent = Agent::start(&topology, &with(&[0, 1, 2]));
+    assert!(agent.log_text().contains("adopting the pinned state"), "{}", agent.log_text());
+    for _ in 0..3 {
+        assert_eq!(conn.get(), home, "after the restart");
+    }
+    assert_eq!(clients_seen(&topology, &format!("{VIP_ADDRESS4}:81"), 3), BTreeSet::from(["198.18.2.2".to_string()]));
+    agent.stop();
+}
+
+#[test]
+fn an_exhausted_nat_pool_refuses_new_flows_and_recovers_when_flows_end() {
+    let topology = topology();
+    plain_backends(&topology);
+    let config = String::from("[agent]\ninterface = \"eth0\"\nnat_fin_linger_s = 1\n")
+        + &nat_service(
+            "web",
+            &format!("{VIP_ADDRESS4}:80"),
+            "tcp",
+            &[NAT_BACKENDS4[0]],
+            "nat_source_ports = \"20000-20003\"",
+        );
+    let agent = Agent::start(&topology, &config);
+    let vip: SocketAddr = format!("{VIP_ADDRESS4}:80").parse().unwrap();
+    // Four ports: four long-lived connections take them all.
+    let mut held: Vec<LongLived> = (0..4).map(|_| LongLived::open(&topology, &vip.to_string())).collect();
+    for conn in &mut held {
+        assert_eq!(conn.get(), "b1");
+    }
+    // The fifth is refused (its SYNs are dropped), never given a used port.
+    let fifth = in_netns(&topology.ns("client"), move || get_new_connection_within(vip, Duration::from_secs(1)));
+    assert!(fifth.is_err(), "a fifth connection got through a pool of four ports: {fifth:?}");
+    let refused = agent.status().services[0].nat_port_exhausted.unwrap();
+    assert!(refused >= 1, "refusals not counted");
+    agent.wait_for_log("no free NAT source port", 1);
+    // The held connections are untouched.
+    for conn in &mut held {
+        assert_eq!(conn.get(), "b1");
+    }
+    // Once they end (FIN, linger, a scan), their ports serve new flows again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let attempt = in_netns(&topology.ns("client"), move || get_new_connection_within(vip, Duration::from_secs(1)));
+        if attempt.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ended flows never gave their ports back: {attempt:?}");
+    }
     agent.stop();
 }

@@ -15,11 +15,11 @@ use lb_testkit::frames::{
     rewritten, tcp, udp,
 };
 use xdplb::{
-    config::{Forwarding, Protocol, Scheduler},
+    config::{BackendAddress, Forwarding, PortRange, Protocol, Scheduler},
     dataplane::planner::{Reconciler, address_words},
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
-    state::{DesiredBackend, DesiredService},
+    state::{DesiredBackend, DesiredNat, DesiredService},
 };
 
 const XDP_DROP: u32 = 1;
@@ -64,6 +64,7 @@ impl World {
             ring_size: RING,
             max_services: 8,
             conntrack_size: 4096,
+            nat_table_size: 4096,
             udp_idle_timeout_ns: udp_idle_timeout.as_nanos() as u64,
             pin_dir: None,
         };
@@ -131,6 +132,7 @@ fn service(name: &str, vip: &str, protocol: Protocol, backends: Vec<DesiredBacke
         persistence_timeout_s: 0,
         forwarding: Forwarding::Dsr,
         gue_port: lb_common::DEFAULT_GUE_PORT,
+        nat: None,
         backends,
     }
 }
@@ -1152,5 +1154,380 @@ fn decap_opens_every_tunnel_for_this_host_and_nothing_else() {
         for cut in [14, 20, 33] {
             assert_eq!(decap.run(&whole[..cut]), (XDP_PASS, whole[..cut].to_vec()), "outer cut at {cut}");
         }
+    });
+}
+
+// ---- NAT ------------------------------------------------------------------
+
+/// The LB's address on the backends' side: full NAT's default source.
+const NAT_SOURCE4: &str = "198.18.1.1";
+const NAT_SOURCE6: &str = "2001:db8:0:2::1";
+/// The client's next hop as the kernel's tables name it (`route_clients`).
+const ROUTER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
+
+impl World {
+    /// A backend of a NAT service, reached through `lo` (XDP_TX), with the
+    /// route source full NAT takes by default.
+    fn nat_backend(&self, address: &str, n: u8) -> DesiredBackend {
+        let address: BackendAddress = address.parse().unwrap();
+        let source = if address.ip.is_ipv4() { NAT_SOURCE4 } else { NAT_SOURCE6 };
+        DesiredBackend {
+            address,
+            weight: 1,
+            path: Some(L2Path {
+                ifindex: 1,
+                src_mac: LB_MAC,
+                dst_mac: backend_mac(n),
+                mtu: 1500,
+                source: Some(source.parse().unwrap()),
+            }),
+            down: false,
+        }
+    }
+
+    /// Routes to the clients (198.18.0.0/24, 2001:db8::/64) through the veth
+    /// device, their next hop's MAC in the neighbour table, and forwarding
+    /// on: what the FIB lookup of a translated reply needs.
+    fn route_clients(&self) {
+        for args in [
+            &["addr", "add", "198.18.0.1/24", "dev", "xdplbtest0"][..],
+            &["addr", "add", "2001:db8::1/64", "dev", "xdplbtest0", "nodad"],
+            &["neigh", "add", "198.18.0.2", "lladdr", "02:77:00:00:00:01", "dev", "xdplbtest0", "nud", "permanent"],
+            &["neigh", "add", "2001:db8::2", "lladdr", "02:77:00:00:00:01", "dev", "xdplbtest0", "nud", "permanent"],
+        ] {
+            let status = Command::new("ip").args(args).status().expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        for sysctl in ["/proc/sys/net/ipv4/conf/all/forwarding", "/proc/sys/net/ipv6/conf/all/forwarding"] {
+            std::fs::write(sysctl, "1").unwrap_or_else(|e| panic!("{sysctl}: {e}"));
+        }
+    }
+
+    /// The veth device's MAC (this thread's /sys shows another namespace).
+    fn veth_mac(&self) -> [u8; 6] {
+        let out = Command::new("ip").args(["-br", "link", "show", "dev", "xdplbtest0"]).output().expect("ip");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text.split_whitespace().nth(2).unwrap_or_else(|| panic!("no MAC in {text:?}"));
+        let bytes: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+        bytes.try_into().unwrap()
+    }
+
+    fn nat_entries(&self) -> (usize, usize) {
+        self.dataplane.nat_table_sizes().unwrap()
+    }
+}
+
+fn nat_service(
+    name: &str,
+    vip: &str,
+    protocol: Protocol,
+    backends: Vec<DesiredBackend>,
+    ports: &str,
+) -> DesiredService {
+    DesiredService {
+        forwarding: Forwarding::Nat,
+        nat: Some(DesiredNat {
+            sources: Vec::new(),
+            ports: ports.parse::<PortRange>().unwrap(),
+            preserve_client: false,
+            exclude: None,
+        }),
+        ..service(name, vip, protocol, backends)
+    }
+}
+
+/// A world with routes to the clients and one NAT service, web
+/// (198.18.0.100:80 → 198.18.1.11:8080), whose pool is `ports`.
+fn web_behind_nat(ports: &str) -> World {
+    let mut w = World::new();
+    w.route_clients();
+    w.set(&[nat_service("web", "198.18.0.100:80", Protocol::Tcp, vec![w.nat_backend("198.18.1.11:8080", 11)], ports)]);
+    w
+}
+
+/// The source port a translated frame carries (after Ethernet and IP).
+fn source_port(out: &[u8]) -> u16 {
+    let l4 = if u16::from_be_bytes([out[12], out[13]]) == 0x0800 { 34 } else { 54 };
+    u16::from_be_bytes([out[l4], out[l4 + 1]])
+}
+
+#[test]
+fn nat_translates_both_directions_with_exact_bytes_and_checksums() {
+    in_world(|| {
+        let mut w = World::new();
+        w.route_clients();
+        let ports = "40000-40009";
+        w.set(&[
+            nat_service("web", "198.18.0.100:80", Protocol::Tcp, vec![w.nat_backend("198.18.1.11:8080", 11)], ports),
+            nat_service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.nat_backend("198.18.1.12:5353", 12)], ports),
+            nat_service(
+                "web6",
+                "[2001:db8::100]:80",
+                Protocol::Tcp,
+                vec![w.nat_backend("[2001:db8:0:2::11]:8080", 11)],
+                ports,
+            ),
+            nat_service(
+                "dns6",
+                "[2001:db8::100]:53",
+                Protocol::Udp,
+                vec![w.nat_backend("2001:db8:0:2::12", 12)],
+                ports,
+            ),
+        ]);
+        let veth = w.veth_mac();
+        let cases = [
+            ("198.18.0.2", VIP4, 80, NAT_SOURCE4, "198.18.1.11", 8080, 11, true),
+            ("198.18.0.2", VIP4, 53, NAT_SOURCE4, "198.18.1.12", 5353, 12, false),
+            ("2001:db8::2", VIP6, 80, NAT_SOURCE6, "2001:db8:0:2::11", 8080, 11, true),
+            // No port given: the VIP's.
+            ("2001:db8::2", VIP6, 53, NAT_SOURCE6, "2001:db8:0:2::12", 53, 12, false),
+        ];
+        for (n, (client, vip, vip_port, nat, backend, backend_port, mac, is_tcp)) in cases.into_iter().enumerate() {
+            let frame = |src: &str, sport: u16, dst: &str, dport: u16, flags: u8| {
+                // Odd payload lengths too: the checksums must not care.
+                let mut f = if is_tcp { tcp(src, sport, dst, dport, flags) } else { udp(src, sport, dst, dport) };
+                f.payload.extend(std::iter::repeat_n(0xa5u8, n));
+                f
+            };
+            let request = frame(client, 40000, vip, vip_port, SYN).checksummed();
+            let (action, out) = w.run(&request);
+            assert_eq!(action, XDP_TX, "case {n}");
+            let port = source_port(&out);
+            assert!((40000..=40009).contains(&port), "case {n}: source port {port}");
+            let expected = frame(nat, port, backend, backend_port, SYN).checksummed();
+            assert_eq!(out, rewritten(&expected, backend_mac(mac), LB_MAC), "case {n}: request");
+
+            // The flow's next packet keeps its translation.
+            let next = frame(client, 40000, vip, vip_port, PSH_ACK).checksummed();
+            let (_, out) = w.run(&next);
+            assert_eq!(source_port(&out), port, "case {n}");
+
+            // The backend's reply goes back to VIP → client, to the client's next hop.
+            let reply = frame(backend, backend_port, nat, port, PSH_ACK).checksummed();
+            let (action, out) = w.run(&reply);
+            assert_eq!(action, XDP_REDIRECT, "case {n}: reply");
+            let expected = frame(vip, vip_port, client, 40000, PSH_ACK).checksummed();
+            assert_eq!(out, rewritten(&expected, ROUTER_MAC, veth), "case {n}: reply");
+        }
+        assert_eq!(w.counter(GlobalCounter::ForwardedNat), 8);
+        assert_eq!(w.counter(GlobalCounter::NatReplies), 4);
+        assert_eq!(w.nat_entries(), (4, 4));
+    });
+}
+
+#[test]
+fn a_nat_flow_to_another_backend_port_or_source_never_shares_a_translation() {
+    in_world(|| {
+        let mut w = World::new();
+        // Two ports only.
+        w.set(&[nat_service(
+            "web",
+            "198.18.0.100:80",
+            Protocol::Tcp,
+            vec![w.nat_backend("198.18.1.11", 11)],
+            "40000-40001",
+        )]);
+        let mut seen = Vec::new();
+        for client_port in [1000u16, 1001] {
+            let (action, out) = w.run(&tcp("198.18.0.2", client_port, VIP4, 80, SYN).checksummed());
+            assert_eq!(action, XDP_TX);
+            seen.push(source_port(&out));
+        }
+        seen.sort();
+        assert_eq!(seen, [40000, 40001], "both ports, each once");
+        // The pool is exhausted: the next new flow is dropped and counted, never mis-translated.
+        let (action, _) = w.run(&tcp("198.18.0.3", 1000, VIP4, 80, SYN).checksummed());
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(w.counter(GlobalCounter::DropNatPortExhausted), 1);
+        assert_eq!(w.dataplane.nat_exhausted(0).unwrap(), 1);
+        assert_eq!(w.nat_entries(), (2, 2));
+        // Established flows go on.
+        let (action, out) = w.run(&tcp("198.18.0.2", 1001, VIP4, 80, PSH_ACK).checksummed());
+        assert_eq!(action, XDP_TX);
+        assert!(seen.contains(&source_port(&out)));
+    });
+}
+
+#[test]
+fn malformed_or_unknown_replies_pass_and_leave_nat_state_alone() {
+    in_world(|| {
+        let w = web_behind_nat("40000-40000");
+        let (_, out) = w.run(&tcp("198.18.0.2", 1000, VIP4, 80, SYN).checksummed());
+        assert_eq!(source_port(&out), 40000);
+        let reply = tcp("198.18.1.11", 8080, NAT_SOURCE4, 40000, PSH_ACK);
+        // Cut short inside the TCP header: not parsed, passed, nothing changes.
+        let bytes = reply.checksummed();
+        for cut in [34 + 4, 34 + 19] {
+            assert_eq!(w.run(&bytes[..cut]), (XDP_PASS, bytes[..cut].to_vec()), "cut at {cut}");
+        }
+        // Not a translation we made (another port, another backend): passed untouched.
+        for other in [
+            tcp("198.18.1.11", 8080, NAT_SOURCE4, 40001, PSH_ACK),
+            tcp("198.18.1.12", 8080, NAT_SOURCE4, 40000, PSH_ACK),
+            tcp("198.18.1.11", 8081, NAT_SOURCE4, 40000, PSH_ACK),
+        ] {
+            let bytes = other.checksummed();
+            assert_eq!(w.run(&bytes), (XDP_PASS, bytes.clone()));
+        }
+        // A wrong checksum stays exactly as wrong: the client's stack drops
+        // the packet, as it would have without the LB in between.
+        let mut bad = reply.checksummed();
+        bad[34 + 16] ^= 0x5a;
+        let (action, out) = w.run(&bad);
+        assert_eq!(action, XDP_REDIRECT);
+        let good = rewritten(&tcp(VIP4, 80, "198.18.0.2", 1000, PSH_ACK).checksummed(), ROUTER_MAC, w.veth_mac());
+        let check = 34 + 16..34 + 18;
+        assert_eq!((&out[..check.start], &out[check.end..]), (&good[..check.start], &good[check.end..]));
+        assert_ne!(out[check.clone()], good[check], "a corrupted checksum came out valid");
+        assert_eq!(w.nat_entries(), (1, 1));
+        assert_eq!(w.counter(GlobalCounter::NatReplies), 1);
+    });
+}
+
+#[test]
+fn preserving_the_client_rewrites_only_the_destination() {
+    in_world(|| {
+        let mut w = World::new();
+        w.route_clients();
+        let mut service = nat_service(
+            "web",
+            "198.18.0.100:80",
+            Protocol::Tcp,
+            vec![w.nat_backend("198.18.1.11:8080", 11)],
+            "1024-65535",
+        );
+        service.nat.as_mut().unwrap().preserve_client = true;
+        w.set(&[service]);
+        let (action, out) = w.run(&tcp("198.18.0.2", 40000, VIP4, 80, SYN).checksummed());
+        assert_eq!(action, XDP_TX);
+        let expected = tcp("198.18.0.2", 40000, "198.18.1.11", 8080, SYN).checksummed();
+        assert_eq!(out, rewritten(&expected, backend_mac(11), LB_MAC));
+        let (action, out) = w.run(&tcp("198.18.1.11", 8080, "198.18.0.2", 40000, PSH_ACK).checksummed());
+        assert_eq!(action, XDP_REDIRECT);
+        let expected = tcp(VIP4, 80, "198.18.0.2", 40000, PSH_ACK).checksummed();
+        assert_eq!(out, rewritten(&expected, ROUTER_MAC, w.veth_mac()));
+    });
+}
+
+/// An ICMP (IPv4) or ICMPv6 error from `src` to `dst` quoting `quote`, every
+/// checksum computed in full.
+fn icmp_error_frame(src: &str, dst: &str, kind: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend(rest);
+    icmp.extend(quote);
+    let mut f = Vec::new();
+    f.extend(LB_MAC);
+    f.extend(CLIENT_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let check = internet_checksum(&icmp);
+            icmp[2..4].copy_from_slice(&check.to_be_bytes());
+            f.extend(0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend((20 + icmp.len() as u16).to_be_bytes());
+            ip.extend([0x56, 0x78, 0, 0, 64, 1, 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let check = internet_checksum(&ip);
+            ip[10..12].copy_from_slice(&check.to_be_bytes());
+            f.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut pseudo = [s.octets(), d.octets()].concat();
+            pseudo.extend((icmp.len() as u32).to_be_bytes());
+            pseudo.extend([0, 0, 0, 58]);
+            pseudo.extend(&icmp);
+            let check = internet_checksum(&pseudo);
+            icmp[2..4].copy_from_slice(&check.to_be_bytes());
+            f.extend(0x86ddu16.to_be_bytes());
+            f.extend([0x60, 0, 0, 0]);
+            f.extend((icmp.len() as u16).to_be_bytes());
+            f.extend([58, 64]);
+            f.extend(s.octets());
+            f.extend(d.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    f.extend(icmp);
+    f
+}
+
+#[test]
+fn icmp_errors_about_nat_flows_reach_the_client_translated() {
+    in_world(|| {
+        let mut w = World::new();
+        w.route_clients();
+        w.set(&[
+            nat_service(
+                "dns",
+                "198.18.0.100:53",
+                Protocol::Udp,
+                vec![w.nat_backend("198.18.1.12:5353", 12)],
+                "40000-40009",
+            ),
+            nat_service(
+                "web6",
+                "[2001:db8::100]:80",
+                Protocol::Tcp,
+                vec![w.nat_backend("[2001:db8:0:2::11]:8080", 11)],
+                "40000-40009",
+            ),
+        ]);
+        let veth = w.veth_mac();
+        // UDP over IPv4: the backend's port unreachable, quoting the IP
+        // header and the UDP header (its checksum included).
+        let request = udp("198.18.0.2", 40000, VIP4, 53).checksummed();
+        let (_, translated) = w.run(&request);
+        let port = source_port(&translated);
+        let unreachable = icmp_error_frame("198.18.1.12", NAT_SOURCE4, 3, 3, [0; 4], &translated[14..14 + 28]);
+        let (action, out) = w.run(&unreachable);
+        assert_eq!(action, XDP_REDIRECT);
+        let expected = icmp_error_frame(VIP4, "198.18.0.2", 3, 3, [0; 4], &request[14..14 + 28]);
+        assert_eq!(out, rewritten(&expected, ROUTER_MAC, veth), "port unreachable (NAT port {port})");
+
+        // TCP over IPv6: packet too big from a router on the way, quoting
+        // the whole segment (the TCP checksum is in it too).
+        let request = tcp("2001:db8::2", 40001, VIP6, 80, PSH_ACK).checksummed();
+        let (_, translated) = w.run(&request);
+        let mtu = 1400u32.to_be_bytes();
+        let too_big = icmp_error_frame("2001:db8:0:2::fe", NAT_SOURCE6, 2, 0, mtu, &translated[14..]);
+        let (action, out) = w.run(&too_big);
+        assert_eq!(action, XDP_REDIRECT);
+        let expected = icmp_error_frame(VIP6, "2001:db8::2", 2, 0, mtu, &request[14..]);
+        assert_eq!(out, rewritten(&expected, ROUTER_MAC, veth), "packet too big");
+        assert_eq!(w.counter(GlobalCounter::NatIcmpErrors), 2);
+
+        // About no NAT flow (another port): passed untouched.
+        let mut stray = translated[14..].to_vec();
+        stray[40] ^= 0x01; // the quoted source port
+        let stray = icmp_error_frame("2001:db8:0:2::fe", NAT_SOURCE6, 2, 0, mtu, &stray);
+        assert_eq!(w.run(&stray), (XDP_PASS, stray.clone()));
+        // An echo request to the NAT address is no error: passed.
+        let echo = icmp_error_frame("198.18.1.12", NAT_SOURCE4, 8, 0, [0; 4], &translated[14..14 + 28]);
+        assert_eq!(w.run(&echo), (XDP_PASS, echo.clone()));
+    });
+}
+
+#[test]
+fn a_new_connection_on_an_ended_nat_flows_five_tuple_revives_its_translation() {
+    in_world(|| {
+        let w = web_behind_nat("40000-40009");
+        let finished = |w: &World| {
+            let (flows, replies) = w.dataplane.nat_tables().unwrap();
+            assert_eq!((flows.len(), replies.len()), (1, 1));
+            (flows[0].1.flags & lb_common::FLOW_F_FINISHED != 0, replies[0].1.flags & lb_common::FLOW_F_FINISHED != 0)
+        };
+        let (_, out) = w.run(&tcp("198.18.0.2", 1000, VIP4, 80, SYN).checksummed());
+        let port = source_port(&out);
+        w.run(&tcp("198.18.0.2", 1000, VIP4, 80, FIN_ACK).checksummed());
+        w.run(&tcp("198.18.1.11", 8080, NAT_SOURCE4, port, FIN_ACK).checksummed());
+        assert_eq!(finished(&w), (true, true));
+        // The client reuses the five-tuple: same backend, same translation,
+        // no longer finished (its linger would end the new connection).
+        let (_, out) = w.run(&tcp("198.18.0.2", 1000, VIP4, 80, SYN).checksummed());
+        assert_eq!(source_port(&out), port);
+        assert_eq!(finished(&w), (false, false));
     });
 }

@@ -42,6 +42,7 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
             ring_size: lb_common::DEFAULT_RING_SIZE,
             max_services: 64,
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
             pin_dir: None,
         };
@@ -49,7 +50,7 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
         let memory = map_memory(&dataplane)?;
         let mut reconciler = Reconciler::new(lb_common::DEFAULT_RING_SIZE, 64);
         let backend = |i: usize, weight: u32| DesiredBackend {
-            address: IpAddr::from([198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1]),
+            address: IpAddr::from([198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1]).into(),
             weight,
             path: Some(L2Path {
                 ifindex: 1,
@@ -68,6 +69,7 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
             persistence_timeout_s: 0,
             forwarding: Forwarding::Dsr,
             gue_port: lb_common::DEFAULT_GUE_PORT,
+            nat: None,
             backends: (0..1000).map(|i| backend(i, 1)).collect(),
         };
         let mut changes = Vec::new();

@@ -39,6 +39,17 @@ pub fn udp4_64() -> Vec<u8> {
     udp4(1024)
 }
 
+/// The same to the throughput topology's NAT service (port 55).
+pub fn udp4_64_nat() -> Vec<u8> {
+    udp(CLIENT, 1024, VIP, 55).bare().padded()
+}
+
+/// A backend's reply to a NAT flow: 198.18.1.11:80 → the NAT source
+/// (198.18.2.1, the route source) at `nat_port`.
+pub fn tcp4_nat_reply(nat_port: u16, flags: u8) -> Vec<u8> {
+    tcp("198.18.1.11", 80, "198.18.2.1", nat_port, flags).bare().padded()
+}
+
 /// The same to the throughput topology's IPIP service (port 54).
 pub fn udp4_64_tunnel() -> Vec<u8> {
     udp(CLIENT, 1024, VIP, 54).bare().padded()

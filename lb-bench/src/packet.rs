@@ -20,12 +20,15 @@ use xdplb::{
     dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
-    state::{DesiredBackend, DesiredService},
+    state::{DesiredBackend, DesiredNat, DesiredService},
 };
 
 use crate::{frames, stats::Samples};
 
 pub const RING: u32 = lb_common::DEFAULT_RING_SIZE;
+/// New NAT flows measured per round: under half the default NAT tables, so
+/// that the cost measured is an allocation, not a full table.
+const NAT_NEW_FLOWS_PER_ROUND: u32 = 100_000;
 
 /// One measured case: a frame generator, run on every program.
 pub struct Fixture {
@@ -37,6 +40,20 @@ pub struct Fixture {
     pub warmup: u32,
     pub scheduler: Scheduler,
     pub forwarding: Forwarding,
+    /// NAT: the source-port pool, and frames sent before the warm-up ones
+    /// (a reply needs its request's translation first).
+    pub nat: Option<NatFixture>,
+}
+
+#[derive(Clone, Copy)]
+pub struct NatFixture {
+    pub ports: &'static str,
+    /// How many `nat_source` addresses (0: the route source).
+    pub sources: u8,
+    pub prime: Option<fn() -> Vec<u8>>,
+    /// Calls per round at most: every new flow keeps its translation (the
+    /// agent's expiry does not run here), so a round must fit the tables.
+    pub max_calls: u32,
 }
 
 pub fn fixtures() -> Vec<Fixture> {
@@ -50,6 +67,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
             Fixture {
                 name: "tcp_syn_new_flow",
@@ -58,6 +76,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: lb_common::DEFAULT_CONNTRACK_SIZE,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
             Fixture {
                 name: "tcp_ack_established",
@@ -66,6 +85,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
             // The throughput generator's working set: 60000 established flows in turn.
             Fixture {
@@ -75,6 +95,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: 60_000,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
             Fixture {
                 name: "udp",
@@ -83,6 +104,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
             Fixture {
                 name: "ipv6_tcp_syn",
@@ -91,6 +113,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
             Fixture {
                 name: "ipv6_tcp_ack",
@@ -99,6 +122,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: 1,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
             Fixture {
                 name: "non_vip",
@@ -107,6 +131,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 warmup: 0,
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
+                nat: None,
             },
         ]);
     }
@@ -127,6 +152,7 @@ pub fn fixtures() -> Vec<Fixture> {
             warmup: 0,
             scheduler,
             forwarding: Forwarding::Dsr,
+            nat: None,
         });
     }
     // The tunnel paths: the same packets, encapsulated (IPv6 VIP → IPv6 backends).
@@ -137,6 +163,7 @@ pub fn fixtures() -> Vec<Fixture> {
         warmup: 1,
         scheduler: Scheduler::Maglev,
         forwarding,
+        nat: None,
     };
     list.extend([
         tunnel("ipip_tcp_syn", |_| frames::tcp4(40010, frames::SYN), Forwarding::Ipip),
@@ -147,6 +174,32 @@ pub fn fixtures() -> Vec<Fixture> {
         tunnel("gue_tcp_ack_established", |_| frames::tcp4(40021, frames::ACK), Forwarding::Gue),
         tunnel("gue_udp", |_| frames::udp4(40022), Forwarding::Gue),
         tunnel("gue_ipv6_tcp_ack", |_| frames::tcp6(40023, frames::ACK), Forwarding::Gue),
+    ]);
+    // NAT, both directions. A new flow takes a source port (8 source
+    // addresses: room for every new flow of a round); an established one
+    // reuses its translation; a reply is rewritten back and routed by the
+    // kernel's FIB to the client (a pool of one port makes it predictable).
+    let nat = |name, backends, frame: fn(u32) -> Vec<u8>, warmup, nat: NatFixture| Fixture {
+        name,
+        backends,
+        frame,
+        warmup,
+        scheduler: Scheduler::Maglev,
+        forwarding: Forwarding::Nat,
+        nat: Some(nat),
+    };
+    let pool = NatFixture { ports: "1024-65535", sources: 8, prime: None, max_calls: NAT_NEW_FLOWS_PER_ROUND };
+    let one_port = NatFixture {
+        ports: "40000-40000",
+        sources: 0,
+        prime: Some(|| frames::tcp4(40050, frames::SYN)),
+        max_calls: NAT_NEW_FLOWS_PER_ROUND,
+    };
+    list.extend([
+        nat("nat_tcp_syn_new_flow", 3, |i| frames::tcp4_from(i, frames::SYN), 0, pool),
+        nat("nat_tcp_ack_established", 3, |_| frames::tcp4(40031, frames::ACK), 1, pool),
+        nat("nat_udp", 3, |_| frames::udp4(40032), 1, pool),
+        nat("nat_reply_tcp_ack", 1, |_| frames::tcp4_nat_reply(40000, frames::ACK), 0, one_port),
     ]);
     list
 }
@@ -164,7 +217,7 @@ pub const PROGRAMS: [&str; 6] =
 /// Whether `program` is measured on `fixture`: the encapsulation baseline
 /// only on the tunnel fixtures, which it matches.
 fn applies(program: &str, fixture: &Fixture) -> bool {
-    program != "parse_encap_tx" || fixture.forwarding != Forwarding::Dsr
+    program != "parse_encap_tx" || fixture.forwarding.is_tunnel()
 }
 
 impl Programs {
@@ -190,10 +243,25 @@ impl Programs {
         {
             Command::new("ip").args(["link", "set", dev, "up"]).status()?;
         }
+        // NAT replies go to the client's next hop by the kernel's FIB: a
+        // route and a neighbour for the client, and forwarding on.
+        for args in [
+            &["addr", "add", "198.18.2.254/24", "dev", "xb0p"][..],
+            &["neigh", "add", "198.18.2.2", "lladdr", "02:77:00:00:00:01", "dev", "xb0p", "nud", "permanent"],
+        ] {
+            let status = Command::new("ip").args(args).status().context("ip")?;
+            if !status.success() {
+                bail!("ip {args:?} failed");
+            }
+        }
+        // /proc/sys/net is the opening thread's namespace: this one's.
+        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+            .context("enabling forwarding in the benchmark's namespace")?;
         let params = DataplaneParams {
             ring_size: RING,
             max_services: 4,
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
             pin_dir: None,
         };
@@ -217,7 +285,8 @@ impl Programs {
 
     /// Programs the maps for `backends` backends under `scheduler`, reached
     /// by `forwarding`.
-    pub fn configure(&mut self, backends: usize, scheduler: Scheduler, forwarding: Forwarding) -> Result<()> {
+    pub fn configure(&mut self, fixture: &Fixture) -> Result<()> {
+        let (backends, scheduler, forwarding) = (fixture.backends, fixture.scheduler, fixture.forwarding);
         let members = |prefix: &str, v6: bool| -> Vec<DesiredBackend> {
             (0..backends)
                 .map(|i| {
@@ -228,7 +297,7 @@ impl Programs {
                     };
                     let _ = prefix;
                     DesiredBackend {
-                        address,
+                        address: address.into(),
                         weight: 1,
                         // ifindex 1: the test-run ingress (lo), so XDP_TX.
                         path: Some(L2Path {
@@ -251,6 +320,15 @@ impl Programs {
             persistence_timeout_s: 0,
             forwarding,
             gue_port: lb_common::DEFAULT_GUE_PORT,
+            nat: fixture.nat.map(|nat| DesiredNat {
+                sources: (0..nat.sources)
+                    .map(|n| if v6 { format!("2001:db8:2::{}", n + 1) } else { format!("198.18.2.{}", n + 1) })
+                    .map(|a| a.parse().unwrap())
+                    .collect(),
+                ports: nat.ports.parse().unwrap(),
+                preserve_client: false,
+                exclude: None,
+            }),
             backends: members(name, v6),
         };
         let desired = [
@@ -262,7 +340,22 @@ impl Programs {
         if !errors.is_empty() {
             bail!("{errors:?}");
         }
-        Ok(self.xdplb.apply(&writes)?)
+        self.xdplb.apply(&writes)?;
+        if let Some(nat) = fixture.nat {
+            // Every NAT fixture starts from empty tables (the agent's expiry
+            // does not run here), then makes the translations it needs.
+            self.xdplb.clear_nat_tables()?;
+            if let Some(prime) = nat.prime {
+                let mut out = vec![0u8; 512];
+                let frame = prime();
+                self.xdplb.program()?.test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn program(&self, which: &str, fixture: &Fixture) -> Result<&Xdp> {
@@ -330,7 +423,7 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>
     let mut costs: Vec<Cost> = Vec::new();
     for round in 0..rounds {
         for (index, fixture) in fixtures.iter().enumerate() {
-            programs.configure(fixture.backends, fixture.scheduler, fixture.forwarding)?;
+            programs.configure(fixture)?;
             // New-flow fixtures continue where the last round stopped, each
             // in a range of five-tuples of its own, so every packet really
             // is a new flow (never a SYN retransmission or a reused port).
@@ -341,8 +434,9 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>
                 (index as u32 * rounds as u32 + round as u32).wrapping_mul(per_round)
             };
             programs.warm_up(fixture, offset)?;
+            let calls = fixture.nat.map_or(iterations, |nat| iterations.min(nat.max_calls));
             for program in PROGRAMS.into_iter().filter(|p| applies(p, fixture)) {
-                let ns = programs.measure(program, fixture, iterations, offset + fixture.warmup)?;
+                let ns = programs.measure(program, fixture, calls, offset + fixture.warmup)?;
                 match costs
                     .iter_mut()
                     .find(|c| c.fixture == fixture.name && c.backends == fixture.backends && c.program == program)

@@ -7,7 +7,9 @@
 //! /proc/PID/stat, plus for xdplb the XDP program's own run time from the
 //! kernel's BPF statistics (kernel.bpf_stats_enabled). The whole machine's
 //! softirq time is reported beside it, since the kernel cannot say which
-//! namespace it was spent for; with DSR the replies never touch the LB.
+//! namespace it was spent for; with DSR the replies never touch the LB,
+//! with NAT (the like-for-like comparison: both hide the backends, neither
+//! needs them changed) every reply passes the XDP program too.
 
 use std::{
     path::Path,
@@ -136,7 +138,7 @@ fn measure(h: &Topology, lb: &'static str, lb_pid: u32, seconds: u64) -> Result<
             requests_per_s: rps,
             requests,
             lb_process_cpu_s: cpu1 - cpu0,
-            lb_xdp_cpu_s: if lb == "xdplb" { xdp1 - xdp0 } else { 0.0 },
+            lb_xdp_cpu_s: if lb.starts_with("xdplb") { xdp1 - xdp0 } else { 0.0 },
             machine_softirq_s: soft1 - soft0,
         });
     }
@@ -166,16 +168,16 @@ impl Drop for Stop {
     }
 }
 
-pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> {
-    let h = Topology::up(&format!("xbp{}", std::process::id() % 100_000), xdp_pass)?;
-    let scratch = lb_testkit::TempDir::new(format!("/tmp/{}", h.prefix))?;
-    let dir = scratch.0.clone();
-    start_nginx(&h, &dir)?;
-    sh("sysctl -qw kernel.bpf_stats_enabled=1")?;
-    let mut runs = Vec::new();
-
-    // xdplb
-    let config = std::fs::read_to_string("config/harness.toml")?.replacen(
+/// Runs the agent with `config` in the LB namespace and measures it.
+fn run_xdplb(
+    h: &Topology,
+    dir: &Path,
+    xdplb: &Path,
+    lb: &'static str,
+    config: &str,
+    seconds: u64,
+) -> Result<Vec<PeerRun>> {
+    let config = config.replacen(
         "[agent]\n",
         &format!(
             "[agent]\ncontrol_socket = \"{d}/xdplb.sock\"\npin_dir = \"{p}\"\n",
@@ -185,7 +187,7 @@ pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> 
         1,
     );
     std::fs::write(dir.join("xdplb.toml"), config)?;
-    let log = dir.join("xdplb.log");
+    let log = dir.join(format!("{}.log", lb.replace(' ', "-")));
     let agent = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", h.ns("lb")))
         .arg(xdplb)
@@ -196,9 +198,37 @@ pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> 
         .spawn()?;
     let agent = Stop(agent);
     wait_for(&log, "all backends resolved")?;
-    runs.extend(measure(&h, "xdplb", agent.0.id(), seconds)?);
+    let runs = measure(h, lb, agent.0.id(), seconds)?;
     drop(agent);
     std::thread::sleep(Duration::from_millis(500));
+    Ok(runs)
+}
+
+pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> {
+    let h = Topology::up(&format!("xbp{}", std::process::id() % 100_000), xdp_pass)?;
+    let scratch = lb_testkit::TempDir::new(format!("/tmp/{}", h.prefix))?;
+    let dir = scratch.0.clone();
+    start_nginx(&h, &dir)?;
+    sh("sysctl -qw kernel.bpf_stats_enabled=1")?;
+    let mut runs = Vec::new();
+
+    // xdplb with direct server return: replies bypass the LB.
+    let dsr = std::fs::read_to_string("config/harness.toml")?;
+    runs.extend(run_xdplb(&h, &dir, xdplb, "xdplb", &dsr, seconds)?);
+
+    // xdplb with NAT: like HAProxy, it hides the backends, which need no
+    // change, and every reply comes back through the LB. The LB forwards
+    // IP (its FIB lookup for replies needs that), and the backends' veths
+    // fill in checksums themselves (a real NIC would have, on the wire).
+    sh(&format!("ip netns exec {} sysctl -qw net.ipv4.conf.all.forwarding=1", h.ns("lb")))?;
+    for name in ["b1", "b2", "b3"] {
+        sh(&format!("ip netns exec {} ethtool -K eth0 tx off >/dev/null", h.ns(name)))?;
+    }
+    let nat = "[agent]\ninterface = \"eth0\"\nxdp_mode = \"driver\"\n\n[[service]]\nname = \"web\"\n\
+               vip = \"198.18.0.100:80\"\nprotocol = \"tcp\"\nforwarding = \"nat\"\n\n\
+               [[service.backend]]\naddress = \"198.18.1.11\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"\n\n\
+               [[service.backend]]\naddress = \"198.18.2.13\"\n";
+    runs.extend(run_xdplb(&h, &dir, xdplb, "xdplb NAT", nat, seconds)?);
 
     // HAProxy, mode tcp, round robin, on the same VIP.
     sh(&format!("ip -n {} addr add 198.18.0.100/32 dev lo", h.ns("lb")))?;

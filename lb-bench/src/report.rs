@@ -225,6 +225,18 @@ pub fn write(r: &Report, dir: &Path) -> Result<PathBuf> {
             peer_rows.push((format!("{mode} (k req/s)"), x.requests_per_s / 1000.0, h.requests_per_s / 1000.0));
         }
     }
+    // NAT against HAProxy: the like-for-like pair (both hide the backends).
+    // Goal: ≥ 5× HAProxy's new connections per second at ≤ 5% of its LB CPU.
+    let get = |lb: &str| r.peer.iter().find(|p| p.lb == lb && p.mode == "new connections");
+    if let (Some(x), Some(h)) = (get("xdplb NAT"), get("haproxy")) {
+        writeln!(
+            md,
+            "\nnew connections, xdplb NAT / HAProxy: requests/s **{:.2}×** (goal ≥ 5×); LB CPU per 100k requests \
+             **{:.3}×** (goal ≤ 0.05×).",
+            x.requests_per_s / h.requests_per_s,
+            x.cpu_per_100k() / h.cpu_per_100k().max(1e-12)
+        )?;
+    }
     bars(&dir.join("peer.png"), "Requests per second (thousands)", &peer_rows, ("xdplb", "HAProxy"))?;
     writeln!(md, "\n![xdplb vs HAProxy](peer.png)\n")?;
 

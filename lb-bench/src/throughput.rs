@@ -25,18 +25,21 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    maps::PerCpuArray,
+    maps::{Array, MapData, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use xdplb::{
-    config::{Forwarding, Protocol, Scheduler},
+    config::{Forwarding, PortRange, Protocol, Scheduler},
     dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
-    state::{DesiredBackend, DesiredService},
+    state::{DesiredBackend, DesiredNat, DesiredService},
 };
 
 use crate::{frames, stats::Samples};
+
+/// The generator's frame headers it restores (Ethernet, IPv4, 8 bytes of L4).
+const GEN_HEADER_LEN: usize = 14 + 20 + 8;
 
 pub struct Throughput {
     pub program: &'static str,
@@ -154,8 +157,11 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
         }
         let sink: &mut Xdp = ebpf.program_mut("sink").context("sink")?.try_into()?;
         sink.attach("g0", XdpMode::Driver)?;
-        Ok(ebpf)
+        let headers: Array<MapData, [u8; GEN_HEADER_LEN]> =
+            Array::try_from(ebpf.take_map("GEN_HEADERS").context("GEN_HEADERS")?)?;
+        Ok((ebpf, headers))
     })?;
+    let (gen_side, mut gen_headers) = gen_side;
     let gen_side = Arc::new(gen_side);
 
     // LB side: xdplb with one backend behind l0, and the baselines.
@@ -164,6 +170,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             ring_size: lb_common::DEFAULT_RING_SIZE,
             max_services: 4,
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
             pin_dir: None,
         };
@@ -188,6 +195,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             persistence_timeout_s: 0,
             forwarding: Forwarding::Dsr,
             gue_port: lb_common::DEFAULT_GUE_PORT,
+            nat: None,
             backends: vec![backend()],
         };
         let mut reconciler = Reconciler::new(lb_common::DEFAULT_RING_SIZE, 4);
@@ -195,6 +203,18 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             service("dns", "198.18.0.100:53", Protocol::Udp),
             service("web", "198.18.0.100:80", Protocol::Tcp),
             DesiredService { forwarding: Forwarding::Ipip, ..service("tunnel", "198.18.0.100:54", Protocol::Udp) },
+            DesiredService {
+                forwarding: Forwarding::Nat,
+                // Two source addresses: room for the generator's 60000 flows
+                // at under half the pool (new flows find a port at once).
+                nat: Some(DesiredNat {
+                    sources: vec!["198.18.2.101".parse().unwrap(), "198.18.2.102".parse().unwrap()],
+                    ports: PortRange::default(),
+                    preserve_client: false,
+                    exclude: None,
+                }),
+                ..service("nat", "198.18.0.100:55", Protocol::Udp)
+            },
         ]);
         dataplane.apply(&writes)?;
         let mut baselines = crate::load_baselines()?;
@@ -231,7 +251,11 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
                 ("udp_64B", frames::udp4_64()),
                 ("tcp_ack_64B", frames::tcp4(1024, frames::ACK)),
                 ("udp_64B_ipip", frames::udp4_64_tunnel()),
+                ("udp_64B_nat", frames::udp4_64_nat()),
             ] {
+                // The generator restores these headers in every recycled frame.
+                let headers: [u8; GEN_HEADER_LEN] = frame[..GEN_HEADER_LEN].try_into()?;
+                gen_headers.set(0, headers, 0)?;
                 for threads in [1usize, 2] {
                     let counter = |ebpf: &Ebpf| sink_total(ebpf);
                     let before = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };

@@ -5,7 +5,7 @@
 /// with any change to a map's key or value type, or to the map schema (the
 /// size test is a reminder): an agent refuses to adopt pinned maps of
 /// another version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 pub const NS_PER_MS: u64 = 1_000_000;
@@ -106,7 +106,28 @@ pub mod forwarding {
     pub const IPIP: u8 = 1;
     /// GUE variant 1: outer IP and UDP, the inner IP header right after.
     pub const GUE: u8 = 2;
+    /// NAT: destination rewritten to the backend, source to one of the LB's
+    /// addresses (full NAT) or kept (`NAT_F_PRESERVE_CLIENT`); replies come
+    /// back through the LB and are rewritten to VIP → client.
+    pub const NAT: u8 = 3;
 }
+
+// ---- NAT ----
+
+/// Source addresses one NAT service may translate to (`nat_source`).
+pub const MAX_NAT_SOURCES: usize = 8;
+/// `NatPool::flags`: DNAT only; the backend sees the client's address and
+/// must route its replies through the LB.
+pub const NAT_F_PRESERVE_CLIENT: u32 = 1;
+/// Default capacity of each NAT table (`[agent] nat_table_size`): flows
+/// translated at once, over all NAT services.
+pub const DEFAULT_NAT_TABLE_SIZE: u32 = 262_144;
+/// Default source-port pool of a NAT service (`nat_source_ports`).
+pub const DEFAULT_NAT_PORT_LOW: u16 = 1024;
+pub const DEFAULT_NAT_PORT_HIGH: u16 = 65535;
+/// How long a NAT flow that saw FIN or RST keeps its translation once
+/// silent (`[agent] nat_fin_linger_s`): long enough for the last ACKs.
+pub const DEFAULT_NAT_FIN_LINGER_S: u64 = 10;
 
 // ---- Tunnels ----
 

@@ -47,9 +47,23 @@ pub enum GlobalCounter {
     DropTooBig,
     /// The frame could not be grown or shrunk for encapsulation: dropped.
     DropEncapFailed,
+    /// Packets sent on NAT-translated (client → backend).
+    ForwardedNat,
+    /// Backend replies translated back (backend → client).
+    NatReplies,
+    /// A new NAT flow found no free source port: dropped.
+    DropNatPortExhausted,
+    /// A new NAT flow did not fit the NAT tables (`nat_table_size`): dropped.
+    DropNatTableFull,
+    /// A translated reply with no route to the client in the kernel's FIB
+    /// (or no neighbour entry yet): passed to the kernel to forward.
+    NatReplyToKernel,
+    /// ICMP errors about NAT flows (unreachable, too big, time exceeded)
+    /// translated back to the client.
+    NatIcmpErrors,
 }
 
-pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::DropEncapFailed as u32 + 1;
+pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::NatIcmpErrors as u32 + 1;
 
 impl GlobalCounter {
     pub const ALL: [GlobalCounter; GLOBAL_COUNTER_COUNT as usize] = [
@@ -74,6 +88,12 @@ impl GlobalCounter {
         GlobalCounter::TooBigSentV6,
         GlobalCounter::DropTooBig,
         GlobalCounter::DropEncapFailed,
+        GlobalCounter::ForwardedNat,
+        GlobalCounter::NatReplies,
+        GlobalCounter::DropNatPortExhausted,
+        GlobalCounter::DropNatTableFull,
+        GlobalCounter::NatReplyToKernel,
+        GlobalCounter::NatIcmpErrors,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -99,6 +119,12 @@ impl GlobalCounter {
             GlobalCounter::TooBigSentV6 => "too_big_sent_v6",
             GlobalCounter::DropTooBig => "drop_too_big",
             GlobalCounter::DropEncapFailed => "drop_encap_failed",
+            GlobalCounter::ForwardedNat => "forwarded_nat",
+            GlobalCounter::NatReplies => "nat_replies",
+            GlobalCounter::DropNatPortExhausted => "drop_nat_port_exhausted",
+            GlobalCounter::DropNatTableFull => "drop_nat_table_full",
+            GlobalCounter::NatReplyToKernel => "nat_reply_to_kernel",
+            GlobalCounter::NatIcmpErrors => "nat_icmp_errors",
         }
     }
 }

@@ -83,7 +83,8 @@ pub struct Backend {
     /// The VIP (service) this slot belongs to, so that a restarted agent can
     /// tell which service's backend a pinned slot is.
     pub vip_id: u32,
-    /// Outer source address of tunnelled packets (the family of `addr`).
+    /// Outer source address of tunnelled packets, and NAT's source address
+    /// when the service names none: the kernel's route source towards `addr`.
     pub tunnel_src: [u32; 4],
     /// How packets reach this backend: one of `consts::forwarding::*`.
     pub forwarding: u8,
@@ -93,7 +94,8 @@ pub struct Backend {
     /// MTU of the path to the backend (egress interface or route): a
     /// tunnelled packet that would exceed it is answered with "too big".
     pub mtu: u16,
-    pub _pad2: u16,
+    /// NAT: the backend's port, network byte order (0: the VIP's port).
+    pub port: u16,
 }
 
 /// Key of the connection table: the packet's five-tuple as seen on the wire.
@@ -120,6 +122,88 @@ pub struct FlowState {
     /// `bpf_ktime_get_ns` when the flow was last seen (refreshed at most once
     /// per `LAST_SEEN_REFRESH_NS`).
     pub last_seen_ns: u64,
+}
+
+/// Value of `NAT_POOLS`, indexed by VIP id: how a NAT service translates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatPool {
+    /// Source addresses new flows take, chosen by flow hash. With none, each
+    /// backend's route source (`Backend::tunnel_src`) is used.
+    pub sources: [[u32; 4]; crate::MAX_NAT_SOURCES],
+    pub source_count: u32,
+    /// `NAT_F_*`.
+    pub flags: u32,
+    /// First source port of the pool, host order.
+    pub port_low: u16,
+    /// The kernel's ephemeral ports inside the pool, left out: from here
+    /// (host order), this many (0: none).
+    pub skip_from: u16,
+    /// Ports in the pool (`nat_source_ports`, less the skipped ones).
+    pub port_count: u32,
+    pub skip_len: u16,
+    pub _pad: u16,
+}
+
+/// Value of `NAT_FLOWS`, keyed by the client's five-tuple: the translation
+/// its packets get.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatFlow {
+    /// Source address the backend sees (the client's, preserving the client).
+    pub nat_addr: [u32; 4],
+    /// Source port the backend sees, network byte order.
+    pub nat_port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    /// `FLOW_F_FINISHED` once FIN or RST was seen in either direction.
+    pub flags: u32,
+    pub _pad2: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Value of `NAT_REPLIES`, keyed by the five-tuple of the backend's replies
+/// as they arrive (backend → NAT source): what they are rewritten back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReply {
+    pub client: [u32; 4],
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub client_port: u16,
+    /// Network byte order.
+    pub vip_port: u16,
+    pub backend_id: u32,
+    pub vip_id: u32,
+    /// `FLOW_F_FINISHED` once FIN or RST was seen in either direction.
+    pub flags: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU scratch space of the NAT paths (`NAT_SCRATCH`): what would not
+/// fit the 512-byte stack that the program and its subprograms share.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug)]
+pub struct NatScratch {
+    pub key: FlowKey,
+    pub reply: NatReply,
+    pub flow: NatFlow,
+    /// `struct bpf_fib_lookup` (64 bytes) for the reply's next hop.
+    pub fib: [u8; 64],
+    /// An ICMP error's outer source address.
+    pub outer_src: [u32; 4],
+}
+
+impl Default for NatScratch {
+    fn default() -> Self {
+        Self {
+            key: FlowKey::default(),
+            reply: NatReply::default(),
+            flow: NatFlow::default(),
+            fib: [0; 64],
+            outer_src: [0; 4],
+        }
+    }
 }
 
 /// Per-VIP and per-backend traffic counters (per CPU; readers sum them).

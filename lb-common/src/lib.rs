@@ -7,6 +7,7 @@ pub mod consts;
 pub mod counters;
 pub mod hash;
 pub mod layout;
+pub mod nat;
 pub mod schema;
 pub mod wire;
 
@@ -30,6 +31,10 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityState {}
+    unsafe impl aya::Pod for NatPool {}
+    unsafe impl aya::Pod for NatFlow {}
+    unsafe impl aya::Pod for NatReply {}
+    unsafe impl aya::Pod for NatScratch {}
 }
 
 #[cfg(test)]
@@ -50,6 +55,10 @@ mod tests {
         assert_eq!(size_of::<FlowState>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
         assert_eq!(size_of::<DevmapValue>(), 8);
+        assert_eq!(size_of::<NatPool>(), 16 * MAX_NAT_SOURCES + 20);
+        assert_eq!(size_of::<NatFlow>(), 40);
+        assert_eq!(size_of::<NatReply>(), 56);
+        assert_eq!(size_of::<NatScratch>(), 40 + 56 + 40 + 64 + 16);
     }
 
     #[test]

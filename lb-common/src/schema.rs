@@ -13,6 +13,8 @@ pub enum Capacity {
     Conntrack,
     /// `[agent] ring_size` × `max_services`.
     Rings,
+    /// `[agent] nat_table_size`.
+    Nat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +90,28 @@ macro_rules! for_each_map {
             /// `ACTIVE_FLOWS` (which cannot see LRU evictions or idle expiry).
             ACTIVE_CORRECTION: Array<u32, i64>,
                 Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// How many NAT services exist: while none do, traffic that is not
+            /// for a VIP skips the reply lookup.
+            NAT_SERVICES: Array<u32, u32>,
+                Fixed(1), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Per NAT service (VIP id): source addresses, port pool, flags.
+            NAT_POOLS: Array<u32, $crate::NatPool>,
+                Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Client five-tuple → translation. Not LRU: a translation is never
+            /// dropped while its flow lives; the agent removes ended flows.
+            NAT_FLOWS: HashMap<$crate::FlowKey, $crate::NatFlow>,
+                Nat($crate::DEFAULT_NAT_TABLE_SIZE), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Reply five-tuple (backend → NAT source) → client and VIP. Its keys
+            /// are the allocated ports: an insert that fails because the key
+            /// exists is what keeps two flows off one translation.
+            NAT_REPLIES: HashMap<$crate::FlowKey, $crate::NatReply>,
+                Nat($crate::DEFAULT_NAT_TABLE_SIZE), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Per-CPU scratch space of the NAT paths (nothing survives a packet).
+            NAT_SCRATCH: PerCpuArray<u32, $crate::NatScratch>,
+                Fixed(1), $crate::BPF_F_NO_FLAGS, private;
+            /// New flows refused per NAT service (VIP id): no free source port.
+            NAT_EXHAUSTED: PerCpuArray<u32, u64>,
+                Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
         }
     };
 }

@@ -16,6 +16,10 @@ pub const UDP_HLEN: usize = 8;
 pub const ICMP_HLEN: usize = 8;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+/// VLAN tag types (802.1Q, 802.1ad); one tag is four bytes.
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const VLAN_HLEN: usize = 4;
 /// IP protocol numbers of an encapsulated IPv4 / IPv6 packet.
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
@@ -25,7 +29,10 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPV4_DF: u16 = 0x4000;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
 pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
 
 /// Bytes a tunnel puts between the Ethernet header and the inner IP packet.
 #[inline(always)]

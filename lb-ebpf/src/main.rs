@@ -36,11 +36,25 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         Parsed::Unclassifiable { dst, family, reason } => {
             return drop_if_vip_address(dst, family, reason);
         }
-        Parsed::OtherProtocol => return pass(GlobalCounter::PassNonVip),
+        Parsed::OtherProtocol => {
+            // ICMP perhaps: an error a backend (or a router on its way) sent about a NAT flow.
+            if forward::nat::enabled()
+                && let Some(action) = forward::nat::icmp_error(&ctx)
+            {
+                return action;
+            }
+            return pass(GlobalCounter::PassNonVip);
+        }
         Parsed::Unparsed => return pass(GlobalCounter::PassUnparsed),
     };
 
     let Some(vip) = classify::lookup_vip(&packet.flow) else {
+        // Not for a VIP: perhaps a backend's reply to a NAT flow.
+        if forward::nat::enabled()
+            && let Some(action) = forward::nat::reply(&ctx, &packet)
+        {
+            return action;
+        }
         return pass(GlobalCounter::PassNonVip);
     };
 
@@ -68,7 +82,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
             backend_id
         );
     }
-    forward::forward(&ctx, &packet, backend)
+    forward::forward(&ctx, &packet, backend_id, backend)
 }
 
 /// tc egress: tunnels the agent's health probes to the backend they check.

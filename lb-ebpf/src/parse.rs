@@ -13,11 +13,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const VLAN_HDR_LEN: usize = 4;
+use lb_common::wire::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, VLAN_HLEN};
 
 /// IPv4 "more fragments" flag and fragment offset mask.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
@@ -37,6 +33,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// What a tunnel or a "too big" reply needs of the IP header.
     pub ip: IpInfo,
+    /// Where the TCP or UDP header starts (NAT rewrites it).
+    pub l4_offset: usize,
 }
 
 /// The IP header as forwarding needs it.
@@ -102,7 +100,7 @@ fn parse_inner(ctx: &XdpContext) -> Option<Parsed> {
         let inner: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + 2)?;
         // SAFETY: the VLAN tag was bounds-checked against data_end just above.
         ether_type = u16::from_be_bytes(unsafe { *inner });
-        l3_offset += VLAN_HDR_LEN;
+        l3_offset += VLAN_HLEN;
     }
     match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3_offset),
@@ -188,7 +186,7 @@ fn parse_l4(ctx: &XdpContext, offset: usize, mut flow: FlowKey, ip: IpInfo) -> O
         }
         _ => return Some(Parsed::OtherProtocol),
     };
-    Some(Parsed::Packet(Packet { flow, tcp_flags, ip }))
+    Some(Parsed::Packet(Packet { flow, tcp_flags, ip, l4_offset: offset }))
 }
 
 #[inline(always)]

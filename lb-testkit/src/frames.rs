@@ -132,6 +132,36 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// `bytes()` with every checksum filled in (IPv4 header, TCP or UDP over
+    /// the pseudo header), as a real sender's frame: what NAT must patch.
+    /// Untagged, without IPv4 options or IPv6 extension headers.
+    pub fn checksummed(&self) -> Vec<u8> {
+        let mut f = self.bytes();
+        let (l4, pseudo) = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let check = internet_checksum(&f[14..34]);
+                f[24..26].copy_from_slice(&check.to_be_bytes());
+                (34, [s.octets().to_vec(), d.octets().to_vec()].concat())
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => (54, [s.octets().to_vec(), d.octets().to_vec()].concat()),
+            _ => panic!("mixed families"),
+        };
+        let len = (f.len() - l4) as u16;
+        let mut summed = pseudo;
+        summed.extend([0, self.proto]);
+        summed.extend(len.to_be_bytes());
+        summed.extend(&f[l4..]);
+        let mut check = internet_checksum(&summed);
+        let at = l4 + if self.proto == PROTO_TCP { 16 } else { 6 };
+        if self.proto == PROTO_UDP && check == 0 {
+            check = 0xffff;
+        }
+        f[at..at + 2].copy_from_slice(&check.to_be_bytes());
+        f
+    }
+}
+
 /// The frame as DSR must emit it: only the Ethernet addresses differ.
 pub fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     let mut out = frame.to_vec();

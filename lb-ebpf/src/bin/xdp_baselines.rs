@@ -18,7 +18,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
     macros::{map, xdp},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
@@ -38,6 +38,17 @@ static GEN_COUNTER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Offset of the L4 source port in the generator's frames (Ethernet + IPv4).
 const L4_SOURCE_PORT_OFFSET: usize = 14 + 20;
+/// The generator's frame headers as sent: Ethernet, IPv4, the L4 ports and 4
+/// more bytes.
+const GEN_HEADER_LEN: usize = 14 + 20 + 8;
+
+/// The frame's headers (`GEN_HEADER_LEN` bytes), written by the benchmark
+/// before each run. Live frames are recycled pages, and the program under
+/// test rewrites them in place (NAT changes addresses, ports and checksums;
+/// IPIP writes its outer header over the Ethernet header): every frame gets
+/// its headers back before it is sent again.
+#[map]
+static GEN_HEADERS: Array<[u8; GEN_HEADER_LEN]> = Array::with_max_entries(1, 0);
 /// Source ports cycle through this many values.
 #[unsafe(no_mangle)]
 static GEN_PORTS: u32 = 60000;
@@ -134,8 +145,12 @@ fn encap_and_tx(ctx: &XdpContext, mode: u8) -> u32 {
 #[xdp]
 pub fn trafficgen(ctx: XdpContext) -> u32 {
     let start = ctx.data();
-    if start + L4_SOURCE_PORT_OFFSET + 2 > ctx.data_end() {
+    if start + GEN_HEADER_LEN > ctx.data_end() {
         return xdp_action::XDP_DROP;
+    }
+    if let Some(headers) = GEN_HEADERS.get(0) {
+        // SAFETY: the frame holds GEN_HEADER_LEN bytes (checked just above).
+        unsafe { core::ptr::write_unaligned(start as *mut [u8; GEN_HEADER_LEN], *headers) };
     }
     let Some(counter) = GEN_COUNTER.get_ptr_mut(0) else { return xdp_action::XDP_DROP };
     // SAFETY: a per-CPU slot: no other CPU touches it.
@@ -147,11 +162,6 @@ pub fn trafficgen(ctx: XdpContext) -> u32 {
     let port = (1024 + n % ports) as u16;
     // SAFETY: the frame was bounds-checked to hold the L4 ports just above.
     unsafe { *((start + L4_SOURCE_PORT_OFFSET) as *mut [u8; 2]) = port.to_be_bytes() };
-    // Live frames are recycled pages: a program under test that encapsulated
-    // in place (IPIP) wrote its outer header over this frame's Ethernet
-    // header. The MACs do not matter on the veth; the ethertype does.
-    // SAFETY: within the bounds checked above.
-    unsafe { *((start + 12) as *mut [u8; 2]) = 0x0800u16.to_be_bytes() };
     xdp_action::XDP_TX
 }
 

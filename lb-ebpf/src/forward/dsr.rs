@@ -11,15 +11,25 @@ use crate::counters::count;
 
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, backend: &Backend) -> Prepared {
+    if !set_macs(ctx, backend) {
+        return Prepared::Drop;
+    }
+    count(GlobalCounter::ForwardedDsr);
+    Prepared::ToBackend
+}
+
+/// The frame's Ethernet addresses for the hop to the backend (DSR, and
+/// NAT after its rewrite).
+#[inline(always)]
+pub fn set_macs(ctx: &XdpContext, backend: &Backend) -> bool {
     let start = ctx.data();
     if start + EthHdr::LEN > ctx.data_end() {
         // Unreachable after a successful parse; keeps the verifier informed.
-        return Prepared::Drop;
+        return false;
     }
     // SAFETY: the Ethernet header was bounds-checked against data_end just above.
     let eth = unsafe { &mut *(start as *mut EthHdr) };
     eth.dst_addr = backend.dst_mac;
     eth.src_addr = backend.src_mac;
-    count(GlobalCounter::ForwardedDsr);
-    Prepared::ToBackend
+    true
 }

@@ -1,9 +1,11 @@
 //! Forwarding modes, side by side: each prepares the frame for its backend
 //! (`dsr`: new MAC addresses; `tunnel`: IPIP or GUE encapsulation, or a
-//! "too big" reply to the client), then the frame leaves by the backend's
-//! interface (`transmit`) or back where it came from (a reply).
+//! "too big" reply to the client; `nat`: addresses and ports rewritten),
+//! then the frame leaves by the backend's interface (`transmit`) or back
+//! where it came from (a reply). `nat` also turns backends' replies back.
 
 mod dsr;
+pub mod nat;
 mod too_big;
 mod tunnel;
 
@@ -23,9 +25,10 @@ pub enum Prepared {
 }
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> u32 {
+pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &Backend) -> u32 {
     let prepared = match backend.forwarding {
         forwarding::IPIP | forwarding::GUE => tunnel::encapsulate(ctx, packet, backend),
+        forwarding::NAT => nat::translate(ctx, packet, backend_id, backend),
         _ => dsr::rewrite(ctx, backend),
     };
     match prepared {

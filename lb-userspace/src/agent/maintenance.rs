@@ -17,7 +17,7 @@ impl Agent {
             .config
             .services
             .iter()
-            .flat_map(|s| s.backends.iter().map(|b| *b.address.get_ref()))
+            .flat_map(|s| s.backends.iter().map(|b| b.address.get_ref().ip))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -66,6 +66,7 @@ impl Agent {
             }
             Err(err) => log::error!("scanning the connection table: {err:#}"),
         }
+        self.nat_upkeep();
         self.reconcile_logged();
     }
 

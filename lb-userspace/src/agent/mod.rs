@@ -10,6 +10,7 @@
 //! only the health and drain state of backends that are still in it.
 
 mod maintenance;
+mod nat;
 mod probes;
 mod requests;
 mod systemd;
@@ -26,7 +27,9 @@ use tokio::{
 };
 
 use crate::{
-    config::{BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Scheduler, Weight, XdpModeConfig},
+    config::{
+        BackendAddress, BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Scheduler, Weight, XdpModeConfig,
+    },
     control::{self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status},
     dataplane::{Dataplane, DataplaneParams, DebugLog, planner::MapWrite},
     dataplane::{
@@ -64,7 +67,7 @@ pub struct Agent {
     unresolved: bool,
     desired: Vec<DesiredService>,
     fail_open: FailOpen,
-    checkers: HashMap<(String, IpAddr), Checker>,
+    checkers: HashMap<(String, BackendAddress), Checker>,
     next_generation: u64,
     probe_tx: mpsc::UnboundedSender<ProbeReport>,
     probe_rx: mpsc::UnboundedReceiver<ProbeReport>,
@@ -83,6 +86,9 @@ pub struct Agent {
     netlink_changes: mpsc::UnboundedReceiver<()>,
     /// When to re-resolve paths after such a change (coalesced).
     resolve_at: Option<tokio::time::Instant>,
+    /// `[agent] interface`'s index.
+    main_ifindex: u32,
+    nat: nat::NatState,
 }
 
 impl Agent {
@@ -92,7 +98,7 @@ impl Agent {
         let config = Config::load(&config_path)?;
         let netlink = Netlink::connect()?;
         let agent_config = &config.agent;
-        netlink.ifindex_by_name(&agent_config.interface).await?;
+        let main_ifindex = netlink.ifindex_by_name(&agent_config.interface).await?;
         // The socket first: a second agent must fail before touching XDP.
         let listener = control::bind(&agent_config.control_socket)?;
         let pin_dir = pins::layout_dir(&agent_config.pin_root());
@@ -100,6 +106,7 @@ impl Agent {
             ring_size: *agent_config.ring_size.get_ref(),
             max_services: *agent_config.max_services.get_ref(),
             conntrack_size: agent_config.conntrack_size,
+            nat_table_size: *agent_config.nat_table_size.get_ref(),
             udp_idle_timeout_ns: agent_config.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
             pin_dir: Some(pin_dir.clone()),
         };
@@ -148,16 +155,17 @@ impl Agent {
             outstanding_write: None,
             netlink_changes: Netlink::watch_changes()?,
             resolve_at: None,
+            main_ifindex,
+            nat: Default::default(),
         };
         agent.runtime.sync_with(&agent.config);
+        agent.runtime.local_ports = local_port_range();
         agent.resolve().await;
         // Program the maps before attaching, so the first packet already finds its VIP.
         agent.reconcile()?;
-        let mode = match agent.config.agent.xdp_mode {
-            XdpModeConfig::Driver => XdpMode::Driver,
-            XdpModeConfig::Skb => XdpMode::Skb,
-        };
+        let mode = agent.xdp_mode();
         let adopted = agent.dataplane.attach_or_adopt(&agent.config.agent.interface, mode)?;
+        agent.sync_reply_interfaces();
         tokio::spawn(control::serve(listener, control_tx));
         if let Some(address) = agent.config.agent.metrics_listen {
             let listener = metrics::bind(address).await?;
@@ -254,6 +262,13 @@ impl Agent {
         Ok(())
     }
 
+    fn xdp_mode(&self) -> XdpMode {
+        match self.config.agent.xdp_mode {
+            XdpModeConfig::Driver => XdpMode::Driver,
+            XdpModeConfig::Skb => XdpMode::Skb,
+        }
+    }
+
     fn maintenance_period(&self) -> Duration {
         let draining = self.runtime.backends.values().any(|b| matches!(b.admin, AdminState::Draining { .. }));
         let pending = self.unresolved || draining || self.outstanding_write.is_some();
@@ -283,6 +298,7 @@ impl Agent {
         }
         let applied = self.apply_writes(&writes).context("updating the data plane");
         self.update_tunnel_slots();
+        self.sync_reply_interfaces();
         applied?;
         // A full plan applied: whatever was refused before is in the maps now.
         if let Some(previous) = self.outstanding_write.take() {
@@ -313,5 +329,16 @@ impl Agent {
         if let Err(err) = self.reconcile() {
             log::error!("{err:#}");
         }
+    }
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`, which
+/// IPv6 shares), read once at start.
+fn local_port_range() -> Option<crate::config::PortRange> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut ports = text.split_whitespace().map(|p| p.parse::<u16>());
+    match (ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Some(crate::config::PortRange { low, high }),
+        _ => None,
     }
 }

@@ -1,7 +1,7 @@
 //! Control-socket requests and reloads: each changes the configuration or
 //! the runtime state, then reconciles.
 
-use std::{net::IpAddr, path::Path, time::Instant};
+use std::{path::Path, time::Instant};
 
 use anyhow::Result;
 
@@ -170,7 +170,7 @@ impl Agent {
     pub(super) fn set_admin(
         &mut self,
         service: &str,
-        address: IpAddr,
+        address: BackendAddress,
         next: impl FnOnce(AdminState) -> Result<AdminState, String>,
     ) -> Response {
         if !self.config.services.iter().any(|s| s.name.get_ref() == service) {

@@ -1,6 +1,6 @@
 //! What the agent shows: `status`, the Prometheus scrape, the exit summary.
 
-use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
+use std::{collections::BTreeMap, time::SystemTime};
 
 use anyhow::Result;
 
@@ -12,7 +12,7 @@ impl Agent {
     /// status call, a `top` refresh or a scrape must not walk the whole
     /// connection table again.
     pub(super) fn status(&mut self) -> Result<Status> {
-        let ring_weights: BTreeMap<(&str, IpAddr), u32> = self
+        let ring_weights: BTreeMap<(&str, BackendAddress), u32> = self
             .desired
             .iter()
             .flat_map(|s| s.backends.iter().map(move |b| ((s.name.as_str(), b.address), b.weight)))
@@ -36,6 +36,7 @@ impl Agent {
                     None => Default::default(),
                 };
                 let checked = service.health_check(backend).kind != HealthKind::None;
+                let nat = self.nat_figures(name, id);
                 backends.push(BackendStatus {
                     address,
                     weight: backend.weight.0,
@@ -58,13 +59,21 @@ impl Agent {
                     }),
                     admin: runtime.admin.view(),
                     in_ring: id.is_some() && ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0) > 0,
-                    resolved: self.paths.contains_key(&address),
+                    resolved: self.paths.contains_key(&address.ip),
                     active_flows: runtime.active_flows,
                     packets: counters.packets,
                     bytes: counters.bytes,
                     new_flows: counters.new_flows,
+                    nat_flows: nat.map(|(used, _)| used),
+                    nat_free_ports: nat.map(|(_, free)| free),
                 });
             }
+            let nat_port_exhausted = match self.reconciler.vip_id(name) {
+                Some(id) if service.forwarding == crate::config::Forwarding::Nat => {
+                    Some(self.dataplane.nat_exhausted(id)?)
+                }
+                _ => None,
+            };
             services.push(ServiceStatus {
                 name: name.clone(),
                 vip: *service.vip.get_ref(),
@@ -76,6 +85,7 @@ impl Agent {
                 packets: counters.packets,
                 bytes: counters.bytes,
                 new_flows: counters.new_flows,
+                nat_port_exhausted,
                 backends,
             });
         }

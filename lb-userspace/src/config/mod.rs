@@ -1,11 +1,16 @@
 //! The TOML configuration: the schema and its parsing here, validation in
 //! `validate`, errors that name the file, line and column in `error`.
 
+mod address;
 mod error;
 mod validate;
 
 use self::error::line_column;
-pub use self::{error::ConfigError, validate::is_prime};
+pub use self::{
+    address::{BackendAddress, PortRange},
+    error::ConfigError,
+    validate::is_prime,
+};
 
 use std::{
     fmt,
@@ -69,6 +74,13 @@ pub struct AgentConfig {
     /// The same for IPv6 tunnels.
     #[serde(default)]
     pub tunnel_source_v6: Option<Spanned<std::net::Ipv6Addr>>,
+    /// Flows NAT services translate at once, over all of them.
+    #[serde(default = "default_nat_table_size")]
+    pub nat_table_size: Spanned<u32>,
+    /// A NAT flow that saw FIN or RST keeps its translation this long once
+    /// silent (for the last ACKs); then its source port is free again.
+    #[serde(default = "default_nat_fin_linger_s")]
+    pub nat_fin_linger_s: u64,
 }
 
 impl AgentConfig {
@@ -96,6 +108,17 @@ pub struct ServiceConfig {
     /// GUE: the UDP port the backends decapsulate on.
     #[serde(default = "default_gue_port")]
     pub gue_port: Spanned<u16>,
+    /// NAT: the LB's addresses backends see as the client; default: the
+    /// address of the interface each backend is reached by.
+    #[serde(default)]
+    pub nat_source: Option<Spanned<Vec<IpAddr>>>,
+    /// NAT: the source ports translations take, "LOW-HIGH".
+    #[serde(default)]
+    pub nat_source_ports: Option<Spanned<PortRange>>,
+    /// NAT: keep the client's address (DNAT only); backends must route their
+    /// replies through the LB.
+    #[serde(default)]
+    pub nat_preserve_client: Option<Spanned<bool>>,
     /// How new flows pick a backend.
     #[serde(default)]
     pub scheduler: Scheduler,
@@ -271,11 +294,14 @@ pub enum Forwarding {
     Ipip,
     /// GUE (UDP) to the backend's `gue_port`.
     Gue,
+    /// Destination (and source, unless `nat_preserve_client`) rewritten:
+    /// backends need no change at all.
+    Nat,
 }
 
 impl Forwarding {
     pub fn is_tunnel(self) -> bool {
-        self != Forwarding::Dsr
+        matches!(self, Forwarding::Ipip | Forwarding::Gue)
     }
 
     /// The data plane's value (`Backend::forwarding`).
@@ -284,6 +310,7 @@ impl Forwarding {
             Forwarding::Dsr => lb_common::forwarding::DSR,
             Forwarding::Ipip => lb_common::forwarding::IPIP,
             Forwarding::Gue => lb_common::forwarding::GUE,
+            Forwarding::Nat => lb_common::forwarding::NAT,
         }
     }
 }
@@ -291,7 +318,7 @@ impl Forwarding {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    pub address: Spanned<IpAddr>,
+    pub address: Spanned<BackendAddress>,
     #[serde(default = "default_weight")]
     pub weight: Weight,
     #[serde(default)]
@@ -310,7 +337,7 @@ impl ServiceConfig {
             Protocol::Tcp => HealthKind::Tcp,
             Protocol::Udp => HealthKind::None,
         };
-        let service_port = self.vip.get_ref().port();
+        let service_port = backend.address.get_ref().port_or(self.vip.get_ref().port());
         HealthCheck {
             kind: spec.kind.unwrap_or(default_kind),
             port: spec.port.unwrap_or(if service_port == 0 { lb_common::DEFAULT_HEALTH_PORT } else { service_port }),
@@ -324,6 +351,22 @@ impl ServiceConfig {
             through_tunnel: (spec.through_tunnel.unwrap_or(true) && self.forwarding.is_tunnel())
                 .then(|| self.vip.get_ref().ip()),
         }
+    }
+}
+
+impl ServiceConfig {
+    /// NAT: the source-port pool (default 1024-65535).
+    pub fn nat_ports(&self) -> PortRange {
+        self.nat_source_ports.as_ref().map(|r| *r.get_ref()).unwrap_or_default()
+    }
+
+    /// NAT: the configured source addresses (empty: each backend's route source).
+    pub fn nat_sources(&self) -> &[IpAddr] {
+        self.nat_source.as_ref().map_or(&[], |s| s.get_ref().as_slice())
+    }
+
+    pub fn preserves_client(&self) -> bool {
+        self.nat_preserve_client.as_ref().is_some_and(|p| *p.get_ref())
     }
 }
 
@@ -358,6 +401,12 @@ fn default_udp_idle_timeout_s() -> u64 {
 }
 fn default_tcp_idle_timeout_s() -> u64 {
     lb_common::DEFAULT_TCP_IDLE_TIMEOUT_S
+}
+fn default_nat_table_size() -> Spanned<u32> {
+    Spanned::new(0..0, lb_common::DEFAULT_NAT_TABLE_SIZE)
+}
+fn default_nat_fin_linger_s() -> u64 {
+    lb_common::DEFAULT_NAT_FIN_LINGER_S
 }
 fn default_gue_port() -> Spanned<u16> {
     Spanned::new(0..0, lb_common::DEFAULT_GUE_PORT)
@@ -464,7 +513,7 @@ address = "2001:db8:0:2::11"
     fn bad_address_is_located() {
         let err = error_of(&GOOD.replace("198.18.1.11", "198.18.1.311"));
         assert!(err.starts_with("lb.toml:12:11: "), "{err}");
-        assert!(err.contains("invalid IP address"), "{err}");
+        assert!(err.contains("\"198.18.1.311\" is not a backend address"), "{err}");
     }
 
     #[test]
@@ -530,6 +579,64 @@ address = "2001:db8:0:2::11"
         let err = error_of(&tunnel.replace("gue_port = 7000", "gue_port = 0"));
         assert!(err.starts_with("lb.toml:10:12: "), "{err}");
         assert!(err.contains("gue_port 0 is not a port"), "{err}");
+    }
+
+    #[test]
+    fn nat_services_take_backend_ports_sources_and_a_port_pool() {
+        let nat = GOOD
+            .replace("forwarding = \"dsr\"", "forwarding = \"nat\"\nnat_source = [\"198.18.2.1\", \"198.18.2.2\"]\nnat_source_ports = \"40000-40999\"")
+            .replace("address = \"198.18.1.11\"", "address = \"198.18.1.11:8080\"");
+        let config = parse(&nat).unwrap();
+        let web = &config.services[0];
+        assert_eq!(web.forwarding, Forwarding::Nat);
+        assert_eq!(web.nat_sources().len(), 2);
+        assert_eq!(web.nat_ports(), PortRange { low: 40000, high: 40999 });
+        assert!(!web.preserves_client());
+        assert_eq!(web.backends[0].address.get_ref().port, Some(8080));
+        // Health checks go to the backend's port.
+        assert_eq!(web.health_check(&web.backends[0]).port, 8080);
+        // Defaults: the whole pool, each backend's route source.
+        let plain = GOOD.replace("forwarding = \"dsr\"", "forwarding = \"nat\"");
+        let config = parse(&plain).unwrap();
+        assert_eq!(config.services[0].nat_ports(), PortRange { low: 1024, high: 65535 });
+        assert!(config.services[0].nat_sources().is_empty());
+        assert_eq!(config.agent.nat_fin_linger_s, 10);
+        assert_eq!(*config.agent.nat_table_size.get_ref(), 262_144);
+        // An IPv6 backend with a port.
+        let v6 = GOOD.replace("address = \"2001:db8:0:2::11\"", "address = \"[2001:db8:0:2::11]:8080\"");
+        let err = error_of(&v6);
+        assert!(err.starts_with("lb.toml:21:11: "), "{err}");
+        assert!(err.contains("a backend port needs forwarding = \"nat\""), "{err}");
+        parse(&v6.replace(
+            "protocol = \"tcp\"\n\n[[service.backend]]\naddress = \"[2001",
+            "protocol = \"tcp\"\nforwarding = \"nat\"\n\n[[service.backend]]\naddress = \"[2001",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn nat_keys_are_refused_where_they_make_no_sense() {
+        let with = |keys: &str| GOOD.replace("forwarding = \"dsr\"", &format!("forwarding = \"nat\"\n{keys}"));
+        let err =
+            error_of(&GOOD.replace("forwarding = \"dsr\"", "forwarding = \"dsr\"\nnat_source_ports = \"2000-3000\""));
+        assert!(err.starts_with("lb.toml:10:20: "), "{err}");
+        assert!(err.contains("nat_source_ports needs forwarding = \"nat\""), "{err}");
+        let err = error_of(&with("nat_source_ports = \"3000-2000\""));
+        assert!(err.starts_with("lb.toml:10:20: "), "{err}");
+        assert!(err.contains("not a port range LOW-HIGH"), "{err}");
+        let err = error_of(&with("nat_source = [\"2001:db8::1\"]"));
+        assert!(err.starts_with("lb.toml:10:14: "), "{err}");
+        assert!(err.contains("nat_source 2001:db8::1 is not a unicast address of VIP 198.18.0.100's family"), "{err}");
+        let err = error_of(&with("nat_source = [\"198.18.2.1\"]\nnat_preserve_client = true"));
+        assert!(err.contains("exclude each other"), "{err}");
+        let nine: Vec<String> = (1..=9).map(|n| format!("\"198.18.2.{n}\"")).collect();
+        let err = error_of(&with(&format!("nat_source = [{}]", nine.join(", "))));
+        assert!(err.contains("at most 8 addresses"), "{err}");
+        let err = error_of(&with("nat_source = [\"198.18.2.1\", \"198.18.2.1\"]"));
+        assert!(err.contains("nat_source 198.18.2.1 twice"), "{err}");
+        let err = error_of(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nnat_table_size = 10"));
+        assert!(err.starts_with("lb.toml:4:18: "), "{err}");
+        assert!(err.contains("nat_table_size 10 is out of range"), "{err}");
     }
 
     #[test]

@@ -23,6 +23,13 @@ impl Config {
         if (max_services as u64) * (ring_size as u64) > u32::MAX as u64 / 4 {
             return Err((self.agent.max_services.span(), "max_services × ring_size is too large".into()));
         }
+        let nat_table_size = *self.agent.nat_table_size.get_ref();
+        if !(1024..=1 << 24).contains(&nat_table_size) {
+            return Err((
+                self.agent.nat_table_size.span(),
+                format!("nat_table_size {nat_table_size} is out of range 1024..={}", 1 << 24),
+            ));
+        }
         if self.services.len() > max_services as usize {
             let span = self.services[max_services as usize].name.span();
             return Err((span, format!("more than max_services = {max_services} services")));
@@ -67,6 +74,7 @@ impl Config {
             if let Some(health) = &service.health {
                 health.get_ref().validate().map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
             }
+            validate_nat(service)?;
             let mut addresses = HashSet::new();
             for backend in &service.backends {
                 if let Some(health) = &backend.health {
@@ -78,13 +86,24 @@ impl Config {
                 }
                 let addr = *backend.address.get_ref();
                 // A tunnel carries either family in either; L2 DSR hands the
-                // client's packet over as it is.
-                if addr.is_ipv4() != vip.is_ipv4() && !service.forwarding.is_tunnel() {
+                // client's packet over as it is, and NAT rewrites addresses in place.
+                if addr.ip.is_ipv4() != vip.is_ipv4() && !service.forwarding.is_tunnel() {
                     return Err((
                         backend.address.span(),
                         format!(
                             "backend {addr} is not of the same IP family as VIP {vip} \
-                             (forwarding = \"dsr\" needs that; \"ipip\" and \"gue\" do not)"
+                             (forwarding = \"{}\" needs that; \"ipip\" and \"gue\" do not)",
+                            service.forwarding
+                        ),
+                    ));
+                }
+                if addr.port.is_some() && service.forwarding != Forwarding::Nat {
+                    return Err((
+                        backend.address.span(),
+                        format!(
+                            "backend {addr}: a backend port needs forwarding = \"nat\" \
+                             (\"{}\" delivers to the VIP's port)",
+                            service.forwarding
                         ),
                     ));
                 }
@@ -95,6 +114,49 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The NAT keys: only on NAT services, of the VIP's family, within limits.
+fn validate_nat(service: &ServiceConfig) -> Result<(), (Range<usize>, String)> {
+    let name = service.name.get_ref();
+    let nat = service.forwarding == Forwarding::Nat;
+    let spans = [
+        ("nat_source", service.nat_source.as_ref().map(|s| s.span())),
+        ("nat_source_ports", service.nat_source_ports.as_ref().map(|s| s.span())),
+        ("nat_preserve_client", service.nat_preserve_client.as_ref().map(|s| s.span())),
+    ];
+    if !nat && let Some((key, Some(span))) = spans.into_iter().find(|(_, span)| span.is_some()) {
+        return Err((span, format!("service {name:?}: {key} needs forwarding = \"nat\"")));
+    }
+    let Some(sources) = &service.nat_source else {
+        return Ok(());
+    };
+    let vip = service.vip.get_ref().ip();
+    if sources.get_ref().len() > lb_common::MAX_NAT_SOURCES {
+        return Err((
+            sources.span(),
+            format!("service {name:?}: nat_source takes at most {} addresses", lb_common::MAX_NAT_SOURCES),
+        ));
+    }
+    if service.preserves_client() && !sources.get_ref().is_empty() {
+        return Err((
+            sources.span(),
+            format!("service {name:?}: nat_source and nat_preserve_client = true exclude each other"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for source in sources.get_ref() {
+        if source.is_ipv4() != vip.is_ipv4() || source.is_unspecified() || source.is_multicast() {
+            return Err((
+                sources.span(),
+                format!("service {name:?}: nat_source {source} is not a unicast address of VIP {vip}'s family"),
+            ));
+        }
+        if !seen.insert(source) {
+            return Err((sources.span(), format!("service {name:?}: nat_source {source} twice")));
+        }
+    }
+    Ok(())
 }
 
 impl HealthSpec {

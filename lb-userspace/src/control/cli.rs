@@ -1,13 +1,15 @@
 //! The command line: `xdplb run` starts the agent; every other command talks
 //! to a running agent over its control socket.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    config::{DEFAULT_CONTROL_SOCKET, Forwarding, HealthKind, OnFailure, Protocol, XdpModeConfig, value_name},
+    config::{
+        BackendAddress, DEFAULT_CONTROL_SOCKET, Forwarding, HealthKind, OnFailure, Protocol, XdpModeConfig, value_name,
+    },
     control::{
         self, Request, Response, Status,
         views::{status_table, top_view},
@@ -125,7 +127,7 @@ pub enum BackendAction {
     Add {
         service: String,
         #[arg(value_parser = parse_address)]
-        address: IpAddr,
+        address: BackendAddress,
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
@@ -133,25 +135,25 @@ pub enum BackendAction {
     Remove {
         service: String,
         #[arg(value_parser = parse_address)]
-        address: IpAddr,
+        address: BackendAddress,
     },
     /// No new flows; established flows continue until they end.
     Drain {
         service: String,
         #[arg(value_parser = parse_address)]
-        address: IpAddr,
+        address: BackendAddress,
     },
     /// Undo a drain.
     Enable {
         service: String,
         #[arg(value_parser = parse_address)]
-        address: IpAddr,
+        address: BackendAddress,
     },
     /// Set a backend's weight (0..=1000); existing flows never move.
     Weight {
         service: String,
         #[arg(value_parser = parse_address)]
-        address: IpAddr,
+        address: BackendAddress,
         #[arg(long)]
         weight: u32,
     },
@@ -276,8 +278,8 @@ impl ServiceArgs {
                 },
                 None => (spec.as_str(), 1),
             };
-            if address.parse::<IpAddr>().is_err() {
-                bail!("--backend {spec:?}: {address:?} is not an IP address");
+            if let Err(err) = address.parse::<BackendAddress>() {
+                bail!("--backend {spec:?}: {err}");
             }
             let mut backend = Table::new();
             backend.insert("address".into(), address.into());
@@ -319,9 +321,9 @@ pub fn write_manpages(dir: &std::path::Path) -> Result<String> {
     Ok(format!("wrote {} man pages to {}: {}\n", pages.len(), dir.display(), pages.join(" ")))
 }
 
-/// A backend address from the command line.
-fn parse_address(text: &str) -> Result<IpAddr, String> {
-    text.parse().map_err(|_| format!("{text:?} is not an IP address"))
+/// A backend address from the command line: ADDRESS or ADDRESS:PORT.
+fn parse_address(text: &str) -> Result<BackendAddress, String> {
+    text.parse()
 }
 
 /// Runs a client command against the agent; returns what to print.
@@ -529,6 +531,6 @@ mod tests {
             "nope",
         ]);
         let Command::Service { action: ServiceAction::Add(args) } = cli.command else { panic!() };
-        assert!(args.to_toml().unwrap_err().to_string().contains("not an IP address"));
+        assert!(args.to_toml().unwrap_err().to_string().contains("is not a backend address"));
     }
 }

@@ -2,7 +2,9 @@
 //! per line each way. Field names are stable (fields may be added, never
 //! renamed): `xdplb status --json` prints `Status` as it is.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+
+use crate::config::BackendAddress;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,24 +18,24 @@ pub enum Request {
     Status {},
     BackendAdd {
         service: String,
-        address: IpAddr,
+        address: BackendAddress,
         weight: Option<u32>,
     },
     BackendRemove {
         service: String,
-        address: IpAddr,
+        address: BackendAddress,
     },
     BackendDrain {
         service: String,
-        address: IpAddr,
+        address: BackendAddress,
     },
     BackendEnable {
         service: String,
-        address: IpAddr,
+        address: BackendAddress,
     },
     BackendWeight {
         service: String,
-        address: IpAddr,
+        address: BackendAddress,
         weight: u32,
     },
     /// `toml` holds one `[[service]]` table, exactly as in the config file.
@@ -96,12 +98,15 @@ pub struct ServiceStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// NAT services: new flows refused for want of a source port.
+    #[serde(default)]
+    pub nat_port_exhausted: Option<u64>,
     pub backends: Vec<BackendStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub address: IpAddr,
+    pub address: BackendAddress,
     pub weight: u32,
     /// The weight the scheduler uses now: 0 when the backend takes no new
     /// flows; least_response_time's derived weight.
@@ -119,6 +124,12 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// NAT services: live translations to this backend (source ports in use).
+    #[serde(default)]
+    pub nat_flows: Option<u64>,
+    /// NAT services: source ports still free towards this backend.
+    #[serde(default)]
+    pub nat_free_ports: Option<u64>,
 }
 
 /// A backend's health as `status` shows it.
@@ -191,6 +202,8 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
         packets,
         bytes,
         new_flows: packets / 10,
+        nat_flows: None,
+        nat_free_ports: None,
     };
     Status {
         interface: "eth0".into(),
@@ -206,6 +219,7 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
             packets,
             bytes,
             new_flows: packets / 10,
+            nat_port_exhausted: None,
             backends: vec![backend],
         }],
     }

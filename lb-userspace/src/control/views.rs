@@ -70,11 +70,18 @@ pub fn status_table(status: &Status) -> String {
             s.bytes,
             s.new_flows
         );
-        let mut rows = vec![
+        if let Some(refused) = s.nat_port_exhausted.filter(|r| *r > 0) {
+            out += &format!("  NAT: {refused} new flow(s) refused, no free source port\n");
+        }
+        let nat = s.backends.iter().any(|b| b.nat_flows.is_some());
+        let mut header =
             ["BACKEND", "WEIGHT", "HEALTH", "LAST PROBE", "LATENCY", "ADMIN", "IN RING", "ACTIVE", "PACKETS", "BYTES"]
                 .map(String::from)
-                .to_vec(),
-        ];
+                .to_vec();
+        if nat {
+            header.extend(["NAT FLOWS", "FREE PORTS"].map(String::from));
+        }
+        let mut rows = vec![header];
         for b in &s.backends {
             let (probe, latency) = match &b.last_probe {
                 Some(p) => {
@@ -98,7 +105,7 @@ pub fn status_table(status: &Status) -> String {
             } else {
                 b.weight.to_string()
             };
-            rows.push(vec![
+            let mut row = vec![
                 b.address.to_string(),
                 weight,
                 b.health.name().into(),
@@ -109,7 +116,12 @@ pub fn status_table(status: &Status) -> String {
                 active,
                 b.packets.to_string(),
                 b.bytes.to_string(),
-            ]);
+            ];
+            if nat {
+                let figure = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+                row.extend([figure(b.nat_flows), figure(b.nat_free_ports)]);
+            }
+            rows.push(row);
         }
         out += &aligned(&rows, "  ");
     }

@@ -36,6 +36,8 @@ pub struct DataplaneParams {
     pub ring_size: u32,
     pub max_services: u32,
     pub conntrack_size: u32,
+    /// Entries of each NAT table.
+    pub nat_table_size: u32,
     pub udp_idle_timeout_ns: u64,
     /// Where maps and link are pinned (`PIN_DIR/layout-N`); `None` keeps
     /// everything private to this process (tests, benchmarks).
@@ -53,6 +55,7 @@ impl DataplaneParams {
             Capacity::Fixed => default_entries,
             Capacity::Conntrack => self.conntrack_size,
             Capacity::Rings => self.ring_entries()?,
+            Capacity::Nat => self.nat_table_size,
         })
     }
 }
@@ -85,6 +88,9 @@ pub struct Dataplane {
     pub ring_writes: u64,
     /// Interfaces whose egress runs the probe-tunnelling program.
     probe_interfaces: std::collections::BTreeSet<u32>,
+    /// Interfaces besides the main one where the program runs, because NAT
+    /// backends' replies arrive there: ifindex → link (pinned when pinning).
+    reply_links: std::collections::BTreeMap<u32, FdLink>,
 }
 
 impl Dataplane {
@@ -101,7 +107,13 @@ impl Dataplane {
             logger: None,
             ring_writes: 0,
             probe_interfaces: Default::default(),
+            reply_links: Default::default(),
         })
+    }
+
+    /// Whether the program is attached to the main interface.
+    pub fn is_attached(&self) -> bool {
+        self.link.is_some()
     }
 
     /// Whether the previous agent left a pinned link to adopt.
@@ -149,6 +161,62 @@ impl Dataplane {
         Ok(false)
     }
 
+    /// Runs the program on exactly the interfaces in `wanted` besides the
+    /// main one (where NAT backends' replies arrive): attaches or adopts a
+    /// pinned link where it is missing, detaches where it is no longer
+    /// needed. Returns what changed, for the log.
+    pub fn sync_reply_interfaces(
+        &mut self,
+        wanted: &std::collections::BTreeSet<u32>,
+        mode: XdpMode,
+    ) -> Result<Vec<String>> {
+        let mut changes = Vec::new();
+        let dir = self.params.pin_dir.clone();
+        let pinned = dir.as_deref().map(pins::reply_link_interfaces).unwrap_or_default();
+        let gone: Vec<u32> = self
+            .reply_links
+            .keys()
+            .copied()
+            .chain(pinned.iter().copied())
+            .filter(|ifindex| !wanted.contains(ifindex))
+            .collect();
+        for ifindex in gone {
+            if let Some(pin) = dir.as_deref().map(|d| pins::reply_link_pin(d, ifindex)) {
+                let _ = std::fs::remove_file(pin);
+            }
+            if self.reply_links.remove(&ifindex).is_some() || pinned.contains(&ifindex) {
+                changes.push(format!("detached from interface {ifindex}: no NAT backend behind it"));
+            }
+        }
+        for &ifindex in wanted {
+            if self.reply_links.contains_key(&ifindex) {
+                continue;
+            }
+            let pin = dir.as_deref().map(|d| pins::reply_link_pin(d, ifindex));
+            if let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
+                let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+                self.reply_links.insert(ifindex, swap_onto(&mut self.ebpf, FdLink::from(pinned))?);
+                continue;
+            }
+            let interface = nix::net::if_::if_indextoname(ifindex)
+                .with_context(|| format!("interface {ifindex}"))?
+                .to_string_lossy()
+                .into_owned();
+            let program = xdp_program(&mut self.ebpf)?;
+            let id = program
+                .attach(&interface, mode)
+                .with_context(|| format!("attaching XDP to {interface} for NAT replies"))?;
+            let link = FdLink::try_from(program.take_link(id)?).context("XDP link as a BPF link")?;
+            let link = match pin {
+                Some(pin) => FdLink::from(link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?),
+                None => link,
+            };
+            self.reply_links.insert(ifindex, link);
+            changes.push(format!("attached to {interface} ({mode:?} mode): NAT replies arrive there"));
+        }
+        Ok(changes)
+    }
+
     /// Runs the probe-tunnelling tc program on `ifindex`'s egress (once per
     /// interface; it goes when this process does).
     pub fn attach_probe_tunnel(&mut self, ifindex: u32) -> Result<()> {
@@ -187,6 +255,10 @@ impl Dataplane {
                 Err(err) => return Err(err.context("swapping the program")),
             }
         }
+        for (ifindex, link) in std::mem::take(&mut self.reply_links) {
+            let link = swap_onto(&mut ebpf, link).context("swapping the program on a NAT reply interface")?;
+            self.reply_links.insert(ifindex, link);
+        }
         if let Some(task) = self.logger.take() {
             task.abort();
         }
@@ -211,14 +283,15 @@ impl Dataplane {
     /// they stay pinned and the program keeps forwarding with the last state.
     pub fn shutdown(&mut self, detach: bool) -> Result<()> {
         let link = self.link.take();
+        let reply_links = std::mem::take(&mut self.reply_links);
         if !detach {
-            drop(link);
+            drop((link, reply_links));
             return Ok(());
         }
         if let Some(root) = self.params.pin_dir.as_deref().and_then(Path::parent) {
             pins::remove_all(root)?;
         }
-        drop(link); // the last reference: the kernel detaches the program
+        drop((link, reply_links)); // the last references: the kernel detaches the program
         Ok(())
     }
 
@@ -236,6 +309,22 @@ impl Dataplane {
     /// verification cost, which load, debug switches and upgrades pay).
     pub fn verified_instructions(&self) -> Result<u32> {
         Ok(self.program()?.info()?.verified_instruction_count().unwrap_or(0))
+    }
+
+    /// Empties both NAT tables. For benchmarks, which measure NAT without
+    /// an agent to expire translations; the agent never calls it.
+    pub fn clear_nat_tables(&mut self) -> Result<()> {
+        use aya::maps::HashMap;
+        use lb_common::{FlowKey, NatFlow, NatReply, map_names};
+        let mut flows: HashMap<&mut aya::maps::MapData, FlowKey, NatFlow> = self.map_mut(map_names::NAT_FLOWS)?;
+        for key in flows.keys().collect::<Result<Vec<_>, _>>()? {
+            flows.remove(&key)?;
+        }
+        let mut replies: HashMap<&mut aya::maps::MapData, FlowKey, NatReply> = self.map_mut(map_names::NAT_REPLIES)?;
+        for key in replies.keys().collect::<Result<Vec<_>, _>>()? {
+            replies.remove(&key)?;
+        }
+        Ok(())
     }
 
     /// Executes the writes in order through the one writer.

@@ -25,6 +25,21 @@ pub fn link_pin(layout_dir: &Path) -> PathBuf {
     layout_dir.join("link")
 }
 
+const REPLY_LINK_PREFIX: &str = "reply-link-";
+
+/// The link of the program on an interface NAT replies arrive on.
+pub fn reply_link_pin(layout_dir: &Path, ifindex: u32) -> PathBuf {
+    layout_dir.join(format!("{REPLY_LINK_PREFIX}{ifindex}"))
+}
+
+/// Interfaces with a pinned reply link in `layout_dir`.
+pub fn reply_link_interfaces(layout_dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(layout_dir) else {
+        return Vec::new();
+    };
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix(REPLY_LINK_PREFIX)?.parse().ok()).collect()
+}
+
 /// Makes sure `root` can hold pins: bpffs is mounted at /sys/fs/bpf when it
 /// is not (as on some minimal systems), and the directory exists.
 pub fn prepare(root: &Path) -> Result<()> {
@@ -101,6 +116,7 @@ pub fn check_pinned_maps(layout_dir: &Path, params: &DataplaneParams) -> Result<
                 match spec.capacity {
                     Capacity::Rings => "ring_size × max_services changed",
                     Capacity::Conntrack => "conntrack_size changed",
+                    Capacity::Nat => "nat_table_size changed",
                     Capacity::Fixed => "the map layout changed",
                 }
             );

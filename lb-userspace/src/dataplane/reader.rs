@@ -7,10 +7,13 @@ use anyhow::Result;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowKey, FlowState, GLOBAL_COUNTER_COUNT,
-    GlobalCounter, MAX_BACKENDS, PROTO_UDP, TrafficCounters, VipInfo, VipKey, map_names,
+    GlobalCounter, MAX_BACKENDS, NatFlow, NatPool, NatReply, PROTO_UDP, TrafficCounters, VipInfo, VipKey, map_names,
 };
 
 use super::{Dataplane, monotonic_coarse_ns, planner::MapsState};
+
+/// Both NAT tables' entries: (flows, replies).
+pub type NatTables = (Vec<(FlowKey, NatFlow)>, Vec<(FlowKey, NatReply)>);
 
 #[derive(Debug, Default)]
 pub struct FlowScan {
@@ -96,7 +99,17 @@ impl Dataplane {
         }
         let egress: DevMapHash<&MapData> = self.map(map_names::EGRESS_DEVICES)?;
         let egress_devices = egress.keys().collect::<Result<Vec<_>, _>>()?;
-        Ok(MapsState { vips, backends: in_use, rings: ring_contents, egress_devices })
+        let pools: Array<&MapData, NatPool> = self.map(map_names::NAT_POOLS)?;
+        let mut nat_pools = StdHashMap::new();
+        for (_, info) in &vips {
+            let pool = pools.get(&info.id, 0)?;
+            if pool.port_count > 0 {
+                nat_pools.insert(info.id, pool);
+            }
+        }
+        let nat_services: Array<&MapData, u32> = self.map(map_names::NAT_SERVICES)?;
+        let nat_services = nat_services.get(&0, 0)?;
+        Ok(MapsState { vips, backends: in_use, rings: ring_contents, egress_devices, nat_pools, nat_services })
     }
 
     /// least_conn counts of `ids`: (what the data plane counted, correction).
@@ -104,6 +117,26 @@ impl Dataplane {
         let active: Array<&MapData, u64> = self.map(map_names::ACTIVE_FLOWS)?;
         let correction: Array<&MapData, i64> = self.map(map_names::ACTIVE_CORRECTION)?;
         ids.iter().map(|id| Ok((*id, (active.get(id, 0)?, correction.get(id, 0)?)))).collect()
+    }
+
+    /// Snapshots of both NAT tables (flows, replies).
+    pub fn nat_tables(&self) -> Result<NatTables> {
+        let flows: HashMap<&MapData, FlowKey, NatFlow> = self.map(map_names::NAT_FLOWS)?;
+        let replies: HashMap<&MapData, FlowKey, NatReply> = self.map(map_names::NAT_REPLIES)?;
+        Ok((flows.iter().collect::<Result<_, _>>()?, replies.iter().collect::<Result<_, _>>()?))
+    }
+
+    /// Entries of `NAT_FLOWS` and of `NAT_REPLIES`.
+    pub fn nat_table_sizes(&self) -> Result<(usize, usize)> {
+        let flows: HashMap<&MapData, FlowKey, NatFlow> = self.map(map_names::NAT_FLOWS)?;
+        let replies: HashMap<&MapData, FlowKey, NatReply> = self.map(map_names::NAT_REPLIES)?;
+        Ok((flows.keys().count(), replies.keys().count()))
+    }
+
+    /// New flows of a NAT service (VIP id) refused for want of a source port.
+    pub fn nat_exhausted(&self, vip_id: u32) -> Result<u64> {
+        let map: PerCpuArray<&MapData, u64> = self.map(map_names::NAT_EXHAUSTED)?;
+        Ok(map.get(&vip_id, 0)?.iter().sum())
     }
 
     /// A snapshot of the connection table.

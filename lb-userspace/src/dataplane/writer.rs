@@ -8,7 +8,7 @@ use std::fmt;
 
 use anyhow::Result;
 use aya::maps::{Array, DevMapHash, HashMap, MapData};
-use lb_common::{Backend, VipAddressKey, VipInfo, VipKey, map_names};
+use lb_common::{Backend, FlowKey, NatFlow, NatPool, NatReply, VipAddressKey, VipInfo, VipKey, map_names};
 
 use super::{Dataplane, planner::MapWrite};
 
@@ -132,6 +132,22 @@ impl Dataplane {
                 let mut map: Array<&mut MapData, i64> = self.map_mut(map_names::ACTIVE_CORRECTION)?;
                 map.set(*id, correction, 0)?;
             }
+            MapWrite::SetNatPool { vip_id, pool } => {
+                let mut map: Array<&mut MapData, NatPool> = self.map_mut(map_names::NAT_POOLS)?;
+                map.set(*vip_id, pool, 0)?;
+            }
+            MapWrite::SetNatServices { count } => {
+                let mut map: Array<&mut MapData, u32> = self.map_mut(map_names::NAT_SERVICES)?;
+                map.set(0, count, 0)?;
+            }
+            MapWrite::RemoveNatFlow { key } => {
+                let mut map: HashMap<&mut MapData, FlowKey, NatFlow> = self.map_mut(map_names::NAT_FLOWS)?;
+                ignore_missing(map.remove(key))?;
+            }
+            MapWrite::RemoveNatReply { key } => {
+                let mut map: HashMap<&mut MapData, FlowKey, NatReply> = self.map_mut(map_names::NAT_REPLIES)?;
+                ignore_missing(map.remove(key))?;
+            }
             MapWrite::SetRingSlots { .. } => unreachable!("written slot by slot in `write`"),
             MapWrite::SetVip { key, info } => {
                 let mut map: HashMap<&mut MapData, VipKey, VipInfo> = self.map_mut(map_names::VIPS)?;
@@ -154,11 +170,24 @@ impl Dataplane {
     }
 }
 
+/// A removal of what is already gone has done its job.
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
 /// The map and key a write goes to, for logs and `xdplb status`.
 pub fn describe(write: &MapWrite) -> String {
     let vip = |key: &VipKey| {
         let address = super::planner::words_address(key.addr, key.family);
         format!("{address} port {} proto {}", u16::from_be(key.port), key.proto)
+    };
+    let flow = |key: &FlowKey| {
+        let (src, dst) =
+            (super::planner::words_address(key.src, key.family), super::planner::words_address(key.dst, key.family));
+        format!("{src}:{} → {dst}:{} proto {}", u16::from_be(key.sport), u16::from_be(key.dport), key.proto)
     };
     match write {
         MapWrite::AddEgressDevice { ifindex } => format!("{} insert ifindex {ifindex}", map_names::EGRESS_DEVICES),
@@ -177,6 +206,10 @@ pub fn describe(write: &MapWrite) -> String {
         }
         MapWrite::SetActiveCorrection { id, .. } => format!("{} set id {id}", map_names::ACTIVE_CORRECTION),
         MapWrite::SetWildcardVips { count } => format!("{} set count {count}", map_names::WILDCARD_VIPS),
+        MapWrite::SetNatPool { vip_id, .. } => format!("{} set VIP id {vip_id}", map_names::NAT_POOLS),
+        MapWrite::SetNatServices { count } => format!("{} set count {count}", map_names::NAT_SERVICES),
+        MapWrite::RemoveNatFlow { key } => format!("{} remove {}", map_names::NAT_FLOWS, flow(key)),
+        MapWrite::RemoveNatReply { key } => format!("{} remove {}", map_names::NAT_REPLIES, flow(key)),
     }
 }
 
@@ -258,6 +291,10 @@ mod tests {
                 }
                 MapWrite::SetActiveCorrection { .. } => {}
                 MapWrite::SetWildcardVips { count } => self.wildcards = *count,
+                MapWrite::SetNatPool { .. }
+                | MapWrite::SetNatServices { .. }
+                | MapWrite::RemoveNatFlow { .. }
+                | MapWrite::RemoveNatReply { .. } => {}
             }
             Ok(())
         }
@@ -272,10 +309,11 @@ mod tests {
             persistence_timeout_s: 0,
             forwarding: crate::config::Forwarding::Dsr,
             gue_port: lb_common::DEFAULT_GUE_PORT,
+            nat: None,
             backends: backends
                 .iter()
                 .map(|(n, weight)| DesiredBackend {
-                    address: std::net::IpAddr::from([198, 18, 1, *n]),
+                    address: std::net::IpAddr::from([198, 18, 1, *n]).into(),
                     weight: *weight,
                     path: Some(L2Path {
                         ifindex: 10 + *n as u32 % 3,

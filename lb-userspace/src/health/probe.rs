@@ -21,13 +21,13 @@ use tokio::{
 };
 
 use super::ProbeOutcome;
-use crate::config::{HealthCheck, HealthKind};
+use crate::config::{BackendAddress, HealthCheck, HealthKind};
 
 /// A probe result on its way to the agent.
 #[derive(Debug)]
 pub struct ProbeReport {
     pub service: String,
-    pub address: IpAddr,
+    pub address: BackendAddress,
     /// Identifies the checker; reports of a replaced checker are ignored.
     pub generation: u64,
     pub outcome: ProbeOutcome,
@@ -42,7 +42,7 @@ pub type TunnelSlot = Arc<AtomicU32>;
 /// of many backends do not run in lockstep; after that at a fixed period.
 pub async fn run_checker(
     service: String,
-    address: IpAddr,
+    address: BackendAddress,
     check: HealthCheck,
     tunnel_slot: TunnelSlot,
     generation: u64,
@@ -53,7 +53,7 @@ pub async fn run_checker(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let outcome = probe(address, &check, tunnel_slot.load(Ordering::Relaxed)).await;
+        let outcome = probe(address.ip, &check, tunnel_slot.load(Ordering::Relaxed)).await;
         let report = ProbeReport { service: service.clone(), address, generation, outcome };
         if reports.send(report).is_err() {
             return; // the agent is gone

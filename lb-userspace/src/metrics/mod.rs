@@ -191,6 +191,16 @@ fn encode_services(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Res
         "1 when every backend is down and the service fails open",
         MetricType::Gauge,
         rows(|s| s.fail_open as i64),
+    )?;
+    let nat = status.services.iter().filter_map(|s| {
+        s.nat_port_exhausted.map(|refused| (ServiceLabels { service: s.name.clone() }, refused as i64))
+    });
+    family(
+        encoder,
+        "nat_port_exhausted",
+        "New flows of NAT services refused: no free source port",
+        MetricType::Counter,
+        nat,
     )
 }
 
@@ -228,16 +238,34 @@ fn encode_backends(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Res
             (row, (b.admin == state) as i64)
         })
     });
-    family(encoder, "backend_admin_state", "1 for the backend's current admin state", MetricType::Gauge, admin)
+    family(encoder, "backend_admin_state", "1 for the backend's current admin state", MetricType::Gauge, admin)?;
+    let nat_flows = each().filter_map(|(labels, b)| b.nat_flows.map(|v| (labels, v as i64)));
+    family(
+        encoder,
+        "backend_nat_flows",
+        "NAT translations to the backend (source ports in use)",
+        MetricType::Gauge,
+        nat_flows,
+    )?;
+    let free = each().filter_map(|(labels, b)| b.nat_free_ports.map(|v| (labels, v as i64)));
+    family(
+        encoder,
+        "backend_nat_free_ports",
+        "NAT source ports still free towards the backend",
+        MetricType::Gauge,
+        free,
+    )
 }
 
-const DROPS: [GlobalCounter; 6] = [
+const DROPS: [GlobalCounter; 8] = [
     GlobalCounter::DropFragment,
     GlobalCounter::DropIpv6ExtHeader,
     GlobalCounter::DropNoBackend,
     GlobalCounter::DropNoEgressDevice,
     GlobalCounter::DropTooBig,
     GlobalCounter::DropEncapFailed,
+    GlobalCounter::DropNatPortExhausted,
+    GlobalCounter::DropNatTableFull,
 ];
 
 fn encode_globals(encoder: &mut DescriptorEncoder, globals: &[(GlobalCounter, u64)]) -> fmt::Result {
@@ -248,23 +276,45 @@ fn encode_globals(encoder: &mut DescriptorEncoder, globals: &[(GlobalCounter, u6
             value(GlobalCounter::ActionTx) + value(GlobalCounter::TooBigSentV4) + value(GlobalCounter::TooBigSentV6),
         ),
         ("redirect", value(GlobalCounter::ActionRedirect)),
-        ("pass", value(GlobalCounter::PassNonVip) + value(GlobalCounter::PassUnparsed)),
+        (
+            "pass",
+            value(GlobalCounter::PassNonVip)
+                + value(GlobalCounter::PassUnparsed)
+                + value(GlobalCounter::NatReplyToKernel),
+        ),
         ("drop", DROPS.iter().map(|d| value(*d)).sum()),
     ];
     let actions = actions.map(|(action, v)| (ActionLabels { action }, v));
     family(encoder, "xdp_actions", "XDP verdicts of the program", MetricType::Counter, actions)?;
     let drops = DROPS.map(|d| (ReasonLabels { reason: d.name().trim_start_matches("drop_") }, value(d)));
     family(encoder, "drops", "Packets dropped, by reason", MetricType::Counter, drops)?;
-    let passes = [("non_vip", GlobalCounter::PassNonVip), ("unparsed", GlobalCounter::PassUnparsed)]
-        .map(|(reason, c)| (ReasonLabels { reason }, value(c)));
+    let passes = [
+        ("non_vip", GlobalCounter::PassNonVip),
+        ("unparsed", GlobalCounter::PassUnparsed),
+        ("nat_reply_without_route", GlobalCounter::NatReplyToKernel),
+    ]
+    .map(|(reason, c)| (ReasonLabels { reason }, value(c)));
     family(encoder, "passes", "Packets passed to the kernel, by reason", MetricType::Counter, passes)?;
     let forwarded = [
         ("dsr", GlobalCounter::ForwardedDsr),
         ("ipip", GlobalCounter::ForwardedIpip),
         ("gue", GlobalCounter::ForwardedGue),
+        ("nat", GlobalCounter::ForwardedNat),
     ]
     .map(|(mode, c)| (ModeLabels { mode }, value(c)));
     family(encoder, "forwarded", "Packets sent to backends, by forwarding mode", MetricType::Counter, forwarded)?;
+    single(
+        encoder,
+        "nat_replies",
+        "Backend replies of NAT flows translated back to VIP → client",
+        value(GlobalCounter::NatReplies) as u64,
+    )?;
+    single(
+        encoder,
+        "nat_icmp_errors",
+        "ICMP errors about NAT flows (unreachable, too big, time exceeded) translated back to the client",
+        value(GlobalCounter::NatIcmpErrors) as u64,
+    )?;
     let too_big = [("ipv4", GlobalCounter::TooBigSentV4), ("ipv6", GlobalCounter::TooBigSentV6)]
         .map(|(family, c)| (FamilyLabels { family }, value(c)));
     family(

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    config::{AgentConfig, Config, Forwarding, HealthKind, OnFailure, Protocol, Scheduler},
+    config::{AgentConfig, BackendAddress, Config, Forwarding, HealthKind, OnFailure, PortRange, Protocol, Scheduler},
     control::Admin,
     health::HealthState,
     netlink::L2Path,
@@ -71,7 +71,11 @@ impl Default for BackendRuntime {
 /// Run-time facts per (service, backend address).
 #[derive(Debug, Default)]
 pub struct Runtime {
-    pub backends: BTreeMap<(String, IpAddr), BackendRuntime>,
+    pub backends: BTreeMap<(String, BackendAddress), BackendRuntime>,
+    /// The kernel's ephemeral ports (`ip_local_port_range`): the LB's own
+    /// connections, health checks among them, take their source ports there,
+    /// so NAT pools leave them out.
+    pub local_ports: Option<PortRange>,
 }
 
 impl Runtime {
@@ -89,11 +93,11 @@ impl Runtime {
         self.backends = wanted;
     }
 
-    pub fn get(&self, service: &str, address: IpAddr) -> Option<&BackendRuntime> {
+    pub fn get(&self, service: &str, address: BackendAddress) -> Option<&BackendRuntime> {
         self.backends.get(&(service.to_string(), address))
     }
 
-    pub fn get_mut(&mut self, service: &str, address: IpAddr) -> Option<&mut BackendRuntime> {
+    pub fn get_mut(&mut self, service: &str, address: BackendAddress) -> Option<&mut BackendRuntime> {
         self.backends.get_mut(&(service.to_string(), address))
     }
 
@@ -104,10 +108,10 @@ impl Runtime {
         let mut changed = false;
         for service in config.services.iter().filter(|s| s.scheduler == Scheduler::LeastResponseTime) {
             let name = service.name.get_ref();
-            let keys: Vec<(String, IpAddr)> =
+            let keys: Vec<(String, BackendAddress)> =
                 service.backends.iter().map(|b| (name.clone(), *b.address.get_ref())).collect();
             let configured: Vec<u32> = service.backends.iter().map(|b| b.weight.0).collect();
-            let state = |k: &(String, IpAddr)| self.backends.get(k).cloned().unwrap_or_default();
+            let state = |k: &(String, BackendAddress)| self.backends.get(k).cloned().unwrap_or_default();
             let means: Vec<Option<f64>> = keys.iter().map(|k| state(k).latency.mean).collect();
             let previous: Vec<u32> = keys.iter().map(|k| state(k).derived_weight).collect();
             let next = response_time_weights(&configured, &means, &previous);
@@ -125,7 +129,7 @@ impl Runtime {
 
     /// Moves draining backends to drained once they have no active flow or
     /// their drain timeout has passed. Returns those that finished.
-    pub fn advance_drains(&mut self, config: &Config, now: Instant) -> Vec<(String, IpAddr, &'static str)> {
+    pub fn advance_drains(&mut self, config: &Config, now: Instant) -> Vec<(String, BackendAddress, &'static str)> {
         let timeouts: HashMap<&str, Duration> = config
             .services
             .iter()
@@ -171,9 +175,9 @@ pub fn desired_services(
     let mut fail_open = FailOpen::new();
     for service in &config.services {
         let name = service.name.get_ref();
-        let state_of = |address: IpAddr| runtime.get(name, address).cloned().unwrap_or_default();
-        let enabled = |address: IpAddr| state_of(address).admin == AdminState::Enabled;
-        let healthy = |address: IpAddr| state_of(address).health.up;
+        let state_of = |address: BackendAddress| runtime.get(name, address).cloned().unwrap_or_default();
+        let enabled = |address: BackendAddress| state_of(address).admin == AdminState::Enabled;
+        let healthy = |address: BackendAddress| state_of(address).health.up;
         let candidates: Vec<_> =
             service.backends.iter().filter(|b| b.weight.0 > 0 && enabled(*b.address.get_ref())).collect();
         let failing_open = !candidates.is_empty() && candidates.iter().all(|b| !healthy(*b.address.get_ref()));
@@ -195,7 +199,7 @@ pub fn desired_services(
                 DesiredBackend {
                     address,
                     weight: if takes_new_flows { weight } else { 0 },
-                    path: paths.get(&address).and_then(|p| path_for(service.forwarding, &config.agent, address, p)),
+                    path: paths.get(&address.ip).and_then(|p| path_for(service, &config.agent, address.ip, p)),
                     down: !up && !failing_open && service.on_failure == OnFailure::Reschedule,
                 }
             })
@@ -208,6 +212,12 @@ pub fn desired_services(
             persistence_timeout_s: service.persistence_timeout_s,
             forwarding: service.forwarding,
             gue_port: *service.gue_port.get_ref(),
+            nat: (service.forwarding == Forwarding::Nat).then(|| DesiredNat {
+                sources: service.nat_sources().to_vec(),
+                ports: service.nat_ports(),
+                preserve_client: service.preserves_client(),
+                exclude: runtime.local_ports,
+            }),
             backends,
         });
     }
@@ -215,9 +225,19 @@ pub fn desired_services(
 }
 
 /// A backend's path as its forwarding mode uses it: a tunnel needs an
-/// outer source address, `[agent] tunnel_source_v4/v6` when set.
-fn path_for(forwarding: Forwarding, agent: &AgentConfig, backend: IpAddr, path: &L2Path) -> Option<L2Path> {
-    if !forwarding.is_tunnel() {
+/// outer source address, `[agent] tunnel_source_v4/v6` when set; full NAT
+/// without `nat_source` needs the route's source address.
+fn path_for(
+    service: &crate::config::ServiceConfig,
+    agent: &AgentConfig,
+    backend: IpAddr,
+    path: &L2Path,
+) -> Option<L2Path> {
+    if service.forwarding == Forwarding::Nat {
+        let own_source = !service.preserves_client() && service.nat_sources().is_empty();
+        return (!own_source || path.source.is_some_and(|s| s.is_ipv4() == backend.is_ipv4())).then_some(*path);
+    }
+    if !service.forwarding.is_tunnel() {
         return Some(*path);
     }
     let configured = match backend {
@@ -239,12 +259,32 @@ pub struct DesiredService {
     pub forwarding: Forwarding,
     /// GUE: the backends' decapsulation port.
     pub gue_port: u16,
+    /// NAT services: how they translate.
+    pub nat: Option<DesiredNat>,
     pub backends: Vec<DesiredBackend>,
+}
+
+/// A NAT service's translation settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredNat {
+    /// Source addresses; empty: each backend's route source.
+    pub sources: Vec<IpAddr>,
+    pub ports: PortRange,
+    pub preserve_client: bool,
+    /// Ports left out of the pool (the kernel's ephemeral range).
+    pub exclude: Option<PortRange>,
+}
+
+impl DesiredNat {
+    /// (ports in the pool, first skipped port, ports skipped).
+    pub fn pool(&self) -> (u32, u16, u16) {
+        lb_common::nat::pool_without(self.ports.low, self.ports.high, self.exclude.map(|r| (r.low, r.high)))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredBackend {
-    pub address: IpAddr,
+    pub address: BackendAddress,
     pub weight: u32,
     /// `None` until the neighbour is resolved; such a backend gets no slot.
     pub path: Option<L2Path>,
@@ -267,13 +307,13 @@ mod tests {
         Config::parse(&text, Path::new("t.toml")).unwrap()
     }
 
-    fn addr(n: u8) -> IpAddr {
-        IpAddr::from([198, 18, 1, n])
+    fn addr(n: u8) -> BackendAddress {
+        BackendAddress::new(IpAddr::from([198, 18, 1, n]))
     }
 
     fn paths() -> HashMap<IpAddr, L2Path> {
         [11, 12]
-            .map(|n| (addr(n), L2Path { ifindex: 2, src_mac: [0; 6], dst_mac: [n; 6], mtu: 1500, source: None }))
+            .map(|n| (addr(n).ip, L2Path { ifindex: 2, src_mac: [0; 6], dst_mac: [n; 6], mtu: 1500, source: None }))
             .into_iter()
             .collect()
     }

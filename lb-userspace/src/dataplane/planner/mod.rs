@@ -15,6 +15,7 @@
 //! pinned flows keep flowing, and its id is freed only once no
 //! connection-table entry refers to it (`collect_retired`).
 
+pub mod nat;
 mod services;
 mod upkeep;
 
@@ -25,11 +26,11 @@ use std::{
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_ELIGIBLE, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
-    VipAddressKey, VipInfo, VipKey,
+    NAT_F_PRESERVE_CLIENT, NatPool, VipAddressKey, VipInfo, VipKey,
 };
 
 use crate::{
-    config::Scheduler,
+    config::{BackendAddress, Scheduler},
     netlink::L2Path,
     scheduling::{
         self,
@@ -49,6 +50,9 @@ pub struct MapsState {
     pub backends: Vec<(u32, Backend)>,
     pub rings: std::collections::HashMap<u32, Vec<u32>>,
     pub egress_devices: Vec<u32>,
+    pub nat_pools: std::collections::HashMap<u32, NatPool>,
+    /// What `NAT_SERVICES` holds.
+    pub nat_services: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +94,24 @@ pub enum MapWrite {
     SetWildcardVips {
         count: u32,
     },
+    /// A NAT service's translation settings (`NAT_POOLS`), written before
+    /// its VIP entry.
+    SetNatPool {
+        vip_id: u32,
+        pool: NatPool,
+    },
+    /// How many NAT services exist (`NAT_SERVICES`).
+    SetNatServices {
+        count: u32,
+    },
+    /// An ended NAT flow's translation (`NAT_FLOWS`), removed first.
+    RemoveNatFlow {
+        key: lb_common::FlowKey,
+    },
+    /// Its reply entry (`NAT_REPLIES`): the source port is free again.
+    RemoveNatReply {
+        key: lb_common::FlowKey,
+    },
 }
 
 #[derive(Debug)]
@@ -99,7 +121,9 @@ struct AppliedService {
     /// As written to `VIPS`; `None` until written (or after a failed write).
     info: Option<VipInfo>,
     /// Backend address → slot id, for the backends currently in the service.
-    backends: BTreeMap<IpAddr, u32>,
+    backends: BTreeMap<BackendAddress, u32>,
+    /// As written to `NAT_POOLS` (NAT services); `None` until written.
+    nat: Option<NatPool>,
 }
 
 #[derive(Debug)]
@@ -121,13 +145,15 @@ pub struct Reconciler {
     stale_vips: BTreeSet<VipKey>,
     /// As written to `WILDCARD_VIPS`; `None` when unknown.
     wildcard_vips: Option<u32>,
+    /// As written to `NAT_SERVICES`; `None` when unknown.
+    nat_services: Option<u32>,
 }
 
 /// Why a desired state could not be applied in full.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReconcileError {
     OutOfVipIds(String),
-    OutOfBackendIds(String, IpAddr),
+    OutOfBackendIds(String, BackendAddress),
 }
 
 impl std::fmt::Display for ReconcileError {
@@ -158,6 +184,7 @@ impl Reconciler {
             vip_addresses: BTreeSet::new(),
             stale_vips: BTreeSet::new(),
             wildcard_vips: Some(0),
+            nat_services: Some(0),
         }
     }
 
@@ -181,13 +208,22 @@ impl Reconciler {
             r.rings.insert(info.id, ring);
             r.services.insert(
                 name,
-                AppliedService { vip_id: info.id, key: *key, info: Some(*info), backends: BTreeMap::new() },
+                AppliedService {
+                    vip_id: info.id,
+                    key: *key,
+                    info: Some(*info),
+                    backends: BTreeMap::new(),
+                    nat: maps.nat_pools.get(&info.id).copied(),
+                },
             );
         }
         for (id, backend) in &maps.backends {
             r.free_backend_ids.retain(|free| free != id);
             r.backends.insert(*id, *backend);
-            let address = words_address(backend.addr, backend.family);
+            let address = BackendAddress {
+                ip: words_address(backend.addr, backend.family),
+                port: (backend.port != 0).then(|| u16::from_be(backend.port)),
+            };
             let owner = r.services.values_mut().find(|s| s.vip_id == backend.vip_id);
             match owner {
                 Some(service) if !service.backends.contains_key(&address) => {
@@ -200,6 +236,7 @@ impl Reconciler {
         }
         r.egress_devices.extend(maps.egress_devices.iter().copied());
         r.wildcard_vips = Some(r.services.values().filter(|s| s.key.port == 0).count() as u32);
+        r.nat_services = Some(maps.nat_services);
         r
     }
 
@@ -209,7 +246,7 @@ impl Reconciler {
     }
 
     /// The slot id of a backend of a service, if it has one.
-    pub fn backend_id(&self, service: &str, address: IpAddr) -> Option<u32> {
+    pub fn backend_id(&self, service: &str, address: BackendAddress) -> Option<u32> {
         self.services.get(service)?.backends.get(&address).copied()
     }
 
@@ -230,6 +267,14 @@ impl Reconciler {
             let count = wildcards.max(applied);
             writes.push(MapWrite::SetWildcardVips { count });
             self.wildcard_vips = Some(count);
+        }
+        // More NAT services: replies are looked for before the first VIP exists.
+        let nat_services = desired.iter().filter(|s| s.nat.is_some()).count() as u32;
+        if self.nat_services.is_none_or(|count| nat_services > count) {
+            let applied = self.services.values().filter(|s| s.nat.is_some()).count() as u32;
+            let count = nat_services.max(applied);
+            writes.push(MapWrite::SetNatServices { count });
+            self.nat_services = Some(count);
         }
 
         let gone: Vec<String> = self.services.keys().filter(|name| !wanted.contains(name.as_str())).cloned().collect();
@@ -266,6 +311,11 @@ impl Reconciler {
         if self.wildcard_vips.is_none_or(|count| applied < count) {
             writes.push(MapWrite::SetWildcardVips { count: applied });
             self.wildcard_vips = Some(applied);
+        }
+        let applied = self.services.values().filter(|s| s.nat.is_some()).count() as u32;
+        if self.nat_services.is_none_or(|count| applied < count) {
+            writes.push(MapWrite::SetNatServices { count: applied });
+            self.nat_services = Some(applied);
         }
         (writes, errors)
     }
@@ -324,6 +374,14 @@ impl Reconciler {
             // Recomputed from every connection-table scan.
             MapWrite::SetActiveCorrection { .. } => {}
             MapWrite::SetWildcardVips { .. } => self.wildcard_vips = None,
+            MapWrite::SetNatPool { vip_id, .. } => {
+                if let Some(service) = self.services.values_mut().find(|s| s.vip_id == *vip_id) {
+                    service.nat = None;
+                }
+            }
+            MapWrite::SetNatServices { .. } => self.nat_services = None,
+            // Recomputed from every NAT scan.
+            MapWrite::RemoveNatFlow { .. } | MapWrite::RemoveNatReply { .. } => {}
         }
     }
 }
@@ -353,7 +411,7 @@ fn vip_address_key(key: &VipKey) -> VipAddressKey {
 }
 
 fn backend_slot(
-    address: IpAddr,
+    address: BackendAddress,
     path: L2Path,
     desired: &DesiredBackend,
     service: &DesiredService,
@@ -367,8 +425,8 @@ fn backend_slot(
         flags |= BACKEND_F_ELIGIBLE;
     }
     Backend {
-        addr: address_words(address),
-        family: family(address),
+        addr: address_words(address.ip),
+        family: family(address.ip),
         flags,
         weight: desired.weight.min(u16::MAX as u32) as u16,
         ifindex: path.ifindex,
@@ -380,8 +438,36 @@ fn backend_slot(
         _pad: 0,
         gue_port: service.gue_port.to_be(),
         mtu: path.mtu,
-        _pad2: 0,
+        port: address.port.unwrap_or(0).to_be(),
     }
+}
+
+/// A NAT service's `NAT_POOLS` entry.
+pub fn nat_pool(nat: &crate::state::DesiredNat) -> NatPool {
+    let (port_count, skip_from, skip_len) = nat.pool();
+    let mut pool = NatPool {
+        source_count: nat.sources.len().min(lb_common::MAX_NAT_SOURCES) as u32,
+        flags: if nat.preserve_client { NAT_F_PRESERVE_CLIENT } else { 0 },
+        port_low: nat.ports.low,
+        port_count,
+        skip_from,
+        skip_len,
+        ..NatPool::default()
+    };
+    for (slot, source) in pool.sources.iter_mut().zip(&nat.sources) {
+        *slot = address_words(*source);
+    }
+    pool
+}
+
+/// What Maglev hashes to place a backend: its address, and its port when it
+/// has one (two ports of one host are two backends).
+fn backend_identity(address: BackendAddress) -> Vec<u8> {
+    let mut bytes = address_bytes(address.ip);
+    if let Some(port) = address.port {
+        bytes.extend_from_slice(&port.to_be_bytes());
+    }
+    bytes
 }
 
 pub fn words_address(words: [u32; 4], family: u8) -> IpAddr {
@@ -427,6 +513,10 @@ mod tests {
 
     const RING: u32 = 251;
 
+    fn backend_address(octets: [u8; 4]) -> BackendAddress {
+        BackendAddress::new(IpAddr::from(octets))
+    }
+
     fn path(n: u8) -> Option<L2Path> {
         Some(L2Path { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 1, n], mtu: 1500, source: None })
     }
@@ -440,10 +530,11 @@ mod tests {
             persistence_timeout_s: 0,
             forwarding: crate::config::Forwarding::Dsr,
             gue_port: lb_common::DEFAULT_GUE_PORT,
+            nat: None,
             backends: backends
                 .iter()
                 .map(|(n, w)| DesiredBackend {
-                    address: IpAddr::from([198, 18, 1, *n]),
+                    address: backend_address([198, 18, 1, *n]),
                     weight: *w,
                     path: path(*n),
                     down: false,
@@ -529,7 +620,7 @@ mod tests {
         // The reweighted backend's slot (it carries the weight), then only the
         // ring slots that changed.
         assert_eq!(writes.len(), 2, "{writes:?}");
-        let id13 = r.backend_id("web", IpAddr::from([198, 18, 1, 13])).unwrap();
+        let id13 = r.backend_id("web", backend_address([198, 18, 1, 13])).unwrap();
         assert!(
             matches!(&writes[0], MapWrite::SetBackend { id, backend } if *id == id13 && backend.weight == 3),
             "{writes:?}"
@@ -545,7 +636,7 @@ mod tests {
     fn removed_backend_is_retired_until_unreferenced() {
         let mut r = Reconciler::new(RING, 4);
         r.plan(&[service("web", &[(11, 1), (12, 1)])]);
-        let id12 = r.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap();
+        let id12 = r.backend_id("web", backend_address([198, 18, 1, 12])).unwrap();
         let (writes, _) = r.plan(&[service("web", &[(11, 1)])]);
         assert!(!writes.iter().any(|w| matches!(w, MapWrite::ClearBackend { .. })), "slot stays for pinned flows");
         assert!(!ring_of(&r, "web").contains(&id12));
@@ -555,7 +646,7 @@ mod tests {
         assert!(r.collect_retired(&HashSet::from([id12])).is_empty());
         // A new backend must not reuse the retired id.
         r.plan(&[service("web", &[(11, 1), (14, 1)])]);
-        assert_ne!(r.backend_id("web", IpAddr::from([198, 18, 1, 14])), Some(id12));
+        assert_ne!(r.backend_id("web", backend_address([198, 18, 1, 14])), Some(id12));
         // Unreferenced: cleared and freed.
         assert_eq!(r.collect_retired(&HashSet::new()), vec![MapWrite::ClearBackend { id: id12 }]);
         assert!(r.retired().is_empty());
@@ -569,7 +660,7 @@ mod tests {
         desired.backends[0].down = true;
         desired.backends[0].weight = 0;
         let (writes, _) = r.plan(&[desired.clone()]);
-        let id = r.backend_id("web", IpAddr::from([198, 18, 1, 11])).unwrap();
+        let id = r.backend_id("web", backend_address([198, 18, 1, 11])).unwrap();
         assert!(
             matches!(&writes[0], MapWrite::SetBackend { id: i, backend } if *i == id && backend.flags == BACKEND_F_IN_USE | BACKEND_F_DOWN),
             "{writes:?}"
@@ -592,10 +683,10 @@ mod tests {
         let mut desired = service("web", &[(11, 1), (12, 1)]);
         desired.backends[1].path = None;
         r.plan(&[desired.clone()]);
-        assert_eq!(r.backend_id("web", IpAddr::from([198, 18, 1, 12])), None);
+        assert_eq!(r.backend_id("web", backend_address([198, 18, 1, 12])), None);
         desired.backends[1].path = path(12);
         r.plan(&[desired]);
-        let id = r.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap();
+        let id = r.backend_id("web", backend_address([198, 18, 1, 12])).unwrap();
         assert!(ring_of(&r, "web").contains(&id));
     }
 
@@ -638,6 +729,10 @@ mod tests {
                 MapWrite::SetVip { key, info } => maps.vips.push((key, info)),
                 MapWrite::SetBackend { id, backend } => maps.backends.push((id, backend)),
                 MapWrite::AddEgressDevice { ifindex } => maps.egress_devices.push(ifindex),
+                MapWrite::SetNatPool { vip_id, pool } => {
+                    maps.nat_pools.insert(vip_id, pool);
+                }
+                MapWrite::SetNatServices { count } => maps.nat_services = count,
                 MapWrite::SetRingSlots { vip_id, slots } => {
                     let ring = maps.rings.entry(vip_id).or_insert_with(|| vec![0; RING as usize]);
                     for (i, id) in slots {
@@ -650,6 +745,70 @@ mod tests {
         (r, maps)
     }
 
+    fn nat(name: &str, backends: &[(u8, u16)]) -> DesiredService {
+        let mut desired = service(name, &[]);
+        desired.forwarding = crate::config::Forwarding::Nat;
+        desired.nat = Some(crate::state::DesiredNat {
+            sources: vec!["198.18.2.1".parse().unwrap()],
+            ports: "40000-40099".parse().unwrap(),
+            preserve_client: false,
+            exclude: None,
+        });
+        desired.backends = backends
+            .iter()
+            .map(|(n, port)| DesiredBackend {
+                address: BackendAddress { ip: IpAddr::from([198, 18, 1, *n]), port: Some(*port) },
+                weight: 1,
+                path: path(*n),
+                down: false,
+            })
+            .collect();
+        desired
+    }
+
+    #[test]
+    fn a_nat_service_has_its_pool_before_its_vip_and_the_count_of_nat_services_follows() {
+        let mut r = Reconciler::new(RING, 4);
+        // One host, two ports: two backends, two slots, each with its port.
+        let (writes, errors) = r.plan(&[nat("web", &[(11, 8080), (11, 8081)])]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let position = |f: &dyn Fn(&MapWrite) -> bool| writes.iter().position(f).unwrap();
+        let count = position(&|w| matches!(w, MapWrite::SetNatServices { count: 1 }));
+        let pool = position(
+            &|w| matches!(w, MapWrite::SetNatPool { pool, .. } if pool.port_count == 100 && pool.source_count == 1),
+        );
+        let vip = position(&|w| matches!(w, MapWrite::SetVip { .. }));
+        assert!(count < vip && pool < vip, "{writes:?}");
+        let ports: BTreeSet<u16> = writes
+            .iter()
+            .filter_map(|w| match w {
+                MapWrite::SetBackend { backend, .. } => Some(u16::from_be(backend.port)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ports, BTreeSet::from([8080, 8081]));
+        // Unchanged: nothing to write. Gone: the count drops after the VIP.
+        assert!(r.plan(&[nat("web", &[(11, 8080), (11, 8081)])]).0.is_empty());
+        let (writes, _) = r.plan(&[]);
+        let vip = writes.iter().position(|w| matches!(w, MapWrite::RemoveVip { .. })).unwrap();
+        let count = writes.iter().position(|w| matches!(w, MapWrite::SetNatServices { count: 0 })).unwrap();
+        assert!(vip < count, "{writes:?}");
+    }
+
+    #[test]
+    fn adopting_a_nat_service_keeps_its_slots_and_writes_nothing() {
+        let desired = [nat("web", &[(11, 8080), (12, 8080)]), service_on("dns", 53, &[(21, 1)])];
+        let (before, maps) = maps_after(&desired);
+        let mut adopted = Reconciler::adopt(RING, 4, &maps, &names_and_keys(&desired));
+        for n in [11, 12] {
+            let a = BackendAddress { ip: IpAddr::from([198, 18, 1, n]), port: Some(8080) };
+            assert_eq!(adopted.backend_id("web", a), before.backend_id("web", a));
+            assert!(adopted.backend_id("web", a).is_some());
+        }
+        let (writes, errors) = adopted.plan(&desired);
+        assert!(writes.is_empty() && errors.is_empty(), "{writes:?}");
+    }
+
     #[test]
     fn least_conn_corrections_bring_counts_to_the_scan() {
         let mut r = Reconciler::new(RING, 4);
@@ -657,8 +816,8 @@ mod tests {
         desired.scheduler = Scheduler::LeastConn;
         r.plan(&[desired, service_on("dns", 53, &[(21, 1)])]);
         let (a, b) = (
-            r.backend_id("web", IpAddr::from([198, 18, 1, 11])).unwrap(),
-            r.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap(),
+            r.backend_id("web", backend_address([198, 18, 1, 11])).unwrap(),
+            r.backend_id("web", backend_address([198, 18, 1, 12])).unwrap(),
         );
         // The data plane counted 10 and 4; the table holds 7 and 4 (3 evicted).
         let scanned = std::collections::HashMap::from([(a, 7), (b, 4)]);
@@ -697,7 +856,7 @@ mod tests {
         let (before, maps) = maps_after(&desired);
         let mut adopted = Reconciler::adopt(RING, 4, &maps, &names_and_keys(&desired));
         for (name, n) in [("web", 11), ("web", 12), ("dns", 21)] {
-            let a = IpAddr::from([198, 18, 1, n]);
+            let a = backend_address([198, 18, 1, n]);
             assert_eq!(adopted.backend_id(name, a), before.backend_id(name, a));
         }
         assert_eq!(adopted.vip_id("dns"), before.vip_id("dns"));
@@ -717,14 +876,14 @@ mod tests {
             writes.iter().any(|w| matches!(w, MapWrite::RemoveVip { key } if key.port == 53u16.to_be())),
             "{writes:?}"
         );
-        let id12 = before.backend_id("web", IpAddr::from([198, 18, 1, 12])).unwrap();
-        let id21 = before.backend_id("dns", IpAddr::from([198, 18, 1, 21])).unwrap();
+        let id12 = before.backend_id("web", backend_address([198, 18, 1, 12])).unwrap();
+        let id21 = before.backend_id("dns", backend_address([198, 18, 1, 21])).unwrap();
         assert!(r.retired().contains(&id12) && r.retired().contains(&id21));
-        let id13 = r.backend_id("web", IpAddr::from([198, 18, 1, 13])).unwrap();
+        let id13 = r.backend_id("web", backend_address([198, 18, 1, 13])).unwrap();
         assert!(![id12, id21].contains(&id13), "a slot that flows may use was reused");
         assert_eq!(
-            r.backend_id("web", IpAddr::from([198, 18, 1, 11])),
-            before.backend_id("web", IpAddr::from([198, 18, 1, 11]))
+            r.backend_id("web", backend_address([198, 18, 1, 11])),
+            before.backend_id("web", backend_address([198, 18, 1, 11]))
         );
     }
 

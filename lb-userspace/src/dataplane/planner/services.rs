@@ -18,16 +18,17 @@ impl Reconciler {
             let vip_id = self.free_vip_ids.pop().ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
             self.services.insert(
                 desired.name.clone(),
-                AppliedService { vip_id, key: vip_key(desired), info: None, backends: BTreeMap::new() },
+                AppliedService { vip_id, key: vip_key(desired), info: None, backends: BTreeMap::new(), nat: None },
             );
         }
         let mut result = Ok(());
 
         // Backends: keep ids of those that stay, retire those that left.
         let mut service = self.services.remove(&desired.name).expect("inserted above");
-        let resolved: BTreeMap<IpAddr, &DesiredBackend> =
+        let resolved: BTreeMap<BackendAddress, &DesiredBackend> =
             desired.backends.iter().filter(|b| b.path.is_some()).map(|b| (b.address, b)).collect();
-        let left: Vec<IpAddr> = service.backends.keys().filter(|a| !resolved.contains_key(a)).copied().collect();
+        let left: Vec<BackendAddress> =
+            service.backends.keys().filter(|a| !resolved.contains_key(a)).copied().collect();
         let mut retiring = Vec::new();
         for address in left {
             retiring.push(service.backends.remove(&address).expect("listed above"));
@@ -58,10 +59,19 @@ impl Reconciler {
             }
             members.push(MaglevBackend {
                 id,
-                identity: maglev::stable_hash(&address_bytes(*address)),
+                identity: maglev::stable_hash(&backend_identity(*address)),
                 weight: backend.weight,
             });
         }
+
+        // The translation settings before anything can reach the VIP.
+        let pool = desired.nat.as_ref().map(nat_pool);
+        if let Some(pool) = pool
+            && service.nat != Some(pool)
+        {
+            writes.push(MapWrite::SetNatPool { vip_id: service.vip_id, pool });
+        }
+        service.nat = pool;
 
         let (ring, info) = self.scheduler_state(desired, service.vip_id, &members);
         // A shorter sequence is announced before its tail is cleared, a

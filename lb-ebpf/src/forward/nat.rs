@@ -1,0 +1,563 @@
+//! NAT: packets are rewritten in place, so backends need no change at all.
+//!
+//! Client → backend (`translate`): the destination becomes the backend's
+//! address and port; the source becomes one of the LB's addresses and a
+//! port from the service's pool (full NAT), or stays the client's
+//! (`nat_preserve_client`). The translation is kept twice: `NAT_FLOWS`
+//! under the client's five-tuple, `NAT_REPLIES` under the five-tuple the
+//! backend's replies will carry.
+//!
+//! Backend → client (`reply`): a packet that is not for a VIP but matches a
+//! `NAT_REPLIES` entry is rewritten to VIP → client and sent to the client's
+//! next hop as the kernel's FIB names it.
+//!
+//! Checksums are patched from what changed (`lb_common::nat`), never
+//! re-summed over the payload.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, bpf_fib_lookup, xdp_action},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{
+    Backend, FAMILY_IPV4, FLOW_F_FINISHED, FlowKey, GlobalCounter, LAST_SEEN_REFRESH_NS, MAX_NAT_SOURCES,
+    NAT_F_PRESERVE_CLIENT, NatFlow, NatPool, NatReply, NatScratch, PROTO_TCP, PROTO_UDP, flow_hash,
+    nat::{NAT_PORT_ATTEMPTS, address_words, attempts, candidate_port, replace, replace_udp},
+    wire::{
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
+        ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    },
+};
+use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+use super::Prepared;
+use crate::{
+    counters::count,
+    maps::{EGRESS_DEVICES, NAT_EXHAUSTED, NAT_FLOWS, NAT_POOLS, NAT_REPLIES, NAT_SCRATCH, NAT_SERVICES},
+};
+
+const EEXIST: i32 = 17;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+/// Masks that keep header offsets provably small for the verifier (the
+/// parser already bounded them: IP at 14 or 18, L4 at most 18 + 60).
+const IP_OFFSET_MASK: usize = 0x1f;
+const L4_OFFSET_MASK: usize = 0x7f;
+
+/// Whether any NAT service exists (else replies are not looked for).
+#[inline(always)]
+pub fn enabled() -> bool {
+    NAT_SERVICES.get(0).copied().unwrap_or(0) != 0
+}
+
+/// Client → backend. A subprogram: verified apart from the scheduler paths.
+#[inline(never)]
+pub fn translate(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &Backend) -> Prepared {
+    let (Some(pool), Some(scratch)) = (NAT_POOLS.get(backend.vip_id), NAT_SCRATCH.get_ptr_mut(0)) else {
+        return Prepared::Drop;
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this packet.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: a helper without arguments or preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    match NAT_FLOWS.get_ptr_mut(&packet.flow) {
+        // SAFETY: a pointer to a live entry; plain words, written whole.
+        Some(entry) if unsafe { (*entry).backend_id } == backend_id => unsafe {
+            scratch.flow = *entry;
+            if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && scratch.flow.flags & FLOW_F_FINISHED != 0 {
+                // The client opens a new connection on the five-tuple of one
+                // that ended: it keeps the translation, which lives again.
+                restart(entry, packet, backend, now, scratch);
+            } else if now.wrapping_sub(scratch.flow.last_seen_ns) > LAST_SEEN_REFRESH_NS
+                || (finishing && scratch.flow.flags & FLOW_F_FINISHED == 0)
+            {
+                (*entry).last_seen_ns = now;
+                if finishing {
+                    (*entry).flags |= FLOW_F_FINISHED;
+                }
+            }
+        },
+        // New, or rescheduled to another backend: a new translation (the old
+        // reply entry is left to the agent, which removes orphans).
+        _ => {
+            if let Err(refused) = allocate(&packet.flow, backend_id, backend, pool, now, scratch) {
+                count(refused);
+                if refused == GlobalCounter::DropNatPortExhausted
+                    && let Some(exhausted) = NAT_EXHAUSTED.get_ptr_mut(backend.vip_id)
+                {
+                    // SAFETY: a per-CPU slot: no other CPU writes it.
+                    unsafe { *exhausted += 1 };
+                }
+                return Prepared::Drop;
+            }
+        }
+    }
+    let backend_port = if backend.port != 0 { backend.port } else { packet.flow.dport };
+    if !rewrite(ctx, packet, &scratch.flow.nat_addr, scratch.flow.nat_port, &backend.addr, backend_port) {
+        return Prepared::Drop;
+    }
+    if !super::dsr::set_macs(ctx, backend) {
+        return Prepared::Drop;
+    }
+    count(GlobalCounter::ForwardedNat);
+    Prepared::ToBackend
+}
+
+/// Clears the "finished" marks of a translation whose five-tuple a new
+/// connection reuses, in both entries, so that its linger does not end it.
+#[inline(always)]
+fn restart(entry: *mut NatFlow, packet: &Packet, backend: &Backend, now: u64, scratch: &mut NatScratch) {
+    scratch.key = FlowKey {
+        src: backend.addr,
+        dst: scratch.flow.nat_addr,
+        sport: if backend.port != 0 { backend.port } else { packet.flow.dport },
+        dport: scratch.flow.nat_port,
+        proto: packet.flow.proto,
+        family: packet.flow.family,
+        _pad: [0; 2],
+    };
+    // SAFETY: pointers to live map entries; plain words.
+    unsafe {
+        (*entry).flags = 0;
+        (*entry).last_seen_ns = now;
+        if let Some(reply) = NAT_REPLIES.get_ptr_mut(&scratch.key) {
+            (*reply).flags = 0;
+            (*reply).last_seen_ns = now;
+        }
+    }
+}
+
+/// A new translation into `scratch.flow`: the reply entry first (its insert
+/// is what reserves the source port), then the flow's.
+#[inline(always)]
+fn allocate(
+    flow: &FlowKey,
+    backend_id: u32,
+    backend: &Backend,
+    pool: &NatPool,
+    now: u64,
+    scratch: &mut NatScratch,
+) -> Result<(), GlobalCounter> {
+    let backend_port = if backend.port != 0 { backend.port } else { flow.dport };
+    scratch.key = FlowKey {
+        src: backend.addr,
+        dst: flow.src,
+        sport: backend_port,
+        dport: flow.sport,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    };
+    scratch.reply = NatReply {
+        client: flow.src,
+        vip: flow.dst,
+        client_port: flow.sport,
+        vip_port: flow.dport,
+        backend_id,
+        vip_id: backend.vip_id,
+        flags: 0,
+        last_seen_ns: now,
+    };
+    if pool.flags & NAT_F_PRESERVE_CLIENT != 0 {
+        // DNAT: the reply carries the client's own address and port.
+        if let Err(err) = NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64) {
+            if err != -EEXIST {
+                return Err(GlobalCounter::DropNatTableFull);
+            }
+            // SAFETY: a hash lookup whose value outlives this run; only read.
+            let owner = unsafe { NAT_REPLIES.get(&scratch.key) };
+            // This flow's own entry (an earlier translation) is taken over;
+            // another VIP's flow from the same client port is not.
+            if !owner.is_some_and(|o| o.vip == flow.dst && o.vip_port == flow.dport) {
+                return Err(GlobalCounter::DropNatPortExhausted);
+            }
+            let _ = NAT_REPLIES.insert(&scratch.key, &scratch.reply, 0);
+        }
+    } else {
+        scratch.key.dst = if pool.source_count == 0 {
+            backend.tunnel_src
+        } else {
+            let index = (flow_hash(flow) % pool.source_count) as usize & (MAX_NAT_SOURCES - 1);
+            pool.sources[index]
+        };
+        // SAFETY: a helper without arguments or preconditions.
+        let start = unsafe { bpf_get_prandom_u32() };
+        let tries = attempts(pool.port_count);
+        let mut found = false;
+        for attempt in 0..NAT_PORT_ATTEMPTS {
+            if attempt >= tries {
+                break;
+            }
+            let port = candidate_port(start, attempt, pool.port_low, pool.port_count, pool.skip_from, pool.skip_len);
+            scratch.key.dport = port.to_be();
+            match NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64) {
+                Ok(()) => {
+                    found = true;
+                    break;
+                }
+                Err(err) if err == -EEXIST => {}
+                Err(_) => return Err(GlobalCounter::DropNatTableFull),
+            }
+        }
+        if !found {
+            return Err(GlobalCounter::DropNatPortExhausted);
+        }
+    }
+    scratch.flow = NatFlow {
+        nat_addr: scratch.key.dst,
+        nat_port: scratch.key.dport,
+        _pad: 0,
+        backend_id,
+        flags: 0,
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    if NAT_FLOWS.insert(flow, &scratch.flow, 0).is_err() {
+        let _ = NAT_REPLIES.remove(&scratch.key);
+        return Err(GlobalCounter::DropNatTableFull);
+    }
+    Ok(())
+}
+
+/// Backend → client: `None` when the packet is no NAT reply.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
+    let entry = NAT_REPLIES.get_ptr_mut(&packet.flow)?;
+    Some(to_client(ctx, packet, entry))
+}
+
+/// A subprogram, so that its stack is not added to the main program's.
+#[inline(never)]
+fn to_client(ctx: &XdpContext, packet: &Packet, entry: *mut NatReply) -> u32 {
+    let Some(scratch) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: a pointer to a live map entry; plain words, and only this
+    // flow's replies write its timestamp and flags.
+    let reply = unsafe { &mut *entry };
+    // SAFETY: a helper without arguments or preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    if now.wrapping_sub(reply.last_seen_ns) > LAST_SEEN_REFRESH_NS || (finishing && reply.flags & FLOW_F_FINISHED == 0)
+    {
+        reply.last_seen_ns = now;
+        if finishing {
+            reply.flags |= FLOW_F_FINISHED;
+        }
+    }
+    if !rewrite(ctx, packet, &reply.vip, reply.vip_port, &reply.client, reply.client_port) {
+        return xdp_action::XDP_DROP;
+    }
+    count(GlobalCounter::NatReplies);
+    // SAFETY: this CPU's scratch slot, nothing else uses it during this packet.
+    let scratch = unsafe { &mut *scratch };
+    send_to_client(ctx, scratch, packet.flow.family, packet.flow.proto, reply, packet.ip.len)
+}
+
+/// Sends a rewritten reply to the client's next hop, as the kernel's FIB
+/// names it: from interface to interface (or back out), or to the kernel
+/// when it has no answer yet.
+#[inline(always)]
+fn send_to_client(
+    ctx: &XdpContext,
+    scratch: &mut NatScratch,
+    family: u8,
+    proto: u8,
+    reply: &NatReply,
+    len: u16,
+) -> u32 {
+    let v4 = family == FAMILY_IPV4;
+    // SAFETY: the scratch slot's 64 bytes are a `bpf_fib_lookup`, all zeros valid.
+    let params = unsafe { &mut *(scratch.fib.as_mut_ptr() as *mut bpf_fib_lookup) };
+    params.family = if v4 { AF_INET } else { AF_INET6 };
+    params.l4_protocol = proto;
+    let (sport, dport) =
+        if proto == PROTO_TCP || proto == PROTO_UDP { (reply.vip_port, reply.client_port) } else { (0, 0) };
+    params.sport = sport;
+    params.dport = dport;
+    params.__bindgen_anon_1.tot_len = len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_2.flowinfo = 0;
+    params.__bindgen_anon_5.tbid = 0;
+    if v4 {
+        params.__bindgen_anon_3.ipv6_src = [reply.vip[0], 0, 0, 0];
+        params.__bindgen_anon_4.ipv6_dst = [reply.client[0], 0, 0, 0];
+    } else {
+        params.__bindgen_anon_3.ipv6_src = reply.vip;
+        params.__bindgen_anon_4.ipv6_dst = reply.client;
+    }
+    // SAFETY: the context is this program's; params is a writable `bpf_fib_lookup`.
+    let rc =
+        unsafe { fib_lookup(ctx.ctx as *mut _, params as *mut _, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        // No route or no neighbour entry yet: the kernel forwards the
+        // rewritten packet (and resolves the neighbour).
+        count(GlobalCounter::NatReplyToKernel);
+        return xdp_action::XDP_PASS;
+    }
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the Ethernet addresses were bounds-checked just above.
+    unsafe {
+        *(start as *mut [u8; 6]) = params.dmac;
+        *((start + 6) as *mut [u8; 6]) = params.smac;
+    }
+    if params.ifindex == ctx.ingress_ifindex() as u32 {
+        count(GlobalCounter::ActionTx);
+        return xdp_action::XDP_TX;
+    }
+    // Clients may be behind any interface: one the agent did not put in
+    // EGRESS_DEVICES is redirected to by index.
+    let action = match EGRESS_DEVICES.redirect(params.ifindex, xdp_action::XDP_DROP as u64) {
+        Ok(action) => action,
+        // SAFETY: a helper that only records the target for this packet.
+        Err(_) => unsafe { bpf_redirect(params.ifindex, 0) as u32 },
+    };
+    count(GlobalCounter::ActionRedirect);
+    action
+}
+
+/// An ICMP error about a NAT flow (port unreachable, fragmentation needed
+/// or packet too big, time exceeded), from its backend or a router on the
+/// way: the outer header becomes VIP → client, the quoted packet what the
+/// client sent (client → VIP), every checksum patched. `None` when it is
+/// about no NAT flow. A subprogram: verified once, apart from the rest.
+#[inline(never)]
+pub fn icmp_error(ctx: &XdpContext) -> Option<u32> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + 18 > end {
+        return None;
+    }
+    // SAFETY: every read and write below lies within bounds checked before
+    // it (the quoted TCP checksum's own check is separate).
+    unsafe {
+        // Ethernet, one VLAN tag at most, then IP: what the parser accepts.
+        let (ethertype, ip) = match u16::from_be(read16(start + 12)) {
+            ETH_P_8021Q | ETH_P_8021AD => (u16::from_be(read16(start + 16)), start + 18),
+            ethertype => (ethertype, start + 14),
+        };
+        if ip + 40 > end {
+            return None;
+        }
+        let (family, icmp) = match ethertype {
+            ETH_P_IP => {
+                let vihl = *(ip as *const u8);
+                let frags = u16::from_be(read16(ip + 6));
+                if vihl >> 4 != 4 || vihl & 0x0f < 5 || frags & 0x3fff != 0 || *((ip + 9) as *const u8) != IPPROTO_ICMP
+                {
+                    return None;
+                }
+                (FAMILY_IPV4, ip + ((vihl & 0x0f) as usize * 4))
+            }
+            ETH_P_IPV6 if *((ip + 6) as *const u8) == IPPROTO_ICMPV6 => (lb_common::FAMILY_IPV6, ip + 40),
+            _ => return None,
+        };
+        let v4 = family == FAMILY_IPV4;
+        let inner_ip = icmp + 8;
+        let inner_l4 = inner_ip + if v4 { 20 } else { 40 };
+        if inner_l4 + 8 > end {
+            return None;
+        }
+        let kind = *(icmp as *const u8);
+        let error = if v4 {
+            kind == ICMP_DEST_UNREACH || kind == ICMP_TIME_EXCEEDED
+        } else {
+            kind == ICMPV6_DEST_UNREACH || kind == ICMPV6_PKT_TOOBIG || kind == ICMPV6_TIME_EXCEEDED
+        };
+        if !error {
+            return None;
+        }
+        let scratch = &mut *NAT_SCRATCH.get_ptr_mut(0)?;
+        // The quoted packet went LB → backend: its reply five-tuple is the
+        // quote's reversed. Addresses go straight into the scratch key
+        // (`key.dst` is the quote's source, `key.src` its destination).
+        let proto = if v4 {
+            // The quoted header without options (what the LB sent has none).
+            if *(inner_ip as *const u8) != 0x45 {
+                return None;
+            }
+            scratch.key.dst = [read32(inner_ip + 12), 0, 0, 0];
+            scratch.key.src = [read32(inner_ip + 16), 0, 0, 0];
+            scratch.outer_src = [read32(ip + 12), 0, 0, 0];
+            *((inner_ip + 9) as *const u8)
+        } else {
+            if *(inner_ip as *const u8) >> 4 != 6 {
+                return None;
+            }
+            scratch.key.dst = read128(inner_ip + 8);
+            scratch.key.src = read128(inner_ip + 24);
+            scratch.outer_src = read128(ip + 8);
+            *((inner_ip + 6) as *const u8)
+        };
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        let (inner_sport, inner_dport) = (read16(inner_l4), read16(inner_l4 + 2));
+        scratch.key.sport = inner_dport;
+        scratch.key.dport = inner_sport;
+        scratch.key.proto = proto;
+        scratch.key.family = family;
+        scratch.key._pad = [0; 2];
+        let reply = &*NAT_REPLIES.get_ptr(&scratch.key)?;
+
+        // The quoted packet becomes client → VIP; its checksums follow.
+        let quoted_addresses = address_words(&scratch.key.dst) + address_words(&scratch.key.src);
+        let client_addresses = address_words(&reply.client) + address_words(&reply.vip);
+        let inner_removed = quoted_addresses + inner_sport as u64 + inner_dport as u64;
+        let inner_added = client_addresses + reply.client_port as u64 + reply.vip_port as u64;
+        let mut icmp_removed = inner_removed;
+        let mut icmp_added = inner_added;
+        let l4_check = inner_l4 + if proto == PROTO_TCP { 16 } else { 6 };
+        if l4_check + 2 <= end {
+            let old = read16(l4_check);
+            let new = if proto == PROTO_TCP {
+                replace(old, inner_removed, inner_added)
+            } else {
+                replace_udp(old, inner_removed, inner_added, v4)
+            };
+            write(l4_check, &new.to_ne_bytes());
+            icmp_removed += old as u64;
+            icmp_added += new as u64;
+        }
+        write(inner_l4, &reply.client_port.to_ne_bytes());
+        write(inner_l4 + 2, &reply.vip_port.to_ne_bytes());
+        // The outer header: VIP → client (it was sender → NAT address).
+        let outer_removed = address_words(&scratch.outer_src) + address_words(&scratch.key.dst);
+        let outer_added = address_words(&reply.vip) + address_words(&reply.client);
+        if v4 {
+            let old = read16(inner_ip + 10);
+            let new = replace(old, quoted_addresses, client_addresses);
+            write(inner_ip + 10, &new.to_ne_bytes());
+            icmp_removed += old as u64;
+            icmp_added += new as u64;
+            write(inner_ip + 12, &reply.client[0].to_ne_bytes());
+            write(inner_ip + 16, &reply.vip[0].to_ne_bytes());
+            let check = replace(read16(ip + 10), outer_removed, outer_added);
+            write(ip + 10, &check.to_ne_bytes());
+            write(ip + 12, &reply.vip[0].to_ne_bytes());
+            write(ip + 16, &reply.client[0].to_ne_bytes());
+        } else {
+            // ICMPv6 sums the outer addresses too (its pseudo header).
+            icmp_removed += outer_removed;
+            icmp_added += outer_added;
+            for i in 0..4 {
+                write(inner_ip + 8 + 4 * i, &reply.client[i].to_ne_bytes());
+                write(inner_ip + 24 + 4 * i, &reply.vip[i].to_ne_bytes());
+                write(ip + 8 + 4 * i, &reply.vip[i].to_ne_bytes());
+                write(ip + 24 + 4 * i, &reply.client[i].to_ne_bytes());
+            }
+        }
+        let check = replace(read16(icmp + 2), icmp_removed, icmp_added);
+        write(icmp + 2, &check.to_ne_bytes());
+        count(GlobalCounter::NatIcmpErrors);
+        let len = if v4 { u16::from_be(read16(ip + 2)) } else { u16::from_be(read16(ip + 4)) + 40 };
+        let icmp_proto = if v4 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
+        Some(send_to_client(ctx, scratch, family, icmp_proto, reply, len))
+    }
+}
+
+/// Rewrites source and destination (address and port) in place and patches
+/// the IP and L4 checksums. Ports are network byte order. `false` when the
+/// headers are not all there (the parser saw them, so never in practice).
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, packet: &Packet, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16) -> bool {
+    let flow = &packet.flow;
+    let v4 = flow.family == FAMILY_IPV4;
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let ip = start + (packet.ip.offset & IP_OFFSET_MASK);
+    let l4 = start + (packet.l4_offset & L4_OFFSET_MASK);
+    let removed_addresses = address_words(&flow.src) + address_words(&flow.dst);
+    let added_addresses = address_words(src) + address_words(dst);
+    let removed = removed_addresses + flow.sport as u64 + flow.dport as u64;
+    let added = added_addresses + sport as u64 + dport as u64;
+    if v4 {
+        if ip + 20 > end {
+            return false;
+        }
+        // SAFETY: the IPv4 header was bounds-checked just above; writes are
+        // unaligned-safe byte copies.
+        unsafe {
+            write(ip + 12, &src[0].to_ne_bytes());
+            write(ip + 16, &dst[0].to_ne_bytes());
+            let check = replace(read16(ip + 10), removed_addresses, added_addresses);
+            write(ip + 10, &check.to_ne_bytes());
+        }
+    } else {
+        if ip + 40 > end {
+            return false;
+        }
+        // SAFETY: the IPv6 header was bounds-checked just above.
+        unsafe {
+            for i in 0..4 {
+                write(ip + 8 + 4 * i, &src[i].to_ne_bytes());
+                write(ip + 24 + 4 * i, &dst[i].to_ne_bytes());
+            }
+        }
+    }
+    match flow.proto {
+        PROTO_TCP => {
+            if l4 + 20 > end {
+                return false;
+            }
+            // SAFETY: the TCP header was bounds-checked just above.
+            unsafe {
+                write(l4, &sport.to_ne_bytes());
+                write(l4 + 2, &dport.to_ne_bytes());
+                let check = replace(read16(l4 + 16), removed, added);
+                write(l4 + 16, &check.to_ne_bytes());
+            }
+        }
+        PROTO_UDP => {
+            if l4 + 8 > end {
+                return false;
+            }
+            // SAFETY: the UDP header was bounds-checked just above.
+            unsafe {
+                write(l4, &sport.to_ne_bytes());
+                write(l4 + 2, &dport.to_ne_bytes());
+                let check = replace_udp(read16(l4 + 6), removed, added, v4);
+                write(l4 + 6, &check.to_ne_bytes());
+            }
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// # Safety
+/// `at..at + N` must be inside the packet.
+#[inline(always)]
+unsafe fn write<const N: usize>(at: usize, bytes: &[u8; N]) {
+    // SAFETY: the caller checked the bounds; byte stores need no alignment.
+    unsafe { core::ptr::write_unaligned(at as *mut [u8; N], *bytes) }
+}
+
+/// # Safety
+/// `at..at + 4` must be inside the packet.
+#[inline(always)]
+unsafe fn read32(at: usize) -> u32 {
+    // SAFETY: the caller checked the bounds.
+    u32::from_ne_bytes(unsafe { core::ptr::read_unaligned(at as *const [u8; 4]) })
+}
+
+/// # Safety
+/// `at..at + 16` must be inside the packet.
+#[inline(always)]
+unsafe fn read128(at: usize) -> [u32; 4] {
+    // SAFETY: the caller checked the bounds.
+    unsafe { [read32(at), read32(at + 4), read32(at + 8), read32(at + 12)] }
+}
+
+/// # Safety
+/// `at..at + 2` must be inside the packet.
+#[inline(always)]
+unsafe fn read16(at: usize) -> u16 {
+    // SAFETY: the caller checked the bounds.
+    u16::from_ne_bytes(unsafe { core::ptr::read_unaligned(at as *const [u8; 2]) })
+}
