@@ -126,7 +126,26 @@ fn wrk(h: &Topology, seconds: u64, close: bool) -> Result<(f64, u64)> {
     Ok((rps, requests))
 }
 
+/// Waits until the VIP answers a request from the client (at most 10 s): a
+/// load balancer that just started is measured only once it serves.
+fn wait_until_serving(h: &Topology) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &h.ns("client"), "curl", "-sf", "--max-time", "1", "http://198.18.0.100/"])
+            .output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the VIP does not answer the client: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn measure(h: &Topology, lb: &'static str, lb_pid: u32, seconds: u64) -> Result<Vec<PeerRun>> {
+    wait_until_serving(h)?;
     let mut runs = Vec::new();
     for (mode, close) in [("keep-alive", false), ("new connections", true)] {
         let (cpu0, xdp0, soft0) = (cpu_seconds_of(lb_pid), xdp_run_seconds("xdplb"), machine_softirq_seconds());
@@ -229,6 +248,8 @@ pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> 
                [[service.backend]]\naddress = \"198.18.1.11\"\n\n[[service.backend]]\naddress = \"198.18.1.12\"\n\n\
                [[service.backend]]\naddress = \"198.18.2.13\"\n";
     runs.extend(run_xdplb(&h, &dir, xdplb, "xdplb NAT", nat, seconds)?);
+    // HAProxy, like DSR, on a LB that does not forward.
+    sh(&format!("ip netns exec {} sysctl -qw net.ipv4.conf.all.forwarding=0", h.ns("lb")))?;
 
     // HAProxy, mode tcp, round robin, on the same VIP.
     sh(&format!("ip -n {} addr add 198.18.0.100/32 dev lo", h.ns("lb")))?;
