@@ -311,20 +311,17 @@ impl Dataplane {
         Ok(self.program()?.info()?.verified_instruction_count().unwrap_or(0))
     }
 
-    /// Empties both NAT tables. For benchmarks, which measure NAT without
-    /// an agent to expire translations; the agent never calls it.
+    /// Empties both NAT tables, through the one writer (flow entries first,
+    /// as the agent's expiry does). For benchmarks, which measure NAT
+    /// without an agent to expire translations; the agent never calls it.
     pub fn clear_nat_tables(&mut self) -> Result<()> {
-        use aya::maps::HashMap;
-        use lb_common::{FlowKey, NatFlow, NatReply, map_names};
-        let mut flows: HashMap<&mut aya::maps::MapData, FlowKey, NatFlow> = self.map_mut(map_names::NAT_FLOWS)?;
-        for key in flows.keys().collect::<Result<Vec<_>, _>>()? {
-            flows.remove(&key)?;
-        }
-        let mut replies: HashMap<&mut aya::maps::MapData, FlowKey, NatReply> = self.map_mut(map_names::NAT_REPLIES)?;
-        for key in replies.keys().collect::<Result<Vec<_>, _>>()? {
-            replies.remove(&key)?;
-        }
-        Ok(())
+        let (flows, replies) = self.nat_tables()?;
+        let writes: Vec<MapWrite> = flows
+            .into_iter()
+            .map(|(key, _)| MapWrite::RemoveNatFlow { key })
+            .chain(replies.into_iter().map(|(key, _)| MapWrite::RemoveNatReply { key }))
+            .collect();
+        Ok(self.apply(&writes)?)
     }
 
     /// Executes the writes in order through the one writer.
