@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -17,6 +17,7 @@ use std::{
 };
 
 use lb_testkit::{TempDir, topology::Topology};
+use socket2::{Domain, Protocol, Socket, Type};
 use xdplb::control::{Admin, BackendStatus, Health, Status};
 
 const XDPLB: &str = env!("CARGO_BIN_EXE_xdplb");
@@ -234,7 +235,23 @@ fn get_new_connection(vip: SocketAddr) -> Result<String, String> {
 }
 
 fn get_new_connection_within(vip: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
+    http_get_name(stream, timeout)
+}
+
+/// `get_new_connection` from a given client source port.
+fn get_new_connection_from(vip: SocketAddr, source_port: u16) -> Result<String, String> {
+    let timeout = Duration::from_secs(3);
+    let socket = Socket::new(Domain::for_address(vip), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| format!("socket: {e}"))?;
+    socket.set_reuse_address(true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    let any: IpAddr = if vip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    socket.bind(&SocketAddr::new(any, source_port).into()).map_err(|e| format!("bind port {source_port}: {e}"))?;
+    socket.connect_timeout(&vip.into(), timeout).map_err(|e| format!("connect from port {source_port}: {e}"))?;
+    http_get_name(socket.into(), timeout)
+}
+
+fn http_get_name(mut stream: TcpStream, timeout: Duration) -> Result<String, String> {
     stream.set_read_timeout(Some(timeout)).unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").map_err(|e| format!("write: {e}"))?;
     let mut response = String::new();
@@ -251,12 +268,16 @@ fn body_of(response: &str) -> Result<String, String> {
 }
 
 /// `n` GETs on new connections from the client; counts answers per backend.
+/// The source ports are the topology's fixed sequence, so a run's flows
+/// are the same every time and share checks do not fail by chance.
 fn spread(topology: &Topology, vip: &str, n: usize) -> BTreeMap<String, usize> {
     let vip: SocketAddr = vip.parse().unwrap();
+    let ports = topology.client_ports(n);
     in_netns(&topology.ns("client"), move || {
         let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let name = get_new_connection(vip).unwrap_or_else(|e| panic!("request {i} to {vip} failed: {e}"));
+        for (i, port) in ports.into_iter().enumerate() {
+            let name = get_new_connection_from(vip, port)
+                .unwrap_or_else(|e| panic!("request {i} to {vip} from port {port} failed: {e}"));
             *counts.entry(name).or_insert(0) += 1;
         }
         counts

@@ -5,13 +5,21 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use anyhow::{Result, bail};
 
 pub struct Topology {
     pub prefix: String,
+    client_ports_used: AtomicUsize,
 }
+
+/// Client source ports handed out by `Topology::client_ports`: below the
+/// kernel's default ephemeral range (32768-60999), so they never collide
+/// with ports the kernel picks for other sockets.
+const CLIENT_PORTS_FIRST: usize = 20000;
+const CLIENT_PORTS_COUNT: usize = 12000;
 
 fn harness() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/netns-harness.sh")
@@ -42,7 +50,7 @@ impl Topology {
         if !status.success() {
             bail!("harness up {prefix} failed");
         }
-        Ok(Topology { prefix })
+        Ok(Topology { prefix, client_ports_used: AtomicUsize::new(0) })
     }
 
     /// A prefix unique to this process and moment.
@@ -55,6 +63,15 @@ impl Topology {
     /// The full name of namespace `name` (client, router, lb, b1, ...).
     pub fn ns(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
+    }
+
+    /// The next `n` source ports for the client's test connections: the
+    /// same sequence in every run of a test, so the flows (and hence how a
+    /// hash-based scheduler spreads them) do not vary from run to run the
+    /// way kernel-chosen ephemeral ports do.
+    pub fn client_ports(&self, n: usize) -> Vec<u16> {
+        let first = self.client_ports_used.fetch_add(n, Ordering::Relaxed);
+        (first..first + n).map(|i| (CLIENT_PORTS_FIRST + i % CLIENT_PORTS_COUNT) as u16).collect()
     }
 
     /// This run's own bpffs pin directory for an agent.
