@@ -13,7 +13,7 @@
 #
 #   client 198.18.2.2        --+                  +-- b1 198.18.1.11 (VIP on lo)
 #          2001:db8:2::2       |-- br0  sw  br1 --|-- b2 198.18.1.12 (VIP on lo)
-#   b3     198.18.2.13 (VIP) --|   (router)       |
+#   b3     198.18.2.13 (VIP) --|   (router)       |-- b4 198.18.1.14 (VIP on lo; spare)
 #   lb eth0 198.18.2.3       --+                  +-- lb eth1 198.18.1.3
 #
 #   VIPs 198.18.0.100 and 2001:db8::100: the client routes them to lb eth0.
@@ -46,7 +46,7 @@ in_ns() { local n=$1; shift; ip netns exec "$n" "$@"; }
 
 names() {
     local p=$1
-    for n in sw client lb b1 b2 b3 rt t1 t2 t3; do ns "$p" "$n"; done
+    for n in sw client lb b1 b2 b3 b4 rt t1 t2 t3; do ns "$p" "$n"; done
 }
 
 routed() { [ "${HARNESS_ROUTED:-0}" = 1 ]; }
@@ -141,7 +141,9 @@ up() {
     backend b1 1 11
     backend b2 1 12
     backend b3 2 13
-    local specs="b1:198.18.1.11 b2:198.18.1.12 b3:198.18.2.13 \
+    # Not in the default configs: the discovery tests register it at run time.
+    backend b4 1 14
+    local specs="b1:198.18.1.11 b2:198.18.1.12 b3:198.18.2.13 b4:198.18.1.14 \
         b1:[2001:db8:1::11] b2:[2001:db8:1::12] b3:[2001:db8:2::13]"
 
     if routed; then

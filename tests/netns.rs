@@ -242,8 +242,8 @@ fn get_new_connection_within(vip: SocketAddr, timeout: Duration) -> Result<Strin
 /// `get_new_connection` from a given client source port.
 fn get_new_connection_from(vip: SocketAddr, source_port: u16) -> Result<String, String> {
     let timeout = Duration::from_secs(3);
-    let socket = Socket::new(Domain::for_address(vip), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| format!("socket: {e}"))?;
+    let socket =
+        Socket::new(Domain::for_address(vip), Type::STREAM, Some(Protocol::TCP)).map_err(|e| format!("socket: {e}"))?;
     socket.set_reuse_address(true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
     let any: IpAddr = if vip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
     socket.bind(&SocketAddr::new(any, source_port).into()).map_err(|e| format!("bind port {source_port}: {e}"))?;
@@ -1910,5 +1910,395 @@ fn an_exhausted_nat_pool_refuses_new_flows_and_recovers_when_flows_end() {
         }
         assert!(Instant::now() < deadline, "ended flows never gave their ports back: {attempt:?}");
     }
+    agent.stop();
+}
+
+// ---- backends from etcd, backup backends -------------------------------------
+
+/// etcd's client URL in the harness: the switch namespace's backend-segment
+/// address, reached by the LB (eth1) and every backend.
+const ETCD: &str = "http://198.18.1.1:2379";
+const REGISTRY_TTL_S: u64 = 2;
+
+/// A real etcd (Debian's) in the switch namespace, data in a temp dir;
+/// killed on drop.
+struct Etcd {
+    child: Option<Child>,
+    ns: String,
+    dir: TempDir,
+}
+
+impl Etcd {
+    fn start(topology: &Topology) -> Self {
+        let dir = std::env::temp_dir().join(format!("xdplb-etcd-{}", topology.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut etcd = Etcd { child: None, ns: topology.ns("sw"), dir: TempDir(dir) };
+        etcd.restart();
+        etcd
+    }
+
+    /// Starts etcd on the same data directory (after `kill`).
+    fn restart(&mut self) {
+        let peer = "http://127.0.0.1:2380";
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .args(["etcd", "--name", "t", "--data-dir"])
+            .arg(self.dir.0.join("data"))
+            .args(["--listen-client-urls", ETCD, "--advertise-client-urls", ETCD])
+            .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(File::create(self.dir.0.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("starting etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.ctl_status(&["endpoint", "health"]).0 {
+            assert!(Instant::now() < deadline, "etcd did not come up");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn ctl_status(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .args(["etcdctl", "--endpoints", ETCD, "--dial-timeout", "1s", "--command-timeout", "2s"])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let (ok, out) = self.ctl_status(args);
+        assert!(ok, "etcdctl {args:?}: {out}");
+        out
+    }
+
+    /// The keys under the discovery prefix.
+    fn keys(&self) -> Vec<String> {
+        let out = self.ctl(&["get", "--prefix", "--keys-only", "/xdplb/services/"]);
+        out.lines().filter(|l| !l.is_empty()).map(String::from).collect()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The agent's registry cache for this topology's pin directory.
+fn discovery_cache(topology: &Topology) -> PathBuf {
+    let pins = topology.pin_root().to_string_lossy().trim_matches('/').replace('/', "-");
+    PathBuf::from(format!("/run/xdplb/discovery-{pins}.json"))
+}
+
+/// `xdplb register` on backend namespace `name` for its IPv4 address.
+struct Sidecar {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    fn start(topology: &Topology, name: &str, address: &str, extra: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!("xdplb-register-{}-{name}.log", topology.prefix));
+        let ttl = REGISTRY_TTL_S.to_string();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", topology.ns(name)))
+            .args([XDPLB, "register", "--etcd", ETCD, "--service", "web", "--address", address, "--ttl", &ttl])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("starting xdplb register");
+        Sidecar { child: Some(child), log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal`; returns the exit status and stdout.
+    fn end(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        assert!(Command::new("kill").args(["-s", signal, &child.id().to_string()]).status().unwrap().success());
+        let mut out = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        (child.wait().unwrap(), out)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn discovery_config(extra_agent: &str, static_backends: &str) -> String {
+    format!(
+        "[agent]\ninterface = \"eth0\"\n{extra_agent}\n[discovery]\netcd = [\"{ETCD}\"]\n\n\
+         [[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\ndiscover = true\n\
+         [service.health]\nkind = \"tcp\"\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 3\n{static_backends}"
+    )
+}
+
+/// Addresses of service web's backends, with their origin.
+fn backends_of(agent: &Agent) -> BTreeMap<String, String> {
+    let status = agent.status();
+    let web = status.services.iter().find(|s| s.name == "web").expect("service web");
+    web.backends.iter().map(|b| (b.address.to_string(), b.origin.name().to_string())).collect()
+}
+
+/// Polls until `check` holds for web's backends; returns how long it took.
+fn until_backends(agent: &Agent, what: &str, check: impl Fn(&BTreeMap<String, String>) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let backends = backends_of(agent);
+        if check(&backends) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{what}: never; backends {backends:?}; log:\n{}",
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn backends_follow_etcd_registrations_heartbeats_and_deregistration() {
+    let topology = topology();
+    let etcd = Etcd::start(&topology);
+    let sidecars: Vec<Sidecar> = [("b1", BACKENDS4[0]), ("b2", BACKENDS4[1]), ("b3", BACKENDS4[2])]
+        .map(|(n, a)| Sidecar::start(&topology, n, a, &[]))
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while etcd.keys().len() < 3 {
+        assert!(Instant::now() < deadline, "the sidecars did not register: {:?}", etcd.keys());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let agent = Agent::start(&topology, &discovery_config("", ""));
+    let backends = backends_of(&agent);
+    assert_eq!(backends.values().filter(|o| *o == "etcd").count(), 3, "{backends:?}");
+    let discovery = agent.status().discovery.expect("discovery status");
+    assert!(discovery.up && discovery.backends == 3 && discovery.skipped.is_empty(), "{discovery:?}");
+    assert_shares(&spread(&topology, VIP4, 300), [1, 1, 1], "three registered backends");
+    let (ok, table, _) = agent.cli(&["status"]);
+    assert!(ok && table.contains("ORIGIN") && table.contains("etcd"), "{table}");
+    assert!(table.contains("discovery etcd http://198.18.1.1:2379 /xdplb/services/: up"), "{table}");
+
+    // A fourth registers: it takes new connections within a second.
+    let started = Instant::now();
+    let b4 = Sidecar::start(&topology, "b4", "198.18.1.14", &["--weight", "2"]);
+    let vip: SocketAddr = VIP4.parse().unwrap();
+    let reached = in_netns(&topology.ns("client"), move || {
+        loop {
+            if get_new_connection(vip).unwrap() == "b4" {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "b4 got no connection within 5 s");
+        }
+    });
+    eprintln!(
+        "measured: a newly registered backend got its first connection {reached:?} after `xdplb register` started"
+    );
+    assert!(reached < Duration::from_secs(1), "{reached:?}");
+    assert!(b4.log_text().contains("registered /xdplb/services/web/198.18.1.14"), "{}", b4.log_text());
+
+    // Malformed values are skipped and reported; the rest stays.
+    etcd.ctl(&["put", "/xdplb/services/web/198.18.1.99", "weight=3"]);
+    etcd.ctl(&["put", "/xdplb/services/web/2001:db8:1::15", "{}"]);
+    etcd.ctl(&["put", "/xdplb/services/web/198.18.1.98", r#"{"weight": 5000}"#]);
+    agent
+        .wait_for_log("discovery: skipping /xdplb/services/web/198.18.1.99: the value \"weight=3\" is not the JSON", 1);
+    agent.wait_for_log("discovery: skipping /xdplb/services/web/2001:db8:1::15: service \"web\": backend", 1);
+    agent.wait_for_log("discovery: skipping /xdplb/services/web/198.18.1.98: weight 5000 is out of range", 1);
+    let discovery = agent.status().discovery.unwrap();
+    assert_eq!((discovery.backends, discovery.skipped.len()), (4, 3), "{discovery:?}");
+    assert_eq!(backends_of(&agent).len(), 4);
+
+    // SIGKILL a sidecar under a stream of new connections: its backend
+    // leaves once the lease expires (TTL + 1 s at most), no request fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    thread::sleep(Duration::from_millis(300));
+    let [b1, b2, b3]: [Sidecar; 3] = sidecars.try_into().ok().unwrap();
+    let (status, _) = b2.end("KILL");
+    assert!(!status.success());
+    let took = until_backends(&agent, "b2 gone after SIGKILL", |b| !b.contains_key(BACKENDS4[1]));
+    eprintln!("measured: a SIGKILLed sidecar's backend left {took:?} after the kill (TTL {REGISTRY_TTL_S} s)");
+    assert!(took <= Duration::from_secs(REGISTRY_TTL_S + 1), "{took:?}");
+    agent.wait_for_log("backend 198.18.1.12 deregistered", 1);
+
+    // SIGTERM: it deregisters, and the backend leaves at once.
+    let terminated = Instant::now();
+    let (status, out) = b3.end("TERM");
+    assert!(status.success() && out.contains("deregistered /xdplb/services/web/198.18.2.13"), "{status} {out}");
+    let took = until_backends(&agent, "b3 gone after SIGTERM", |b| !b.contains_key(BACKENDS4[2]));
+    let took_total = terminated.elapsed();
+    eprintln!("measured: a SIGTERMed sidecar's backend left {took_total:?} after the signal");
+    assert!(took_total < Duration::from_millis(1000), "{took:?}");
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    eprintln!("measured: {} requests during the kill and the deregistration, {} failed", results.len(), failed.len());
+    assert!(results.len() > 50 && failed.is_empty(), "{failed:?}");
+    let counts = spread(&topology, VIP4, 60);
+    assert!(!counts.contains_key("b2") && !counts.contains_key("b3") && counts.len() == 2, "{counts:?}");
+    drop((b1, b4));
+    agent.stop();
+    let _ = std::fs::remove_file(discovery_cache(&topology));
+}
+
+#[test]
+fn the_pool_survives_an_etcd_outage_and_the_agent_catches_up_when_it_returns() {
+    let topology = topology();
+    let mut etcd = Etcd::start(&topology);
+    let _sidecars: Vec<Sidecar> =
+        [("b1", BACKENDS4[0]), ("b2", BACKENDS4[1])].map(|(n, a)| Sidecar::start(&topology, n, a, &[])).into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while etcd.keys().len() < 2 {
+        assert!(Instant::now() < deadline, "the sidecars did not register");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = "127.0.0.1:9594";
+    let static_b3 = format!("\n[[service.backend]]\naddress = \"{}\"\n", BACKENDS4[2]);
+    let agent = Agent::start(&topology, &discovery_config(&format!("metrics_listen = \"{metrics}\"\n"), &static_b3));
+    let origins: Vec<String> = backends_of(&agent).into_values().collect();
+    assert_eq!(origins, ["etcd", "etcd", "file"]);
+    assert_eq!(metric(&scrape(&topology, metrics), "xdplb_discovery_up", "registry=\"etcd\""), 1.0);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    etcd.kill();
+    let down_after = Instant::now();
+    while agent.status().discovery.unwrap().up {
+        assert!(down_after.elapsed() < Duration::from_secs(10), "the agent did not notice etcd is gone");
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("measured: the agent reported etcd down {:?} after it was killed", down_after.elapsed());
+    assert_eq!(metric(&scrape(&topology, metrics), "xdplb_discovery_up", "registry=\"etcd\""), 0.0);
+    // Longer than the leases' TTL: the pool stays all the same.
+    thread::sleep(Duration::from_secs(REGISTRY_TTL_S + 2));
+    assert_eq!(backends_of(&agent).len(), 3);
+    let (_, table, _) = agent.cli(&["status"]);
+    assert!(table.contains("DOWN, keeping the last known pools"), "{table}");
+
+    // etcd returns; a change is made before the agent's watch is back,
+    // and the history before it is compacted away.
+    etcd.restart();
+    etcd.ctl(&["put", "/xdplb/services/web/198.18.1.14", r#"{"weight": 1}"#]);
+    let revision = etcd.ctl(&["get", "/xdplb/services/web/198.18.1.14", "-w", "json"]);
+    let revision: serde_json::Value = serde_json::from_str(&revision).unwrap();
+    let revision = revision["header"]["revision"].as_i64().unwrap();
+    etcd.ctl(&["compact", &revision.to_string()]);
+    let took = until_backends(&agent, "b4 after etcd returned", |b| b.contains_key("198.18.1.14"));
+    eprintln!("measured: the agent caught up {took:?} after etcd returned");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.status().discovery.unwrap().up {
+        assert!(Instant::now() < deadline, "discovery never came back up");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(&scrape(&topology, metrics), "xdplb_discovery_up", "registry=\"etcd\""), 1.0);
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    eprintln!("measured: {} requests across the etcd outage, {} failed", results.len(), failed.len());
+    assert!(results.len() > 100 && failed.is_empty(), "{failed:?}");
+    let log = agent.log_text();
+    eprintln!(
+        "resumed by: {}",
+        if log.contains("was compacted") {
+            "listing again (revision compacted)"
+        } else {
+            "the watch from its revision"
+        }
+    );
+    assert_eq!(backends_of(&agent).len(), 4);
+    agent.stop();
+
+    // A restart while etcd is down starts from the cached pools; the
+    // revision it resumes from has meanwhile been compacted away, so once
+    // etcd is back it lists the prefix again and drops what was deleted.
+    etcd.ctl(&["del", "/xdplb/services/web/198.18.1.14"]);
+    // A write outside the prefix after it: compaction at the head leaves
+    // the delete's own revision compacted (a watch starting exactly at a
+    // compaction revision would not see tombstones of that revision).
+    etcd.ctl(&["put", "/elsewhere/marker", "1"]);
+    let status: serde_json::Value = serde_json::from_str(&etcd.ctl(&["endpoint", "status", "-w", "json"])).unwrap();
+    let revision = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    etcd.ctl(&["compact", &revision.to_string()]);
+    etcd.kill();
+    let agent = Agent::start(&topology, &discovery_config(&format!("metrics_listen = \"{metrics}\"\n"), &static_b3));
+    agent.wait_for_log("discovery: starting from the last known pools", 1);
+    assert_eq!(backends_of(&agent).len(), 4, "the cached pools, etcd being down");
+    assert!(!agent.status().discovery.unwrap().up);
+    assert_eq!(spread(&topology, VIP4, 40).values().sum::<usize>(), 40);
+    etcd.restart();
+    let took = until_backends(&agent, "b4 gone after the re-listing", |b| !b.contains_key("198.18.1.14"));
+    agent.wait_for_log("was compacted", 1);
+    eprintln!("measured: after a restart on cached pools, the re-listing applied {took:?} after etcd returned");
+    assert_eq!(backends_of(&agent).len(), 3);
+    agent.stop();
+    let _ = std::fs::remove_file(discovery_cache(&topology));
+}
+
+#[test]
+fn backups_take_new_connections_only_while_no_primary_is_up_and_keep_theirs_after() {
+    let topology = topology();
+    let backup = format!("\n[[service.backend]]\naddress = \"{}\"\nbackup = true\n", BACKENDS4[2]);
+    let agent = Agent::start(&topology, &(config_with_health(FAST_HTTP_HEALTH, &[(0, 1), (1, 1)], "") + &backup));
+    let counts = spread(&topology, VIP4, 60);
+    assert!(!counts.contains_key("b3") && counts.len() == 2, "primaries up: {counts:?}");
+    assert!(!agent.status().services[0].backup_active);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    kill_backend_server(&topology, "b1");
+    kill_backend_server(&topology, "b2");
+    wait_for_backend(&agent, BACKENDS4[0], "down", |b| b.health == Health::Down);
+    let detected = wait_for_backend(&agent, BACKENDS4[1], "down", |b| b.health == Health::Down);
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let after: Vec<_> = results.iter().filter(|(at, _)| *at > detected).collect();
+    assert!(after.len() > 5, "too few requests after detection: {}", after.len());
+    assert!(after.iter().all(|(_, r)| r.as_deref() == Ok("b3")), "after detection: {after:?}");
+    let status = agent.status();
+    assert!(status.services[0].backup_active && !status.services[0].fail_open);
+    let (_, table, _) = agent.cli(&["status"]);
+    assert!(table.contains("BACKUPS ACTIVE") && table.contains("file backup"), "{table}");
+    assert_eq!(spread(&topology, VIP4, 30), BTreeMap::from([("b3".to_string(), 30)]));
+
+    // A connection on the backup; then a primary returns.
+    let mut long_lived = LongLived::open(&topology, VIP4);
+    assert_eq!(long_lived.get(), "b3");
+    start_backend_server(&topology, "b1");
+    wait_for_backend(&agent, BACKENDS4[0], "up", |b| b.health == Health::Up);
+    assert!(!agent.status().services[0].backup_active);
+    assert_eq!(spread(&topology, VIP4, 30), BTreeMap::from([("b1".to_string(), 30)]));
+    assert_eq!(long_lived.get(), "b3", "the established connection stays on the backup");
+    agent.wait_for_log("new flows leave the backups", 1);
     agent.stop();
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod decap;
+pub mod discovery;
 pub mod health;
 pub mod logging;
 pub mod metrics;

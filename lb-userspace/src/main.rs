@@ -33,6 +33,7 @@ fn main() -> std::process::ExitCode {
             print!("{}", cli::completions(shell));
             Ok(())
         }
+        Command::Register(args) => args.into_registrant().and_then(|r| r.run()).map(|text| print!("{text}")),
         Command::Manpages { dir } => cli::write_manpages(&dir).map(|text| print!("{text}")),
         command => cli::client(&cli.socket, command).map(|text| print!("{text}")),
     };

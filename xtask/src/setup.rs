@@ -28,6 +28,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("test -e /usr/include/fontconfig/fontconfig.h", "libfontconfig1-dev"),
     ("test -e /usr/include/freetype2/ft2build.h", "libfreetype-dev"),
     ("test -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
+    // etcd-client compiles etcd's gRPC definitions with protoc at build time.
+    ("command -v protoc", "protobuf-compiler"),
+    // The discovery tests run a real etcd (server and etcdctl).
+    ("command -v etcd", "etcd-server"),
+    ("command -v etcdctl", "etcd-client"),
 ];
 
 /// What only `cargo xtask bench` needs: the peer and the load generator.
@@ -41,7 +46,14 @@ const PACKAGING_PACKAGES: &[(&str, &str)] = &[("command -v dpkg-shlibdeps", "dpk
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
+    let had_etcd = succeeds(Command::new("sh").args(["-c", "command -v etcd"]));
     debian_packages(DEBIAN_PACKAGES)?;
+    if !had_etcd {
+        // Debian's package starts a host etcd where systemd runs; the tests
+        // start their own inside their namespaces and need none outside.
+        let _ =
+            Command::new("systemctl").args(["disable", "--now", "etcd"]).stderr(std::process::Stdio::null()).status();
+    }
     packaging()
 }
 

@@ -9,6 +9,7 @@
 //! reload or restart: the file is the source of truth, and a reload keeps
 //! only the health and drain state of backends that are still in it.
 
+mod discovery;
 mod maintenance;
 mod nat;
 mod probes;
@@ -39,7 +40,7 @@ use crate::{
     health::{self, ProbeReport, TunnelSlot},
     metrics::{self, Metrics, Reading},
     netlink::{L2Path, Netlink},
-    state::{AdminState, DesiredService, FailOpen, Runtime, desired_services},
+    state::{AdminState, DesiredService, Runtime, ServiceModes, desired_services},
 };
 
 const RESOLVE_TIMEOUT: Duration = Duration::from_millis(lb_common::NEIGHBOUR_RESOLVE_TIMEOUT_MS);
@@ -66,7 +67,7 @@ pub struct Agent {
     paths: HashMap<IpAddr, L2Path>,
     unresolved: bool,
     desired: Vec<DesiredService>,
-    fail_open: FailOpen,
+    modes: ServiceModes,
     checkers: HashMap<(String, BackendAddress), Checker>,
     next_generation: u64,
     probe_tx: mpsc::UnboundedSender<ProbeReport>,
@@ -89,18 +90,29 @@ pub struct Agent {
     /// `[agent] interface`'s index.
     main_ifindex: u32,
     nat: nat::NatState,
+    /// The registry watch, when `[discovery]` is configured.
+    discovery: Option<discovery::Discovery>,
 }
 
 impl Agent {
     /// Validates the config, loads the program, programs the maps, attaches,
     /// opens the control socket and starts the health checks.
     pub async fn start(config_path: PathBuf, detach_on_exit: bool) -> Result<Self> {
-        let config = Config::load(&config_path)?;
+        let mut config = Config::load(&config_path)?;
         let netlink = Netlink::connect()?;
         let agent_config = &config.agent;
         let main_ifindex = netlink.ifindex_by_name(&agent_config.interface).await?;
         // The socket first: a second agent must fail before touching XDP.
         let listener = control::bind(&agent_config.control_socket)?;
+        let mut discovery = match &config.discovery {
+            Some(settings) => Some(discovery::Discovery::start(settings.get_ref(), &config.agent).await),
+            None => None,
+        };
+        if let Some(discovery) = discovery.as_mut() {
+            discovery.merge_into(&mut config);
+            config.check().map_err(|e| anyhow::anyhow!("the registered backends: {e}"))?;
+        }
+        let agent_config = &config.agent;
         let pin_dir = pins::layout_dir(&agent_config.pin_root());
         let params = DataplaneParams {
             ring_size: *agent_config.ring_size.get_ref(),
@@ -140,7 +152,7 @@ impl Agent {
             paths: HashMap::new(),
             unresolved: false,
             desired: Vec::new(),
-            fail_open: FailOpen::new(),
+            modes: ServiceModes::new(),
             checkers: HashMap::new(),
             next_generation: 0,
             probe_tx,
@@ -157,6 +169,7 @@ impl Agent {
             resolve_at: None,
             main_ifindex,
             nat: Default::default(),
+            discovery,
         };
         agent.runtime.sync_with(&agent.config);
         agent.runtime.local_ports = local_port_range();
@@ -221,6 +234,7 @@ impl Agent {
                         break;
                     }
                 }
+                event = discovery::Discovery::next(&mut self.discovery) => self.on_discovery(event).await,
                 Some(reply) = self.scrape_rx.recv() => {
                     let _ = reply.send(self.scrape());
                 }
@@ -249,6 +263,11 @@ impl Agent {
         let _ = std::fs::remove_file(&self.config.agent.control_socket);
         print!("{}", self.summary());
         self.dataplane.shutdown(self.detach_on_exit)?;
+        if self.detach_on_exit
+            && let Some(discovery) = &self.discovery
+        {
+            discovery.forget();
+        }
         if self.detach_on_exit {
             log::info!("detached from {} and removed the pinned state", self.config.agent.interface);
         } else {
@@ -277,17 +296,23 @@ impl Agent {
 
     /// The one place where desired state becomes map writes.
     fn reconcile(&mut self) -> Result<()> {
-        let (desired, fail_open) = desired_services(&self.config, &self.runtime, &self.paths);
-        for (service, failing) in &fail_open {
-            if *failing && !self.fail_open.get(service).copied().unwrap_or(false) {
+        let (desired, modes) = desired_services(&self.config, &self.runtime, &self.paths);
+        for (service, mode) in &modes {
+            let before = self.modes.get(service).copied().unwrap_or_default();
+            if mode.fail_open && !before.fail_open {
                 log::error!(
                     "service {service}: EVERY backend is down; failing open: keeping all enabled backends in its ring"
                 );
-            } else if !*failing && self.fail_open.get(service).copied().unwrap_or(false) {
+            } else if !mode.fail_open && before.fail_open {
                 log::warn!("service {service}: a backend is up again; no longer failing open");
             }
+            if mode.backup_active && !before.backup_active {
+                log::warn!("service {service}: no primary backend is available; new flows go to the backups");
+            } else if !mode.backup_active && before.backup_active {
+                log::info!("service {service}: a primary backend is available again; new flows leave the backups");
+            }
         }
-        self.fail_open = fail_open;
+        self.modes = modes;
         self.desired = desired;
         let (writes, errors) = self.reconciler.plan(&self.desired);
         for err in errors {

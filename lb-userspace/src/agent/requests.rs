@@ -5,6 +5,8 @@ use std::{path::Path, time::Instant};
 
 use anyhow::Result;
 
+use crate::config::Origin;
+
 use super::*;
 
 impl Agent {
@@ -15,7 +17,18 @@ impl Agent {
         if let Some(changed) = agent_section_change(&self.config, &config) {
             log::warn!("reload: [agent] {changed} takes effect only after a restart; applying [[service]] changes");
         }
-        self.config.services = config.services;
+        if self.config.discovery != config.discovery {
+            log::warn!("reload: [discovery] changes take effect only after a restart; applying [[service]] changes");
+        }
+        let mut next = self.config.clone();
+        next.services = config.services;
+        self.with_discovered(&mut next);
+        if let Err(err) = next.check() {
+            return Err(format!(
+                "reload rejected, keeping the running configuration: with the registered backends: {err}"
+            ));
+        }
+        self.config = next;
         self.apply_config_change().await;
         let message = format!("reloaded {}", self.config_path.display());
         log::info!("{message}");
@@ -38,7 +51,9 @@ impl Agent {
         change: impl FnOnce(&mut Config) -> Result<String, String>,
     ) -> Response {
         let mut candidate = self.config.clone();
-        let message = match change(&mut candidate).and_then(|m| candidate.check().map(|()| m)) {
+        let changed = change(&mut candidate);
+        self.with_discovered(&mut candidate);
+        let message = match changed.and_then(|m| candidate.check().map(|()| m)) {
             Ok(message) => message,
             Err(err) => return Response::error(err),
         };
@@ -88,21 +103,26 @@ impl Agent {
                 })
                 .await
             }
-            Request::BackendAdd { service, address, weight } => {
+            Request::BackendAdd { service, address, weight, backup } => {
                 let weight = match checked_weight(weight.unwrap_or(1)) {
                     Ok(w) => w,
                     Err(e) => return Response::error(e),
                 };
                 self.change_config(|config| {
                     let s = service_mut(config, &service)?;
-                    s.backends.push(BackendConfig { address: toml::Spanned::new(0..0, address), weight, health: None });
-                    Ok(format!("service {service}: backend {address} added with weight {}", weight.0))
+                    s.backends.push(BackendConfig::new(address, weight, backup, Origin::Cli));
+                    Ok(format!(
+                        "service {service}: backend {address} added with weight {}{}",
+                        weight.0,
+                        if backup { " as a backup" } else { "" }
+                    ))
                 })
                 .await
             }
             Request::BackendRemove { service, address } => {
                 self.change_config(|config| {
                     let s = service_mut(config, &service)?;
+                    not_registered(s, address)?;
                     let before = s.backends.len();
                     s.backends.retain(|b| *b.address.get_ref() != address);
                     if s.backends.len() == before {
@@ -119,6 +139,7 @@ impl Agent {
                 };
                 self.change_config(|config| {
                     let s = service_mut(config, &service)?;
+                    not_registered(s, address)?;
                     let backend = s
                         .backends
                         .iter_mut()
@@ -194,6 +215,19 @@ impl Agent {
 
 fn service_mut<'a>(config: &'a mut Config, name: &str) -> Result<&'a mut crate::config::ServiceConfig, String> {
     config.services.iter_mut().find(|s| s.name.get_ref() == name).ok_or_else(|| format!("no service named {name:?}"))
+}
+
+/// Registered backends change in the registry, not through the CLI (the
+/// next event would undo it).
+fn not_registered(service: &crate::config::ServiceConfig, address: BackendAddress) -> Result<(), String> {
+    match service.backends.iter().find(|b| *b.address.get_ref() == address) {
+        Some(b) if b.origin == Origin::Etcd => Err(format!(
+            "backend {address} of service {:?} comes from etcd: change or delete its key there \
+             (or stop its `xdplb register`)",
+            service.name.get_ref()
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn checked_weight(weight: u32) -> Result<Weight, String> {

@@ -39,6 +39,8 @@ impl Agent {
                 let nat = self.nat_figures(name, id);
                 backends.push(BackendStatus {
                     address,
+                    origin: backend.origin,
+                    backup: backend.backup,
                     weight: backend.weight.0,
                     effective_weight: ring_weights.get(&(name.as_str(), address)).copied().unwrap_or(0),
                     least_conn_active: id
@@ -81,7 +83,8 @@ impl Agent {
                 forwarding: service.forwarding,
                 scheduler: service.scheduler,
                 persistence_timeout_s: service.persistence_timeout_s,
-                fail_open: self.fail_open.get(name).copied().unwrap_or(false),
+                fail_open: self.modes.get(name).is_some_and(|m| m.fail_open),
+                backup_active: self.modes.get(name).is_some_and(|m| m.backup_active),
                 packets: counters.packets,
                 bytes: counters.bytes,
                 new_flows: counters.new_flows,
@@ -93,6 +96,7 @@ impl Agent {
             interface: self.config.agent.interface.clone(),
             services,
             outstanding_map_write: self.outstanding_write.clone(),
+            discovery: self.discovery_status(),
         })
     }
 

@@ -2,12 +2,14 @@
 //! `validate`, errors that name the file, line and column in `error`.
 
 mod address;
+mod discovery;
 mod error;
 mod validate;
 
 use self::error::line_column;
 pub use self::{
     address::{BackendAddress, PortRange},
+    discovery::{DEFAULT_DISCOVERY_PREFIX, DiscoveryConfig, check_endpoint},
     error::ConfigError,
     validate::is_prime,
 };
@@ -32,6 +34,9 @@ pub use lb_common::{
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub agent: AgentConfig,
+    /// Where services with `discover = true` find their backends (etcd).
+    #[serde(default)]
+    pub discovery: Option<Spanned<DiscoveryConfig>>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -135,6 +140,10 @@ pub struct ServiceConfig {
     /// A draining backend is reported drained after this long at the latest.
     #[serde(default = "default_drain_timeout_s")]
     pub drain_timeout_s: u64,
+    /// Backends also come from the registry ([discovery]), under
+    /// PREFIX/NAME/; they join the ones listed here.
+    #[serde(default)]
+    pub discover: Option<Spanned<bool>>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -323,6 +332,43 @@ pub struct BackendConfig {
     pub weight: Weight,
     #[serde(default)]
     pub health: Option<Spanned<HealthSpec>>,
+    /// Takes new flows only while no primary backend of the service is
+    /// healthy and enabled (HAProxy `backup`, keepalived `sorry_server`).
+    #[serde(default)]
+    pub backup: bool,
+    /// Where the backend comes from; not a config key.
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+impl BackendConfig {
+    pub fn new(address: BackendAddress, weight: Weight, backup: bool, origin: Origin) -> Self {
+        Self { address: Spanned::new(0..0, address), weight, health: None, backup, origin }
+    }
+}
+
+/// Where a backend entry comes from: `status` shows it, and each source
+/// changes only its own entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// The configuration file.
+    #[default]
+    File,
+    /// `xdplb backend add` (until the next reload).
+    Cli,
+    /// The registry (`[discovery] etcd`).
+    Etcd,
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::File => "file",
+            Origin::Cli => "cli",
+            Origin::Etcd => "etcd",
+        }
+    }
 }
 
 impl ServiceConfig {
@@ -367,6 +413,11 @@ impl ServiceConfig {
 
     pub fn preserves_client(&self) -> bool {
         self.nat_preserve_client.as_ref().is_some_and(|p| *p.get_ref())
+    }
+
+    /// Takes backends from the registry too.
+    pub fn discovers(&self) -> bool {
+        self.discover.as_ref().is_some_and(|d| *d.get_ref())
     }
 }
 
@@ -637,6 +688,51 @@ address = "2001:db8:0:2::11"
         let err = error_of(&GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\nnat_table_size = 10"));
         assert!(err.starts_with("lb.toml:4:18: "), "{err}");
         assert!(err.contains("nat_table_size 10 is out of range"), "{err}");
+    }
+
+    #[test]
+    fn discovery_settings_are_checked_where_they_are() {
+        let with = |discovery: &str| {
+            GOOD.replace("[[service]]\nname = \"web\"", &format!("{discovery}\n[[service]]\nname = \"web\""))
+                .replace("forwarding = \"dsr\"", "forwarding = \"dsr\"\ndiscover = true")
+        };
+        let config = parse(&with("[discovery]\netcd = [\"http://198.18.0.2:2379\"]\n")).unwrap();
+        assert!(config.services[0].discovers() && !config.services[1].discovers());
+        let discovery = config.discovery.unwrap();
+        assert_eq!(discovery.get_ref().prefix.get_ref(), DEFAULT_DISCOVERY_PREFIX);
+        // discover = true without a registry.
+        let err = error_of(&with(""));
+        assert!(err.starts_with("lb.toml:11:12: "), "{err}");
+        assert!(err.contains("discover = true needs a [discovery] section"), "{err}");
+        for (section, at, message) in [
+            ("etcd = []", "lb.toml:6:8: ", "lists no endpoint"),
+            ("etcd = [\"198.18.0.2:2379\"]", "lb.toml:6:8: ", "is not an endpoint URL"),
+            ("etcd = [\"http://198.18.0.2\"]", "lb.toml:6:8: ", "is not an endpoint URL"),
+            ("etcd = [\"https://198.18.0.2:2379\"]", "lb.toml:6:8: ", "give ca_file"),
+            (
+                "etcd = [\"http://198.18.0.2:2379\"]\nprefix = \"xdplb\"",
+                "lb.toml:7:10: ",
+                "must start and end with '/'",
+            ),
+            (
+                "etcd = [\"http://198.18.0.2:2379\"]\ncert_file = \"c.pem\"",
+                "lb.toml:7:13: ",
+                "cert_file needs key_file",
+            ),
+            ("etcd = [\"http://198.18.0.2:2379\"]\nusername = \"lb\"", "lb.toml:7:12: ", "needs password_file"),
+            ("etcd = [\"http://198.18.0.2:2379\"]\npassword = \"x\"", "lb.toml:7:1: ", "unknown field `password`"),
+        ] {
+            let err = error_of(&with(&format!("[discovery]\n{section}\n")));
+            assert!(err.starts_with(at) && err.contains(message), "{section}: {err}");
+        }
+    }
+
+    #[test]
+    fn backups_are_marked_per_backend() {
+        let config = parse(&GOOD.replace("weight = 2", "weight = 2\nbackup = true")).unwrap();
+        assert!(config.services[0].backends[0].backup);
+        assert!(!config.services[1].backends[0].backup);
+        assert_eq!(config.services[0].backends[0].origin, Origin::File);
     }
 
     #[test]

@@ -30,6 +30,9 @@ impl Config {
                 format!("nat_table_size {nat_table_size} is out of range 1024..={}", 1 << 24),
             ));
         }
+        if let Some(discovery) = &self.discovery {
+            discovery.get_ref().validate()?;
+        }
         if self.services.len() > max_services as usize {
             let span = self.services[max_services as usize].name.span();
             return Err((span, format!("more than max_services = {max_services} services")));
@@ -75,6 +78,14 @@ impl Config {
                 health.get_ref().validate().map_err(|e| (health.span(), format!("service {name:?} health: {e}")))?;
             }
             validate_nat(service)?;
+            if let Some(discover) = service.discover.as_ref().filter(|d| *d.get_ref())
+                && self.discovery.is_none()
+            {
+                return Err((
+                    discover.span(),
+                    format!("service {name:?}: discover = true needs a [discovery] section with etcd endpoints"),
+                ));
+            }
             let mut addresses = HashSet::new();
             for backend in &service.backends {
                 if let Some(health) = &backend.health {
@@ -85,32 +96,35 @@ impl Config {
                         .map_err(|e| (health.span(), format!("backend {} health: {e}", backend.address.get_ref())))?;
                 }
                 let addr = *backend.address.get_ref();
-                // A tunnel carries either family in either; L2 DSR hands the
-                // client's packet over as it is, and NAT rewrites addresses in place.
-                if addr.ip.is_ipv4() != vip.is_ipv4() && !service.forwarding.is_tunnel() {
-                    return Err((
-                        backend.address.span(),
-                        format!(
-                            "backend {addr} is not of the same IP family as VIP {vip} \
-                             (forwarding = \"{}\" needs that; \"ipip\" and \"gue\" do not)",
-                            service.forwarding
-                        ),
-                    ));
-                }
-                if addr.port.is_some() && service.forwarding != Forwarding::Nat {
-                    return Err((
-                        backend.address.span(),
-                        format!(
-                            "backend {addr}: a backend port needs forwarding = \"nat\" \
-                             (\"{}\" delivers to the VIP's port)",
-                            service.forwarding
-                        ),
-                    ));
-                }
+                service.admits(addr).map_err(|e| (backend.address.span(), e))?;
                 if !addresses.insert(addr) {
                     return Err((backend.address.span(), format!("duplicate backend {addr} in service {name:?}")));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl ServiceConfig {
+    /// Whether `addr` can be a backend of this service, whatever its source
+    /// (file, CLI, registry).
+    pub fn admits(&self, addr: BackendAddress) -> Result<(), String> {
+        let vip = *self.vip.get_ref();
+        // A tunnel carries either family in either; L2 DSR hands the
+        // client's packet over as it is, and NAT rewrites addresses in place.
+        if addr.ip.is_ipv4() != vip.is_ipv4() && !self.forwarding.is_tunnel() {
+            return Err(format!(
+                "backend {addr} is not of the same IP family as VIP {vip} \
+                 (forwarding = \"{}\" needs that; \"ipip\" and \"gue\" do not)",
+                self.forwarding
+            ));
+        }
+        if addr.port.is_some() && self.forwarding != Forwarding::Nat {
+            return Err(format!(
+                "backend {addr}: a backend port needs forwarding = \"nat\" (\"{}\" delivers to the VIP's port)",
+                self.forwarding
+            ));
         }
         Ok(())
     }

@@ -93,6 +93,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// On a backend: register it under a service in etcd and keep the
+    /// registration alive (a lease of --ttl seconds); SIGTERM deregisters.
+    Register(Box<RegisterArgs>),
     /// Write the man pages (xdplb.8 and one per command) into a directory.
     #[command(hide = true)]
     Manpages {
@@ -121,6 +124,72 @@ pub enum Command {
     },
 }
 
+#[derive(Args)]
+pub struct RegisterArgs {
+    /// An etcd endpoint, http://HOST:PORT or https://HOST:PORT; repeat for more.
+    #[arg(long, required = true)]
+    pub etcd: Vec<String>,
+    /// The service (as named in the agents' config) this backend serves.
+    #[arg(long)]
+    pub service: String,
+    /// This backend's address as the LB reaches it: ADDRESS or ADDRESS:PORT.
+    #[arg(long, value_parser = parse_address)]
+    pub address: BackendAddress,
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// Register as a backup: new flows only while no primary is available.
+    #[arg(long)]
+    pub backup: bool,
+    /// Seconds the registration outlives this process if it dies.
+    #[arg(long, default_value_t = 5)]
+    pub ttl: i64,
+    /// The agents' [discovery] prefix.
+    #[arg(long, default_value = crate::config::DEFAULT_DISCOVERY_PREFIX)]
+    pub prefix: String,
+    /// The CA of etcd's certificates (https endpoints).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    #[arg(long, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    #[arg(long, requires = "password_file")]
+    pub username: Option<String>,
+    /// A file whose first line is the password.
+    #[arg(long, requires = "username")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl RegisterArgs {
+    pub fn into_registrant(self) -> Result<crate::discovery::register::Registrant> {
+        for endpoint in &self.etcd {
+            let tls = crate::config::check_endpoint(endpoint).map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+            if tls != self.ca_file.is_some() {
+                bail!("--etcd {endpoint:?}: https endpoints need --ca-file, http ones take none");
+            }
+        }
+        let prefix = &self.prefix;
+        if !prefix.starts_with('/') || !prefix.ends_with('/') {
+            bail!("--prefix {prefix:?} must start and end with '/'");
+        }
+        Ok(crate::discovery::register::Registrant {
+            settings: crate::discovery::etcd::EtcdSettings {
+                endpoints: self.etcd,
+                ca_file: self.ca_file,
+                cert_file: self.cert_file,
+                key_file: self.key_file,
+                username: self.username,
+                password_file: self.password_file,
+            },
+            prefix: self.prefix,
+            service: self.service,
+            address: self.address,
+            registration: crate::discovery::Registration { weight: self.weight, backup: self.backup },
+            ttl_s: self.ttl,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 pub enum BackendAction {
     /// Add a backend to a service.
@@ -130,6 +199,9 @@ pub enum BackendAction {
         address: BackendAddress,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// A backup: new flows only while no primary backend is available.
+        #[arg(long)]
+        backup: bool,
     },
     /// Remove a backend; its established flows continue while it still answers.
     Remove {
@@ -334,6 +406,7 @@ pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
         | Command::Stop { .. }
         | Command::Decap { .. }
         | Command::Completions { .. }
+        | Command::Register(_)
         | Command::Manpages { .. } => {
             unreachable!("handled by main")
         }
@@ -347,8 +420,8 @@ pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
         Command::Service { action: ServiceAction::Remove { name } } => (Request::ServiceRemove { name }, false),
         Command::Backend { action } => (
             match action {
-                BackendAction::Add { service, address, weight } => {
-                    Request::BackendAdd { service, address, weight: Some(weight) }
+                BackendAction::Add { service, address, weight, backup } => {
+                    Request::BackendAdd { service, address, weight: Some(weight), backup }
                 }
                 BackendAction::Remove { service, address } => Request::BackendRemove { service, address },
                 BackendAction::Drain { service, address } => Request::BackendDrain { service, address },

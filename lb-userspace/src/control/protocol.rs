@@ -8,7 +8,7 @@ use crate::config::BackendAddress;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Forwarding, Protocol, Scheduler};
+use crate::config::{Forwarding, Origin, Protocol, Scheduler};
 
 pub use lb_common::MAX_REQUEST_BYTES;
 
@@ -20,6 +20,9 @@ pub enum Request {
         service: String,
         address: BackendAddress,
         weight: Option<u32>,
+        /// Takes new flows only while no primary backend is available.
+        #[serde(default)]
+        backup: bool,
     },
     BackendRemove {
         service: String,
@@ -82,6 +85,26 @@ pub struct Status {
     /// A map write the kernel refused and the agent has not yet applied.
     #[serde(default)]
     pub outstanding_map_write: Option<String>,
+    /// The registry, when `[discovery]` is configured.
+    #[serde(default)]
+    pub discovery: Option<DiscoveryStatus>,
+}
+
+/// The registry connection as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryStatus {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// The watch is established; when false, the last known pools stay.
+    pub up: bool,
+    /// Why it is down, or since when it is up.
+    pub detail: String,
+    /// The registry revision the agent's view is at.
+    pub revision: i64,
+    /// Backends the registry gives, over all services.
+    pub backends: usize,
+    /// Keys under the prefix that were skipped, each with the reason.
+    pub skipped: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,12 +124,21 @@ pub struct ServiceStatus {
     /// NAT services: new flows refused for want of a source port.
     #[serde(default)]
     pub nat_port_exhausted: Option<u64>,
+    /// No primary backend is available and the backups take new flows.
+    #[serde(default)]
+    pub backup_active: bool,
     pub backends: Vec<BackendStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub address: BackendAddress,
+    /// file, cli or etcd.
+    #[serde(default)]
+    pub origin: Origin,
+    /// A backup backend (new flows only while no primary is available).
+    #[serde(default)]
+    pub backup: bool,
     pub weight: u32,
     /// The weight the scheduler uses now: 0 when the backend takes no new
     /// flows; least_response_time's derived weight.
@@ -190,6 +222,8 @@ pub struct ProbeStatus {
 pub fn sample_status(packets: u64, bytes: u64) -> Status {
     let backend = BackendStatus {
         address: "198.18.1.11".parse().unwrap(),
+        origin: Origin::File,
+        backup: false,
         weight: 1,
         effective_weight: 1,
         least_conn_active: None,
@@ -208,6 +242,7 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
     Status {
         interface: "eth0".into(),
         outstanding_map_write: None,
+        discovery: None,
         services: vec![ServiceStatus {
             name: "web".into(),
             vip: "198.18.0.100:80".parse().unwrap(),
@@ -220,6 +255,7 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
             bytes,
             new_flows: packets / 10,
             nat_port_exhausted: None,
+            backup_active: false,
             backends: vec![backend],
         }],
     }

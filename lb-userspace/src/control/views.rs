@@ -52,6 +52,20 @@ pub fn status_table(status: &Status) -> String {
     if let Some(write) = &status.outstanding_map_write {
         out += &format!("WARNING: a map write was refused and is being retried: {write}\n");
     }
+    if let Some(d) = &status.discovery {
+        out += &format!(
+            "discovery etcd {} {}: {} ({}), revision {}, {} registered backend(s)\n",
+            d.endpoints.join(","),
+            d.prefix,
+            if d.up { "up" } else { "DOWN, keeping the last known pools" },
+            d.detail,
+            d.revision,
+            d.backends
+        );
+        for skipped in &d.skipped {
+            out += &format!("  skipped {skipped}\n");
+        }
+    }
     for s in &status.services {
         out += &format!(
             "\nservice {}  {} {}  {}/{}{}{}  packets {}  bytes {}  new flows {}\n",
@@ -70,14 +84,28 @@ pub fn status_table(status: &Status) -> String {
             s.bytes,
             s.new_flows
         );
+        if s.backup_active {
+            out += "  BACKUPS ACTIVE: no primary backend is available\n";
+        }
         if let Some(refused) = s.nat_port_exhausted.filter(|r| *r > 0) {
             out += &format!("  NAT: {refused} new flow(s) refused, no free source port\n");
         }
         let nat = s.backends.iter().any(|b| b.nat_flows.is_some());
-        let mut header =
-            ["BACKEND", "WEIGHT", "HEALTH", "LAST PROBE", "LATENCY", "ADMIN", "IN RING", "ACTIVE", "PACKETS", "BYTES"]
-                .map(String::from)
-                .to_vec();
+        let mut header = [
+            "BACKEND",
+            "ORIGIN",
+            "WEIGHT",
+            "HEALTH",
+            "LAST PROBE",
+            "LATENCY",
+            "ADMIN",
+            "IN RING",
+            "ACTIVE",
+            "PACKETS",
+            "BYTES",
+        ]
+        .map(String::from)
+        .to_vec();
         if nat {
             header.extend(["NAT FLOWS", "FREE PORTS"].map(String::from));
         }
@@ -105,8 +133,10 @@ pub fn status_table(status: &Status) -> String {
             } else {
                 b.weight.to_string()
             };
+            let origin = format!("{}{}", b.origin.name(), if b.backup { " backup" } else { "" });
             let mut row = vec![
                 b.address.to_string(),
+                origin,
                 weight,
                 b.health.name().into(),
                 probe,

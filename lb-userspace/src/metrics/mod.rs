@@ -46,6 +46,11 @@ struct AdminLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabels {
+    registry: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabels {
     action: &'static str,
 }
@@ -192,6 +197,37 @@ fn encode_services(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Res
         MetricType::Gauge,
         rows(|s| s.fail_open as i64),
     )?;
+    family(
+        encoder,
+        "service_backup_active",
+        "1 when no primary backend is available and the backups take new flows",
+        MetricType::Gauge,
+        rows(|s| s.backup_active as i64),
+    )?;
+    if let Some(d) = &status.discovery {
+        let registry = || RegistryLabels { registry: "etcd" };
+        family(
+            encoder,
+            "discovery_up",
+            "1 while the registry watch is established; 0 while the last known pools are kept",
+            MetricType::Gauge,
+            [(registry(), d.up as i64)],
+        )?;
+        family(
+            encoder,
+            "discovery_backends",
+            "Backends the registry gives, over all services",
+            MetricType::Gauge,
+            [(registry(), d.backends as i64)],
+        )?;
+        family(
+            encoder,
+            "discovery_skipped_entries",
+            "Registry entries left out (bad value, wrong family, listed in the file already)",
+            MetricType::Gauge,
+            [(registry(), d.skipped.len() as i64)],
+        )?;
+    }
     let nat = status.services.iter().filter_map(|s| {
         s.nat_port_exhausted.map(|refused| (ServiceLabels { service: s.name.clone() }, refused as i64))
     });

@@ -155,42 +155,57 @@ impl Runtime {
     }
 }
 
-/// Per service: whether it is failing open (every backend down).
-pub type FailOpen = BTreeMap<String, bool>;
+/// How a service picks the backends that take new flows, as a whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceMode {
+    /// Every backend is down: all enabled ones stay in the ring.
+    pub fail_open: bool,
+    /// No primary backend is available: the backups take new flows.
+    pub backup_active: bool,
+}
+
+pub type ServiceModes = BTreeMap<String, ServiceMode>;
 
 /// The data plane's desired state.
 ///
-/// A backend takes new flows when it is enabled, healthy and weighted. When
-/// no backend of a service is healthy, the service fails open: its enabled
-/// backends stay in the ring as if healthy, since dropping every new flow is
-/// worse than trying. A backend that is down has its flows rescheduled by
-/// the data plane, unless the service says `on_failure = "keep"` or fails
-/// open.
+/// A backend takes new flows when it is enabled, healthy and weighted.
+/// Backup backends take them only while no primary backend does; flows
+/// already on a backup stay there when a primary returns. When no backend
+/// of a service is healthy, the service fails open: its enabled backends
+/// stay in the ring as if healthy, since dropping every new flow is worse
+/// than trying. A backend that is down has its flows rescheduled by the
+/// data plane, unless the service says `on_failure = "keep"` or fails open.
 pub fn desired_services(
     config: &Config,
     runtime: &Runtime,
     paths: &HashMap<IpAddr, L2Path>,
-) -> (Vec<DesiredService>, FailOpen) {
+) -> (Vec<DesiredService>, ServiceModes) {
     let mut services = Vec::with_capacity(config.services.len());
-    let mut fail_open = FailOpen::new();
+    let mut modes = ServiceModes::new();
     for service in &config.services {
         let name = service.name.get_ref();
         let state_of = |address: BackendAddress| runtime.get(name, address).cloned().unwrap_or_default();
         let enabled = |address: BackendAddress| state_of(address).admin == AdminState::Enabled;
-        let healthy = |address: BackendAddress| state_of(address).health.up;
+        let checked = |b: &crate::config::BackendConfig| service.health_check(b).kind != HealthKind::None;
+        let up = |b: &crate::config::BackendConfig| !checked(b) || state_of(*b.address.get_ref()).health.up;
         let candidates: Vec<_> =
             service.backends.iter().filter(|b| b.weight.0 > 0 && enabled(*b.address.get_ref())).collect();
-        let failing_open = !candidates.is_empty() && candidates.iter().all(|b| !healthy(*b.address.get_ref()));
-        fail_open.insert(name.clone(), failing_open);
+        let primary_up = candidates.iter().any(|b| !b.backup && up(b));
+        let backup_up = candidates.iter().any(|b| b.backup && up(b));
+        let mode = ServiceMode {
+            fail_open: !candidates.is_empty() && !primary_up && !backup_up,
+            backup_active: !primary_up && backup_up,
+        };
+        modes.insert(name.clone(), mode);
 
         let backends = service
             .backends
             .iter()
             .map(|b| {
                 let address = *b.address.get_ref();
-                let checked = service.health_check(b).kind != HealthKind::None;
-                let up = !checked || healthy(address);
-                let takes_new_flows = enabled(address) && (up || failing_open);
+                let up = up(b);
+                let in_active_set = b.backup == mode.backup_active;
+                let takes_new_flows = enabled(address) && ((up && in_active_set) || mode.fail_open);
                 let derived = state_of(address).derived_weight;
                 let weight = match service.scheduler {
                     Scheduler::LeastResponseTime if derived > 0 && b.weight.0 > 0 => derived,
@@ -200,7 +215,7 @@ pub fn desired_services(
                     address,
                     weight: if takes_new_flows { weight } else { 0 },
                     path: paths.get(&address.ip).and_then(|p| path_for(service, &config.agent, address.ip, p)),
-                    down: !up && !failing_open && service.on_failure == OnFailure::Reschedule,
+                    down: !up && !mode.fail_open && service.on_failure == OnFailure::Reschedule,
                 }
             })
             .collect();
@@ -221,7 +236,7 @@ pub fn desired_services(
             backends,
         });
     }
-    (services, fail_open)
+    (services, modes)
 }
 
 /// A backend's path as its forwarding mode uses it: a tunnel needs an
@@ -336,10 +351,10 @@ mod tests {
         let c = config("");
         let mut r = Runtime::default();
         r.sync_with(&c);
-        let (services, fail_open) = desired_services(&c, &r, &paths());
+        let (services, modes) = desired_services(&c, &r, &paths());
         assert_eq!(weights_and_down(&services), [(1, false), (3, false)]);
         assert_eq!(services[0].backends[1].path.unwrap().dst_mac, [12; 6]);
-        assert!(!fail_open["web"]);
+        assert_eq!(modes["web"], ServiceMode::default());
     }
 
     #[test]
@@ -363,9 +378,9 @@ mod tests {
         r.sync_with(&c);
         set_health(&mut r, 11, false);
         set_health(&mut r, 12, false);
-        let (services, fail_open) = desired_services(&c, &r, &paths());
+        let (services, modes) = desired_services(&c, &r, &paths());
         assert_eq!(weights_and_down(&services), [(1, false), (3, false)]);
-        assert!(fail_open["web"]);
+        assert!(modes["web"].fail_open);
     }
 
     #[test]
@@ -404,9 +419,9 @@ mod tests {
         for n in [11, 12] {
             r.get_mut("web", addr(n)).unwrap().admin = AdminState::Drained;
         }
-        let (services, fail_open) = desired_services(&c, &r, &paths());
+        let (services, modes) = desired_services(&c, &r, &paths());
         assert_eq!(weights_and_down(&services), [(0, false), (0, false)]);
-        assert!(!fail_open["web"]);
+        assert!(!modes["web"].fail_open);
     }
 
     #[test]
@@ -471,6 +486,69 @@ mod tests {
         // DSR backends need no source.
         let dsr = config("");
         assert!(desired_services(&dsr, &r, &paths()).0[0].backends.iter().all(|b| b.path.is_some()));
+    }
+
+    /// Backends 11 and 12 primary, 13 a backup.
+    fn with_backup() -> (Config, HashMap<IpAddr, L2Path>) {
+        let mut c = config("");
+        let mut backup = c.services[0].backends[0].clone();
+        backup.address = toml::Spanned::new(0..0, addr(13));
+        backup.backup = true;
+        c.services[0].backends.push(backup);
+        let mut paths = paths();
+        paths.insert(addr(13).ip, L2Path { dst_mac: [13; 6], ..paths[&addr(11).ip] });
+        (c, paths)
+    }
+
+    #[test]
+    fn backups_take_new_flows_only_while_no_primary_is_available() {
+        let (c, paths) = with_backup();
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        // Primaries healthy: the backup is out of the ring, not down.
+        let (services, modes) = desired_services(&c, &r, &paths);
+        assert_eq!(weights_and_down(&services), [(1, false), (3, false), (0, false)]);
+        assert_eq!(modes["web"], ServiceMode::default());
+        // One primary down: still the primaries.
+        set_health(&mut r, 11, false);
+        let (services, _) = desired_services(&c, &r, &paths);
+        assert_eq!(weights_and_down(&services), [(0, true), (3, false), (0, false)]);
+        // Both down: the backup alone; the primaries' flows are rescheduled.
+        set_health(&mut r, 12, false);
+        let (services, modes) = desired_services(&c, &r, &paths);
+        assert_eq!(weights_and_down(&services), [(0, true), (0, true), (1, false)]);
+        assert_eq!(modes["web"], ServiceMode { fail_open: false, backup_active: true });
+        // A primary returns: new flows leave the backup, whose flows stay (not down).
+        set_health(&mut r, 12, true);
+        let (services, modes) = desired_services(&c, &r, &paths);
+        assert_eq!(weights_and_down(&services), [(0, true), (3, false), (0, false)]);
+        assert!(!modes["web"].backup_active);
+        // Primaries drained count as unavailable too.
+        set_health(&mut r, 11, true);
+        for n in [11, 12] {
+            r.get_mut("web", addr(n)).unwrap().admin = AdminState::Drained;
+        }
+        let (services, modes) = desired_services(&c, &r, &paths);
+        assert_eq!(weights_and_down(&services), [(0, false), (0, false), (1, false)]);
+        assert!(modes["web"].backup_active);
+    }
+
+    #[test]
+    fn every_backend_down_with_backups_fails_open_over_all() {
+        let (c, paths) = with_backup();
+        let mut r = Runtime::default();
+        r.sync_with(&c);
+        for n in [11, 12, 13] {
+            set_health(&mut r, n, false);
+        }
+        let (services, modes) = desired_services(&c, &r, &paths);
+        assert_eq!(weights_and_down(&services), [(1, false), (3, false), (1, false)]);
+        assert_eq!(modes["web"], ServiceMode { fail_open: true, backup_active: false });
+        // The backup alone up: it serves.
+        set_health(&mut r, 13, true);
+        let (services, modes) = desired_services(&c, &r, &paths);
+        assert_eq!(weights_and_down(&services), [(0, true), (0, true), (1, false)]);
+        assert!(modes["web"].backup_active && !modes["web"].fail_open);
     }
 
     #[test]
