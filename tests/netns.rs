@@ -593,6 +593,58 @@ fn a_killed_backend_leaves_the_ring_in_time_and_returns_after_rise_probes() {
 }
 
 #[test]
+fn a_backend_that_never_answers_arp_delays_nothing_but_itself() {
+    let topology = topology();
+    // 198.18.1.99 is on b1/b2's segment, where no host has it.
+    let dead = "\n[[service.backend]]\naddress = \"198.18.1.99\"\n";
+    let config = config_with_health(FAST_HTTP_HEALTH, &[(0, 1), (1, 1), (2, 1)], "") + dead;
+    let agent = Agent::spawn(&topology, &config);
+    agent.wait_for_log("attached to", 1);
+    agent.wait_for_log("backend 198.18.1.99 unreachable", 1);
+    wait_for_backend(&agent, BACKENDS4[0], "probed", |b| b.last_probe.as_ref().is_some_and(|p| p.ok));
+    assert!(!agent.backend("web", "198.18.1.99").resolved);
+
+    // status and reload answer as fast as without it, pass after pass.
+    let call = |request: xdplb::control::Request| {
+        let start = Instant::now();
+        let answer = xdplb::control::call(&agent.socket, &request).unwrap();
+        (start.elapsed(), answer)
+    };
+    let mut slowest_status = Duration::ZERO;
+    for _ in 0..15 {
+        slowest_status = slowest_status.max(call(xdplb::control::Request::Status {}).0);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let (reload, answer) = call(xdplb::control::Request::Reload {});
+    assert!(matches!(answer, xdplb::control::Response::Done { .. }), "{answer:?}");
+    eprintln!("measured: with an unresolvable backend: status at most {slowest_status:?}, reload {reload:?}");
+    assert!(slowest_status < Duration::from_millis(100), "status took {slowest_status:?}");
+    assert!(reload < Duration::from_millis(500), "reload took {reload:?}");
+
+    // A killed backend is detected in the usual time; nothing fails after.
+    let (interval, timeout, fall) = (Duration::from_millis(300), Duration::from_millis(200), 3u32);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    kill_backend_server(&topology, "b1");
+    let down = wait_for_backend(&agent, BACKENDS4[0], "down", |b| b.health == Health::Down && !b.in_ring);
+    let bound = interval * fall + timeout + Duration::from_millis(200);
+    eprintln!("measured: with an unresolvable backend, a killed one left the ring {:?} after the kill", down - killed);
+    assert!(down - killed <= bound, "left the ring {:?} after the kill, bound {bound:?}", down - killed);
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let failed_after = results.iter().filter(|(t, r)| *t > down && r.is_err()).count();
+    assert_eq!(failed_after, 0, "new connections failed after the detection");
+
+    let stopping = Instant::now();
+    agent.stop();
+    eprintln!("measured: SIGINT to exit {:?}", stopping.elapsed());
+    assert!(stopping.elapsed() < Duration::from_secs(2), "stopping took {:?}", stopping.elapsed());
+}
+
+#[test]
 fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
     let topology = topology();
     let closed_port = "\n[service.backend.health]\nkind = \"tcp\"\nport = 8081\n";
@@ -912,6 +964,121 @@ fn changed_map_sizes_or_another_layout_are_refused_with_a_clear_message() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("the program is detached"));
     assert_eq!(lb_program_id(&topology), None);
+}
+
+#[test]
+fn stop_acts_only_on_the_pin_directory_it_is_given() {
+    let topology = topology();
+    let mut agent = Agent::start(&topology, &config_with(&[(0, 1), (1, 1)]));
+    let pins = topology.pin_root();
+    let other = format!("/sys/fs/bpf/xdplb-test-{}-other", topology.prefix);
+    let (ok, _, err) = agent.cli(&["stop", "--pin-dir", &other]);
+    assert!(!ok, "stop --pin-dir of another directory stopped the agent");
+    assert!(err.contains(&format!("owns {}, not {other}", pins.display())) && err.contains("nothing stopped"), "{err}");
+    assert!(lb_program_id(&topology).is_some(), "the running agent's program was detached");
+    assert!(pins.exists(), "the running agent's pins were removed");
+    assert_eq!(agent.status().pin_dir.as_deref(), Some(pins.as_path()));
+    assert_eq!(spread(&topology, VIP4, 10).values().sum::<usize>(), 10);
+
+    let (ok, out, err) = agent.cli(&["stop", "--pin-dir", pins.to_str().unwrap()]);
+    assert!(ok && out.contains("stopped the agent"), "{out}{err}");
+    let status = agent.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "{}", agent.log_text());
+    assert_eq!(lb_program_id(&topology), None);
+    let left = std::fs::read_dir(&pins).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "stop left pinned state in {}", pins.display());
+}
+
+/// (open file descriptors, resident set in KiB) of process `pid`.
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+    (fds, rss.trim().trim_end_matches("kB").trim().parse().unwrap())
+}
+
+#[test]
+fn idle_control_connections_cannot_starve_the_agent_or_fail_its_probes() {
+    let topology = topology();
+    let health = "\n[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
+    let agent = Agent::start(&topology, &config_with_health(health, &[(0, 1), (1, 1), (2, 1)], ""));
+    let pid = agent.child.as_ref().unwrap().id();
+    let (fds_before, rss_before) = fds_and_rss(pid);
+    // 20,400 connections held open, more than the agent's own descriptor
+    // limit (20,000 here), by two processes (each within that limit too).
+    let mut floods: Vec<KilledOnDrop> = (0..2)
+        .map(|_| {
+            let child = Command::new("python3")
+                .arg("-c")
+                .arg(
+                    "import socket, sys, time\n\
+                     held = []\n\
+                     for _ in range(10200):\n\
+                     \x20   s = socket.socket(socket.AF_UNIX)\n\
+                     \x20   s.connect(sys.argv[1])\n\
+                     \x20   held.append(s)\n\
+                     print(len(held), flush=True)\n\
+                     time.sleep(30)\n",
+                )
+                .arg(&agent.socket)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            KilledOnDrop(child)
+        })
+        .collect();
+    for flood in floods.iter_mut() {
+        let mut opened = String::new();
+        BufReader::new(flood.stdout.take().unwrap()).read_line(&mut opened).unwrap();
+        assert_eq!(opened.trim(), "10200", "a flood did not open its connections");
+    }
+    // The agent answers status at once, holds a bounded number of
+    // descriptors and memory, and its probes keep every backend up.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let start = Instant::now();
+        let answer = xdplb::control::call(&agent.socket, &xdplb::control::Request::Status {}).unwrap();
+        slowest = slowest.max(start.elapsed());
+        let xdplb::control::Response::Status { status, .. } = answer else { panic!("{answer:?}") };
+        assert!(status.services[0].backends.iter().all(|b| b.health == Health::Up), "{status:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, table, err) = agent.cli(&["status"]);
+    assert!(ok && table.contains("IN RING"), "{err}");
+    let (fds, rss) = fds_and_rss(pid);
+    eprintln!(
+        "measured: under 20,400 idle control connections: status answered in at most {slowest:?}, \
+         agent fds {fds_before} → {fds}, RSS {rss_before} → {rss} KiB"
+    );
+    assert!(slowest < Duration::from_millis(100), "status took {slowest:?}");
+    assert!(fds < fds_before + lb_common::MAX_CONTROL_CONNECTIONS + 16, "agent fds {fds_before} → {fds}");
+    assert!(rss < rss_before + 32 * 1024, "agent RSS {rss_before} → {rss} KiB");
+    assert_eq!(spread(&topology, VIP4, 30).values().sum::<usize>(), 30);
+    assert!(!agent.log_text().contains("DOWN"), "{}", agent.log_text());
+    drop(floods);
+    agent.stop();
+}
+
+struct KilledOnDrop(Child);
+
+impl std::ops::Deref for KilledOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KilledOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

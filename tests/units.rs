@@ -55,6 +55,20 @@ fn the_decap_template_verifies_for_an_interface() {
     assert!(text.contains("ExecStop=/usr/sbin/xdplb decap --interface %i --detach\n"), "{text}");
 }
 
+#[test]
+fn the_register_template_verifies_for_a_service_and_deregisters_on_stop() {
+    let text = verify("xdplb-register@.service", "xdplb-register@web.service");
+    assert!(
+        text.contains(
+            "ExecStart=/usr/sbin/xdplb register --etcd ${XDPLB_ETCD} --service %i --address ${XDPLB_ADDRESS} \
+             $XDPLB_REGISTER_ARGS\n"
+        ),
+        "{text}"
+    );
+    // SIGTERM is what makes `xdplb register` delete its key.
+    assert!(text.contains("KillSignal=SIGTERM\n") && text.contains("EnvironmentFile=/etc/xdplb/register-%i.env\n"));
+}
+
 /// Runs a command that must succeed; returns its stdout.
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -86,6 +100,7 @@ fn the_package_holds_the_binary_config_units_completions_and_man_pages() {
         "/etc/xdplb/xdplb.toml",
         "/usr/lib/systemd/system/xdplb.service",
         "/usr/lib/systemd/system/xdplb-decap@.service",
+        "/usr/lib/systemd/system/xdplb-register@.service",
         "/usr/share/bash-completion/completions/xdplb",
         "/usr/share/zsh/vendor-completions/_xdplb",
         "/usr/share/fish/vendor_completions.d/xdplb.fish",
@@ -134,13 +149,14 @@ fn what_the_package_installs_runs_and_its_scripts_neither_start_nor_break_a_runn
     assert!(checked.contains(": ok"), "the shipped config does not check: {checked}");
 
     let units = root.0.join("usr/lib/systemd/system");
-    for unit in ["xdplb.service", "xdplb-decap@.service"] {
+    for unit in ["xdplb.service", "xdplb-decap@.service", "xdplb-register@.service"] {
         let shipped = std::fs::read_to_string(units.join(unit)).unwrap();
         assert_eq!(shipped, std::fs::read_to_string(Path::new(UNITS).join(unit)).unwrap(), "{unit} differs");
     }
     let binary_text = binary.to_str().unwrap();
     verify_with(&units.join("xdplb.service"), "xdplb.service", binary_text);
     verify_with(&units.join("xdplb-decap@.service"), "xdplb-decap@eth0.service", binary_text);
+    verify_with(&units.join("xdplb-register@.service"), "xdplb-register@web.service", binary_text);
 
     let completion = root.0.join("usr/share/bash-completion/completions/xdplb");
     let complete =

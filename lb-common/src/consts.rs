@@ -189,6 +189,11 @@ pub const HEALTH_STREAK: core::ops::RangeInclusive<u32> = 1..=100;
 
 /// How long one neighbour resolution may wait for an answer.
 pub const NEIGHBOUR_RESOLVE_TIMEOUT_MS: u64 = 2000;
+/// Inside the agent's event loop, a backend's first resolution is awaited
+/// at most this long (so a CLI add or a registration returns with the
+/// backend in the ring); one that stays unresolved is never waited for
+/// again: the kernel's neighbour event brings its resolution.
+pub const NEIGHBOUR_FIRST_WAIT_MS: u64 = 300;
 /// How often a pending neighbour resolution looks at the neighbour table.
 pub const NEIGHBOUR_POLL_MS: u64 = 50;
 /// How often neighbours are re-resolved and the connection table scanned.
@@ -202,6 +207,16 @@ pub const NETLINK_SETTLE_MS: u64 = 100;
 pub const REBALANCE_PERIOD_MS: u64 = 2000;
 /// Longest control-socket request line; anything longer is refused as it is read.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Control connections served at once; more are answered "busy" and closed,
+/// so idle or hostile clients cannot take the agent's file descriptors.
+pub const MAX_CONTROL_CONNECTIONS: usize = 64;
+/// A control connection without a complete request for this long is closed.
+pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// After a failed accept (EMFILE, ...) the control socket waits this long
+/// first, doubling up to a second, instead of spinning.
+pub const CONTROL_ACCEPT_BACKOFF_MS: u64 = 10;
+/// The CLI gives up on an agent that has not answered within this long.
+pub const CLI_TIMEOUT_MS: u64 = 15_000;
 /// Probe latency histogram: first bucket (s), factor, buckets (100 µs … ~1.6 s).
 pub const PROBE_LATENCY_BUCKETS: (f64, f64, u16) = (0.0001, 2.0, 15);
 

@@ -117,10 +117,11 @@ impl Netlink {
 
     /// Resolves the L2 paths to `addresses` from the kernel's route and
     /// neighbour tables. Unknown neighbours are resolved by the kernel on our
-    /// request; all of them are waited for together, up to `timeout`.
+    /// request; those in `awaited` are waited for, together, up to `timeout`.
     pub async fn resolve_all(
         &self,
         addresses: &[IpAddr],
+        awaited: &std::collections::HashSet<IpAddr>,
         timeout: Duration,
     ) -> HashMap<IpAddr, Result<L2Path, String>> {
         let mut results = HashMap::new();
@@ -172,7 +173,16 @@ impl Netlink {
             if pending.is_empty() {
                 break;
             }
-            if tokio::time::Instant::now() >= deadline {
+            // Asked for before giving up, so that even without waiting the
+            // kernel resolves them (and announces it).
+            if !asked {
+                for (_, ifindex, next_hop, _) in &pending {
+                    self.request_resolution(*ifindex, *next_hop).await;
+                }
+                asked = true;
+            }
+            let waiting = pending.iter().any(|(address, ..)| awaited.contains(address));
+            if !waiting || tokio::time::Instant::now() >= deadline {
                 for (address, ifindex, next_hop, _) in pending.drain(..) {
                     results.insert(
                         address,
@@ -180,12 +190,6 @@ impl Netlink {
                     );
                 }
                 break;
-            }
-            if !asked {
-                for (_, ifindex, next_hop, _) in &pending {
-                    self.request_resolution(*ifindex, *next_hop).await;
-                }
-                asked = true;
             }
             tokio::time::sleep(Duration::from_millis(lb_common::NEIGHBOUR_POLL_MS)).await;
         }

@@ -5,14 +5,17 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use super::*;
 
 impl Agent {
-    /// Resolves every configured backend's L2 path.
-    pub(super) async fn resolve(&mut self) {
+    /// Resolves every configured backend's L2 path. Only a backend seen for
+    /// the first time is waited for (`first_wait` at most); one that stays
+    /// unresolved costs the event loop nothing more: its resolution is
+    /// requested again each pass and arrives as a neighbour event.
+    pub(super) async fn resolve_within(&mut self, first_wait: Duration) {
         let addresses: Vec<IpAddr> = self
             .config
             .services
@@ -21,7 +24,10 @@ impl Agent {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let results = self.netlink.resolve_all(&addresses, RESOLVE_TIMEOUT).await;
+        let new: std::collections::HashSet<IpAddr> =
+            addresses.iter().filter(|a| !self.awaited.contains(*a)).copied().collect();
+        self.awaited = addresses.iter().copied().collect();
+        let results = self.netlink.resolve_all(&addresses, &new, first_wait).await;
         let was_unresolved = self.unresolved;
         self.unresolved = false;
         self.paths.clear();
@@ -39,6 +45,11 @@ impl Agent {
         if was_unresolved && !self.unresolved {
             log::info!("all backends resolved");
         }
+    }
+
+    /// `resolve_within` as the event loop may: briefly, for new backends only.
+    pub(super) async fn resolve(&mut self) {
+        self.resolve_within(FIRST_RESOLVE_WAIT).await;
     }
 
     pub(super) async fn maintain(&mut self) {

@@ -44,6 +44,7 @@ use crate::{
 };
 
 const RESOLVE_TIMEOUT: Duration = Duration::from_millis(lb_common::NEIGHBOUR_RESOLVE_TIMEOUT_MS);
+const FIRST_RESOLVE_WAIT: Duration = Duration::from_millis(lb_common::NEIGHBOUR_FIRST_WAIT_MS);
 const MAINTENANCE_PERIOD: Duration = Duration::from_millis(lb_common::MAINTENANCE_PERIOD_MS);
 const BUSY_MAINTENANCE_PERIOD: Duration = Duration::from_millis(lb_common::BUSY_MAINTENANCE_PERIOD_MS);
 const REBALANCE_PERIOD: Duration = Duration::from_millis(lb_common::REBALANCE_PERIOD_MS);
@@ -66,6 +67,8 @@ pub struct Agent {
     runtime: Runtime,
     paths: HashMap<IpAddr, L2Path>,
     unresolved: bool,
+    /// Backend addresses whose first resolution has been waited for.
+    awaited: std::collections::HashSet<IpAddr>,
     desired: Vec<DesiredService>,
     modes: ServiceModes,
     checkers: HashMap<(String, BackendAddress), Checker>,
@@ -151,6 +154,7 @@ impl Agent {
             runtime: Runtime::default(),
             paths: HashMap::new(),
             unresolved: false,
+            awaited: Default::default(),
             desired: Vec::new(),
             modes: ServiceModes::new(),
             checkers: HashMap::new(),
@@ -173,7 +177,8 @@ impl Agent {
         };
         agent.runtime.sync_with(&agent.config);
         agent.runtime.local_ports = local_port_range();
-        agent.resolve().await;
+        // Before the event loop runs, waiting for every backend is harmless.
+        agent.resolve_within(RESOLVE_TIMEOUT).await;
         // Program the maps before attaching, so the first packet already finds its VIP.
         agent.reconcile()?;
         let mode = agent.xdp_mode();

@@ -21,6 +21,21 @@ impl Agent {
         let latency = report.outcome.latency;
         let detail = report.outcome.detail.clone();
         let labels = Metrics::labels(&report.service, report.address);
+        if report.outcome.local {
+            self.metrics.probe_local_errors.get_or_create(&labels).inc();
+            // Logged when they start, not at every probe of a storm.
+            if !state.local_errors {
+                log::error!(
+                    "service {}: probes of backend {} fail on this host ({detail}); \
+                     not counted against the backend",
+                    report.service,
+                    report.address
+                );
+            }
+            state.local_errors = true;
+            return;
+        }
+        state.local_errors = false;
         self.metrics.probe_latency.get_or_create(&labels).observe(latency.as_secs_f64());
         if report.outcome.ok {
             state.latency.observe(latency.as_secs_f64() * 1000.0);

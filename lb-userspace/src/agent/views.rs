@@ -97,6 +97,7 @@ impl Agent {
             services,
             outstanding_map_write: self.outstanding_write.clone(),
             discovery: self.discovery_status(),
+            pin_dir: Some(self.config.agent.pin_root()),
         })
     }
 

@@ -54,12 +54,12 @@ pub struct AgentConfig {
     /// How many services the ring map is sized for (memory: 4 × ring_size × this).
     #[serde(default = "default_max_services")]
     pub max_services: Spanned<u32>,
-    #[serde(default = "default_conntrack_size")]
+    #[serde(default = "default_conntrack_size", deserialize_with = "conntrack_size")]
     pub conntrack_size: u32,
-    #[serde(default = "default_udp_idle_timeout_s")]
+    #[serde(default = "default_udp_idle_timeout_s", deserialize_with = "idle_timeout_s")]
     pub udp_idle_timeout_s: u64,
     /// A TCP flow silent this long no longer counts as active (drain, status).
-    #[serde(default = "default_tcp_idle_timeout_s")]
+    #[serde(default = "default_tcp_idle_timeout_s", deserialize_with = "idle_timeout_s")]
     pub tcp_idle_timeout_s: u64,
     /// Where the agent listens for `xdplb` CLI commands.
     #[serde(default = "default_control_socket")]
@@ -84,7 +84,7 @@ pub struct AgentConfig {
     pub nat_table_size: Spanned<u32>,
     /// A NAT flow that saw FIN or RST keeps its translation this long once
     /// silent (for the last ACKs); then its source port is free again.
-    #[serde(default = "default_nat_fin_linger_s")]
+    #[serde(default = "default_nat_fin_linger_s", deserialize_with = "fin_linger_s")]
     pub nat_fin_linger_s: u64,
 }
 
@@ -129,7 +129,7 @@ pub struct ServiceConfig {
     pub scheduler: Scheduler,
     /// Client affinity (IPVS persistence): new flows from a client address
     /// seen within this many seconds go to the same backend. 0 = off.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "persistence_timeout_s")]
     pub persistence_timeout_s: u32,
     /// Health check of every backend; a backend may override any field.
     #[serde(default)]
@@ -138,7 +138,7 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub on_failure: OnFailure,
     /// A draining backend is reported drained after this long at the latest.
-    #[serde(default = "default_drain_timeout_s")]
+    #[serde(default = "default_drain_timeout_s", deserialize_with = "drain_timeout_s")]
     pub drain_timeout_s: u64,
     /// Backends also come from the registry ([discovery]), under
     /// PREFIX/NAME/; they join the ones listed here.
@@ -433,6 +433,41 @@ impl<'de> Deserialize<'de> for Weight {
         }
         Ok(Weight(value as u32))
     }
+}
+
+/// Limits of the plain numeric keys: every product the agent forms from
+/// them (seconds × 10^9 for the data plane, table sizes × entry sizes) fits
+/// its type with room to spare.
+pub const CONNTRACK_SIZE: std::ops::RangeInclusive<u64> = 1024..=(1 << 25);
+pub const IDLE_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=30 * 86_400;
+pub const FIN_LINGER_S: std::ops::RangeInclusive<u64> = 0..=3_600;
+pub const PERSISTENCE_TIMEOUT_S: std::ops::RangeInclusive<u64> = 0..=86_400;
+pub const DRAIN_TIMEOUT_S: std::ops::RangeInclusive<u64> = 0..=30 * 86_400;
+
+/// An integer of `range`; the error names the key and the range, and the
+/// TOML parser locates it at the value.
+fn ranged<'de, D: Deserializer<'de>>(d: D, key: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, D::Error> {
+    let value = i64::deserialize(d)?;
+    match u64::try_from(value) {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(serde::de::Error::custom(format!("{key} {value} is out of range {range:?}"))),
+    }
+}
+
+fn conntrack_size<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, "conntrack_size", CONNTRACK_SIZE).map(|v| v as u32)
+}
+fn idle_timeout_s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, "idle timeout (s)", IDLE_TIMEOUT_S)
+}
+fn fin_linger_s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, "nat_fin_linger_s", FIN_LINGER_S)
+}
+fn persistence_timeout_s<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, "persistence_timeout_s", PERSISTENCE_TIMEOUT_S).map(|v| v as u32)
+}
+fn drain_timeout_s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, "drain_timeout_s", DRAIN_TIMEOUT_S)
 }
 
 fn default_weight() -> Weight {
@@ -733,6 +768,54 @@ address = "2001:db8:0:2::11"
         assert!(config.services[0].backends[0].backup);
         assert!(!config.services[1].backends[0].backup);
         assert_eq!(config.services[0].backends[0].origin, Origin::File);
+    }
+
+    #[test]
+    fn numbers_names_and_addresses_outside_their_range_are_located() {
+        let long_name = "x".repeat(100_000);
+        let agent_key = |key: &str| GOOD.replace("interface = \"eth0\"", &format!("interface = \"eth0\"\n{key}"));
+        for (text, at, message) in [
+            (agent_key("conntrack_size = 0"), "lb.toml:4:18: ", "conntrack_size 0 is out of range 1024..=33554432"),
+            (
+                agent_key("udp_idle_timeout_s = 18446744074"),
+                "lb.toml:4:22: ",
+                "18446744074 is out of range 1..=2592000",
+            ),
+            (agent_key("tcp_idle_timeout_s = 0"), "lb.toml:4:22: ", "idle timeout (s) 0 is out of range"),
+            (agent_key("nat_fin_linger_s = -1"), "lb.toml:4:20: ", "nat_fin_linger_s -1 is out of range 0..=3600"),
+            (
+                GOOD.replace("forwarding = \"dsr\"", "forwarding = \"dsr\"\npersistence_timeout_s = 4294967296"),
+                "lb.toml:10:25: ",
+                "persistence_timeout_s 4294967296 is out of range 0..=86400",
+            ),
+            (
+                GOOD.replace("198.18.0.100:80", "224.0.0.1:80"),
+                "lb.toml:7:7: ",
+                "VIP 224.0.0.1 is not a unicast address",
+            ),
+            (GOOD.replace("198.18.0.100:80", "0.0.0.0:80"), "lb.toml:7:7: ", "VIP 0.0.0.0 is not a unicast address"),
+            (GOOD.replace("[2001:db8::100]:80", "[::]:80"), "lb.toml:17:7: ", "VIP :: is not a unicast address"),
+            (
+                GOOD.replace("address = \"198.18.1.11\"", "address = \"198.18.0.100\""),
+                "lb.toml:12:11: ",
+                "backend 198.18.0.100 is the VIP of service \"web\"",
+            ),
+            (
+                GOOD.replace("address = \"198.18.1.11\"", "address = \"255.255.255.255\""),
+                "lb.toml:12:11: ",
+                "backend 255.255.255.255 is not a unicast address",
+            ),
+            (
+                GOOD.replace("name = \"web\"", &format!("name = \"{long_name}\"")),
+                "lb.toml:6:8: ",
+                "must be 1 to 64 characters",
+            ),
+            (GOOD.replace("name = \"web\"", "name = \"a/b\""), "lb.toml:6:8: ", "service name \"a/b\" must be"),
+        ] {
+            let err = error_of(&text);
+            assert!(err.starts_with(at) && err.contains(message), "{message}: {}", &err[..err.len().min(300)]);
+            assert!(err.len() < 300, "the error quotes the whole value: {} bytes", err.len());
+        }
     }
 
     #[test]

@@ -41,10 +41,17 @@ impl Config {
         let mut vips = HashSet::new();
         for service in &self.services {
             let name = service.name.get_ref();
-            if name.is_empty() || !names.insert(name.clone()) {
-                return Err((service.name.span(), format!("duplicate or empty service name {name:?}")));
+            check_service_name(name).map_err(|e| (service.name.span(), e))?;
+            if !names.insert(name.clone()) {
+                return Err((service.name.span(), format!("duplicate service name {name:?}")));
             }
             let vip = *service.vip.get_ref();
+            if !is_unicast(vip.ip()) {
+                return Err((
+                    service.vip.span(),
+                    format!("service {name:?}: VIP {} is not a unicast address", vip.ip()),
+                ));
+            }
             if !vips.insert((vip, service.protocol)) {
                 return Err((service.vip.span(), format!("duplicate VIP {vip}/{}", service.protocol)));
             }
@@ -97,6 +104,12 @@ impl Config {
                 }
                 let addr = *backend.address.get_ref();
                 service.admits(addr).map_err(|e| (backend.address.span(), e))?;
+                if let Some(other) = self.services.iter().find(|s| s.vip.get_ref().ip() == addr.ip) {
+                    return Err((
+                        backend.address.span(),
+                        format!("backend {addr} is the VIP of service {:?}, not a backend", other.name.get_ref()),
+                    ));
+                }
                 if !addresses.insert(addr) {
                     return Err((backend.address.span(), format!("duplicate backend {addr} in service {name:?}")));
                 }
@@ -111,6 +124,9 @@ impl ServiceConfig {
     /// (file, CLI, registry).
     pub fn admits(&self, addr: BackendAddress) -> Result<(), String> {
         let vip = *self.vip.get_ref();
+        if !is_unicast(addr.ip) {
+            return Err(format!("backend {addr} is not a unicast address"));
+        }
         // A tunnel carries either family in either; L2 DSR hands the
         // client's packet over as it is, and NAT rewrites addresses in place.
         if addr.ip.is_ipv4() != vip.is_ipv4() && !self.forwarding.is_tunnel() {
@@ -204,6 +220,30 @@ impl HealthSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// Service names appear in metrics labels, logs, CLI arguments and registry
+/// keys (PREFIX/NAME/ADDRESS): short, and without separators or blanks.
+pub const MAX_SERVICE_NAME: usize = 64;
+
+fn check_service_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > MAX_SERVICE_NAME || !name.chars().all(allowed) {
+        let shown: String = name.chars().take(MAX_SERVICE_NAME).collect();
+        return Err(format!(
+            "service name {shown:?}{} must be 1 to {MAX_SERVICE_NAME} characters of A-Z a-z 0-9 - _ .",
+            if name.chars().count() > MAX_SERVICE_NAME { "…" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+/// Neither unspecified, multicast, broadcast nor loopback.
+fn is_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.is_loopback()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast() || v6.is_loopback()),
     }
 }
 

@@ -452,6 +452,25 @@ pub fn stop(socket: &std::path::Path, config: Option<PathBuf>, pin_dir: Option<P
         None => (socket.to_path_buf(), pin_dir),
     };
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        // Only the agent whose state the operator named: never another one
+        // that happens to answer on this socket.
+        if let Some(wanted) = &pin_root {
+            let owned = match control::call(&socket, &Request::Status {})? {
+                Response::Status { status, .. } => status.pin_dir,
+                Response::Error { error, .. } => bail!("{error}"),
+                Response::Done { message, .. } => bail!("unexpected answer {message:?}"),
+            };
+            if owned.as_deref().is_some_and(|owned| !same_path(owned, wanted)) {
+                bail!(
+                    "the agent at {} owns {}, not {}: nothing stopped or removed (give --socket of the agent \
+                     that owns {}, or stop that agent first)",
+                    socket.display(),
+                    owned.unwrap().display(),
+                    wanted.display(),
+                    wanted.display()
+                );
+            }
+        }
         match control::call(&socket, &Request::Stop { detach: true })? {
             Response::Error { error, .. } => bail!("{error}"),
             _ => {
@@ -474,6 +493,12 @@ pub fn stop(socket: &std::path::Path, config: Option<PathBuf>, pin_dir: Option<P
         return Ok(format!("nothing pinned in {}\n", root.display()));
     }
     Ok(format!("removed {} pin(s) in {}; the program is detached\n", removed.len(), root.display()))
+}
+
+/// Whether two paths name the same directory (either may not exist).
+fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    canonical(a) == canonical(b)
 }
 
 /// `xdplb top`: rates between two status samples, like `ipvsadm -L --rate`.

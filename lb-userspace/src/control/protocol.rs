@@ -88,6 +88,9 @@ pub struct Status {
     /// The registry, when `[discovery]` is configured.
     #[serde(default)]
     pub discovery: Option<DiscoveryStatus>,
+    /// Where this agent's maps and link are pinned ([agent] pin_dir).
+    #[serde(default)]
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// The registry connection as `status` shows it.
@@ -243,6 +246,7 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
         interface: "eth0".into(),
         outstanding_map_write: None,
         discovery: None,
+        pin_dir: None,
         services: vec![ServiceStatus {
             name: "web".into(),
             vip: "198.18.0.100:80".parse().unwrap(),

@@ -141,6 +141,8 @@ pub fn parse_entry(prefix: &str, key: &str, value: &str) -> Result<(String, Back
 /// service full).
 pub fn merge(config: &mut Config, pools: &Pools) -> BTreeMap<String, String> {
     let mut skipped = BTreeMap::new();
+    let vips: BTreeMap<std::net::IpAddr, String> =
+        config.services.iter().map(|s| (s.vip.get_ref().ip(), s.name.get_ref().clone())).collect();
     for service in &mut config.services {
         service.backends.retain(|b| b.origin != Origin::Etcd);
         if !service.discovers() {
@@ -154,6 +156,8 @@ pub fn merge(config: &mut Config, pools: &Pools) -> BTreeMap<String, String> {
         for (key, address, registration) in pools.backends.get(&name).into_iter().flatten() {
             let refusal = if let Err(err) = service.admits(*address) {
                 Some(format!("service {name:?}: {err}"))
+            } else if let Some(owner) = vips.get(&address.ip) {
+                Some(format!("backend {address} is the VIP of service {owner:?}"))
             } else if let Some(existing) = service.backends.iter().find(|b| b.address.get_ref() == address) {
                 Some(format!(
                     "service {name:?} lists backend {address} already (from the {}); that entry applies",

@@ -15,6 +15,10 @@ pub struct ProbeOutcome {
     /// "connected", "HTTP 200", "connection refused", "timed out after 500ms", ...
     pub detail: String,
     pub at: SystemTime,
+    /// Failed for a reason on the LB itself (out of file descriptors or
+    /// buffers, no route, no local address): no evidence against the
+    /// backend, so it counts toward neither `fall` nor `rise`.
+    pub local: bool,
 }
 
 /// Consecutive-result health state of one backend. A backend starts up (so
@@ -39,6 +43,9 @@ impl Default for HealthState {
 impl HealthState {
     /// Records a probe; returns the new state when it changed.
     pub fn record(&mut self, outcome: ProbeOutcome, rise: u32, fall: u32) -> Option<bool> {
+        if outcome.local {
+            return None;
+        }
         if outcome.ok {
             self.ok_streak += 1;
             self.fail_streak = 0;
@@ -62,7 +69,13 @@ mod tests {
     use super::*;
 
     fn outcome(ok: bool) -> ProbeOutcome {
-        ProbeOutcome { ok, latency: Duration::from_millis(1), detail: String::new(), at: SystemTime::UNIX_EPOCH }
+        ProbeOutcome {
+            ok,
+            latency: Duration::from_millis(1),
+            detail: String::new(),
+            at: SystemTime::UNIX_EPOCH,
+            local: false,
+        }
     }
 
     fn feed(state: &mut HealthState, results: &str, rise: u32, fall: u32) -> Vec<Option<bool>> {
@@ -91,6 +104,20 @@ mod tests {
         assert!(!s.up);
         assert_eq!(feed(&mut s, "++", 2, 3), [None, Some(true)]);
         assert_eq!(s.transitions, 2);
+    }
+
+    #[test]
+    fn local_failures_count_toward_nothing() {
+        let mut s = HealthState::default();
+        let local = ProbeOutcome { local: true, ..outcome(false) };
+        for _ in 0..100 {
+            assert_eq!(s.record(local.clone(), 2, 3), None);
+        }
+        assert!(s.up, "local errors marked the backend down");
+        // Nor do they break a streak: two failures, local ones, a third failure.
+        assert_eq!(feed(&mut s, "--", 2, 3), [None, None]);
+        assert_eq!(s.record(local, 2, 3), None);
+        assert_eq!(feed(&mut s, "-", 2, 3), [Some(false)]);
     }
 
     #[test]

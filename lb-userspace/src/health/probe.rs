@@ -70,14 +70,46 @@ pub async fn probe(address: IpAddr, check: &HealthCheck, tunnel_slot: u32) -> Pr
         HealthKind::None => Ok("not checked".to_string()),
         kind => match tokio::time::timeout(check.timeout, probe_once(kind, address, check, tunnel_slot)).await {
             Ok(result) => result,
-            Err(_) => Err(format!("timed out after {:?}", check.timeout)),
+            Err(_) => Err(Failure::Backend(format!("timed out after {:?}", check.timeout))),
         },
     };
     let latency = start.elapsed();
     match result {
-        Ok(detail) => ProbeOutcome { ok: true, latency, detail, at },
-        Err(detail) => ProbeOutcome { ok: false, latency, detail, at },
+        Ok(detail) => ProbeOutcome { ok: true, latency, detail, at, local: false },
+        Err(Failure::Backend(detail)) => ProbeOutcome { ok: false, latency, detail, at, local: false },
+        Err(Failure::Local(detail)) => ProbeOutcome { ok: false, latency, detail, at, local: true },
     }
+}
+
+/// Why a probe failed: the backend, or the LB itself.
+enum Failure {
+    Backend(String),
+    Local(String),
+}
+
+impl From<String> for Failure {
+    fn from(detail: String) -> Self {
+        Failure::Backend(detail)
+    }
+}
+
+/// Errors a probe meets on the LB host itself, whatever the backend does:
+/// out of file descriptors, buffers or memory, no route or no usable local
+/// address, or the host's own firewall. ECONNREFUSED, EHOSTUNREACH (the
+/// neighbour does not answer) and timeouts are the backend's.
+pub fn is_local_failure(err: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    let local = [
+        Errno::EMFILE,
+        Errno::ENFILE,
+        Errno::ENOBUFS,
+        Errno::ENOMEM,
+        Errno::ENETUNREACH,
+        Errno::EADDRNOTAVAIL,
+        Errno::EPERM,
+        Errno::EACCES,
+    ];
+    err.raw_os_error().is_some_and(|code| local.iter().any(|e| *e as i32 == code))
 }
 
 async fn probe_once(
@@ -85,18 +117,26 @@ async fn probe_once(
     address: IpAddr,
     check: &HealthCheck,
     tunnel_slot: u32,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     let (target, mark) = match check.through_tunnel {
         Some(vip) if tunnel_slot == 0 => {
-            return Err(format!("no tunnel to the backend yet (probing {vip} through it needs a resolved path)"));
+            return Err(Failure::Backend(format!(
+                "no tunnel to the backend yet (probing {vip} through it needs a resolved path)"
+            )));
         }
         Some(vip) => (SocketAddr::new(vip, check.port), Some(lb_common::PROBE_MARK | tunnel_slot)),
         None => (SocketAddr::new(address, check.port), None),
     };
-    let stream = connect(target, mark).await.map_err(|e| e.to_string())?;
+    let stream = connect(target, mark).await.map_err(|e| {
+        if is_local_failure(&e) {
+            Failure::Local(format!("local error, not counted: {e}"))
+        } else {
+            Failure::Backend(e.to_string())
+        }
+    })?;
     let via = if mark.is_some() { " through the tunnel" } else { "" };
     match kind {
-        HealthKind::Http => http_get(stream, target, check).await.map(|status| format!("{status}{via}")),
+        HealthKind::Http => Ok(http_get(stream, target, check).await.map(|status| format!("{status}{via}"))?),
         _ => Ok(format!("connected{via}")),
     }
 }
@@ -147,4 +187,28 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         source = next;
     }
     source.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Error;
+
+    use super::*;
+
+    #[test]
+    fn failures_of_the_lb_itself_are_told_from_the_backends() {
+        for local in [libc_errno(nix::errno::Errno::EMFILE), libc_errno(nix::errno::Errno::ENOBUFS)] {
+            assert!(is_local_failure(&local), "{local}");
+        }
+        assert!(is_local_failure(&libc_errno(nix::errno::Errno::ENETUNREACH)));
+        for backend in [nix::errno::Errno::ECONNREFUSED, nix::errno::Errno::EHOSTUNREACH, nix::errno::Errno::ETIMEDOUT]
+        {
+            assert!(!is_local_failure(&libc_errno(backend)), "{backend}");
+        }
+        assert!(!is_local_failure(&Error::other("no errno")));
+    }
+
+    fn libc_errno(errno: nix::errno::Errno) -> Error {
+        Error::from_raw_os_error(errno as i32)
+    }
 }

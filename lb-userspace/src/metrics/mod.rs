@@ -89,6 +89,8 @@ pub struct Metrics {
     reading: Arc<ReadingCollector>,
     pub probe_latency: Family<BackendLabels, Histogram>,
     pub transitions: Family<BackendLabels, Counter>,
+    /// Probes that failed on the LB itself (not counted against backends).
+    pub probe_local_errors: Family<BackendLabels, Counter>,
     pub map_update_errors: Counter,
 }
 
@@ -98,6 +100,12 @@ impl Default for Metrics {
         let probe_latency = Family::<BackendLabels, Histogram>::new_with_constructor(latency_histogram);
         let transitions = Family::<BackendLabels, Counter>::default();
         let map_update_errors = Counter::default();
+        let probe_local_errors = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "backend_probe_local_errors",
+            "Probes that failed on the LB host itself (EMFILE, ENOBUFS, no route); not counted against the backend",
+            probe_local_errors.clone(),
+        );
         let reading = Arc::new(ReadingCollector::default());
         registry.register("backend_probe_latency_seconds", "Health probe latency", probe_latency.clone());
         registry.register(
@@ -111,7 +119,7 @@ impl Default for Metrics {
             map_update_errors.clone(),
         );
         registry.register_collector(Box::new(reading.clone()));
-        Self { registry, reading, probe_latency, transitions, map_update_errors }
+        Self { registry, reading, probe_latency, transitions, probe_local_errors, map_update_errors }
     }
 }
 

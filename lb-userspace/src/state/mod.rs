@@ -54,6 +54,8 @@ pub struct BackendRuntime {
     pub latency: Ewma,
     /// The weight least_response_time derived last; 0 until it has.
     pub derived_weight: u32,
+    /// The last probe failed for a reason on the LB itself.
+    pub local_errors: bool,
 }
 
 impl Default for BackendRuntime {
@@ -64,6 +66,7 @@ impl Default for BackendRuntime {
             active_flows: 0,
             latency: Ewma::default(),
             derived_weight: 0,
+            local_errors: false,
         }
     }
 }
@@ -335,8 +338,13 @@ mod tests {
 
     fn set_health(runtime: &mut Runtime, n: u8, up: bool) {
         let state = runtime.get_mut("web", addr(n)).unwrap();
-        let outcome =
-            ProbeOutcome { ok: up, latency: Duration::ZERO, detail: String::new(), at: std::time::SystemTime::now() };
+        let outcome = ProbeOutcome {
+            ok: up,
+            latency: Duration::ZERO,
+            detail: String::new(),
+            at: std::time::SystemTime::now(),
+            local: false,
+        };
         while state.health.up != up {
             state.health.record(outcome.clone(), 1, 1);
         }
