@@ -289,16 +289,27 @@ fn assert_shares(counts: &BTreeMap<String, usize>, weights: [u32; 3], what: &str
 }
 
 fn assert_shares_of(counts: &BTreeMap<String, usize>, names: [&str; 3], weights: [u32; 3], what: &str) {
+    if let Err(err) = shares_within(counts, names, weights) {
+        panic!("{what}: {err}");
+    }
+}
+
+/// Each backend's share within 25% of its weight's, and within five
+/// standard deviations of a binomial draw of that many connections, which
+/// ever is tighter: over 1,200 connections a 1:2:2 split fails a 1:2:3 check.
+fn shares_within(counts: &BTreeMap<String, usize>, names: [&str; 3], weights: [u32; 3]) -> Result<(), String> {
     let total: usize = counts.values().sum();
     let weight_sum: u32 = weights.iter().sum();
     for (name, weight) in names.iter().zip(weights) {
-        let expected = total as f64 * weight as f64 / weight_sum as f64;
+        let p = weight as f64 / weight_sum as f64;
+        let expected = total as f64 * p;
+        let bound = (0.25 * expected).min(5.0 * (total as f64 * p * (1.0 - p)).sqrt());
         let got = *counts.get(*name).unwrap_or(&0) as f64;
-        assert!(
-            (got - expected).abs() <= 0.25 * expected,
-            "{what}: {name} got {got} of {total}, expected {expected:.0} ± 25%; all: {counts:?}"
-        );
+        if (got - expected).abs() > bound {
+            return Err(format!("{name} got {got} of {total}, expected {expected:.0} ± {bound:.0}; all: {counts:?}"));
+        }
     }
+    Ok(())
 }
 
 /// Segments the client's TCP stack has sent (first transmissions and retransmissions).
@@ -332,12 +343,15 @@ fn new_connections_follow_equal_then_weighted_shares_and_replies_bypass_the_lb()
     let agent = Agent::start(&topology, &config([1, 1, 1]));
     let sent_before = tcp_segments_sent(&topology);
 
-    assert_shares(&spread(&topology, VIP4, 600), [1, 1, 1], "IPv4 equal");
-    assert_shares(&spread(&topology, VIP6, 600), [1, 1, 1], "IPv6 equal");
+    assert_shares(&spread(&topology, VIP4, 1200), [1, 1, 1], "IPv4 equal");
+    assert_shares(&spread(&topology, VIP6, 1200), [1, 1, 1], "IPv6 equal");
 
     agent.reload(&config([1, 2, 3]));
-    assert_shares(&spread(&topology, VIP4, 600), [1, 2, 3], "IPv4 1:2:3");
-    assert_shares(&spread(&topology, VIP6, 600), [1, 2, 3], "IPv6 1:2:3");
+    let counts = spread(&topology, VIP4, 1200);
+    assert_shares(&counts, [1, 2, 3], "IPv4 1:2:3");
+    assert_shares(&spread(&topology, VIP6, 1200), [1, 2, 3], "IPv6 1:2:3");
+    // The check can fail: the same counts do not pass for a 1:2:2 weighting.
+    assert!(shares_within(&counts, NAMES, [1, 2, 2]).is_err(), "1:2:3 counts {counts:?} pass as 1:2:2");
 
     let sent = tcp_segments_sent(&topology) - sent_before;
     let summary = agent.stop();
@@ -653,16 +667,7 @@ fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
     wait_for_backend(&agent, BACKENDS4[2], "down (closed TCP port)", |b| {
         b.health == Health::Down && b.last_probe.as_ref().is_some_and(|p| p.detail.contains("refused"))
     });
-    let set = |code: u16| {
-        let url: SocketAddr = format!("{}:80", BACKENDS4[1]).parse().unwrap();
-        in_netns(&topology.ns("client"), move || {
-            let mut s = TcpStream::connect_timeout(&url, Duration::from_secs(2)).unwrap();
-            write!(s, "GET /admin/healthz/{code} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").unwrap();
-            let mut r = String::new();
-            s.read_to_string(&mut r).unwrap();
-            assert!(r.contains(&format!("healthz {code}")), "{r}");
-        })
-    };
+    let set = |code: u16| set_healthz(&topology, BACKENDS4[1], code);
     set(503);
     wait_for_backend(&agent, BACKENDS4[1], "down (HTTP 503)", |b| {
         b.health == Health::Down && b.last_probe.as_ref().is_some_and(|p| p.detail.contains("HTTP 503"))
@@ -673,8 +678,149 @@ fn wrong_http_status_and_closed_tcp_port_mark_backends_down() {
     set(200);
     wait_for_backend(&agent, BACKENDS4[1], "up again", |b| b.health == Health::Up && b.in_ring);
     let (ok, table, _) = agent.cli(&["status"]);
-    assert!(ok && table.contains("HTTP 200") && table.contains("down") && table.contains("IN RING"), "{table}");
+    assert!(ok, "{table}");
+    let b2 = status_row(&table, BACKENDS4[1]);
+    assert!(b2.contains(" up ") && b2.contains("HTTP 200") && b2.contains(" yes "), "{b2}");
+    let b3 = status_row(&table, BACKENDS4[2]);
+    assert!(b3.contains(" down ") && b3.contains(" no "), "{b3}");
     agent.stop();
+}
+
+/// Makes the backend server at `address` answer /healthz with `code`.
+fn set_healthz(topology: &Topology, address: &str, code: u16) {
+    let url: SocketAddr = format!("{address}:80").parse().unwrap();
+    in_netns(&topology.ns("client"), move || {
+        let mut s = TcpStream::connect_timeout(&url, Duration::from_secs(2)).unwrap();
+        write!(s, "GET /admin/healthz/{code} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.contains(&format!("healthz {code}")), "{r}");
+    })
+}
+
+const HTTP_HEALTH_200MS: &str = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n";
+
+#[test]
+fn every_backend_failing_its_checks_fails_open_and_keeps_forwarding() {
+    let topology = topology();
+    let agent = Agent::start(&topology, &config_with_health(HTTP_HEALTH_200MS, &[(0, 1), (1, 1), (2, 1)], ""));
+    // The servers keep serving; only their health checks fail.
+    for address in BACKENDS4 {
+        set_healthz(&topology, address, 503);
+    }
+    for address in BACKENDS4 {
+        wait_for_backend(&agent, address, "down", |b| b.health == Health::Down);
+    }
+    let status = agent.status();
+    assert!(status.services[0].fail_open, "{status:?}");
+    assert!(status.services[0].backends.iter().all(|b| b.in_ring), "{status:?}");
+    agent.wait_for_log("EVERY backend is down; failing open", 1);
+    let counts = spread(&topology, VIP4, 60);
+    assert_eq!(counts.len(), 3, "failing open, every backend takes new connections: {counts:?}");
+    // One comes back: it alone takes new connections.
+    set_healthz(&topology, BACKENDS4[0], 200);
+    wait_for_backend(&agent, BACKENDS4[0], "up", |b| b.health == Health::Up);
+    assert!(!agent.status().services[0].fail_open);
+    assert_eq!(spread(&topology, VIP4, 30), BTreeMap::from([("b1".to_string(), 30)]));
+    agent.wait_for_log("no longer failing open", 1);
+    agent.stop();
+}
+
+#[test]
+fn on_failure_keep_leaves_established_flows_on_a_failed_backend() {
+    let topology = topology();
+    let health = format!("on_failure = \"keep\"\n{HTTP_HEALTH_200MS}");
+    let agent = Agent::start(&topology, &config_with_health(&health, &[(0, 1), (1, 1), (2, 1)], ""));
+    let mut conn = LongLived::open(&topology, VIP4);
+    let home = conn.get();
+    let address = BACKENDS4[NAMES.iter().position(|n| *n == home).unwrap()];
+    set_healthz(&topology, address, 503);
+    wait_for_backend(&agent, address, "down and out of the ring", |b| b.health == Health::Down && !b.in_ring);
+    for _ in 0..5 {
+        assert_eq!(conn.get(), home, "the established connection left its failed backend");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let counts = spread(&topology, VIP4, 30);
+    assert!(!counts.contains_key(&home), "new connections reached the failed backend: {counts:?}");
+    set_healthz(&topology, address, 200);
+    agent.stop();
+}
+
+#[test]
+fn a_drain_ends_at_drain_timeout_s_while_connections_remain() {
+    let topology = topology();
+    let agent = Agent::start(&topology, &config_with_health("drain_timeout_s = 2\n", &[(0, 1), (1, 1), (2, 1)], ""));
+    let mut conn = LongLived::open(&topology, VIP4);
+    let home = conn.get();
+    let address = BACKENDS4[NAMES.iter().position(|n| *n == home).unwrap()];
+    let (ok, _, err) = agent.cli(&["backend", "drain", "web", address]);
+    assert!(ok, "{err}");
+    let started = Instant::now();
+    let drained = wait_for_backend(&agent, address, "drained", |b| b.admin == Admin::Drained);
+    let took = drained - started;
+    eprintln!("measured: drained by its 2 s timeout after {took:?}, one connection still open");
+    // The timeout, then at most one busy maintenance pass (1 s) and the poll.
+    assert!(took >= Duration::from_secs(2) && took <= Duration::from_millis(3500), "{took:?}");
+    agent.wait_for_log("drained (drain timeout passed)", 1);
+    assert_eq!(conn.get(), home, "drained means no new flows, not a cut connection");
+    agent.stop();
+}
+
+/// One UDP exchange from the client's `source_port`; the answering backend's name.
+fn udp_ask_from(vip: SocketAddr, source_port: u16) -> String {
+    let any = if vip.is_ipv4() { "0.0.0.0" } else { "[::]" };
+    let socket = std::net::UdpSocket::bind(format!("{any}:{source_port}")).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    socket.connect(vip).unwrap();
+    for _ in 0..5 {
+        socket.send(b"who").unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = socket.recv(&mut buf) {
+            return String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    panic!("no UDP answer from {vip} to port {source_port}");
+}
+
+#[test]
+fn a_udp_service_spreads_datagram_flows_and_keeps_each_on_its_backend() {
+    let topology = topology();
+    let mut config = String::from("[agent]\ninterface = \"eth0\"\n");
+    for (name, vip, backends) in [("dns", "198.18.0.100:53", BACKENDS4), ("dns6", "[2001:db8::100]:53", BACKENDS6)] {
+        config += &format!("\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"udp\"\n");
+        for address in backends {
+            config += &format!("\n[[service.backend]]\naddress = \"{address}\"\n");
+        }
+    }
+    let agent = Agent::start(&topology, &config);
+    for vip in ["198.18.0.100:53", "[2001:db8::100]:53"] {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let ports = topology.client_ports(300);
+        let counts = in_netns(&topology.ns("client"), move || {
+            let mut counts = BTreeMap::new();
+            for port in ports {
+                *counts.entry(udp_ask_from(vip, port)).or_insert(0) += 1;
+            }
+            counts
+        });
+        assert_shares(&counts, [1, 1, 1], &format!("UDP flows to {vip}"));
+        // One flow (the same source port) stays on one backend.
+        let port = topology.client_ports(1)[0];
+        let answers: BTreeSet<String> =
+            in_netns(&topology.ns("client"), move || (0..20).map(|_| udp_ask_from(vip, port)).collect());
+        assert_eq!(answers.len(), 1, "one UDP flow reached several backends: {answers:?}");
+    }
+    let status = agent.status();
+    assert!(status.services.iter().all(|s| s.new_flows >= 301), "{status:?}");
+    agent.stop();
+}
+
+/// The `status` table's row of backend `address`.
+fn status_row<'a>(table: &'a str, address: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{address} ")))
+        .unwrap_or_else(|| panic!("no row for {address} in\n{table}"))
 }
 
 #[test]
@@ -830,15 +976,37 @@ fn only_root_may_use_the_control_socket() {
     // Let nobody reach the socket file itself: the mode alone must stop it.
     let dir = agent.socket.parent().unwrap();
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", XDPLB, "--socket"])
-        .arg(&agent.socket)
-        .arg("status")
-        .output()
-        .unwrap();
+    // A copy nobody can run (the build tree may not be), proven to run.
+    let copy = TempDir(std::env::temp_dir().join(format!("xdplb-nobody-{}", topology.prefix)));
+    std::fs::create_dir_all(&copy.0).unwrap();
+    let binary = copy.0.join("xdplb");
+    std::fs::copy(XDPLB, &binary).unwrap();
+    for path in [&copy.0, &binary] {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let as_nobody = || {
+        let mut command = Command::new("setpriv");
+        command.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]).arg(&binary);
+        command
+    };
+    let version = as_nobody().arg("--version").output().unwrap();
+    assert!(
+        version.status.success() && String::from_utf8_lossy(&version.stdout).starts_with("xdplb "),
+        "the binary does not run as nobody: {}",
+        String::from_utf8_lossy(&version.stderr)
+    );
+    let out = as_nobody().arg("--socket").arg(&agent.socket).arg("status").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "nobody got an answer: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(err.contains("Permission denied"), "{err}");
+    // The refusal is the socket's, not the binary failing to run as nobody.
+    assert!(err.contains("connecting to the agent at") && err.contains("Permission denied"), "{err}");
+    // A socket someone made world-writable: the agent's own credential
+    // check refuses, and the CLI prints that refusal (not "Broken pipe").
+    std::fs::set_permissions(&agent.socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let out = as_nobody().arg("--socket").arg(&agent.socket).arg("status").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("permission denied: only root may control xdplb"), "{err}");
+    agent.wait_for_log("control socket: refused a connection from uid", 1);
     let (ok, _, _) = agent.cli(&["status"]);
     assert!(ok, "root lost access");
     agent.stop();
@@ -847,13 +1015,18 @@ fn only_root_may_use_the_control_socket() {
 // ---- operations: pinned state, restart, upgrade, metrics, top ------------
 
 /// Sum of a metric over the label sets whose text contains `labels`.
+/// The sum of the series of `name` whose labels contain `labels`; a series
+/// that is absent fails the test (it must never read as 0).
 fn metric(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .filter(|l| l.contains(labels))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
+        .collect();
+    assert!(!values.is_empty(), "no series {name} with {labels:?} in the scrape:\n{text}");
+    values.iter().sum()
 }
 
 fn scrape(topology: &Topology, address: &str) -> String {
@@ -885,6 +1058,7 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     let stream = steady_stream(&topology, VIP4, stop.clone());
     thread::sleep(Duration::from_millis(800));
     let before_kill = agent.status().services[0].packets;
+    let sent_before_kill = tcp_segments_sent(&topology);
     let first_program = lb_program_id(&topology).expect("a program on eth0");
 
     // 1. SIGKILL: forwarding goes on without any agent.
@@ -897,8 +1071,15 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     // 2. A new agent adopts the pinned state.
     let agent = Agent::start(&topology, &config);
     assert!(agent.log_text().contains("adopting the pinned state"), "{}", agent.log_text());
+    // Every segment the client sent meanwhile was counted: no counter
+    // restarted (the client sends TCP to the VIP only).
+    let sent_by_restart = tcp_segments_sent(&topology);
     let after_restart = agent.status().services[0].packets;
-    assert!(after_restart > before_kill, "counters restarted: {after_restart} <= {before_kill}");
+    let sent = sent_by_restart - sent_before_kill;
+    assert!(
+        after_restart >= before_kill + sent,
+        "counters lost packets: {before_kill} → {after_restart}, while the client sent {sent}"
+    );
     for (c, home) in &mut long_lived {
         assert_eq!(c.get(), *home, "a long-lived connection moved after the restart");
     }
@@ -918,8 +1099,13 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     for (c, home) in &mut long_lived {
         assert_eq!(c.get(), *home, "a long-lived connection moved after the upgrade");
     }
+    let sent_by_upgrade = tcp_segments_sent(&topology);
     let after_upgrade = agent.status().services[0].packets;
-    assert!(after_upgrade > after_restart);
+    let sent = sent_by_upgrade - sent_by_restart;
+    assert!(
+        after_upgrade >= after_restart + sent,
+        "counters lost packets: {after_restart} → {after_upgrade}, while the client sent {sent}"
+    );
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = stream.join().unwrap();
@@ -1044,7 +1230,11 @@ fn idle_control_connections_cannot_starve_the_agent_or_fail_its_probes() {
         thread::sleep(Duration::from_millis(100));
     }
     let (ok, table, err) = agent.cli(&["status"]);
-    assert!(ok && table.contains("IN RING"), "{err}");
+    assert!(ok, "{err}");
+    for address in BACKENDS4 {
+        let row = status_row(&table, address);
+        assert!(row.contains(" up ") && row.contains(" yes "), "{row}");
+    }
     let (fds, rss) = fds_and_rss(pid);
     eprintln!(
         "measured: under 20,400 idle control connections: status answered in at most {slowest:?}, \
@@ -1113,6 +1303,7 @@ fn metrics_match_the_traffic_and_show_a_dead_backend() {
     assert!(metric(&text, "xdplb_backend_probe_latency_seconds_count", "198.18.1.11") > 0.0);
     assert!(metric(&text, "xdplb_xdp_actions_total", "action=\"redirect\"") > 0.0);
     assert_eq!(metric(&text, "xdplb_backend_health", "198.18.1.11"), 1.0);
+    assert_eq!(metric(&text, "xdplb_backend_in_ring", "198.18.1.11"), 1.0);
 
     kill_backend_server(&topology, "b1");
     wait_for_backend(&agent, BACKENDS4[0], "down", |b| b.health == Health::Down);
@@ -2093,13 +2284,23 @@ struct Etcd {
     child: Option<Child>,
     ns: String,
     dir: TempDir,
+    url: String,
+    /// Server flags beyond the defaults (TLS).
+    server_args: Vec<String>,
+    /// etcdctl flags beyond the endpoint (CA, user).
+    ctl_args: Vec<String>,
 }
 
 impl Etcd {
     fn start(topology: &Topology) -> Self {
+        Self::start_with(topology, ETCD, Vec::new(), Vec::new())
+    }
+
+    fn start_with(topology: &Topology, url: &str, server_args: Vec<String>, ctl_args: Vec<String>) -> Self {
         let dir = std::env::temp_dir().join(format!("xdplb-etcd-{}", topology.prefix));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut etcd = Etcd { child: None, ns: topology.ns("sw"), dir: TempDir(dir) };
+        let mut etcd =
+            Etcd { child: None, ns: topology.ns("sw"), dir: TempDir(dir), url: url.into(), server_args, ctl_args };
         etcd.restart();
         etcd
     }
@@ -2111,7 +2312,8 @@ impl Etcd {
             .arg(format!("--net=/run/netns/{}", self.ns))
             .args(["etcd", "--name", "t", "--data-dir"])
             .arg(self.dir.0.join("data"))
-            .args(["--listen-client-urls", ETCD, "--advertise-client-urls", ETCD])
+            .args(["--listen-client-urls", &self.url, "--advertise-client-urls", &self.url])
+            .args(&self.server_args)
             .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
             .args(["--initial-cluster", &format!("t={peer}")])
             .stdout(Stdio::null())
@@ -2135,7 +2337,8 @@ impl Etcd {
     fn ctl_status(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.ns))
-            .args(["etcdctl", "--endpoints", ETCD, "--dial-timeout", "1s", "--command-timeout", "2s"])
+            .args(["etcdctl", "--endpoints", &self.url, "--dial-timeout", "1s", "--command-timeout", "2s"])
+            .args(&self.ctl_args)
             .args(args)
             .env("ETCDCTL_API", "3")
             .output()
@@ -2182,12 +2385,17 @@ struct Sidecar {
 
 impl Sidecar {
     fn start(topology: &Topology, name: &str, address: &str, extra: &[&str]) -> Self {
+        Self::start_with(topology, name, address, &[&["--etcd", ETCD][..], extra].concat())
+    }
+
+    /// `args` name the endpoint (and TLS, user) themselves.
+    fn start_with(topology: &Topology, name: &str, address: &str, args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("xdplb-register-{}-{name}.log", topology.prefix));
         let ttl = REGISTRY_TTL_S.to_string();
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", topology.ns(name)))
-            .args([XDPLB, "register", "--etcd", ETCD, "--service", "web", "--address", address, "--ttl", &ttl])
-            .args(extra)
+            .args([XDPLB, "register", "--service", "web", "--address", address, "--ttl", &ttl])
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(File::create(&log).unwrap())
@@ -2334,6 +2542,97 @@ fn backends_follow_etcd_registrations_heartbeats_and_deregistration() {
     assert!(!counts.contains_key("b2") && !counts.contains_key("b3") && counts.len() == 2, "{counts:?}");
     drop((b1, b4));
     agent.stop();
+    let _ = std::fs::remove_file(discovery_cache(&topology));
+}
+
+/// A CA and a certificate for 198.18.1.1 signed by it, in `dir`:
+/// ca.pem, server.pem, server.key.
+fn test_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let key = ["-newkey", "rsa:2048", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &key[..],
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=xdplb-test-ca"][..],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:198.18.1.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    openssl(
+        &[&["req"][..], &key[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=etcd"][..]].concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+    ]);
+}
+
+#[test]
+fn discovery_and_registration_work_over_tls_with_etcd_users() {
+    let topology = topology();
+    let certs = TempDir(std::env::temp_dir().join(format!("xdplb-certs-{}", topology.prefix)));
+    std::fs::create_dir_all(&certs.0).unwrap();
+    test_certificates(&certs.0);
+    let file = |name: &str| certs.0.join(name).to_str().unwrap().to_string();
+    let url = "https://198.18.1.1:2379";
+    let server_args = vec!["--cert-file".into(), file("server.pem"), "--key-file".into(), file("server.key")];
+    let mut etcd = Etcd::start_with(&topology, url, server_args, vec!["--cacert".into(), file("ca.pem")]);
+    // root, a read-only user for the LB, a writer for the backends.
+    for args in [
+        &["user", "add", "root:rootpw", "--interactive=false"][..],
+        &["role", "add", "lb-read"],
+        &["role", "grant-permission", "lb-read", "--prefix=true", "read", "/xdplb/services/"],
+        &["role", "add", "backend-write"],
+        &["role", "grant-permission", "backend-write", "--prefix=true", "readwrite", "/xdplb/services/"],
+        &["user", "add", "xdplb:lbpw", "--interactive=false"],
+        &["user", "grant-role", "xdplb", "lb-read"],
+        &["user", "add", "backend:bepw", "--interactive=false"],
+        &["user", "grant-role", "backend", "backend-write"],
+        &["auth", "enable"],
+    ] {
+        etcd.ctl(args);
+    }
+    etcd.ctl_args.extend(["--user".to_string(), "root:rootpw".to_string()]);
+    std::fs::write(certs.0.join("lb-password"), "lbpw\n").unwrap();
+    std::fs::write(certs.0.join("backend-password"), "bepw\n").unwrap();
+    let (ca, backend_password) = (file("ca.pem"), file("backend-password"));
+    let args = ["--etcd", url, "--ca-file", &ca, "--username", "backend", "--password-file", &backend_password];
+    let sidecar = Sidecar::start_with(&topology, "b1", BACKENDS4[0], &args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while etcd.keys().is_empty() {
+        assert!(Instant::now() < deadline, "the sidecar did not register over TLS: {}", sidecar.log_text());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let discovery = format!(
+        "[discovery]\netcd = [\"{url}\"]\nca_file = \"{}\"\nusername = \"xdplb\"\npassword_file = \"{}\"\n",
+        file("ca.pem"),
+        file("lb-password")
+    );
+    let config = discovery_config("", "").replace(&format!("[discovery]\netcd = [\"{ETCD}\"]\n"), &discovery);
+    let agent = Agent::start(&topology, &config);
+    assert_eq!(backends_of(&agent).get(BACKENDS4[0]).map(String::as_str), Some("etcd"), "{}", agent.log_text());
+    assert!(agent.status().discovery.unwrap().up);
+    assert_eq!(spread(&topology, VIP4, 20), BTreeMap::from([("b1".to_string(), 20)]));
+    agent.stop();
+    let (status, out) = sidecar.end("TERM");
+    assert!(status.success() && out.contains("deregistered"), "{status} {out}");
     let _ = std::fs::remove_file(discovery_cache(&topology));
 }
 
