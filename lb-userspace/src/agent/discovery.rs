@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use tokio::sync::mpsc;
@@ -29,7 +29,10 @@ pub(super) struct Discovery {
     view: RegistryView,
     events: mpsc::UnboundedReceiver<Event>,
     up: bool,
+    /// Why it is down (while not up).
     detail: String,
+    /// When the watch was last established.
+    up_since: Option<tokio::time::Instant>,
     /// Keys left out, with why: logged once each.
     skipped: BTreeMap<String, String>,
     cache: PathBuf,
@@ -68,6 +71,7 @@ impl Discovery {
             events,
             up: false,
             detail: "connecting".into(),
+            up_since: None,
             skipped: BTreeMap::new(),
             cache,
             _watch: watch,
@@ -102,7 +106,7 @@ impl Discovery {
                     self.view.revision
                 );
                 self.up = true;
-                self.detail = format!("watching since {}", humantime_now());
+                self.up_since = Some(tokio::time::Instant::now());
             }
             Event::Down { reason } => {
                 if self.up || self.detail == "connecting" {
@@ -159,7 +163,10 @@ impl Discovery {
             endpoints: self.endpoints.clone(),
             prefix: self.prefix.clone(),
             up: self.up,
-            detail: self.detail.clone(),
+            detail: match self.up_since.filter(|_| self.up) {
+                Some(since) => format!("watching for {} s", since.elapsed().as_secs()),
+                None => self.detail.clone(),
+            },
             revision: self.view.revision,
             backends: config.services.iter().flat_map(|s| &s.backends).filter(|b| b.origin == Origin::Etcd).count(),
             skipped: self.skipped.iter().map(|(key, reason)| format!("{key}: {reason}")).collect(),
@@ -170,11 +177,6 @@ impl Discovery {
     pub(super) fn forget(&self) {
         let _ = std::fs::remove_file(&self.cache);
     }
-}
-
-fn humantime_now() -> String {
-    let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    format!("unix time {secs}")
 }
 
 impl Agent {
