@@ -39,23 +39,12 @@ fn default_prefix() -> Spanned<String> {
 
 impl DiscoveryConfig {
     pub(super) fn validate(&self) -> Result<(), (Range<usize>, String)> {
-        let endpoints = self.etcd.get_ref();
-        if endpoints.is_empty() {
+        if self.etcd.get_ref().is_empty() {
             return Err((self.etcd.span(), "[discovery] etcd lists no endpoint".into()));
         }
-        for endpoint in endpoints {
-            let tls = check_endpoint(endpoint).map_err(|e| (self.etcd.span(), format!("[discovery] etcd: {e}")))?;
-            if tls && self.ca_file.is_none() {
-                return Err((
-                    self.etcd.span(),
-                    format!("[discovery] etcd: {endpoint:?} is https; give ca_file, the CA of etcd's certificates"),
-                ));
-            }
-        }
-        let prefix = self.prefix.get_ref();
-        if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
-            return Err((self.prefix.span(), format!("[discovery] prefix {prefix:?} must start and end with '/'")));
-        }
+        check_endpoints(self.etcd.get_ref(), self.ca_file.is_some(), "ca_file")
+            .map_err(|e| (self.etcd.span(), format!("[discovery] etcd: {e}")))?;
+        check_prefix(self.prefix.get_ref()).map_err(|e| (self.prefix.span(), format!("[discovery] {e}")))?;
         match (&self.cert_file, &self.key_file) {
             (Some(cert), None) => {
                 return Err((cert.span(), "[discovery] cert_file needs key_file".into()));
@@ -73,8 +62,32 @@ impl DiscoveryConfig {
     }
 }
 
+/// The endpoints the agent and `xdplb register` connect to: all https with
+/// a CA (named `ca_setting` in errors; etcd-client takes TLS settings for
+/// https only) or all http without.
+pub fn check_endpoints(endpoints: &[String], has_ca: bool, ca_setting: &str) -> Result<(), String> {
+    for endpoint in endpoints {
+        match (check_endpoint(endpoint)?, has_ca) {
+            (true, false) => {
+                return Err(format!("{endpoint:?} is https; give {ca_setting}, the CA of etcd's certificates"));
+            }
+            (false, true) => return Err(format!("{endpoint:?} is http, but {ca_setting} is given: use https")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// PREFIX/SERVICE/ADDRESS keys need a prefix that is a directory.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
+        return Err(format!("prefix {prefix:?} must start and end with '/'"));
+    }
+    Ok(())
+}
+
 /// "http://HOST:PORT" or "https://HOST:PORT"; returns whether it is https.
-pub fn check_endpoint(endpoint: &str) -> Result<bool, String> {
+fn check_endpoint(endpoint: &str) -> Result<bool, String> {
     let (tls, rest) = if let Some(rest) = endpoint.strip_prefix("http://") {
         (false, rest)
     } else if let Some(rest) = endpoint.strip_prefix("https://") {

@@ -9,7 +9,7 @@ mod validate;
 use self::error::line_column;
 pub use self::{
     address::{BackendAddress, PortRange},
-    discovery::{DEFAULT_DISCOVERY_PREFIX, DiscoveryConfig, check_endpoint},
+    discovery::{DEFAULT_DISCOVERY_PREFIX, DiscoveryConfig, check_endpoints, check_prefix},
     error::ConfigError,
     validate::is_prime,
 };
@@ -744,6 +744,11 @@ address = "2001:db8:0:2::11"
             ("etcd = [\"198.18.0.2:2379\"]", "lb.toml:6:8: ", "is not an endpoint URL"),
             ("etcd = [\"http://198.18.0.2\"]", "lb.toml:6:8: ", "is not an endpoint URL"),
             ("etcd = [\"https://198.18.0.2:2379\"]", "lb.toml:6:8: ", "give ca_file"),
+            (
+                "etcd = [\"http://198.18.0.2:2379\"]\nca_file = \"ca.pem\"",
+                "lb.toml:6:8: ",
+                "is http, but ca_file is given: use https",
+            ),
             (
                 "etcd = [\"http://198.18.0.2:2379\"]\nprefix = \"xdplb\"",
                 "lb.toml:7:10: ",

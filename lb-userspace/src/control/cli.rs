@@ -162,16 +162,9 @@ pub struct RegisterArgs {
 
 impl RegisterArgs {
     pub fn into_registrant(self) -> Result<crate::discovery::register::Registrant> {
-        for endpoint in &self.etcd {
-            let tls = crate::config::check_endpoint(endpoint).map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
-            if tls != self.ca_file.is_some() {
-                bail!("--etcd {endpoint:?}: https endpoints need --ca-file, http ones take none");
-            }
-        }
-        let prefix = &self.prefix;
-        if !prefix.starts_with('/') || !prefix.ends_with('/') {
-            bail!("--prefix {prefix:?} must start and end with '/'");
-        }
+        crate::config::check_endpoints(&self.etcd, self.ca_file.is_some(), "--ca-file")
+            .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+        crate::config::check_prefix(&self.prefix).map_err(|e| anyhow::anyhow!("--{e}"))?;
         Ok(crate::discovery::register::Registrant {
             settings: crate::discovery::etcd::EtcdSettings {
                 endpoints: self.etcd,
