@@ -1073,9 +1073,13 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     assert!(agent.log_text().contains("adopting the pinned state"), "{}", agent.log_text());
     // Every segment the client sent meanwhile was counted: no counter
     // restarted (the client sends TCP to the VIP only).
+    // Segments still in flight when the client counted them are counted by
+    // the LB a moment later: settle before reading its counter.
     let sent_by_restart = tcp_segments_sent(&topology);
+    thread::sleep(Duration::from_millis(200));
     let after_restart = agent.status().services[0].packets;
     let sent = sent_by_restart - sent_before_kill;
+    let sent_after_restart = tcp_segments_sent(&topology);
     assert!(
         after_restart >= before_kill + sent,
         "counters lost packets: {before_kill} → {after_restart}, while the client sent {sent}"
@@ -1100,8 +1104,9 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
         assert_eq!(c.get(), *home, "a long-lived connection moved after the upgrade");
     }
     let sent_by_upgrade = tcp_segments_sent(&topology);
+    thread::sleep(Duration::from_millis(200));
     let after_upgrade = agent.status().services[0].packets;
-    let sent = sent_by_upgrade - sent_by_restart;
+    let sent = sent_by_upgrade - sent_after_restart;
     assert!(
         after_upgrade >= after_restart + sent,
         "counters lost packets: {after_restart} → {after_upgrade}, while the client sent {sent}"
