@@ -11,8 +11,14 @@ fn main() -> anyhow::Result<()> {
         .find(|p| p.name.as_str() == "lb-ebpf")
         .ok_or_else(|| anyhow!("lb-ebpf package not found in the workspace"))?;
     let root_dir = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("lb-ebpf manifest has no parent directory"))?;
-    aya_build::build_ebpf(
-        [aya_build::Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
-        aya_build::Toolchain::default(),
-    )
+    let mut packages =
+        vec![aya_build::Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }];
+    // Test builds also embed the upgrade-test variant of the program.
+    let variant = metadata.packages.iter().find(|p| p.name.as_str() == "lb-ebpf-variant");
+    let variant_dir = variant.and_then(|p| p.manifest_path.parent());
+    if std::env::var_os("CARGO_FEATURE_TEST_HOOKS").is_some() {
+        let (variant, dir) = variant.zip(variant_dir).ok_or_else(|| anyhow!("lb-ebpf-variant not in the workspace"))?;
+        packages.push(aya_build::Package { name: variant.name.as_str(), root_dir: dir.as_str(), ..Default::default() });
+    }
+    aya_build::build_ebpf(packages, aya_build::Toolchain::default())
 }

@@ -70,6 +70,14 @@ impl Agent {
         Self::spawn_with_env(topology, config, &[])
     }
 
+    /// `start` with extra environment variables.
+    fn start_with_env(topology: &Topology, config: &str, env: &[(&str, &Path)]) -> Self {
+        let agent = Self::spawn_with_env(topology, config, env);
+        agent.wait_for_log("attached to", 1);
+        agent.wait_for_log("all backends resolved", 1);
+        agent
+    }
+
     fn spawn_with_env(topology: &Topology, config: &str, env: &[(&str, &Path)]) -> Self {
         Self::spawn_wrapped(topology, config, env, &[])
     }
@@ -374,6 +382,17 @@ struct LongLived {
 }
 
 impl LongLived {
+    /// `n` connections, each with the backend that answered its first request.
+    fn open_homed(topology: &Topology, vip: &str, n: usize) -> Vec<(Self, String)> {
+        (0..n)
+            .map(|_| {
+                let mut connection = Self::open(topology, vip);
+                let home = connection.get();
+                (connection, home)
+            })
+            .collect()
+    }
+
     fn open(topology: &Topology, vip: &str) -> Self {
         let vip: SocketAddr = vip.parse().unwrap();
         let stream =
@@ -524,12 +543,22 @@ fn steady_stream(
     vip: &str,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> thread::JoinHandle<Vec<(Instant, Result<String, String>)>> {
+    steady_stream_for(topology, vip, stop, Duration::from_secs(60))
+}
+
+/// `steady_stream`, bounded by `longest` instead of a minute.
+fn steady_stream_for(
+    topology: &Topology,
+    vip: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    longest: Duration,
+) -> thread::JoinHandle<Vec<(Instant, Result<String, String>)>> {
     let vip: SocketAddr = vip.parse().unwrap();
     let ns = topology.ns("client");
     thread::spawn(move || {
         in_netns(&ns, move || {
             let mut results = Vec::new();
-            let limit = Instant::now() + Duration::from_secs(60);
+            let limit = Instant::now() + longest;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < limit && results.len() < 100_000
             {
                 let start = Instant::now();
@@ -1042,18 +1071,21 @@ fn scrape(topology: &Topology, address: &str) -> String {
     })
 }
 
+/// Packets the upgrade-test variant of the program has counted (its own
+/// slot of the pinned global counters; 0 while the usual program runs).
+fn variant_packets(topology: &Topology) -> u64 {
+    let path = topology.pin_root().join(format!("layout-{}/GLOBAL_COUNTERS", lb_common::LAYOUT_VERSION));
+    let map = aya::maps::Map::PerCpuArray(aya::maps::MapData::from_pin(&path).unwrap());
+    let counters: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).unwrap();
+    counters.get(&lb_common::UPGRADE_VARIANT_COUNTER_SLOT, 0).unwrap().iter().sum()
+}
+
 #[test]
 fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     let topology = topology();
     let config = config([1, 1, 1]);
     let agent = Agent::start(&topology, &config);
-    let mut long_lived: Vec<(LongLived, String)> = (0..3)
-        .map(|_| {
-            let mut c = LongLived::open(&topology, VIP4);
-            let home = c.get();
-            (c, home)
-        })
-        .collect();
+    let mut long_lived = LongLived::open_homed(&topology, VIP4, 3);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stream = steady_stream(&topology, VIP4, stop.clone());
     thread::sleep(Duration::from_millis(800));
@@ -1089,17 +1121,23 @@ fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     }
 
     // 3. In-place upgrade: the agent exits normally (the program stays) and
-    // the next binary's program is swapped onto the pinned link atomically.
+    // the next agent swaps another program onto the pinned link atomically:
+    // the upgrade-test variant, other bytecode that also counts every packet
+    // in a counter slot of its own.
     let running = lb_program_id(&topology);
     assert_ne!(running, Some(first_program), "adoption did not swap in the new agent's program");
+    assert_eq!(variant_packets(&topology), 0, "the variant ran before the upgrade");
     agent.stop();
     assert_eq!(lb_program_id(&topology), running, "a normal exit detached the program");
     thread::sleep(Duration::from_millis(500));
-    let agent = Agent::start(&topology, &config);
+    let agent = Agent::start_with_env(&topology, &config, &[("XDPLB_TEST_PROGRAM", Path::new("variant"))]);
     let upgraded = lb_program_id(&topology);
     assert_ne!(upgraded, running, "no new program was swapped in");
     assert!(agent.log_text().contains("swapped onto the pinned link"), "{}", agent.log_text());
+    assert!(agent.log_text().contains("upgrade-test variant"), "{}", agent.log_text());
     thread::sleep(Duration::from_millis(800));
+    let by_variant = variant_packets(&topology);
+    assert!(by_variant > 100, "the variant forwarded only {by_variant} packets after the upgrade");
     for (c, home) in &mut long_lived {
         assert_eq!(c.get(), *home, "a long-lived connection moved after the upgrade");
     }
@@ -2771,5 +2809,215 @@ fn backups_take_new_connections_only_while_no_primary_is_up_and_keep_theirs_afte
     assert_eq!(spread(&topology, VIP4, 30), BTreeMap::from([("b1".to_string(), 30)]));
     assert_eq!(long_lived.get(), "b3", "the established connection stays on the backup");
     agent.wait_for_log("new flows leave the backups", 1);
+    agent.stop();
+}
+
+// ---- SYN floods -----------------------------------------------------------
+
+const XDP_BASELINES_OBJ: &str = concat!(env!("OUT_DIR"), "/xdp-baselines");
+/// SYNs the LB must have scheduled during a flood: twice the default
+/// connection table.
+const FLOOD_SYNS: u64 = 1_000_000;
+
+/// The MAC address of `interface` in namespace `ns`.
+fn mac_of(ns: &str, interface: &str) -> [u8; 6] {
+    let out = Command::new("ip").args(["-n", ns, "-j", "link", "show", interface]).output().unwrap();
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = links[0]["address"].as_str().unwrap().to_string();
+    let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    bytes.try_into().unwrap()
+}
+
+/// 20 keep-alive connections, a weight change, at least `FLOOD_SYNS` SYNs
+/// with distinct sources from the client's segment at the generator's full
+/// rate, another weight change: every connection must still answer from
+/// its own backend.
+/// `flood_mode`: the flood must push the LB into flood mode
+/// (`syn_flood_threshold` set low enough).
+fn established_connections_survive_a_syn_flood(agent_keys: &str, flood_mode: bool) {
+    let topology = topology();
+    let metrics = "127.0.0.1:9464";
+    let with = |weights: &[(usize, u32)]| {
+        config_with(weights).replacen("[agent]\n", &format!("[agent]\n{agent_keys}metrics_listen = \"{metrics}\"\n"), 1)
+    };
+    let agent = Agent::start(&topology, &with(&[(0, 1), (1, 1), (2, 1)]));
+    let mut connections = LongLived::open_homed(&topology, VIP4, 20);
+    agent.reload(&with(&[(0, 1), (1, 5), (2, 3)]));
+
+    // SYNs from 198.19.0.0/16, each source address with each port in turn.
+    let client = topology.ns("client");
+    let (client_mac, lb_mac) = (mac_of(&client, "eth0"), mac_of(&topology.ns("lb"), "eth0"));
+    let syn = lb_testkit::frames::tcp("198.19.0.0", 1024, "198.18.0.100", 80, lb_testkit::frames::SYN).bare();
+    let mut frame = lb_testkit::frames::rewritten(&syn.checksummed(), lb_mac, client_mac);
+    frame.resize(64, 0);
+    let mut generator =
+        lb_testkit::generator::Generator::load(Path::new(XDP_BASELINES_OBJ), &client, "eth0", 1, 65536).unwrap();
+    let scheduled = || metric(&scrape(&topology, metrics), "xdplb_syn_scheduled_total", "") as u64;
+    let before = scheduled();
+    let (mut sending, started) = (Duration::ZERO, Instant::now());
+    // Bounded: at most 10 batches of 250,000 and two minutes.
+    for _ in 0..10 {
+        sending += generator.send_count(&frame, 250_000, 2).unwrap();
+        if scheduled() - before >= FLOOD_SYNS || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    let text = scrape(&topology, metrics);
+    let (seen, flooded) = (
+        metric(&text, "xdplb_syn_scheduled_total", "") as u64 - before,
+        metric(&text, "xdplb_syn_flood_total", "") as u64,
+    );
+    let sent = generator.sent().unwrap();
+    assert!(seen >= FLOOD_SYNS, "the LB scheduled only {seen} of {sent} SYNs sent");
+    if flood_mode {
+        assert!(flooded > 0, "{seen} SYNs never pushed the LB into flood mode");
+    }
+    eprintln!(
+        "SYN flood ({agent_keys:?}): {sent} sent in {sending:?} ({:.0} SYN/s), {seen} scheduled by the LB, \
+         {flooded} of them while flooded",
+        sent as f64 / sending.as_secs_f64()
+    );
+
+    // The tables are full now; their scans (every 5 s) run beside the event
+    // loop, which keeps answering at once.
+    let mut latencies: Vec<Duration> = (0..24)
+        .map(|_| {
+            thread::sleep(Duration::from_millis(250));
+            let asked = Instant::now();
+            agent.status();
+            asked.elapsed()
+        })
+        .collect();
+    latencies.sort();
+    eprintln!("status over 6 s after the flood: median {:?}, max {:?}", latencies[12], latencies[23]);
+    assert!(latencies[23] < Duration::from_millis(250), "status took {:?}", latencies[23]);
+
+    agent.reload(&with(&[(0, 3), (1, 1), (2, 1)]));
+    for (i, (connection, home)) in connections.iter_mut().enumerate() {
+        assert_eq!(&connection.get(), home, "connection {i} lost its backend after the flood");
+    }
+    // New connections still work, and half-open SYNs did not touch the
+    // connection table: it holds the 20 and what was just opened.
+    assert_eq!(spread(&topology, VIP4, 30).values().sum::<usize>(), 30);
+    agent.stop();
+}
+
+#[test]
+fn established_connections_survive_a_million_syn_flood_at_the_default_table_size() {
+    // Default threshold: the flood stays below it on this machine, so the
+    // half-open table takes every SYN.
+    established_connections_survive_a_syn_flood("", false);
+}
+
+#[test]
+fn established_connections_survive_a_million_syn_flood_with_a_4096_entry_table_in_flood_mode() {
+    established_connections_survive_a_syn_flood("conntrack_size = 4096\nsyn_flood_threshold = 10000\n", true);
+}
+
+// ---- fault loops ----------------------------------------------------------
+
+/// A stream request: when it started, and the backend that answered.
+type StreamRequest = (Instant, Result<String, String>);
+
+/// What the stream's requests came to: (requests, failures).
+fn tally_stream(results: &[StreamRequest]) -> (usize, Vec<&StreamRequest>) {
+    (results.len(), results.iter().filter(|(_, r)| r.is_err()).collect())
+}
+
+#[test]
+fn ten_sigkill_restarts_and_fifty_reloads_under_new_connections_fail_no_request() {
+    let topology = topology();
+    let initial = config([1, 1, 1]);
+    let mut agent = Agent::start(&topology, &initial);
+    let mut long_lived = LongLived::open_homed(&topology, VIP4, 3);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Each restart loads and verifies the program (seconds): room for all.
+    let stream = steady_stream_for(&topology, VIP4, stop.clone(), Duration::from_secs(300));
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    for kill in 0..10 {
+        agent.kill();
+        thread::sleep(Duration::from_millis(100));
+        agent = Agent::start(&topology, &initial);
+        assert!(agent.log_text().contains("adopting the pinned state"), "restart {kill}: {}", agent.log_text());
+        for (c, home) in &mut long_lived {
+            assert_eq!(c.get(), *home, "restart {kill}: a long-lived connection moved");
+        }
+    }
+    let restarts = started.elapsed();
+    let started = Instant::now();
+    for reload in 0..50 {
+        let weights = if reload % 2 == 0 { [1, 2, 3] } else { [3, 2, 1] };
+        agent.reload(&config(weights));
+    }
+    let reloads = started.elapsed();
+    for (c, home) in &mut long_lived {
+        assert_eq!(c.get(), *home, "a long-lived connection moved during the reloads");
+    }
+    let ended = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let (requests, failed) = tally_stream(&results);
+    assert!(
+        results.last().is_some_and(|(t, _)| ended.duration_since(*t) < Duration::from_secs(2)),
+        "the stream of new connections ended before the loops did"
+    );
+    eprintln!(
+        "measured: 10 SIGKILL restarts in {restarts:?}, 50 reloads in {reloads:?}: {requests} new connections, {} failed",
+        failed.len()
+    );
+    assert!(requests > 200, "only {requests} requests");
+    assert!(failed.is_empty(), "{} of {requests} requests failed: {:?}", failed.len(), failed.first());
+    agent.stop();
+}
+
+#[test]
+fn a_backend_flapping_every_300ms_fails_requests_only_before_its_first_fall() {
+    let topology = topology();
+    // A rise longer than the flapping backend stays up: once down, it stays out.
+    let health = "\n[service.health]\nkind = \"tcp\"\ninterval_ms = 100\ntimeout_ms = 80\nrise = 5\nfall = 2\n";
+    let agent = Agent::start(&topology, &config_with_health(health, &[(0, 1), (1, 1), (2, 1)], ""));
+    wait_for_backend(&agent, BACKENDS4[1], "probed", |b| b.last_probe.as_ref().is_some_and(|p| p.ok));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    // b2 flaps: every 300 ms, lb-ebpf's XDP_DROP baseline is attached to
+    // its interface or detached again (while attached, it answers nothing).
+    let flapping = {
+        let (stop, ns) = (stop.clone(), topology.ns("b2"));
+        thread::spawn(move || {
+            lb_testkit::enter(&ns).unwrap();
+            let mut ebpf = aya::Ebpf::load_file(XDP_BASELINES_OBJ).unwrap();
+            let drop: &mut aya::programs::Xdp = ebpf.program_mut("bench_drop").unwrap().try_into().unwrap();
+            drop.load().unwrap();
+            let mut flaps = 0;
+            // Bounded: 20 flaps (6 s).
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && flaps < 20 {
+                let link = drop.attach("eth0", aya::programs::XdpMode::default()).unwrap();
+                thread::sleep(Duration::from_millis(300));
+                drop.detach(link).unwrap();
+                thread::sleep(Duration::from_millis(300));
+                flaps += 2;
+            }
+            flaps
+        })
+    };
+    let first_fall = wait_for_backend(&agent, BACKENDS4[1], "down", |b| b.health == Health::Down);
+    let flaps = flapping.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let (requests, failed) = tally_stream(&results);
+    let late: Vec<_> = failed.iter().filter(|(t, _)| *t > first_fall).collect();
+    eprintln!(
+        "measured: {flaps} flaps of 300 ms, {requests} new connections, {} failed, all before the first fall: {}",
+        failed.len(),
+        late.is_empty()
+    );
+    assert!(requests > 100, "only {requests} requests");
+    assert!(late.is_empty(), "{} requests failed after the first fall: {:?}", late.len(), late.first());
+    assert_eq!(
+        agent.backend("web", BACKENDS4[1]).health,
+        Health::Down,
+        "the flapping backend came back while flapping"
+    );
     agent.stop();
 }

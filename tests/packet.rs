@@ -6,7 +6,7 @@
 //! `unshare`), where test runs see `lo` as the ingress interface and a dummy
 //! device serves as the XDP_REDIRECT target. Needs root.
 
-use std::{net::IpAddr, process::Command, thread, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, process::Command, thread, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FlowKey, GlobalCounter};
@@ -34,6 +34,20 @@ fn backend_mac(n: u8) -> [u8; 6] {
     [0x02, 0xbe, 0, 0, 0, n]
 }
 
+/// The connection-table key of a TCP packet from `src:sport` to `dst:dport`.
+fn tcp_key(src: &str, sport: u16, dst: &str, dport: u16) -> FlowKey {
+    let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    FlowKey {
+        src: address_words(src),
+        dst: address_words(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: lb_common::PROTO_TCP,
+        family: if src.is_ipv4() { lb_common::FAMILY_IPV4 } else { lb_common::FAMILY_IPV6 },
+        _pad: [0; 2],
+    }
+}
+
 /// A test world: its own netns, a loaded program, and a reconciler.
 struct World {
     dataplane: Dataplane,
@@ -47,6 +61,10 @@ impl World {
     }
 
     fn with_udp_timeout(udp_idle_timeout: Duration) -> Self {
+        Self::with(udp_idle_timeout, lb_common::DEFAULT_SYN_FLOOD_THRESHOLD)
+    }
+
+    fn with(udp_idle_timeout: Duration, syn_flood_threshold: u64) -> Self {
         lb_testkit::isolate_thread().unwrap();
         for args in [
             &["link", "set", "lo", "up"][..],
@@ -66,6 +84,7 @@ impl World {
             conntrack_size: 4096,
             nat_table_size: 4096,
             udp_idle_timeout_ns: udp_idle_timeout.as_nanos() as u64,
+            syn_flood_threshold,
             pin_dir: None,
         };
         World {
@@ -95,6 +114,21 @@ impl World {
 
     fn flows(&self) -> Vec<FlowKey> {
         self.dataplane.flows().unwrap().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Keys of the half-open table (SYNs waiting for their ACK).
+    fn half_open(&self) -> Vec<FlowKey> {
+        self.dataplane.half_open_flows().unwrap().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// The MAC of the backend a Maglev service's ring names for `key`, read
+    /// from the maps: what the program must have chosen.
+    fn maglev_mac(&self, service: &str, key: &FlowKey) -> [u8; 6] {
+        let vip_id = self.reconciler.vip_id(service).expect("service");
+        let state = self.dataplane.read_state().unwrap();
+        let ring = &state.rings[&vip_id];
+        let backend_id = ring[(lb_common::flow_hash(key) % RING) as usize];
+        state.backends.iter().find(|(id, _)| *id == backend_id).expect("ring names a backend in use").1.dst_mac
     }
 
     /// A backend reached through `lo` (the test-run ingress): XDP_TX.
@@ -183,23 +217,28 @@ fn ipv4_tcp_syn_ack_rst_are_forwarded_with_only_macs_rewritten() {
         assert_eq!(action, XDP_TX);
         let chosen = dst_mac(&out);
         assert!([11, 12, 13].map(backend_mac).contains(&chosen), "{chosen:02x?}");
+        assert_eq!(chosen, w.maglev_mac("web", &tcp_key("198.18.0.2", 40000, VIP4, 80)));
         assert_eq!(out, rewritten(&syn, chosen, LB_MAC));
-        assert_eq!(w.flows().len(), 1);
-
-        // A SYN is scheduled without a table lookup: it is no conntrack miss.
+        // A SYN is recorded half-open; it never writes the connection table.
+        assert!(w.flows().is_empty());
+        assert_eq!(w.half_open().len(), 1);
         assert_eq!(w.counter(GlobalCounter::SynScheduled), 1);
         assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 0);
 
+        // The client's ACK moves the flow to the connection table, same backend.
         let ack = tcp("198.18.0.2", 40000, VIP4, 80, PSH_ACK).bytes();
         let (action, out) = w.run(&ack);
         assert_eq!((action, out), (XDP_TX, rewritten(&ack, chosen, LB_MAC)));
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 1);
+        assert_eq!((w.flows().len(), w.half_open().len()), (1, 0));
+        let (action, out) = w.run(&ack);
+        assert_eq!((action, out), (XDP_TX, rewritten(&ack, chosen, LB_MAC)));
         assert_eq!(w.counter(GlobalCounter::ConntrackHit), 1);
-        assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 0);
 
         let rst = tcp("198.18.0.2", 40000, VIP4, 80, RST).bytes();
         let (action, out) = w.run(&rst);
         assert_eq!((action, out), (XDP_TX, rewritten(&rst, chosen, LB_MAC)));
-        assert_eq!(w.counter(GlobalCounter::ActionTx), 3);
+        assert_eq!(w.counter(GlobalCounter::ActionTx), 4);
     });
 }
 
@@ -225,6 +264,7 @@ fn ipv6_tcp_syn_ack_rst() {
         let (action, out) = w.run(&syn);
         assert_eq!(action, XDP_TX);
         let chosen = dst_mac(&out);
+        assert_eq!(chosen, w.maglev_mac("web6", &tcp_key("2001:db8:0:1::2", 40000, VIP6, 80)));
         assert_eq!(out, rewritten(&syn, chosen, LB_MAC));
         let ack = tcp("2001:db8:0:1::2", 40000, VIP6, 80, ACK).bytes();
         assert_eq!(w.run(&ack), (XDP_TX, rewritten(&ack, chosen, LB_MAC)));
@@ -275,11 +315,15 @@ fn vlan_tagged_frames_keep_their_tag() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web4(&w), web6(&w)]);
-        for frame in [tcp("198.18.0.2", 40000, VIP4, 80, SYN), tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN)] {
+        for (frame, service, client, vip) in [
+            (tcp("198.18.0.2", 40000, VIP4, 80, SYN), "web", "198.18.0.2", VIP4),
+            (tcp("2001:db8:0:1::2", 40000, VIP6, 80, SYN), "web6", "2001:db8:0:1::2", VIP6),
+        ] {
             let tagged = Frame { vlan: Some(0x0064), ..frame }.bytes();
             let (action, out) = w.run(&tagged);
             assert_eq!(action, XDP_TX);
-            assert_eq!(out, rewritten(&tagged, dst_mac(&out), LB_MAC));
+            let chosen = w.maglev_mac(service, &tcp_key(client, 40000, vip, 80));
+            assert_eq!(out, rewritten(&tagged, chosen, LB_MAC));
             assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 0x64]);
         }
     });
@@ -358,12 +402,13 @@ fn ipv4_options_are_skipped_and_bad_ihl_is_rejected() {
                 Frame { ipv4_option_words: words, ..tcp("198.18.0.2", 40000 + words as u16, VIP4, 80, SYN) }.bytes();
             let (action, out) = w.run(&f);
             assert_eq!(action, XDP_TX, "IHL {}", 5 + words);
-            assert_eq!(out, rewritten(&f, dst_mac(&out), LB_MAC));
+            let chosen = w.maglev_mac("web", &tcp_key("198.18.0.2", 40000 + words as u16, VIP4, 80));
+            assert_eq!(out, rewritten(&f, chosen, LB_MAC));
         }
         let mut bad = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
         bad[14] = 0x44; // IHL 4 < 5
         assert_eq!(w.run(&bad), (XDP_PASS, bad.clone()));
-        let keys = w.flows();
+        let keys = w.half_open();
         assert_eq!(keys.len(), 3);
         assert!(keys.iter().all(|k| u16::from_be(k.dport) == 80));
     });
@@ -422,12 +467,17 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
     in_world(|| {
         let mut w = World::new();
         w.set(&[web4(&w)]);
-        // Open 60 flows and remember where each went.
+        // Open 60 flows and remember where each went: the even ones
+        // established (SYN, ACK), the odd ones still in their handshake.
         let mut pinned = Vec::new();
         for port in 0..60u16 {
             let (_, out) = w.run(&tcp("198.18.0.2", 41000 + port, VIP4, 80, SYN).bytes());
             pinned.push(dst_mac(&out));
+            if port % 2 == 0 {
+                w.run(&tcp("198.18.0.2", 41000 + port, VIP4, 80, ACK).bytes());
+            }
         }
+        assert_eq!((w.flows().len(), w.half_open().len()), (30, 30));
         let victim = pinned[0];
         // Rewrite the ring: remove the first flow's backend, add two, change weights.
         let n = victim[5];
@@ -444,7 +494,15 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
             let ack = tcp("198.18.0.2", 41000 + port, VIP4, 80, ACK).bytes();
             assert_eq!(w.run(&ack), (XDP_TX, rewritten(&ack, *mac, LB_MAC)), "flow {port} moved");
         }
-        // A new SYN on a reused five-tuple is a new connection: it follows the new ring.
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 60);
+        // A SYN on a live flow's five-tuple (spoofed, or a client that lost
+        // its connection) does not move it: its backend answers as TCP does.
+        let (_, out) = w.run(&tcp("198.18.0.2", 41000, VIP4, 80, SYN).bytes());
+        assert_eq!(dst_mac(&out), victim);
+        assert_eq!(w.counter(GlobalCounter::SynToEstablished), 1);
+        // Once the client ended it, a SYN on the five-tuple is a new
+        // connection: it follows the new ring.
+        w.run(&tcp("198.18.0.2", 41000, VIP4, 80, FIN_ACK).bytes());
         let (_, out) = w.run(&tcp("198.18.0.2", 41000, VIP4, 80, SYN).bytes());
         assert_ne!(dst_mac(&out), victim);
         // New flows now reach the added backends.
@@ -536,8 +594,11 @@ fn the_clients_fin_or_rst_marks_a_flow_finished() {
             // The last ACK still reaches the same backend.
             assert_eq!(w.run(&tcp("198.18.0.2", sport, VIP4, 80, ACK).bytes()).0, XDP_TX);
         }
-        // A new SYN on the same five-tuple starts a live flow again.
+        // A new SYN on the same five-tuple is a new handshake: the finished
+        // entry goes, and the ACK starts a live flow again.
         w.run(&tcp("198.18.0.2", 44000, VIP4, 80, SYN).bytes());
+        assert!(w.flows().iter().all(|k| u16::from_be(k.sport) != 44000), "the finished entry stayed");
+        w.run(&tcp("198.18.0.2", 44000, VIP4, 80, ACK).bytes());
         assert!(!finished(&w, 44000));
     });
 }
@@ -760,23 +821,118 @@ fn a_retransmitted_syn_goes_where_the_first_syn_went_under_every_scheduler() {
 }
 
 #[test]
-fn a_syn_after_the_flow_finished_or_was_established_is_a_new_connection() {
+fn a_syn_after_the_flow_finished_is_a_new_connection_but_one_on_a_live_flow_moves_nothing() {
     in_world(|| {
         pin_to_one_cpu();
         let mut w = World::new();
         // Round robin moves every new connection to the next backend.
         w.set(&[scheduled(&w, Scheduler::RoundRobin, 0, &[(11, 1), (12, 1), (13, 1)])]);
         let first = syn_to(&w, "198.18.0.2", 47000);
-        w.run(&tcp("198.18.0.2", 47000, VIP4, 80, FIN_ACK).bytes()); // FIN|ACK
+        w.run(&tcp("198.18.0.2", 47000, VIP4, 80, ACK).bytes());
+        w.run(&tcp("198.18.0.2", 47000, VIP4, 80, FIN_ACK).bytes());
         let after_fin = syn_to(&w, "198.18.0.2", 47000);
         assert_ne!(after_fin, first, "a SYN after FIN was taken for a retransmission");
-        // Established (the client's ACK ended the half-open phase): a SYN on
-        // the same five-tuple is a new connection too.
+        // A handshake that ended with the client's RST: the same.
+        let reset = syn_to(&w, "198.18.0.2", 47002);
+        w.run(&tcp("198.18.0.2", 47002, VIP4, 80, RST).bytes());
+        assert_ne!(syn_to(&w, "198.18.0.2", 47002), reset);
+        // Established (the client's ACK completed the handshake): a SYN on
+        // the same five-tuple goes to the flow's backend and changes nothing,
+        // however often it comes (a spoofed SYN cannot move a flow).
         let established = syn_to(&w, "198.18.0.2", 47001);
         w.run(&tcp("198.18.0.2", 47001, VIP4, 80, ACK).bytes());
-        assert_ne!(syn_to(&w, "198.18.0.2", 47001), established);
+        for _ in 0..3 {
+            assert_eq!(syn_to(&w, "198.18.0.2", 47001), established);
+        }
+        let ack = tcp("198.18.0.2", 47001, VIP4, 80, ACK).bytes();
+        assert_eq!(dst_mac(&w.run(&ack).1)[5], established);
+        assert_eq!(w.counter(GlobalCounter::SynToEstablished), 3);
         assert_eq!(w.counter(GlobalCounter::SynRetransmit), 0);
-        assert_eq!(w.counter(GlobalCounter::SynScheduled), 4);
+        assert_eq!(w.counter(GlobalCounter::SynScheduled), 5);
+    });
+}
+
+// ---- SYN floods ---------------------------------------------------------------
+
+/// SYNs from `n` distinct clients (198.19.0.0/16, ports from 1024).
+fn flood_syns(w: &World, n: u32) {
+    for i in 0..n {
+        let client = format!("198.19.{}.{}", (i >> 8) & 0xff, i & 0xff);
+        let (action, _) = w.run(&tcp(&client, 1024 + (i >> 16) as u16, VIP4, 80, SYN).bytes());
+        assert_eq!(action, XDP_TX);
+    }
+}
+
+#[test]
+fn a_syn_flood_cannot_evict_established_flows_even_across_a_ring_change() {
+    in_world(|| {
+        pin_to_one_cpu();
+        // Flood detection off: every SYN of the flood is recorded half-open.
+        let mut w = World::with(Duration::from_secs(30), 0);
+        w.set(&[web4(&w)]);
+        let established: Vec<(u16, [u8; 6])> = (0..20u16)
+            .map(|p| {
+                let (_, out) = w.run(&tcp("198.18.0.2", 45000 + p, VIP4, 80, SYN).bytes());
+                w.run(&tcp("198.18.0.2", 45000 + p, VIP4, 80, ACK).bytes());
+                (45000 + p, dst_mac(&out))
+            })
+            .collect();
+        // The ring changes: the flows' slots now name other backends.
+        w.set(&[scheduled(&w, Scheduler::Maglev, 0, &[(11, 1), (12, 5), (13, 3)])]);
+        // Ten times the connection table's size (4096) in SYNs.
+        flood_syns(&w, 40_960);
+        assert_eq!(w.counter(GlobalCounter::SynScheduled), 20 + 40_960);
+        assert_eq!(w.flows().len(), 20, "the flood wrote the connection table");
+        assert!(w.half_open().len() <= 1024, "the half-open table outgrew its size");
+        let mut moved_by_ring = 0;
+        for (port, mac) in &established {
+            let ack = tcp("198.18.0.2", *port, VIP4, 80, PSH_ACK).bytes();
+            assert_eq!(w.run(&ack), (XDP_TX, rewritten(&ack, *mac, LB_MAC)), "flow {port} moved");
+            moved_by_ring += (w.maglev_mac("web", &tcp_key("198.18.0.2", *port, VIP4, 80)) != *mac) as usize;
+        }
+        // The check means something: without their entries, some would move.
+        assert!(moved_by_ring > 0, "the ring change moved no slot of the 20 flows");
+    });
+}
+
+#[test]
+fn a_flooded_cpu_records_no_handshakes_for_hash_scheduled_services_and_acks_still_follow_their_syns() {
+    in_world(|| {
+        pin_to_one_cpu();
+        let mut w = World::with(Duration::from_secs(30), 100);
+        let rr = DesiredService {
+            name: "rr".into(),
+            vip: "198.18.0.100:81".parse().unwrap(),
+            ..scheduled(&w, Scheduler::RoundRobin, 0, &[(21, 1), (22, 1), (23, 1)])
+        };
+        w.set(&[web4(&w), rr]);
+        // 300 SYNs within a second to the Maglev service: the first 100 are
+        // recorded, the rest go by the hash alone.
+        let started = std::time::Instant::now();
+        let syns: Vec<(u16, [u8; 6])> = (0..300u16)
+            .map(|p| (46000 + p, dst_mac(&w.run(&tcp("198.18.0.2", 46000 + p, VIP4, 80, SYN).bytes()).1)))
+            .collect();
+        assert!(started.elapsed() < Duration::from_millis(800), "too slow to stay within one window");
+        assert_eq!(w.counter(GlobalCounter::SynFlood), 200);
+        assert_eq!(w.half_open().len(), 100);
+        for (port, mac) in &syns {
+            let ack = tcp("198.18.0.2", *port, VIP4, 80, ACK).bytes();
+            assert_eq!(dst_mac(&w.run(&ack).1), *mac, "the ACK of flow {port} left its SYN's backend");
+        }
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 100);
+        assert_eq!(w.flows().len(), 300);
+        // Round robin cannot find a SYN's backend again without its entry:
+        // its SYNs are recorded even now.
+        let rr: Vec<(u16, u8)> = (0..30u16)
+            .map(|p| (47500 + p, dst_mac(&w.run(&tcp("198.18.0.2", 47500 + p, VIP4, 81, SYN).bytes()).1)[5]))
+            .collect();
+        assert!(rr.iter().map(|(_, b)| b).collect::<std::collections::BTreeSet<_>>().len() == 3);
+        assert_eq!(w.counter(GlobalCounter::SynFlood), 230);
+        for (port, backend) in rr {
+            let ack = tcp("198.18.0.2", port, VIP4, 81, ACK).bytes();
+            assert_eq!(dst_mac(&w.run(&ack).1)[5], backend, "round robin: the ACK of {port} moved");
+        }
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 130);
     });
 }
 
@@ -1530,4 +1686,235 @@ fn a_new_connection_on_an_ended_nat_flows_five_tuple_revives_its_translation() {
         assert_eq!(source_port(&out), port);
         assert_eq!(finished(&w), (false, false));
     });
+}
+
+// ---- packet fuzzing --------------------------------------------------------
+
+/// Frames the fuzzing test sends (`XDPLB_FUZZ_FRAMES` overrides it: the
+/// benchmark's soak sends 10^7) and its seed (`XDPLB_FUZZ_SEED`).
+const FUZZ_FRAMES: usize = 100_000;
+const FUZZ_SEED: u64 = 0x786c_6662;
+
+const FUZZ_TUNNEL4: &str = "198.18.0.101";
+const FUZZ_GUE6: &str = "2001:db8::101";
+const FUZZ_NAT4: &str = "198.18.0.102";
+const FUZZ_NAT_BACKEND: &str = "198.18.1.11";
+
+/// What the documented rules allow for one parsed frame.
+enum Mode {
+    Dsr(Vec<[u8; 6]>),
+    Tunnel,
+    Nat,
+}
+
+fn fuzz_service(parsed: &lb_testkit::fuzz::Packet) -> Option<Mode> {
+    let dst = parsed.dst.to_string();
+    let dsr = [11, 12, 13].map(backend_mac).to_vec();
+    match (dst.as_str(), parsed.dport, parsed.proto) {
+        (VIP4 | VIP6, 80, 6) => Some(Mode::Dsr(dsr)),
+        (VIP4, 53, 17) => Some(Mode::Dsr(vec![backend_mac(31)])),
+        (FUZZ_TUNNEL4, 80, 6) | (FUZZ_GUE6, 53, 17) => Some(Mode::Tunnel),
+        (FUZZ_NAT4, 80, 6) => Some(Mode::Nat),
+        _ => None,
+    }
+}
+
+fn is_fuzz_vip_address(address: IpAddr) -> bool {
+    [VIP4, VIP6, FUZZ_TUNNEL4, FUZZ_GUE6, FUZZ_NAT4].iter().any(|a| a.parse::<IpAddr>().unwrap() == address)
+}
+
+/// A frame's IP destination, if it has an IP header at all.
+fn ip_destination(frame: &[u8]) -> Option<IpAddr> {
+    let ip = if matches!(frame.get(12..14), Some([0x81, 0x00] | [0x88, 0xa8])) { 18 } else { 14 };
+    match frame.get(ip).map(|b| b >> 4) {
+        Some(4) => Some(IpAddr::from(<[u8; 4]>::try_from(frame.get(ip + 16..ip + 20)?).ok()?)),
+        Some(6) => Some(IpAddr::from(<[u8; 16]>::try_from(frame.get(ip + 24..ip + 40)?).ok()?)),
+        _ => None,
+    }
+}
+
+/// Why `(action, out)` breaks the rules for `frame`, if it does.
+fn fuzz_violation(frame: &[u8], action: u32, out: &[u8]) -> Option<String> {
+    use lb_testkit::fuzz::{Parsed, parse};
+    if ![XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT].contains(&action) {
+        return Some(format!("action {action}"));
+    }
+    let untouched = action == XDP_PASS && out == frame;
+    // Replies and ICMP errors to the NAT source may be translated back.
+    let to_nat_source = ip_destination(frame) == Some(NAT_SOURCE4.parse().unwrap());
+    match parse(frame) {
+        Parsed::Unparsed | Parsed::OtherProtocol if untouched || to_nat_source => None,
+        Parsed::Unparsed | Parsed::OtherProtocol => Some("not for a VIP, yet not passed untouched".into()),
+        Parsed::Unclassifiable { dst } if is_fuzz_vip_address(dst) => {
+            (action != XDP_DROP).then(|| "a fragment or extension header to a VIP address, not dropped".into())
+        }
+        Parsed::Unclassifiable { .. } if untouched => None,
+        Parsed::Unclassifiable { .. } => Some("a fragment to no VIP, yet not passed untouched".into()),
+        Parsed::Packet(p) => match fuzz_service(&p) {
+            None if untouched || to_nat_source => None,
+            None => Some("not for a VIP, yet not passed untouched".into()),
+            Some(Mode::Dsr(macs)) => {
+                if action != XDP_TX {
+                    return Some("DSR: not sent".into());
+                }
+                if out.len() != frame.len() || out[12..] != frame[12..] || out[6..12] != LB_MAC {
+                    return Some("DSR: more changed than the MAC addresses".into());
+                }
+                (!macs.contains(&out[..6].try_into().unwrap())).then(|| "DSR: not a backend's MAC".into())
+            }
+            Some(Mode::Tunnel) => {
+                if action == XDP_DROP {
+                    return None; // too big without DF, or not growable: counted drops
+                }
+                if action != XDP_TX {
+                    return Some("tunnel: neither sent nor dropped".into());
+                }
+                if out[..6] == frame[6..12] {
+                    // Returned to the client: only an ICMP "too big" may be.
+                    let too_big = match parse(out) {
+                        Parsed::OtherProtocol => ip_destination(out) == Some(p.src),
+                        _ => false,
+                    };
+                    return (!too_big).then(|| "tunnel: returned to the client, but not as too-big".into());
+                }
+                let inner_end = frame.len().min(p.ip_offset + p.ip_len.max(1));
+                let inner = &frame[p.ip_offset..inner_end.max(p.ip_offset)];
+                let backend: IpAddr = if p.dst.is_ipv4() { "198.18.3.21" } else { "2001:db8:0:3::21" }.parse().unwrap();
+                if out[..6] != backend_mac(21) || ip_destination(out) != Some(backend) {
+                    return Some("tunnel: not encapsulated to the backend".into());
+                }
+                (!out.windows(inner.len().max(1)).any(|w| w == inner))
+                    .then(|| "tunnel: the inner packet was not carried unchanged".into())
+            }
+            Some(Mode::Nat) => {
+                if action == XDP_DROP {
+                    return None; // table full or pool exhausted: counted drops
+                }
+                let Parsed::Packet(q) = parse(out) else { return Some("NAT: output unparsable".into()) };
+                let payload = p.l4_offset + if p.proto == 6 { 20 } else { 8 };
+                if out.len() != frame.len() || out[payload..] != frame[payload..] {
+                    return Some("NAT: length or payload changed".into());
+                }
+                let backend: IpAddr = FUZZ_NAT_BACKEND.parse().unwrap();
+                let source: IpAddr = NAT_SOURCE4.parse().unwrap();
+                (q.dst != backend || q.dport != 8080 || q.src != source)
+                    .then(|| format!("NAT: translated to {}:{} from {}", q.dst, q.dport, q.src))
+            }
+        },
+    }
+}
+
+#[test]
+fn fuzzed_frames_never_abort_and_change_only_what_their_mode_allows() {
+    in_world(|| {
+        let frames: usize = std::env::var("XDPLB_FUZZ_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(FUZZ_FRAMES);
+        let seed: u64 = std::env::var("XDPLB_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(FUZZ_SEED);
+        let mut w = World::new();
+        w.route_clients();
+        let dns = service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend("198.18.1.31", 31, 1)]);
+        let ipip = DesiredService {
+            name: "ipip".into(),
+            ..tunnelled(&w, Forwarding::Ipip, &format!("{FUZZ_TUNNEL4}:80"), Protocol::Tcp, "198.18.3.21", 1500)
+        };
+        let gue = DesiredService {
+            name: "gue".into(),
+            ..tunnelled(&w, Forwarding::Gue, &format!("[{FUZZ_GUE6}]:53"), Protocol::Udp, "2001:db8:0:3::21", 1500)
+        };
+        let nat = nat_service(
+            "nat",
+            &format!("{FUZZ_NAT4}:80"),
+            Protocol::Tcp,
+            vec![w.nat_backend(&format!("{FUZZ_NAT_BACKEND}:8080"), 41)],
+            "1024-65535",
+        );
+        w.set(&[web4(&w), web6(&w), dns, ipip, gue, nat]);
+
+        let mut bases: Vec<Vec<u8>> = Vec::new();
+        for flags in [SYN, ACK, PSH_ACK, FIN_ACK, RST] {
+            bases.push(tcp("198.18.0.2", 40000, VIP4, 80, flags).bytes());
+            bases.push(tcp("2001:db8:0:1::2", 40000, VIP6, 80, flags).bytes());
+            bases.push(tcp("198.18.0.2", 40001, FUZZ_TUNNEL4, 80, flags).checksummed());
+            bases.push(tcp("198.18.0.2", 40002, FUZZ_NAT4, 80, flags).checksummed());
+        }
+        bases.extend([
+            udp("198.18.0.2", 5353, VIP4, 53).bytes(),
+            udp("2001:db8:0:1::2", 5353, FUZZ_GUE6, 53).checksummed(),
+            udp("198.18.0.2", 5353, VIP4, 54).bytes(),
+            tcp("198.18.0.2", 40000, VIP4, 81, SYN).bytes(),
+            tcp("198.18.0.2", 40000, "198.18.9.9", 80, SYN).bytes(),
+            Frame { ipv4_option_words: 3, ..tcp("198.18.0.2", 40003, VIP4, 80, SYN) }.bytes(),
+            Frame { frag: 0x2000, ..tcp("198.18.0.2", 40004, VIP4, 80, ACK) }.bytes(),
+            Frame { frag: 0x0010, ..udp("198.18.0.2", 5353, VIP4, 53) }.bytes(),
+            Frame { ipv6_next_header: Some(0), ..tcp("2001:db8:0:1::2", 40005, VIP6, 80, SYN) }.bytes(),
+            Frame { vlan: Some(100), ..tcp("198.18.0.2", 40006, VIP4, 80, SYN) }.bytes(),
+            Frame { vlan: Some(100), ..tcp("2001:db8:0:1::2", 40006, VIP6, 80, ACK) }.bytes(),
+            Frame { proto: 1, ..udp("198.18.1.11", 0, NAT_SOURCE4, 0) }.bytes(),
+        ]);
+        // A backend's reply to a translated flow (its port from the flow's SYN).
+        let (_, translated) = w.run(&bases[3]);
+        let reply = tcp(FUZZ_NAT_BACKEND, 8080, NAT_SOURCE4, source_port(&translated), ACK).checksummed();
+        bases.push(reply);
+
+        let started = std::time::Instant::now();
+        let (mut sent, mut too_short, mut actions) = (0usize, 0usize, BTreeMap::new());
+        for (mutation, frame) in lb_testkit::fuzz::mutated(&bases, seed, frames) {
+            // The kernel runs XDP on no frame shorter than an Ethernet header.
+            if frame.len() < 14 {
+                too_short += 1;
+                continue;
+            }
+            let (action, out) = w.run(&frame);
+            if let Some(why) = fuzz_violation(&frame, action, &out) {
+                panic!(
+                    "frame {sent} (seed {seed:#x}, {mutation:?}): {why}\n in: {frame:02x?}\nout ({action}): {out:02x?}"
+                );
+            }
+            *actions.entry(action).or_insert(0usize) += 1;
+            sent += 1;
+        }
+        assert_eq!(sent + too_short, frames);
+        assert!(too_short < frames / 10);
+        // The mutations reach every outcome, not just the parser's rejections.
+        for action in [XDP_DROP, XDP_PASS, XDP_TX] {
+            assert!(actions.get(&action).copied().unwrap_or(0) > frames / 100, "{actions:?}");
+        }
+        eprintln!("fuzzing: {sent} frames in {:?}, by action {actions:?}, seed {seed:#x}", started.elapsed());
+    });
+}
+
+#[test]
+fn the_fuzzing_rules_reject_what_each_mode_must_not_do() {
+    let syn = tcp("198.18.0.2", 40000, VIP4, 80, SYN).bytes();
+    let to_backend = rewritten(&syn, backend_mac(11), LB_MAC);
+    assert_eq!(fuzz_violation(&syn, XDP_TX, &to_backend), None);
+    assert!(fuzz_violation(&syn, 0, &syn).is_some(), "XDP_ABORTED");
+    assert!(fuzz_violation(&syn, XDP_PASS, &syn).is_some(), "a VIP's SYN passed");
+    assert!(fuzz_violation(&syn, XDP_TX, &rewritten(&syn, backend_mac(99), LB_MAC)).is_some(), "no backend's MAC");
+    let mut payload_changed = to_backend.clone();
+    *payload_changed.last_mut().unwrap() ^= 1;
+    assert!(fuzz_violation(&syn, XDP_TX, &payload_changed).is_some(), "DSR changed the payload");
+    let other = tcp("198.18.0.2", 40000, "198.18.9.9", 80, SYN).bytes();
+    assert_eq!(fuzz_violation(&other, XDP_PASS, &other), None);
+    assert!(fuzz_violation(&other, XDP_PASS, &to_backend).is_some(), "a non-VIP frame changed");
+    assert!(fuzz_violation(&other, XDP_DROP, &other).is_some(), "a non-VIP frame dropped");
+    let fragment = Frame { frag: 0x2000, ..tcp("198.18.0.2", 40000, VIP4, 80, ACK) }.bytes();
+    assert!(fuzz_violation(&fragment, XDP_PASS, &fragment).is_some(), "a VIP fragment passed");
+    let tunnelled = tcp("198.18.0.2", 40001, FUZZ_TUNNEL4, 80, SYN).bytes();
+    let tunnel = Tunnel {
+        src: TUNNEL_SRC4.parse().unwrap(),
+        dst: "198.18.3.21".parse().unwrap(),
+        src_mac: LB_MAC,
+        dst_mac: backend_mac(21),
+        gue_ports: None,
+        flow_label: 0,
+    };
+    let encapsulated_right = encapsulated(&tunnelled, &tunnel);
+    assert_eq!(fuzz_violation(&tunnelled, XDP_TX, &encapsulated_right), None);
+    let not_encapsulated = rewritten(&tunnelled, backend_mac(21), LB_MAC);
+    assert!(fuzz_violation(&tunnelled, XDP_TX, &not_encapsulated).is_some(), "sent without a tunnel");
+    let mut inner_changed = encapsulated_right.clone();
+    inner_changed[60] ^= 0xff;
+    assert!(fuzz_violation(&tunnelled, XDP_TX, &inner_changed).is_some(), "the tunnel's inner packet changed");
+    let natted = tcp("198.18.0.2", 40002, FUZZ_NAT4, 80, SYN).bytes();
+    assert!(fuzz_violation(&natted, XDP_TX, &natted).is_some(), "NAT left the destination");
 }

@@ -44,6 +44,7 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
             nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
+            syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
             pin_dir: None,
         };
         let mut dataplane = Dataplane::load(params, DebugLog::Off)?;

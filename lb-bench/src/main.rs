@@ -12,7 +12,7 @@ mod throughput;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Parser;
 
 /// The CPU the per-packet measurements are pinned to.
@@ -27,6 +27,9 @@ struct Args {
     /// Where report.md and the charts go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// The fuzzing soak's summary line (written by `cargo xtask bench`).
+    #[arg(long)]
+    soak: Option<PathBuf>,
     /// Criterion's estimates for the Maglev build (target/criterion).
     #[arg(long, default_value = "target/criterion")]
     criterion: PathBuf,
@@ -43,14 +46,22 @@ struct Args {
     /// are left out of the report.
     #[arg(long)]
     only: Option<String>,
+    /// Measure only these per-packet fixtures (repeatable; default: all).
+    #[arg(long = "fixture")]
+    fixtures: Vec<String>,
 }
 
 /// Where `--baselines` points (bench-only programs stay out of `xdplb`).
 static BASELINES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
+/// Where the baseline programs' object is (`--baselines`).
+pub fn baselines_path() -> Result<&'static std::path::Path> {
+    Ok(BASELINES.get().ok_or_else(|| anyhow::anyhow!("--baselines is not set"))?)
+}
+
 /// A fresh load of the baseline programs.
 pub fn load_baselines() -> Result<aya::Ebpf> {
-    let path = BASELINES.get().ok_or_else(|| anyhow::anyhow!("--baselines is not set"))?;
+    let path = baselines_path()?;
     aya::Ebpf::load_file(path).map_err(|e| anyhow::anyhow!("loading the baselines {}: {e}", path.display()))
 }
 
@@ -66,7 +77,8 @@ fn main() -> Result<()> {
     let costs = if wanted("packet") {
         eprintln!("== per-packet cost ({iterations} calls × {rounds} rounds per fixture and program)");
         // The per-packet part moves its thread into a namespace of its own.
-        std::thread::spawn(move || packet::run(iterations, rounds, quick)).join().expect("thread")?
+        let chosen = args.fixtures.clone();
+        std::thread::spawn(move || packet::run(iterations, rounds, quick, &chosen)).join().expect("thread")?
     } else {
         Vec::new()
     };
@@ -89,7 +101,11 @@ fn main() -> Result<()> {
         None
     };
 
-    let report = report::Report { quick: args.quick, iterations, rounds, costs, throughput, peer, control };
+    let soak = match &args.soak {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
+    let report = report::Report { quick: args.quick, iterations, rounds, costs, throughput, peer, control, soak };
     let path = report::write(&report, &args.out)?;
     println!("report: {}", path.display());
     Ok(())

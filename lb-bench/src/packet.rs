@@ -43,6 +43,9 @@ pub struct Fixture {
     /// NAT: the source-port pool, and frames sent before the warm-up ones
     /// (a reply needs its request's translation first).
     pub nat: Option<NatFixture>,
+    /// Measured on the xdplb loaded with `syn_flood_threshold = 1`: every
+    /// SYN after a CPU's first in a second takes the flood path.
+    pub flooded: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -68,6 +71,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
             },
             Fixture {
                 name: "tcp_syn_new_flow",
@@ -77,6 +81,18 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
+            },
+            // The same, while the CPU counts as SYN-flooded: nothing recorded.
+            Fixture {
+                name: "tcp_syn_new_flow_flooded",
+                backends,
+                frame: |i| frames::tcp4_from(i, frames::SYN),
+                warmup: lb_common::DEFAULT_CONNTRACK_SIZE,
+                scheduler: Scheduler::Maglev,
+                forwarding: Forwarding::Dsr,
+                nat: None,
+                flooded: true,
             },
             Fixture {
                 name: "tcp_ack_established",
@@ -86,6 +102,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
             },
             // The throughput generator's working set: 60000 established flows in turn.
             Fixture {
@@ -96,6 +113,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
             },
             Fixture {
                 name: "udp",
@@ -105,6 +123,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
             },
             Fixture {
                 name: "ipv6_tcp_syn",
@@ -114,6 +133,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
             },
             Fixture {
                 name: "ipv6_tcp_ack",
@@ -123,6 +143,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
             },
             Fixture {
                 name: "non_vip",
@@ -132,6 +153,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 scheduler: Scheduler::Maglev,
                 forwarding: Forwarding::Dsr,
                 nat: None,
+                flooded: false,
             },
         ]);
     }
@@ -153,6 +175,7 @@ pub fn fixtures() -> Vec<Fixture> {
             scheduler,
             forwarding: Forwarding::Dsr,
             nat: None,
+            flooded: false,
         });
     }
     // The tunnel paths: the same packets, encapsulated (IPv6 VIP → IPv6 backends).
@@ -164,6 +187,7 @@ pub fn fixtures() -> Vec<Fixture> {
         scheduler: Scheduler::Maglev,
         forwarding,
         nat: None,
+        flooded: false,
     };
     list.extend([
         tunnel("ipip_tcp_syn", |_| frames::tcp4(40010, frames::SYN), Forwarding::Ipip),
@@ -187,6 +211,7 @@ pub fn fixtures() -> Vec<Fixture> {
         scheduler: Scheduler::Maglev,
         forwarding: Forwarding::Nat,
         nat: Some(nat),
+        flooded: false,
     };
     let pool = NatFixture { ports: "1024-65535", sources: 8, prime: None, max_calls: NAT_NEW_FLOWS_PER_ROUND };
     let one_port = NatFixture {
@@ -207,6 +232,8 @@ pub fn fixtures() -> Vec<Fixture> {
 /// The programs compared, each attached to its own idle veth.
 pub struct Programs {
     pub xdplb: Dataplane,
+    /// The same program with `syn_flood_threshold = 1` (the `flooded` fixtures).
+    xdplb_flooded: Dataplane,
     pub reconciler: Reconciler,
     baselines: Ebpf,
 }
@@ -232,15 +259,17 @@ impl Programs {
             &["link", "add", "xb4", "type", "veth", "peer", "name", "xb4p"],
             &["link", "add", "xb5", "type", "veth", "peer", "name", "xb5p"],
             &["link", "add", "xb6", "type", "veth", "peer", "name", "xb6p"],
+            &["link", "add", "xb7", "type", "veth", "peer", "name", "xb7p"],
         ] {
             let status = Command::new("ip").args(args).status().context("ip")?;
             if !status.success() {
                 bail!("ip {args:?} failed");
             }
         }
-        for dev in
-            ["xb0", "xb0p", "xb1", "xb1p", "xb2", "xb2p", "xb3", "xb3p", "xb4", "xb4p", "xb5", "xb5p", "xb6", "xb6p"]
-        {
+        for dev in [
+            "xb0", "xb0p", "xb1", "xb1p", "xb2", "xb2p", "xb3", "xb3p", "xb4", "xb4p", "xb5", "xb5p", "xb6", "xb6p",
+            "xb7", "xb7p",
+        ] {
             Command::new("ip").args(["link", "set", dev, "up"]).status()?;
         }
         // NAT replies go to the client's next hop by the kernel's FIB: a
@@ -263,8 +292,12 @@ impl Programs {
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
             nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
+            syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
             pin_dir: None,
         };
+        let mut xdplb_flooded =
+            Dataplane::load(DataplaneParams { syn_flood_threshold: 1, ..params.clone() }, DebugLog::Off)?;
+        xdplb_flooded.attach_or_adopt("xb7", XdpMode::Driver)?;
         let mut xdplb = Dataplane::load(params, DebugLog::Off)?;
         xdplb.attach_or_adopt("xb0", XdpMode::Driver)?;
         let mut baselines = crate::load_baselines()?;
@@ -280,7 +313,7 @@ impl Programs {
             program.load()?;
             program.attach(dev, XdpMode::Driver)?;
         }
-        Ok(Self { xdplb, reconciler: Reconciler::new(RING, 4), baselines })
+        Ok(Self { xdplb, xdplb_flooded, reconciler: Reconciler::new(RING, 4), baselines })
     }
 
     /// Programs the maps for `backends` backends under `scheduler`, reached
@@ -341,6 +374,7 @@ impl Programs {
             bail!("{errors:?}");
         }
         self.xdplb.apply(&writes)?;
+        self.xdplb_flooded.apply(&writes)?;
         if let Some(nat) = fixture.nat {
             // Every NAT fixture starts from empty tables (the agent's expiry
             // does not run here), then makes the translations it needs.
@@ -364,6 +398,7 @@ impl Programs {
                 self.baselines.program("bench_encap_gue").context("encap")?.try_into()?
             }
             "parse_encap_tx" => self.baselines.program("bench_encap_ipip").context("encap")?.try_into()?,
+            "xdplb" if fixture.flooded => self.xdplb_flooded.program()?,
             "xdplb" => self.xdplb.program()?,
             "xdp_drop" => self.baselines.program("bench_drop").context("drop")?.try_into()?,
             "swap_plus_vip_lookup" => self.baselines.program("bench_vip_lookup").context("vip")?.try_into()?,
@@ -387,7 +422,7 @@ impl Programs {
 
     /// Sends the fixture's warm-up packets through xdplb.
     pub fn warm_up(&self, fixture: &Fixture, offset: u32) -> Result<()> {
-        let program = self.xdplb.program()?;
+        let program = self.program("xdplb", fixture)?;
         let mut out = vec![0u8; 512];
         for i in 0..fixture.warmup {
             let frame = (fixture.frame)(offset.wrapping_add(i));
@@ -409,12 +444,19 @@ pub struct Cost {
     pub ns: Samples,
 }
 
-/// Measures every fixture on every program, `rounds` interleaved rounds.
-pub fn run(iterations: u32, rounds: usize, only_quick: bool) -> Result<Vec<Cost>> {
+/// Measures every fixture (or those named in `chosen`) on every program,
+/// `rounds` interleaved rounds.
+pub fn run(iterations: u32, rounds: usize, only_quick: bool, chosen: &[String]) -> Result<Vec<Cost>> {
     lb_testkit::pin_to_cpu(crate::BENCH_CPU)?;
     lb_testkit::isolate_thread()?;
     let mut programs = Programs::new()?;
     let mut fixtures = fixtures();
+    if !chosen.is_empty() {
+        fixtures.retain(|f| chosen.iter().any(|c| c == f.name));
+        if fixtures.is_empty() {
+            bail!("no per-packet fixture is called {chosen:?}");
+        }
+    }
     if only_quick {
         for f in fixtures.iter_mut().filter(|f| f.name != "tcp_ack_60k_flows") {
             f.warmup = f.warmup.min(iterations * 4);

@@ -13,21 +13,15 @@
 //! Frames sent back out of l0 are counted by a sink on g0: that is what was
 //! delivered towards the backend.
 
-use std::{
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray},
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    maps::PerCpuArray,
+    programs::{Xdp, XdpMode},
 };
+use lb_testkit::generator::Generator;
 use xdplb::{
     config::{Forwarding, PortRange, Protocol, Scheduler},
     dataplane::planner::Reconciler,
@@ -37,9 +31,6 @@ use xdplb::{
 };
 
 use crate::{frames, stats::Samples};
-
-/// The generator's frame headers it restores (Ethernet, IPv4, 8 bytes of L4).
-const GEN_HEADER_LEN: usize = 14 + 20 + 8;
 
 pub struct Throughput {
     pub program: &'static str,
@@ -145,24 +136,18 @@ fn sink_total(ebpf: &Ebpf) -> Result<u64> {
 
 pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
     let ns = Namespaces::new()?;
-    let (g0, l0) = (ifindex(&ns.gen_ns, "g0")?, ifindex(&ns.lb_ns, "l0")?);
+    let l0 = ifindex(&ns.lb_ns, "l0")?;
     let (g0_mac, l0_mac) = (mac(&ns.gen_ns, "g0")?, mac(&ns.lb_ns, "l0")?);
 
     // Generator side: trafficgen (run, not attached) and the return sink on g0.
+    let mut generator = Generator::load(crate::baselines_path()?, &ns.gen_ns, "g0", 2, 1)?;
     let gen_side = in_ns(&ns.gen_ns, move || {
         let mut ebpf = crate::load_baselines()?;
-        for name in ["trafficgen", "sink"] {
-            let p: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
-            p.load()?;
-        }
         let sink: &mut Xdp = ebpf.program_mut("sink").context("sink")?.try_into()?;
+        sink.load()?;
         sink.attach("g0", XdpMode::Driver)?;
-        let headers: Array<MapData, [u8; GEN_HEADER_LEN]> =
-            Array::try_from(ebpf.take_map("GEN_HEADERS").context("GEN_HEADERS")?)?;
-        Ok((ebpf, headers))
+        Ok(ebpf)
     })?;
-    let (gen_side, mut gen_headers) = gen_side;
-    let gen_side = Arc::new(gen_side);
 
     // LB side: xdplb with one backend behind l0, and the baselines.
     let (mut xdplb, baselines) = in_ns(&ns.lb_ns, move || {
@@ -172,6 +157,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
             nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
+            syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
             pin_dir: None,
         };
         let mut dataplane = Dataplane::load(params, DebugLog::Off)?;
@@ -253,13 +239,10 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
                 ("udp_64B_ipip", frames::udp4_64_tunnel()),
                 ("udp_64B_nat", frames::udp4_64_nat()),
             ] {
-                // The generator restores these headers in every recycled frame.
-                let headers: [u8; GEN_HEADER_LEN] = frame[..GEN_HEADER_LEN].try_into()?;
-                gen_headers.set(0, headers, 0)?;
                 for threads in [1usize, 2] {
                     let counter = |ebpf: &Ebpf| sink_total(ebpf);
                     let before = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };
-                    let elapsed = generate(&ns.gen_ns, gen_side.clone(), g0, &frame, threads, seconds)?;
+                    let elapsed = generator.send_for(&frame, Duration::from_secs_f64(seconds), threads)?;
                     // Let the last frames drain.
                     std::thread::sleep(Duration::from_millis(50));
                     let after = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };
@@ -298,47 +281,4 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
         eprintln!("throughput: round {}/{rounds} done", round + 1);
     }
     Ok(results)
-}
-
-/// Sends `frame` with `threads` generator threads (one per CPU and rx
-/// queue) for `seconds`; returns the time it took.
-fn generate(
-    gen_ns: &str,
-    gen_side: Arc<Ebpf>,
-    g0: u32,
-    frame: &[u8],
-    threads: usize,
-    seconds: f64,
-) -> Result<Duration> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for t in 0..threads {
-        let (gen_side, stop, frame, gen_ns) = (gen_side.clone(), stop.clone(), frame.to_vec(), gen_ns.to_string());
-        workers.push(std::thread::spawn(move || -> Result<()> {
-            lb_testkit::enter(&gen_ns)?;
-            lb_testkit::pin_to_cpu(t)?;
-            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-            let ctx: Vec<u8> =
-                [0, frame.len() as u32, 0, g0, t as u32, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-            let program: &Xdp = gen_side.program("trafficgen").context("trafficgen")?.try_into()?;
-            while !stop.load(Ordering::Relaxed) {
-                let opts = TestRunOptions {
-                    data_in: Some(&frame),
-                    ctx_in: Some(&ctx),
-                    repeat: 1 << 15,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..Default::default()
-                };
-                program.test_run(opts).context("live-frames test run")?;
-            }
-            Ok(())
-        }));
-    }
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().expect("generator thread")?;
-    }
-    Ok(start.elapsed())
 }

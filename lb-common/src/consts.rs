@@ -2,10 +2,12 @@
 //! `balancer_consts.h`): the data plane and the agent both read them here.
 
 /// Version of every layout in `layout`, as pinned maps hold them. Bump it
-/// with any change to a map's key or value type, or to the map schema (the
-/// size test is a reminder): an agent refuses to adopt pinned maps of
-/// another version.
-pub const LAYOUT_VERSION: u32 = 6;
+/// with any change to a pinned map's key, value or size, or to the meaning
+/// of its slots (the size test is a reminder): an agent refuses to adopt
+/// pinned maps of another version, so a bump costs users the connection
+/// table on upgrade. A new map needs no bump (adoption creates it empty),
+/// nor does a new global counter appended within `GLOBAL_COUNTER_SLOTS`.
+pub const LAYOUT_VERSION: u32 = 7;
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 pub const NS_PER_MS: u64 = 1_000_000;
@@ -24,6 +26,19 @@ pub const MAX_EGRESS_DEVICES: u32 = 64;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default capacity of the connection table (and of the affinity table).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 524_288;
+/// The half-open table holds this fraction of the connection table's
+/// entries (`conntrack_size / HALF_OPEN_SHARE`), at least
+/// `MIN_HALF_OPEN_SIZE`: it only bridges a SYN and its ACK (one round trip),
+/// so it churns fast and needs far fewer entries than established flows.
+pub const HALF_OPEN_SHARE: u32 = 4;
+pub const MIN_HALF_OPEN_SIZE: u32 = 1024;
+/// Slots of the global counter array: room for counters added later
+/// without resizing a pinned map (which would break hitless upgrades).
+pub const GLOBAL_COUNTER_SLOTS: u32 = 64;
+/// The last counter slot: only the upgrade-test variant of the program
+/// (lb-ebpf-variant) counts there, every packet it sees, so a test can tell
+/// which program runs.
+pub const UPGRADE_VARIANT_COUNTER_SLOT: u32 = GLOBAL_COUNTER_SLOTS - 1;
 /// Most candidates a least_conn VIP scans per new flow: program verification
 /// takes about 0.34 s at 32, 0.53 s at 64.
 pub const MAX_LEAST_CONN_CANDIDATES: u32 = 32;
@@ -46,6 +61,15 @@ pub const LAST_SEEN_REFRESH_NS: u64 = NS_PER_SEC;
 /// matter for a connection still worth having, and is short enough that a
 /// client reusing the five-tuple later is scheduled afresh.
 pub const SYN_RETRANSMIT_WINDOW_NS: u64 = 10 * NS_PER_SEC;
+/// Default SYN-flood threshold (`[agent] syn_flood_threshold`): new SYNs
+/// per second on one CPU above which SYNs to hash-scheduled services stop
+/// recording half-open entries (their backend follows from the hash alone,
+/// so the client's ACK finds it again) and SYNs stop refreshing client
+/// affinity. Established flows are never at stake: SYNs never write the
+/// connection table.
+pub const DEFAULT_SYN_FLOOD_THRESHOLD: u64 = 100_000;
+/// Allowed `syn_flood_threshold` values; 0 turns flood detection off.
+pub const SYN_FLOOD_THRESHOLD: core::ops::RangeInclusive<u64> = 0..=100_000_000;
 /// A finished TCP flow may still see its last ACKs for this long: its
 /// backend slot is not freed before.
 pub const FINISHED_LINGER_NS: u64 = 10 * NS_PER_SEC;
@@ -74,9 +98,10 @@ pub const BACKEND_F_ELIGIBLE: u8 = 4;
 /// `FlowState::flags`: the client has sent FIN or RST: the flow is ending
 /// and no longer counts as active (its entry stays for the last packets).
 pub const FLOW_F_FINISHED: u32 = 1;
-/// `FlowState::flags`: only the client's SYN has been seen. A SYN
-/// retransmission within `SYN_RETRANSMIT_WINDOW_NS` goes to the same
-/// backend. The client's first other packet (its ACK) clears it.
+/// `FlowState::flags`: only the client's SYN has been seen (entries of the
+/// half-open table carry it). A SYN retransmission within
+/// `SYN_RETRANSMIT_WINDOW_NS` goes to the same backend; the client's ACK
+/// moves the flow to the connection table.
 pub const FLOW_F_HALF_OPEN: u32 = 2;
 
 /// How a VIP picks the backend of a new flow (`VipInfo::scheduler`). What
@@ -155,6 +180,10 @@ pub const IPV4_MIN_REPORTED_MTU: u16 = 576;
 /// The tc egress program encapsulates packets carrying such a mark.
 pub const PROBE_MARK: u32 = 0x786c_0000; // "xl"
 pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
+
+/// Bytes of a frame the benchmarks' and tests' traffic generator restores
+/// before sending it again: Ethernet, IPv4 and a TCP header.
+pub const TRAFFICGEN_HEADER_LEN: usize = 14 + 20 + 20;
 
 /// Map flags (uapi `BPF_F_*`), for the map schema.
 pub const BPF_F_NO_FLAGS: u32 = 0;

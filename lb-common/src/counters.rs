@@ -1,6 +1,7 @@
 //! What the data plane counts globally (`GLOBAL_COUNTERS`).
 
-/// Indexes of the `GLOBAL_COUNTERS` per-CPU array.
+/// Indexes of the `GLOBAL_COUNTERS` per-CPU array. New counters go at the
+/// end: a pinned counter keeps its slot across upgrades.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GlobalCounter {
@@ -27,6 +28,16 @@ pub enum GlobalCounter {
     /// A SYN retransmission: it found its own half-open entry and went to
     /// the same backend.
     SynRetransmit,
+    /// A SYN for a live established flow: sent to that flow's backend (which
+    /// answers as TCP does), the flow left as it is.
+    SynToEstablished,
+    /// A SYN scheduled while its CPU saw more than `syn_flood_threshold`
+    /// SYNs per second: not recorded as half-open (hash-scheduled services)
+    /// nor as client affinity.
+    SynFlood,
+    /// A client's ACK found its SYN's half-open entry: the flow moved to the
+    /// connection table with that backend.
+    HalfOpenPromoted,
     ActionTx,
     ActionRedirect,
     /// A new flow followed its client's affinity (persistence).
@@ -64,6 +75,7 @@ pub enum GlobalCounter {
 }
 
 pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::NatIcmpErrors as u32 + 1;
+const _: () = assert!(GLOBAL_COUNTER_COUNT <= crate::GLOBAL_COUNTER_SLOTS);
 
 impl GlobalCounter {
     pub const ALL: [GlobalCounter; GLOBAL_COUNTER_COUNT as usize] = [
@@ -78,6 +90,9 @@ impl GlobalCounter {
         GlobalCounter::ConntrackInsertFailed,
         GlobalCounter::SynScheduled,
         GlobalCounter::SynRetransmit,
+        GlobalCounter::SynToEstablished,
+        GlobalCounter::SynFlood,
+        GlobalCounter::HalfOpenPromoted,
         GlobalCounter::ActionTx,
         GlobalCounter::ActionRedirect,
         GlobalCounter::AffinityHit,
@@ -109,6 +124,9 @@ impl GlobalCounter {
             GlobalCounter::ConntrackInsertFailed => "conntrack_insert_failed",
             GlobalCounter::SynScheduled => "syn_scheduled",
             GlobalCounter::SynRetransmit => "syn_retransmit",
+            GlobalCounter::SynToEstablished => "syn_to_established",
+            GlobalCounter::SynFlood => "syn_flood",
+            GlobalCounter::HalfOpenPromoted => "half_open_promoted",
             GlobalCounter::ActionTx => "action_tx",
             GlobalCounter::ActionRedirect => "action_redirect",
             GlobalCounter::AffinityHit => "affinity_hit",

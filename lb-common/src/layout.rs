@@ -124,6 +124,14 @@ pub struct FlowState {
     pub last_seen_ns: u64,
 }
 
+/// Value of `SYN_RATE`: one CPU's SYNs in its current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynRate {
+    pub window_start_ns: u64,
+    pub syns: u64,
+}
+
 /// Value of `NAT_POOLS`, indexed by VIP id: how a NAT service translates.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

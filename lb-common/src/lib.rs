@@ -35,6 +35,7 @@ mod pod {
     unsafe impl aya::Pod for NatFlow {}
     unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for NatScratch {}
+    unsafe impl aya::Pod for SynRate {}
 }
 
 #[cfg(test)]
@@ -53,6 +54,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 64);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 16);
+        assert_eq!(size_of::<SynRate>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
         assert_eq!(size_of::<DevmapValue>(), 8);
         assert_eq!(size_of::<NatPool>(), 16 * MAX_NAT_SOURCES + 20);
@@ -68,7 +70,8 @@ mod tests {
             assert!(a.key_size > 0 && a.value_size > 0 && a.default_entries > 0, "{a:?}");
         }
         assert_eq!(map_spec(map_names::CONNTRACK).unwrap().capacity, Capacity::Conntrack);
-        assert_eq!(map_spec(map_names::GLOBAL_COUNTERS).unwrap().default_entries, GLOBAL_COUNTER_COUNT);
+        assert_eq!(map_spec(map_names::HALF_OPEN).unwrap().capacity, Capacity::HalfOpen);
+        assert!(map_spec(map_names::GLOBAL_COUNTERS).unwrap().default_entries >= GLOBAL_COUNTER_COUNT);
     }
 
     #[test]

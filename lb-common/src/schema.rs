@@ -15,6 +15,8 @@ pub enum Capacity {
     Rings,
     /// `[agent] nat_table_size`.
     Nat,
+    /// `[agent] conntrack_size / HALF_OPEN_SHARE`, at least `MIN_HALF_OPEN_SIZE`.
+    HalfOpen,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +68,14 @@ macro_rules! for_each_map {
             /// no global lock.
             CONNTRACK: LruHashMap<$crate::FlowKey, $crate::FlowState>,
                 Conntrack($crate::DEFAULT_CONNTRACK_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
+            /// Five-tuple → backend of a TCP flow that has only sent its SYN. A SYN
+            /// never writes `CONNTRACK`, so no flood of them can evict an
+            /// established flow; the client's ACK moves its entry there.
+            HALF_OPEN: LruHashMap<$crate::FlowKey, $crate::FlowState>,
+                HalfOpen($crate::MIN_HALF_OPEN_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
+            /// Per CPU: SYNs in the current one-second window (flood detection).
+            SYN_RATE: PerCpuArray<u32, $crate::SynRate>,
+                Fixed(1), $crate::BPF_F_NO_FLAGS, private;
             /// Interfaces that XDP_REDIRECT may send to, keyed by ifindex.
             EGRESS_DEVICES: DevMapHash<u32, $crate::DevmapValue>,
                 Fixed($crate::MAX_EGRESS_DEVICES), $crate::BPF_F_NO_FLAGS, pinned;
@@ -74,7 +84,7 @@ macro_rules! for_each_map {
             BACKEND_COUNTERS: PerCpuArray<u32, $crate::TrafficCounters>,
                 Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
             GLOBAL_COUNTERS: PerCpuArray<u32, u64>,
-                Fixed($crate::GLOBAL_COUNTER_COUNT), $crate::BPF_F_NO_FLAGS, pinned;
+                Fixed($crate::GLOBAL_COUNTER_SLOTS), $crate::BPF_F_NO_FLAGS, pinned;
             /// Client affinity (persistence): (VIP, client address) → backend.
             AFFINITY: LruHashMap<$crate::AffinityKey, $crate::AffinityState>,
                 Conntrack($crate::DEFAULT_CONNTRACK_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
@@ -156,4 +166,5 @@ pub mod names {
     pub const GLOBAL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
     pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
     pub const GLOBAL_UDP_IDLE_TIMEOUT_NS: &str = "UDP_IDLE_TIMEOUT_NS";
+    pub const GLOBAL_SYN_FLOOD_THRESHOLD: &str = "SYN_FLOOD_THRESHOLD";
 }

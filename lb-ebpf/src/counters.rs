@@ -6,7 +6,12 @@ use crate::maps::{BACKEND_COUNTERS, GLOBAL_COUNTERS, VIP_COUNTERS};
 
 #[inline(always)]
 pub fn count(counter: GlobalCounter) {
-    if let Some(value) = GLOBAL_COUNTERS.get_ptr_mut(counter as u32) {
+    count_slot(counter as u32);
+}
+
+#[inline(always)]
+pub fn count_slot(slot: u32) {
+    if let Some(value) = GLOBAL_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot: no other CPU writes it.
         unsafe { *value += 1 };
     }

@@ -10,6 +10,7 @@ mod affinity;
 mod classify;
 mod counters;
 mod forward;
+mod half_open;
 mod maps;
 mod probe;
 mod schedule;
@@ -31,6 +32,8 @@ use crate::{
 
 #[xdp]
 pub fn xdplb(ctx: XdpContext) -> u32 {
+    #[cfg(feature = "upgrade-variant")]
+    counters::count_slot(lb_common::UPGRADE_VARIANT_COUNTER_SLOT);
     let packet = match parse::parse(&ctx) {
         Parsed::Packet(packet) => packet,
         Parsed::Unclassifiable { dst, family, reason } => {

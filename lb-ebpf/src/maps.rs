@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
-use lb_common::{DEFAULT_RING_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_S, NS_PER_SEC};
+use lb_common::{DEFAULT_RING_SIZE, DEFAULT_SYN_FLOOD_THRESHOLD, DEFAULT_UDP_IDLE_TIMEOUT_S, NS_PER_SEC};
 
 /// Maglev lookup-table size of every VIP (set at load).
 #[unsafe(no_mangle)]
@@ -16,6 +16,11 @@ static RING_SIZE: u32 = DEFAULT_RING_SIZE;
 /// Idle time after which a UDP flow is scheduled afresh (set at load).
 #[unsafe(no_mangle)]
 static UDP_IDLE_TIMEOUT_NS: u64 = DEFAULT_UDP_IDLE_TIMEOUT_S * NS_PER_SEC;
+
+/// New SYNs per second on one CPU above which it counts as flooded; 0:
+/// never (set at load).
+#[unsafe(no_mangle)]
+static SYN_FLOOD_THRESHOLD: u64 = DEFAULT_SYN_FLOOD_THRESHOLD;
 
 #[inline(always)]
 pub fn ring_size() -> u32 {
@@ -28,6 +33,12 @@ pub fn ring_size() -> u32 {
 pub fn udp_idle_timeout_ns() -> u64 {
     // SAFETY: as in `ring_size`.
     unsafe { core::ptr::read_volatile(&UDP_IDLE_TIMEOUT_NS) }
+}
+
+#[inline(always)]
+pub fn syn_flood_threshold() -> u64 {
+    // SAFETY: as in `ring_size`.
+    unsafe { core::ptr::read_volatile(&SYN_FLOOD_THRESHOLD) }
 }
 
 /// The aya-ebpf type of a schema entry (arrays are keyed by `u32`).

@@ -4,7 +4,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{BACKEND_F_IN_USE, MAX_LEAST_CONN_CANDIDATES, VipInfo, flow_hash, scheduler, source_hash};
+use lb_common::{BACKEND_F_IN_USE, MAX_LEAST_CONN_CANDIDATES, NO_BACKEND, VipInfo, flow_hash, scheduler, source_hash};
 
 use lb_ebpf::parse::Packet;
 
@@ -13,13 +13,49 @@ use crate::{
     maps::{ACTIVE_CORRECTION, ACTIVE_FLOWS, BACKENDS, CURSORS, RINGS, ring_size},
 };
 
-/// The backend for a new flow of `vip`, client affinity first.
+/// The backend for a new flow of `vip`, client affinity first; `remember`:
+/// record it as the client's affinity (not for SYNs of a flood, which
+/// would evict real clients' affinity).
 #[inline(always)]
-pub fn pick(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
-    let persistent = vip.persistence_timeout_ns != 0;
-    if persistent && let Some(backend_id) = affinity::lookup(packet, vip, now) {
+pub fn pick(packet: &Packet, vip: &VipInfo, now: u64, remember: bool) -> Option<u32> {
+    picked(packet, vip, now, pick_raw(packet, vip, now), remember)
+}
+
+/// `pick` in two steps: the scheduler's raw choice (call it where the
+/// caller holds little state, see `pick_subprogram`)...
+#[inline(always)]
+pub fn pick_raw(packet: &Packet, vip: &VipInfo, now: u64) -> u32 {
+    pick_subprogram(packet, vip, now)
+}
+
+/// ...and what it means: the backend, the client's affinity recorded.
+#[inline(always)]
+pub fn picked(packet: &Packet, vip: &VipInfo, now: u64, picked: u32, remember: bool) -> Option<u32> {
+    if picked == NO_BACKEND {
+        return None;
+    }
+    let backend_id = picked & !FROM_AFFINITY;
+    if remember && vip.persistence_timeout_ns != 0 && picked & FROM_AFFINITY == 0 {
+        affinity::remember(packet, vip, backend_id, now);
+    }
+    Some(backend_id)
+}
+
+/// Marks a pick that followed the client's affinity (backend ids are far
+/// below it).
+const FROM_AFFINITY: u32 = 1 << 31;
+
+/// The scheduler's pick as a BPF subprogram returning a scalar
+/// (`NO_BACKEND`: none): the schedulers' many paths (least_conn's scan
+/// above all) end in one return, so the SYN and non-SYN paths that call it
+/// are each verified once, not once per scheduler path.
+#[inline(never)]
+fn pick_subprogram(packet: &Packet, vip: &VipInfo, now: u64) -> u32 {
+    if vip.persistence_timeout_ns != 0
+        && let Some(backend_id) = affinity::lookup(packet, vip, now)
+    {
         crate::counters::count(lb_common::GlobalCounter::AffinityHit);
-        return Some(backend_id);
+        return backend_id | FROM_AFFINITY;
     }
     let backend_id = match vip.scheduler {
         scheduler::SEQUENCE => sequence(vip),
@@ -28,11 +64,8 @@ pub fn pick(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
         scheduler::SOURCE_HASH => ring_slot(vip, source_hash(&packet.flow.src)),
         scheduler::LEAST_CONN => least_conn(vip),
         _ => ring_slot(vip, flow_hash(&packet.flow)),
-    }?;
-    if persistent {
-        affinity::remember(packet, vip, backend_id, now);
-    }
-    Some(backend_id)
+    };
+    backend_id.unwrap_or(NO_BACKEND)
 }
 
 /// Slot `hash % size` of the VIP's Maglev table.

@@ -3,27 +3,35 @@
 //!
 //! Every non-SYN packet keeps the backend its flow is pinned to, so
 //! established flows survive ring changes, unless their backend is marked
-//! down, in which case they are scheduled afresh. A SYN is a new connection
-//! and takes the scheduler's pick, inserted "create only": a new five-tuple
-//! pays no extra lookup. Only when the five-tuple has an entry is it looked
-//! at: a retransmitted SYN (the entry is still half-open and younger than
-//! `SYN_RETRANSMIT_WINDOW_NS`) goes where the first SYN went, because that
-//! backend may already hold the half-open connection; an older entry (a
-//! client reusing a port) is rewritten in place. A RST never creates an
-//! entry; the client's FIN or RST marks the flow finished.
+//! down, in which case they are scheduled afresh.
+//!
+//! A SYN never writes the connection table (see `half_open`). It looks the
+//! five-tuple up there: a live flow keeps its backend (a spoofed SYN cannot
+//! move an established flow; a client that really restarted gets the
+//! backend's challenge ACK, resets, and its next SYN finds the flow
+//! finished); a finished flow or one on a failed backend is removed, so the
+//! new connection's ACK does not find it. Otherwise the SYN takes the
+//! scheduler's pick and is recorded half-open; a retransmitted SYN goes
+//! where the first went, because that backend may already hold the
+//! half-open connection. The client's ACK moves the flow to the connection
+//! table with its SYN's backend. A RST never creates an entry; the client's
+//! FIN or RST marks the flow finished.
 //!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
-//! counted in `ACTIVE_FLOWS` here.
+//! counted in `ACTIVE_FLOWS` here (a SYN counts: the agent's scan corrects
+//! handshakes that never complete).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowState, GlobalCounter,
-    LAST_SEEN_REFRESH_NS, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, VipInfo, scheduler,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowState, GlobalCounter, LAST_SEEN_REFRESH_NS,
+    PROTO_TCP, PROTO_UDP, VipInfo, scheduler,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
+    affinity,
     counters::count,
+    half_open::{self, Recorded},
     maps::{BACKENDS, CONNTRACK, udp_idle_timeout_ns},
     schedule,
 };
@@ -73,55 +81,47 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     // SAFETY: a helper without arguments or preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let least_conn = vip.scheduler == scheduler::LEAST_CONN;
-    let is_syn = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return syn(packet, vip, now, least_conn);
+    }
     // The live flow this packet's five-tuple leaves, for least_conn accounting.
     let mut leaves: Option<u32> = None;
-    if !is_syn {
-        match pinned_backend(packet, now, least_conn) {
-            Pinned::Hit(selection) => {
-                count(GlobalCounter::ConntrackHit);
-                return Some(selection);
-            }
-            Pinned::Stale { backend_id, finished: false } => leaves = Some(backend_id),
-            Pinned::Stale { .. } | Pinned::Miss => {}
+    match pinned_backend(packet, now, least_conn) {
+        Pinned::Hit(selection) => {
+            count(GlobalCounter::ConntrackHit);
+            return Some(selection);
         }
-        count(GlobalCounter::ConntrackMiss);
+        Pinned::Stale { backend_id, finished: false } => leaves = Some(backend_id),
+        Pinned::Stale { .. } | Pinned::Miss => {}
+    }
+    count(GlobalCounter::ConntrackMiss);
+
+    // The client's ACK that completes a handshake: its SYN's backend.
+    if packet.flow.proto == PROTO_TCP
+        && leaves.is_none()
+        && let Some(backend_id) = half_open::take(packet)
+        && serves(backend_id)
+    {
+        count(GlobalCounter::HalfOpenPromoted);
+        // The client may end the handshake with a RST (or a FIN) too.
+        let ending = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+        pin(packet, backend_id, now, ending);
+        if least_conn && ending {
+            schedule::account(backend_id, -1);
+        }
+        if vip.persistence_timeout_ns != 0 {
+            // A flooded SYN left the client's affinity alone (see `syn`).
+            affinity::remember(packet, vip, backend_id, now);
+        }
+        return Some(Selection { backend_id, new_flow: false });
     }
 
-    let backend_id = schedule::pick(packet, vip, now)?;
+    let backend_id = schedule::pick(packet, vip, now, true)?;
     usable_backend(backend_id)?;
     let new_flow = packet.tcp_flags & TCP_RST == 0;
     let finished = packet.tcp_flags & TCP_FIN != 0;
     if new_flow {
-        let flags = if finished {
-            FLOW_F_FINISHED
-        } else if is_syn {
-            FLOW_F_HALF_OPEN
-        } else {
-            0
-        };
-        let state = FlowState { backend_id, flags, last_seen_ns: now };
-        // A SYN's insert is "create only": a new five-tuple (nearly every
-        // SYN) pays no lookup; only when one exists is it looked at.
-        let insert_flags = if is_syn { BPF_NOEXIST as u64 } else { 0 };
-        if CONNTRACK.insert(&packet.flow, &state, insert_flags).is_err() {
-            match if is_syn { syn_entry(packet, now) } else { SynEntry::None } {
-                SynEntry::Retransmission(selection) => {
-                    count(GlobalCounter::SynRetransmit);
-                    return Some(selection);
-                }
-                SynEntry::Earlier { state: entry, live_backend } => {
-                    leaves = live_backend;
-                    // SAFETY: a pointer to a live entry from the lookup; its
-                    // fields are plain words and only this five-tuple uses it.
-                    unsafe { *entry = state };
-                }
-                SynEntry::None => count(GlobalCounter::ConntrackInsertFailed),
-            }
-        }
-    }
-    if is_syn {
-        count(GlobalCounter::SynScheduled);
+        pin(packet, backend_id, now, finished);
     }
     if least_conn {
         if let Some(old) = leaves {
@@ -134,38 +134,58 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     Some(Selection { backend_id, new_flow })
 }
 
-/// What a SYN finds under its five-tuple.
-enum SynEntry {
-    /// Its own earlier SYN, half-open and young, on a backend that serves:
-    /// the same backend.
-    Retransmission(Selection),
-    /// An older or finished flow: rewritten in place for the new
-    /// connection; `live_backend` is where the flow it ends was pinned.
-    Earlier {
-        state: *mut FlowState,
-        live_backend: Option<u32>,
-    },
-    None,
+/// A SYN: see the module's comment.
+#[inline(always)]
+fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Selection> {
+    // The scheduler first, while this path holds no other state: the
+    // verifier then walks the schedulers once for every SYN path.
+    let picked = schedule::pick_raw(packet, vip, now);
+    let mut leaves: Option<u32> = None;
+    if let Some(entry) = CONNTRACK.get_ptr(&packet.flow) {
+        // SAFETY: the map returned a pointer to a live entry.
+        let entry = unsafe { *entry };
+        let live = entry.flags & FLOW_F_FINISHED == 0;
+        if live && serves(entry.backend_id) {
+            count(GlobalCounter::SynToEstablished);
+            return Some(Selection { backend_id: entry.backend_id, new_flow: false });
+        }
+        if live {
+            leaves = Some(entry.backend_id);
+        }
+        let _ = CONNTRACK.remove(&packet.flow);
+    }
+
+    let flooded = half_open::flooded(now);
+    let backend_id = schedule::picked(packet, vip, now, picked, !flooded)?;
+    usable_backend(backend_id)?;
+    if flooded {
+        count(GlobalCounter::SynFlood);
+    }
+    if !(flooded && half_open::stateless_scheduler(vip))
+        && let Recorded::Retransmission(first) = half_open::record(packet, backend_id, now, serves)
+    {
+        count(GlobalCounter::SynRetransmit);
+        return Some(Selection { backend_id: first, new_flow: false });
+    }
+    count(GlobalCounter::SynScheduled);
+    if least_conn {
+        if let Some(old) = leaves {
+            schedule::account(old, -1);
+        }
+        schedule::account(backend_id, 1);
+    }
+    Some(Selection { backend_id, new_flow: true })
 }
 
+/// Pins a flow to `backend_id` in the connection table (`finished`: the
+/// client is already ending it).
 #[inline(always)]
-fn syn_entry(packet: &Packet, now: u64) -> SynEntry {
-    let Some(state) = CONNTRACK.get_ptr_mut(&packet.flow) else {
-        return SynEntry::None;
-    };
-    // SAFETY: the map returned a pointer to a live entry.
-    let entry = unsafe { &*state };
-    let live = entry.flags & FLOW_F_FINISHED == 0;
-    let young = now.saturating_sub(entry.last_seen_ns) <= SYN_RETRANSMIT_WINDOW_NS;
-    if live && young && entry.flags & FLOW_F_HALF_OPEN != 0 {
-        if let Some(backend) = usable_backend(entry.backend_id) {
-            // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
-            if unsafe { (*backend).flags } & BACKEND_F_DOWN == 0 {
-                return SynEntry::Retransmission(Selection { backend_id: entry.backend_id, new_flow: false });
-            }
-        }
+fn pin(packet: &Packet, backend_id: u32, now: u64, finished: bool) {
+    let flags = if finished { FLOW_F_FINISHED } else { 0 };
+    let state = FlowState { backend_id, flags, last_seen_ns: now };
+    if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
+        count(GlobalCounter::ConntrackInsertFailed);
     }
-    SynEntry::Earlier { state, live_backend: if live { Some(entry.backend_id) } else { None } }
 }
 
 #[inline(always)]
@@ -192,19 +212,24 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
     if idle_ns > LAST_SEEN_REFRESH_NS {
         state.last_seen_ns = now;
     }
-    let ending = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !finished;
-    if ending || state.flags & FLOW_F_HALF_OPEN != 0 {
-        // The client's first packet after its SYN ends the half-open phase.
-        let mut flags = state.flags & !FLOW_F_HALF_OPEN;
-        if ending {
-            flags |= FLOW_F_FINISHED;
-            if least_conn {
-                schedule::account(state.backend_id, -1);
-            }
+    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !finished {
+        state.flags |= FLOW_F_FINISHED;
+        if least_conn {
+            schedule::account(state.backend_id, -1);
         }
-        state.flags = flags;
     }
     Pinned::Hit(Selection { backend_id: state.backend_id, new_flow: false })
+}
+
+/// Whether the backend in slot `backend_id` may keep a flow: in use and
+/// not marked down.
+#[inline(always)]
+fn serves(backend_id: u32) -> bool {
+    match usable_backend(backend_id) {
+        // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
+        Some(backend) => unsafe { (*backend).flags & BACKEND_F_DOWN == 0 },
+        None => false,
+    }
 }
 
 #[inline(always)]

@@ -1,8 +1,11 @@
 //! What xdplb's tests (`tests/`) and benchmarks (`lb-bench`) share, written
-//! once: entering network namespaces, pinning to a CPU, building frames, the
-//! harness topology's lifecycle, and reading `xdplb status` as typed data.
+//! once: entering network namespaces, pinning to a CPU, building frames, a
+//! live-frames traffic generator, the harness topology's lifecycle, and
+//! reading `xdplb status` as typed data.
 
 pub mod frames;
+pub mod fuzz;
+pub mod generator;
 pub mod topology;
 
 use std::{fs::File, path::Path, process::Command, thread};

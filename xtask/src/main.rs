@@ -161,6 +161,7 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
             .args(["bench", "--package", "lb-bench", "--bench", "maglev", "--"])
             .args(criterion),
     )?;
+    let soak = fuzz_soak(root, if quick { 1_000_000 } else { 10_000_000 })?;
     let xdp_pass = newest(&root.join("target/release/build"), "lb-userspace-", "out/xdp-pass")?;
     let baselines = newest(&root.join("target/release/build"), "lb-userspace-", "out/xdp-baselines")?;
     let mut cmd = Command::new(root.join("target/release/xdplb-bench"));
@@ -173,12 +174,40 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
         .arg(baselines)
         .arg("--criterion")
         .arg(root.join("target/criterion"))
+        .arg("--soak")
+        .arg(soak)
         .arg("--out")
         .arg(root.join("target/bench"));
     if quick {
         cmd.arg("--quick");
     }
     exec(&mut cmd)
+}
+
+/// The fuzzing soak: `frames` mutated frames through the real program
+/// (the packet test's fuzzer, 10^5 in CI), with a new seed each run so that
+/// soaks explore new frames. Its summary line goes into the report.
+fn fuzz_soak(root: &Path, frames: u64) -> Result<PathBuf> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    eprintln!("== fuzzing soak: {frames} frames, seed {seed:#x}");
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--features", "lb-userspace/test-hooks", "--package", "lb-userspace", "--test", "packet"])
+        .args(["--", "--exact", "fuzzed_frames_never_abort_and_change_only_what_their_mode_allows", "--nocapture"])
+        .env("XDPLB_FUZZ_FRAMES", frames.to_string())
+        .env("XDPLB_FUZZ_SEED", seed.to_string())
+        .stderr(Stdio::piped())
+        .output()
+        .context("running the fuzzing soak")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("the fuzzing soak failed (seed {seed}: rerun with XDPLB_FUZZ_SEED={seed}):\n{stderr}");
+    }
+    let summary = stderr.lines().find(|l| l.starts_with("fuzzing:")).context("the soak printed no summary")?;
+    let path = root.join("target/bench/fuzz-soak.txt");
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    std::fs::write(&path, format!("{summary}\n"))?;
+    Ok(path)
 }
 
 /// The most recently built `DIR/PREFIX*/SUFFIX`.

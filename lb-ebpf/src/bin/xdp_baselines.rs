@@ -3,7 +3,8 @@
 //! - `bench_macswap`: parses Ethernet/IP/L4 with xdplb's own parser, swaps
 //!   the MACs and returns XDP_TX: the least a forwarding program does;
 //! - `trafficgen`: run in live-frames mode, sends each frame with the next
-//!   source port (a new flow per packet for a load balancer);
+//!   source port, and optionally the next source address (a new flow per
+//!   packet for a load balancer), checksums kept right;
 //! - `sink`: counts and drops what arrives;
 //! - `bench_vip_lookup`, `bench_flow_lookup`: the MAC-swap baseline plus one
 //!   hash lookup shaped like xdplb's VIP lookup, or like its connection-table
@@ -36,11 +37,17 @@ static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static GEN_COUNTER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
-/// Offset of the L4 source port in the generator's frames (Ethernet + IPv4).
+/// Offsets in the generator's frames (Ethernet + IPv4 without options).
+const IPV4_PROTOCOL_OFFSET: usize = 14 + 9;
+const IPV4_CHECKSUM_OFFSET: usize = 14 + 10;
+/// The low half of the IPv4 source address.
+const IPV4_SOURCE_LOW_OFFSET: usize = 14 + 14;
 const L4_SOURCE_PORT_OFFSET: usize = 14 + 20;
-/// The generator's frame headers as sent: Ethernet, IPv4, the L4 ports and 4
-/// more bytes.
-const GEN_HEADER_LEN: usize = 14 + 20 + 8;
+const TCP_CHECKSUM_OFFSET: usize = 14 + 20 + 16;
+const UDP_CHECKSUM_OFFSET: usize = 14 + 20 + 6;
+/// The generator's frame headers as sent: Ethernet, IPv4 and a TCP header
+/// (or a UDP header and the start of its payload).
+const GEN_HEADER_LEN: usize = lb_common::TRAFFICGEN_HEADER_LEN;
 
 /// The frame's headers (`GEN_HEADER_LEN` bytes), written by the benchmark
 /// before each run. Live frames are recycled pages, and the program under
@@ -52,6 +59,11 @@ static GEN_HEADERS: Array<[u8; GEN_HEADER_LEN]> = Array::with_max_entries(1, 0);
 /// Source ports cycle through this many values.
 #[unsafe(no_mangle)]
 static GEN_PORTS: u32 = 60000;
+/// Source addresses cycle through this many values (added to the low half
+/// of the frame's IPv4 source), each with every port in turn: up to
+/// GEN_ADDRESSES × GEN_PORTS frames have five-tuples of their own.
+#[unsafe(no_mangle)]
+static GEN_ADDRESSES: u32 = 1;
 
 #[xdp]
 pub fn bench_drop(_ctx: XdpContext) -> u32 {
@@ -157,12 +169,38 @@ pub fn trafficgen(ctx: XdpContext) -> u32 {
     let n = unsafe { *counter };
     // SAFETY: a per-CPU slot: no other CPU touches it.
     unsafe { *counter = n.wrapping_add(1) };
-    // SAFETY: a plain read of a static that the loader may rewrite.
-    let ports = unsafe { core::ptr::read_volatile(&GEN_PORTS) }.max(1);
-    let port = (1024 + n % ports) as u16;
-    // SAFETY: the frame was bounds-checked to hold the L4 ports just above.
-    unsafe { *((start + L4_SOURCE_PORT_OFFSET) as *mut [u8; 2]) = port.to_be_bytes() };
+    // SAFETY: plain reads of statics that the loader may rewrite.
+    let (ports, addresses) =
+        unsafe { (core::ptr::read_volatile(&GEN_PORTS).max(1), core::ptr::read_volatile(&GEN_ADDRESSES).max(1)) };
+    let port = (1024 + (n / addresses) % ports) as u16;
+    // SAFETY (all accesses below): the frame was bounds-checked to hold
+    // GEN_HEADER_LEN bytes, past every offset used.
+    let word = |offset: usize| u16::from_be_bytes(unsafe { *((start + offset) as *const [u8; 2]) });
+    let set = |offset: usize, value: u16| unsafe { *((start + offset) as *mut [u8; 2]) = value.to_be_bytes() };
+    let (old_port, old_address) = (word(L4_SOURCE_PORT_OFFSET), word(IPV4_SOURCE_LOW_OFFSET));
+    let address = old_address.wrapping_add((n % addresses) as u16);
+    set(L4_SOURCE_PORT_OFFSET, port);
+    set(IPV4_SOURCE_LOW_OFFSET, address);
+    set(IPV4_CHECKSUM_OFFSET, checksum_update(word(IPV4_CHECKSUM_OFFSET), old_address, address));
+    // SAFETY: as above.
+    let l4_checksum = match unsafe { *((start + IPV4_PROTOCOL_OFFSET) as *const u8) } {
+        lb_common::PROTO_TCP => TCP_CHECKSUM_OFFSET,
+        lb_common::PROTO_UDP if word(UDP_CHECKSUM_OFFSET) != 0 => UDP_CHECKSUM_OFFSET,
+        _ => return xdp_action::XDP_TX,
+    };
+    let check = checksum_update(word(l4_checksum), old_address, address);
+    set(l4_checksum, checksum_update(check, old_port, port));
     xdp_action::XDP_TX
+}
+
+/// RFC 1624's incremental update of a ones' complement checksum for one
+/// 16-bit word that changed from `old` to `new`.
+#[inline(always)]
+fn checksum_update(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check as u32) + (!old as u32) + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 #[xdp]

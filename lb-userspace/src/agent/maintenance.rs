@@ -9,6 +9,7 @@ use std::{
 };
 
 use super::*;
+use crate::dataplane::scanner::{FlowTimeouts, ScanRequest, TableScan};
 
 impl Agent {
     /// Resolves every configured backend's L2 path. Only a backend seen for
@@ -52,22 +53,41 @@ impl Agent {
         self.resolve_within(FIRST_RESOLVE_WAIT).await;
     }
 
+    /// The periodic pass. The table scan it asks for runs on the scanning
+    /// thread; its result comes back as `on_table_scan`.
     pub(super) async fn maintain(&mut self) {
         self.last_maintenance = tokio::time::Instant::now();
         self.resolve().await;
         self.attach_probe_tunnels().await;
-        let tcp_idle_ns = self.config.agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC);
-        match self.dataplane.scan_flows(tcp_idle_ns) {
-            Ok(scan) => {
-                self.update_active_flows(&scan.active);
+        let agent = &self.config.agent;
+        let request = ScanRequest {
+            flows: FlowTimeouts {
+                tcp_idle_ns: agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
+                udp_idle_ns: agent.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
+            },
+            nat: self.desired.iter().any(|s| s.nat.is_some()).then(|| self.nat_timeouts()),
+        };
+        self.scanner.request(request);
+        self.log_exhausted_pools();
+        self.reconcile_logged();
+    }
+
+    /// A table scan's result: active flows, drains, retired slots,
+    /// least_conn corrections and NAT expiry, written by the one writer.
+    pub(super) fn on_table_scan(&mut self, scan: TableScan) {
+        self.scanner.finished();
+        log::debug!("table scan took {:?}", scan.took);
+        match scan.flows {
+            Ok(flows) => {
+                self.update_active_flows(&flows.active);
                 for (service, address, why) in self.runtime.advance_drains(&self.config, Instant::now()) {
                     log::info!("service {service}: backend {address} drained ({why})");
                 }
-                let mut writes = self.reconciler.collect_retired(&scan.referenced);
+                let mut writes = self.reconciler.collect_retired(&flows.referenced);
                 let least_conn = self.reconciler.least_conn_backends();
                 if !least_conn.is_empty() {
                     match self.dataplane.least_conn_counts(&least_conn) {
-                        Ok(counted) => writes.extend(self.reconciler.active_corrections(&scan.active, &counted)),
+                        Ok(counted) => writes.extend(self.reconciler.active_corrections(&flows.active, &counted)),
                         Err(err) => log::error!("reading least_conn counts: {err:#}"),
                     }
                 }
@@ -75,10 +95,13 @@ impl Agent {
                     log::error!("maintenance: {err:#}");
                 }
             }
-            Err(err) => log::error!("scanning the connection table: {err:#}"),
+            Err(err) => log::error!("scanning the connection table: {err}"),
         }
-        self.nat_upkeep();
-        self.reconcile_logged();
+        match scan.nat {
+            Some(Ok(upkeep)) => self.on_nat_scan(upkeep),
+            Some(Err(err)) => log::error!("scanning the NAT tables: {err}"),
+            None => {}
+        }
     }
 
     pub(super) fn update_active_flows(&mut self, active: &HashMap<u32, u64>) {

@@ -32,7 +32,11 @@ use crate::{
         BackendAddress, BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Scheduler, Weight, XdpModeConfig,
     },
     control::{self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status},
-    dataplane::{Dataplane, DataplaneParams, DebugLog, planner::MapWrite},
+    dataplane::{
+        Dataplane, DataplaneParams, DebugLog,
+        planner::MapWrite,
+        scanner::{Scanner, TableScan},
+    },
     dataplane::{
         pins,
         planner::{self, Reconciler},
@@ -95,6 +99,9 @@ pub struct Agent {
     nat: nat::NatState,
     /// The registry watch, when `[discovery]` is configured.
     discovery: Option<discovery::Discovery>,
+    /// Table scans, on a thread of their own.
+    scanner: Scanner,
+    scan_rx: mpsc::UnboundedReceiver<TableScan>,
 }
 
 impl Agent {
@@ -123,6 +130,7 @@ impl Agent {
             conntrack_size: agent_config.conntrack_size,
             nat_table_size: *agent_config.nat_table_size.get_ref(),
             udp_idle_timeout_ns: agent_config.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
+            syn_flood_threshold: agent_config.syn_flood_threshold,
             pin_dir: Some(pin_dir.clone()),
         };
         let dataplane = Dataplane::load(params.clone(), DebugLog::Off)?;
@@ -145,6 +153,8 @@ impl Agent {
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::channel(16);
         let (scrape_tx, scrape_rx) = mpsc::channel(4);
+        let (scan_tx, scan_rx) = mpsc::unbounded_channel();
+        let scanner = Scanner::start(&dataplane, scan_tx)?;
         let mut agent = Self {
             config_path,
             reconciler,
@@ -174,6 +184,8 @@ impl Agent {
             main_ifindex,
             nat: Default::default(),
             discovery,
+            scanner,
+            scan_rx,
         };
         agent.runtime.sync_with(&agent.config);
         agent.runtime.local_ports = local_port_range();
@@ -244,6 +256,7 @@ impl Agent {
                     let _ = reply.send(self.scrape());
                 }
                 _ = maintenance => self.maintain().await,
+                Some(scan) = self.scan_rx.recv() => self.on_table_scan(scan),
                 Some(()) = self.netlink_changes.recv() => {
                     // Coalesce a burst of changes into one re-resolution.
                     self.resolve_at.get_or_insert_with(|| tokio::time::Instant::now() + NETLINK_SETTLE);

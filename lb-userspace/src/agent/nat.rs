@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::*;
-use crate::dataplane::planner::nat::{NatTimeouts, nat_upkeep};
+use crate::dataplane::planner::nat::{NatTimeouts, NatUpkeep};
 
 /// An exhausted pool is logged at most this often per service.
 const EXHAUSTED_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -77,23 +77,19 @@ impl Agent {
         }
     }
 
-    /// Expires ended NAT flows (through the one writer) and records the
-    /// figures of the scan.
-    pub(super) fn nat_upkeep(&mut self) {
+    /// How long NAT translations outlive their traffic.
+    pub(super) fn nat_timeouts(&self) -> NatTimeouts {
         let agent = &self.config.agent;
-        let timeouts = NatTimeouts {
+        NatTimeouts {
             tcp_idle_ns: agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
             udp_idle_ns: agent.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
             fin_linger_ns: agent.nat_fin_linger_s.saturating_mul(lb_common::NS_PER_SEC),
-        };
-        let (flows, replies) = match self.dataplane.nat_tables() {
-            Ok(tables) => tables,
-            Err(err) => {
-                log::error!("scanning the NAT tables: {err:#}");
-                return;
-            }
-        };
-        let upkeep = nat_upkeep(&flows, &replies, crate::dataplane::monotonic_coarse_ns(), &timeouts);
+        }
+    }
+
+    /// A NAT scan's result: ended flows expire (through the one writer),
+    /// and its figures are kept for `status`.
+    pub(super) fn on_nat_scan(&mut self, upkeep: NatUpkeep) {
         self.nat.translations = upkeep.translations;
         self.nat.active = upkeep.active;
         if !upkeep.writes.is_empty() {
@@ -102,10 +98,9 @@ impl Agent {
         if let Err(err) = self.apply_writes(&upkeep.writes) {
             log::error!("NAT upkeep: {err:#}");
         }
-        self.log_exhausted_pools();
     }
 
-    fn log_exhausted_pools(&mut self) {
+    pub(super) fn log_exhausted_pools(&mut self) {
         let now = Instant::now();
         for service in self.desired.iter().filter(|s| s.nat.is_some()) {
             let Some(refused) =

@@ -248,6 +248,7 @@ fn agent_section_change(old: &Config, new: &Config) -> Option<&'static str> {
         ("conntrack_size", a.conntrack_size != b.conntrack_size),
         ("udp_idle_timeout_s", a.udp_idle_timeout_s != b.udp_idle_timeout_s),
         ("tcp_idle_timeout_s", a.tcp_idle_timeout_s != b.tcp_idle_timeout_s),
+        ("syn_flood_threshold", a.syn_flood_threshold != b.syn_flood_threshold),
         ("control_socket", a.control_socket != b.control_socket),
         ("pin_dir", a.pin_dir != b.pin_dir),
         ("metrics_listen", a.metrics_listen != b.metrics_listen),

@@ -61,6 +61,10 @@ pub struct AgentConfig {
     /// A TCP flow silent this long no longer counts as active (drain, status).
     #[serde(default = "default_tcp_idle_timeout_s", deserialize_with = "idle_timeout_s")]
     pub tcp_idle_timeout_s: u64,
+    /// New SYNs per second on one CPU above which it counts as flooded: SYNs
+    /// to hash-scheduled services then record nothing (0: never).
+    #[serde(default = "default_syn_flood_threshold", deserialize_with = "syn_flood_threshold")]
+    pub syn_flood_threshold: u64,
     /// Where the agent listens for `xdplb` CLI commands.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
@@ -460,6 +464,9 @@ fn conntrack_size<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 fn idle_timeout_s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     ranged(d, "idle timeout (s)", IDLE_TIMEOUT_S)
 }
+fn syn_flood_threshold<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, "syn_flood_threshold", lb_common::SYN_FLOOD_THRESHOLD)
+}
 fn fin_linger_s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     ranged(d, "nat_fin_linger_s", FIN_LINGER_S)
 }
@@ -487,6 +494,9 @@ fn default_udp_idle_timeout_s() -> u64 {
 }
 fn default_tcp_idle_timeout_s() -> u64 {
     lb_common::DEFAULT_TCP_IDLE_TIMEOUT_S
+}
+fn default_syn_flood_threshold() -> u64 {
+    lb_common::DEFAULT_SYN_FLOOD_THRESHOLD
 }
 fn default_nat_table_size() -> Spanned<u32> {
     Spanned::new(0..0, lb_common::DEFAULT_NAT_TABLE_SIZE)

@@ -5,6 +5,7 @@
 pub mod pins;
 pub mod planner;
 pub mod reader;
+pub mod scanner;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -19,16 +20,34 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{Capacity, MAP_SPECS, NS_PER_SEC, names};
+use lb_common::{Capacity, HALF_OPEN_SHARE, MAP_SPECS, MIN_HALF_OPEN_SIZE, NS_PER_SEC, names};
 
 use self::planner::MapWrite;
 pub use self::{
-    reader::FlowScan,
+    scanner::FlowScan,
     writer::{WriteFailure, describe},
 };
 
 /// The XDP object built by build.rs from `lb-ebpf`.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Test builds only (`--features test-hooks`): the same program built as
+/// lb-ebpf-variant (other bytecode, which also counts every packet in
+/// `UPGRADE_VARIANT_COUNTER_SLOT`), loaded instead while
+/// `XDPLB_TEST_PROGRAM=variant`: what the in-place-upgrade test swaps in.
+#[cfg(feature = "test-hooks")]
+static XDP_VARIANT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-variant"));
+
+/// The object to load: this build's program (or, in test builds, the
+/// variant when asked for).
+fn xdp_object() -> &'static [u8] {
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os("XDPLB_TEST_PROGRAM").is_some_and(|v| v == "variant") {
+        log::info!("loading the upgrade-test variant of the program (XDPLB_TEST_PROGRAM=variant)");
+        return XDP_VARIANT_OBJECT;
+    }
+    XDP_OBJECT
+}
 
 /// Load-time parameters of the data plane.
 #[derive(Clone, Debug)]
@@ -39,6 +58,8 @@ pub struct DataplaneParams {
     /// Entries of each NAT table.
     pub nat_table_size: u32,
     pub udp_idle_timeout_ns: u64,
+    /// New SYNs per second per CPU above which the CPU counts as flooded (0: never).
+    pub syn_flood_threshold: u64,
     /// Where maps and link are pinned (`PIN_DIR/layout-N`); `None` keeps
     /// everything private to this process (tests, benchmarks).
     pub pin_dir: Option<PathBuf>,
@@ -56,6 +77,7 @@ impl DataplaneParams {
             Capacity::Conntrack => self.conntrack_size,
             Capacity::Rings => self.ring_entries()?,
             Capacity::Nat => self.nat_table_size,
+            Capacity::HalfOpen => (self.conntrack_size / HALF_OPEN_SHARE).max(MIN_HALF_OPEN_SIZE),
         })
     }
 }
@@ -349,6 +371,7 @@ fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
     loader
         .override_global(names::GLOBAL_RING_SIZE, &params.ring_size, true)
         .override_global(names::GLOBAL_UDP_IDLE_TIMEOUT_NS, &params.udp_idle_timeout_ns, true)
+        .override_global(names::GLOBAL_SYN_FLOOD_THRESHOLD, &params.syn_flood_threshold, true)
         .override_global(names::GLOBAL_LOG_LEVEL, &log_level, true);
     for spec in MAP_SPECS.iter().filter(|spec| spec.capacity != Capacity::Fixed) {
         loader.map_max_entries(spec.name, params.entries(spec.capacity, spec.default_entries)?);
@@ -367,7 +390,7 @@ fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
     for (name, path) in &pin_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(XDP_OBJECT).context("loading the XDP object (are you root, with BPF support?)")?;
+    let mut ebpf = loader.load(xdp_object()).context("loading the XDP object (are you root, with BPF support?)")?;
     // The kernel abandons a verification that a signal interrupts (EAGAIN):
     // that says nothing about the program, so try again.
     let mut attempts = 0;

@@ -115,7 +115,7 @@ pub fn check_pinned_maps(layout_dir: &Path, params: &DataplaneParams) -> Result<
                 spec.value_size,
                 match spec.capacity {
                     Capacity::Rings => "ring_size × max_services changed",
-                    Capacity::Conntrack => "conntrack_size changed",
+                    Capacity::Conntrack | Capacity::HalfOpen => "conntrack_size changed",
                     Capacity::Nat => "nat_table_size changed",
                     Capacity::Fixed => "the map layout changed",
                 }

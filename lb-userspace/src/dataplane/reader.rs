@@ -1,25 +1,19 @@
 //! Reads of the data plane's maps: counters, the connection table, and the
 //! state a restarted agent adopts. Nothing here writes.
 
-use std::collections::{HashMap as StdHashMap, HashSet};
+use std::collections::HashMap as StdHashMap;
 
 use anyhow::Result;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    BACKEND_F_IN_USE, Backend, FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowKey, FlowState, GLOBAL_COUNTER_COUNT,
-    GlobalCounter, MAX_BACKENDS, NatFlow, NatPool, NatReply, PROTO_UDP, TrafficCounters, VipInfo, VipKey, map_names,
+    BACKEND_F_IN_USE, Backend, FlowKey, FlowState, GLOBAL_COUNTER_COUNT, GlobalCounter, MAX_BACKENDS, NatFlow, NatPool,
+    NatReply, TrafficCounters, VipInfo, VipKey, map_names,
 };
 
-use super::{Dataplane, monotonic_coarse_ns, planner::MapsState};
+use super::{Dataplane, planner::MapsState};
 
 /// Both NAT tables' entries: (flows, replies).
 pub type NatTables = (Vec<(FlowKey, NatFlow)>, Vec<(FlowKey, NatReply)>);
-
-#[derive(Debug, Default)]
-pub struct FlowScan {
-    pub active: StdHashMap<u32, u64>,
-    pub referenced: HashSet<u32>,
-}
 
 impl Dataplane {
     /// Global counters summed over CPUs, in `GlobalCounter::ALL` order.
@@ -50,31 +44,6 @@ impl Dataplane {
             sum.new_flows += c.new_flows;
             sum
         }))
-    }
-
-    /// One pass over the connection table: active flows per backend id, and
-    /// the ids some live entry may still send to.
-    pub fn scan_flows(&self, tcp_idle_timeout_ns: u64) -> Result<FlowScan> {
-        let now = monotonic_coarse_ns();
-        let mut scan = FlowScan::default();
-        for (key, state) in self.flows()? {
-            let idle = now.saturating_sub(state.last_seen_ns);
-            let (timeout, finished) = if key.proto == PROTO_UDP {
-                (self.params.udp_idle_timeout_ns, false)
-            } else {
-                (tcp_idle_timeout_ns, state.flags & FLOW_F_FINISHED != 0)
-            };
-            if key.proto == PROTO_UDP && idle > timeout {
-                continue; // the data plane schedules it afresh
-            }
-            if !finished || idle < FINISHED_LINGER_NS {
-                scan.referenced.insert(state.backend_id);
-            }
-            if !finished && idle <= timeout {
-                *scan.active.entry(state.backend_id).or_insert(0) += 1;
-            }
-        }
-        Ok(scan)
     }
 
     /// What the maps hold, for an agent adopting pinned state.
@@ -142,6 +111,12 @@ impl Dataplane {
     /// A snapshot of the connection table.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
         let map: HashMap<&MapData, FlowKey, FlowState> = self.map(map_names::CONNTRACK)?;
+        Ok(map.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// A snapshot of the half-open table (SYNs waiting for their ACK).
+    pub fn half_open_flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        let map: HashMap<&MapData, FlowKey, FlowState> = self.map(map_names::HALF_OPEN)?;
         Ok(map.iter().collect::<Result<_, _>>()?)
     }
 }

@@ -382,6 +382,21 @@ fn encode_globals(encoder: &mut DescriptorEncoder, globals: &[(GlobalCounter, u6
         ("conntrack_insert_failures", "Connection-table inserts that failed", GlobalCounter::ConntrackInsertFailed),
         ("syn_scheduled", "SYNs scheduled as new connections", GlobalCounter::SynScheduled),
         ("syn_retransmits", "SYN retransmissions sent to the backend of their first SYN", GlobalCounter::SynRetransmit),
+        (
+            "syn_to_established",
+            "SYNs for a live established flow, sent to its backend, the flow left as it was",
+            GlobalCounter::SynToEstablished,
+        ),
+        (
+            "syn_flood",
+            "SYNs scheduled while their CPU saw more than syn_flood_threshold SYNs per second",
+            GlobalCounter::SynFlood,
+        ),
+        (
+            "half_open_promoted",
+            "Handshakes completed on their SYN's backend (half-open entry moved to the connection table)",
+            GlobalCounter::HalfOpenPromoted,
+        ),
         ("affinity_hits", "New flows that followed their client's affinity", GlobalCounter::AffinityHit),
     ] {
         single(encoder, name, help, value(c) as u64)?;

@@ -1,0 +1,247 @@
+//! Scans of the data plane's large tables (connection, half-open and NAT
+//! tables) on a thread of their own. Reading half a million entries takes
+//! about a second of syscalls, and the agent's event loop must never wait
+//! for that: it asks for a scan and goes on; the result comes back as an
+//! event, and any writes it implies go through the one writer there.
+//!
+//! The thread reads through handles of its own to the same maps; it never
+//! writes. What a scan means (`count_flows`, `nat_upkeep`) is pure.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    os::fd::AsFd as _,
+    sync::mpsc as std_mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{
+    FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowKey, FlowState, NatFlow, NatReply, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS,
+    map_names,
+};
+use tokio::sync::mpsc;
+
+use super::{
+    Dataplane, monotonic_coarse_ns,
+    planner::nat::{NatTimeouts, NatUpkeep, nat_upkeep},
+};
+
+/// A half-open entry names its backend this long: an ACK arriving later
+/// than this after its SYN is scheduled like any other packet, so the
+/// backend slot may be reused. Linux gives up on an unanswered SYN-ACK
+/// after five retransmissions, about 63 s.
+pub const HALF_OPEN_REFERENCE_NS: u64 = 64 * lb_common::NS_PER_SEC;
+
+/// Active flows per backend id, and the ids some entry may still send to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FlowScan {
+    pub active: StdHashMap<u32, u64>,
+    pub referenced: HashSet<u32>,
+}
+
+/// Idle timeouts the scan judges flows by, in nanoseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowTimeouts {
+    pub tcp_idle_ns: u64,
+    pub udp_idle_ns: u64,
+}
+
+/// What the entries of the connection and half-open tables mean at `now`.
+/// A flow is active while unfinished and not idle past its timeout; a
+/// handshake while its SYN is young enough to be retransmitted (a SYN
+/// counts for least_conn at once). A backend is referenced while any entry
+/// could still send it a packet.
+pub fn count_flows(
+    conntrack: impl IntoIterator<Item = (FlowKey, FlowState)>,
+    half_open: impl IntoIterator<Item = (FlowKey, FlowState)>,
+    now: u64,
+    timeouts: FlowTimeouts,
+) -> FlowScan {
+    let mut scan = FlowScan::default();
+    for (key, state) in conntrack {
+        let idle = now.saturating_sub(state.last_seen_ns);
+        let (timeout, finished) = if key.proto == PROTO_UDP {
+            (timeouts.udp_idle_ns, false)
+        } else {
+            (timeouts.tcp_idle_ns, state.flags & FLOW_F_FINISHED != 0)
+        };
+        if key.proto == PROTO_UDP && idle > timeout {
+            continue; // the data plane schedules it afresh
+        }
+        if !finished || idle < FINISHED_LINGER_NS {
+            scan.referenced.insert(state.backend_id);
+        }
+        if !finished && idle <= timeout {
+            *scan.active.entry(state.backend_id).or_insert(0) += 1;
+        }
+    }
+    for (_, state) in half_open {
+        let age = now.saturating_sub(state.last_seen_ns);
+        if age <= HALF_OPEN_REFERENCE_NS {
+            scan.referenced.insert(state.backend_id);
+        }
+        if age <= SYN_RETRANSMIT_WINDOW_NS {
+            *scan.active.entry(state.backend_id).or_insert(0) += 1;
+        }
+    }
+    scan
+}
+
+/// What the event loop asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanRequest {
+    pub flows: FlowTimeouts,
+    /// Also scan the NAT tables (while NAT services exist).
+    pub nat: Option<NatTimeouts>,
+}
+
+/// What a scan found. Errors are text: they are only logged.
+#[derive(Debug)]
+pub struct TableScan {
+    pub flows: Result<FlowScan, String>,
+    pub nat: Option<Result<NatUpkeep, String>>,
+    pub took: Duration,
+}
+
+/// The scanning thread's handles: its own, to the same maps.
+struct Tables {
+    conntrack: HashMap<MapData, FlowKey, FlowState>,
+    half_open: HashMap<MapData, FlowKey, FlowState>,
+    nat_flows: HashMap<MapData, FlowKey, NatFlow>,
+    nat_replies: HashMap<MapData, FlowKey, NatReply>,
+}
+
+impl Tables {
+    fn scan(&self, request: ScanRequest) -> TableScan {
+        let started = Instant::now();
+        let flows = self.scan_flows(request.flows).map_err(|e| format!("{e:#}"));
+        let nat = request.nat.map(|timeouts| self.scan_nat(&timeouts).map_err(|e| format!("{e:#}")));
+        TableScan { flows, nat, took: started.elapsed() }
+    }
+
+    fn scan_flows(&self, timeouts: FlowTimeouts) -> Result<FlowScan> {
+        let conntrack: Vec<_> = self.conntrack.iter().collect::<Result<_, _>>().context("the connection table")?;
+        let half_open: Vec<_> = self.half_open.iter().collect::<Result<_, _>>().context("the half-open table")?;
+        Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
+    }
+
+    fn scan_nat(&self, timeouts: &NatTimeouts) -> Result<NatUpkeep> {
+        let flows: Vec<_> = self.nat_flows.iter().collect::<Result<_, _>>().context("NAT_FLOWS")?;
+        let replies: Vec<_> = self.nat_replies.iter().collect::<Result<_, _>>().context("NAT_REPLIES")?;
+        Ok(nat_upkeep(&flows, &replies, monotonic_coarse_ns(), timeouts))
+    }
+}
+
+/// The event loop's end of the scanning thread.
+pub struct Scanner {
+    requests: std_mpsc::Sender<ScanRequest>,
+    in_flight: bool,
+}
+
+impl Scanner {
+    /// Starts the thread; its results arrive on `results`.
+    pub fn start(dataplane: &Dataplane, results: mpsc::UnboundedSender<TableScan>) -> Result<Self> {
+        let tables = Tables {
+            conntrack: HashMap::try_from(dataplane.reopen(map_names::CONNTRACK)?)?,
+            half_open: HashMap::try_from(dataplane.reopen(map_names::HALF_OPEN)?)?,
+            nat_flows: HashMap::try_from(dataplane.reopen(map_names::NAT_FLOWS)?)?,
+            nat_replies: HashMap::try_from(dataplane.reopen(map_names::NAT_REPLIES)?)?,
+        };
+        let (requests, incoming) = std_mpsc::channel::<ScanRequest>();
+        std::thread::Builder::new()
+            .name("xdplb-scan".into())
+            .spawn(move || {
+                // Ends when the agent drops its Scanner.
+                while let Ok(request) = incoming.recv() {
+                    if results.send(tables.scan(request)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting the table-scan thread")?;
+        Ok(Scanner { requests, in_flight: false })
+    }
+
+    /// Asks for a scan unless one is still running (then its result is
+    /// the next one anyway); whether one was asked for.
+    pub fn request(&mut self, request: ScanRequest) -> bool {
+        if self.in_flight {
+            return false;
+        }
+        self.in_flight = self.requests.send(request).is_ok();
+        self.in_flight
+    }
+
+    /// A scan's result arrived.
+    pub fn finished(&mut self) {
+        self.in_flight = false;
+    }
+}
+
+impl Dataplane {
+    /// A second handle to the map `name`, independent of this one (for
+    /// another thread): a duplicate of its descriptor (opening it by id would
+    /// need CAP_SYS_ADMIN, which the agent does not have).
+    pub fn reopen(&self, name: &str) -> Result<Map> {
+        let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
+        let again = |data: &MapData| -> Result<MapData> {
+            let fd = data.fd().as_fd().try_clone_to_owned().with_context(|| format!("duplicating map {name}"))?;
+            MapData::from_fd(fd).with_context(|| format!("opening map {name} again"))
+        };
+        match map {
+            Map::HashMap(data) => Ok(Map::HashMap(again(data)?)),
+            Map::LruHashMap(data) => Ok(Map::LruHashMap(again(data)?)),
+            _ => Err(anyhow!("map {name} is not a hash map")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{FLOW_F_HALF_OPEN, NS_PER_SEC, PROTO_TCP};
+
+    use super::*;
+
+    fn key(port: u16, proto: u8) -> FlowKey {
+        FlowKey { sport: port.to_be(), dport: 80u16.to_be(), proto, family: 4, ..Default::default() }
+    }
+
+    fn entry(backend_id: u32, flags: u32, last_seen_ns: u64) -> FlowState {
+        FlowState { backend_id, flags, last_seen_ns }
+    }
+
+    const NOW: u64 = 10_000 * NS_PER_SEC;
+    const TIMEOUTS: FlowTimeouts = FlowTimeouts { tcp_idle_ns: 900 * NS_PER_SEC, udp_idle_ns: 30 * NS_PER_SEC };
+
+    #[test]
+    fn flows_count_while_live_and_backends_stay_referenced_while_reachable() {
+        let conntrack = [
+            (key(1, PROTO_TCP), entry(1, 0, NOW - NS_PER_SEC)),
+            // Finished: referenced during the linger only, never active.
+            (key(2, PROTO_TCP), entry(2, FLOW_F_FINISHED, NOW - NS_PER_SEC)),
+            (key(3, PROTO_TCP), entry(3, FLOW_F_FINISHED, NOW - FINISHED_LINGER_NS - 1)),
+            // Idle TCP: still referenced (its next packet goes there), not active.
+            (key(4, PROTO_TCP), entry(4, 0, NOW - 901 * NS_PER_SEC)),
+            // Idle UDP: rescheduled by the data plane, neither.
+            (key(5, PROTO_UDP), entry(5, 0, NOW - 31 * NS_PER_SEC)),
+            (key(6, PROTO_UDP), entry(6, 0, NOW - 29 * NS_PER_SEC)),
+        ];
+        let scan = count_flows(conntrack, [], NOW, TIMEOUTS);
+        assert_eq!(scan.active, [(1, 1), (6, 1)].into_iter().collect());
+        assert_eq!(scan.referenced, [1, 2, 4, 6].into_iter().collect());
+    }
+
+    #[test]
+    fn handshakes_count_while_their_syn_may_be_retransmitted_and_reference_until_abandoned() {
+        let half_open = [
+            (key(1, PROTO_TCP), entry(7, FLOW_F_HALF_OPEN, NOW - NS_PER_SEC)),
+            (key(2, PROTO_TCP), entry(7, FLOW_F_HALF_OPEN, NOW - SYN_RETRANSMIT_WINDOW_NS)),
+            (key(3, PROTO_TCP), entry(8, FLOW_F_HALF_OPEN, NOW - SYN_RETRANSMIT_WINDOW_NS - 1)),
+            (key(4, PROTO_TCP), entry(9, FLOW_F_HALF_OPEN, NOW - HALF_OPEN_REFERENCE_NS - 1)),
+        ];
+        let scan = count_flows([(key(5, PROTO_TCP), entry(7, 0, NOW))], half_open, NOW, TIMEOUTS);
+        assert_eq!(scan.active, [(7, 3)].into_iter().collect());
+        assert_eq!(scan.referenced, [7, 8].into_iter().collect());
+    }
+}
