@@ -2855,8 +2855,8 @@ fn established_connections_survive_a_syn_flood(agent_keys: &str, flood_mode: boo
     let scheduled = || metric(&scrape(&topology, metrics), "xdplb_syn_scheduled_total", "") as u64;
     let before = scheduled();
     let (mut sending, started) = (Duration::ZERO, Instant::now());
-    // Bounded: at most 10 batches of 250,000 and two minutes.
-    for _ in 0..10 {
+    // Bounded: at most 20 batches of 250,000 and two minutes.
+    for _ in 0..20 {
         sending += generator.send_count(&frame, 250_000, 2).unwrap();
         if scheduled() - before >= FLOOD_SYNS || started.elapsed() > Duration::from_secs(120) {
             break;

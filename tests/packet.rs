@@ -1857,7 +1857,10 @@ fn fuzzed_frames_never_abort_and_change_only_what_their_mode_allows() {
 
         let started = std::time::Instant::now();
         let (mut sent, mut too_short, mut actions) = (0usize, 0usize, BTreeMap::new());
-        for (mutation, frame) in lb_testkit::fuzz::mutated(&bases, seed, frames) {
+        for (mutation, frame) in lb_testkit::fuzz::mutated(&bases, seed) {
+            if sent == frames {
+                break;
+            }
             // The kernel runs XDP on no frame shorter than an Ethernet header.
             if frame.len() < 14 {
                 too_short += 1;
@@ -1872,13 +1875,16 @@ fn fuzzed_frames_never_abort_and_change_only_what_their_mode_allows() {
             *actions.entry(action).or_insert(0usize) += 1;
             sent += 1;
         }
-        assert_eq!(sent + too_short, frames);
-        assert!(too_short < frames / 10);
+        assert_eq!(sent, frames);
         // The mutations reach every outcome, not just the parser's rejections.
         for action in [XDP_DROP, XDP_PASS, XDP_TX] {
             assert!(actions.get(&action).copied().unwrap_or(0) > frames / 100, "{actions:?}");
         }
-        eprintln!("fuzzing: {sent} frames in {:?}, by action {actions:?}, seed {seed:#x}", started.elapsed());
+        eprintln!(
+            "fuzzing: {sent} frames in {:?}, by action {actions:?}, seed {seed:#x} ({too_short} shorter than an \
+             Ethernet header skipped)",
+            started.elapsed()
+        );
     });
 }
 

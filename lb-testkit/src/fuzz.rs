@@ -44,14 +44,14 @@ pub enum Mutation {
     Tagged,
 }
 
-/// `count` frames: every base frame cut at every length first, then random
-/// mutations of random base frames. Reproducible from `seed`.
-pub fn mutated(bases: &[Vec<u8>], seed: u64, count: usize) -> impl Iterator<Item = (Mutation, Vec<u8>)> + '_ {
+/// Frames without end: every base frame cut at every length first, then
+/// random mutations of random base frames. Reproducible from `seed`.
+pub fn mutated(bases: &[Vec<u8>], seed: u64) -> impl Iterator<Item = (Mutation, Vec<u8>)> + '_ {
     let truncations =
         bases.iter().flat_map(|base| (0..base.len()).map(move |len| (Mutation::Truncated, base[..len].to_vec())));
     let mut rng = Rng::new(seed);
     let random = std::iter::repeat_with(move || mutate(bases, &mut rng));
-    truncations.chain(random).take(count)
+    truncations.chain(random)
 }
 
 fn mutate(bases: &[Vec<u8>], rng: &mut Rng) -> (Mutation, Vec<u8>) {
@@ -276,8 +276,8 @@ mod tests {
     #[test]
     fn mutations_are_reproducible_and_start_with_every_truncation() {
         let bases = vec![tcp("198.18.0.2", 1, "198.18.0.100", 80, SYN).bytes()];
-        let a: Vec<_> = mutated(&bases, 7, 500).collect();
-        let b: Vec<_> = mutated(&bases, 7, 500).collect();
+        let a: Vec<_> = mutated(&bases, 7).take(500).collect();
+        let b: Vec<_> = mutated(&bases, 7).take(500).collect();
         assert_eq!(a, b);
         assert!(a[..bases[0].len()].iter().enumerate().all(|(i, (m, f))| *m == Mutation::Truncated && f.len() == i));
         assert!(a.iter().any(|(m, _)| *m == Mutation::Tagged) && a.iter().any(|(m, _)| *m == Mutation::BogusLength));
