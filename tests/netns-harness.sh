@@ -30,6 +30,15 @@
 #   t1..t3 hold the VIPs on lo like b1..b3 but share no segment with lb:
 #   xdplb reaches them only through tunnels, which they open with
 #   `xdplb decap` (the tests run it).
+#
+# With HARNESS_NODES=1, also a second LB node and a client behind sw, for
+# several active nodes behind ECMP (the tests start BIRD in sw, lb, lb2):
+#
+#   far eth0 198.18.5.2 ---- sw far 198.18.5.1     lb2 eth0 198.18.2.4 (br0)
+#            2001:db8:5::2      2001:db8:5::1          eth1 198.18.1.4 (br1)
+#
+#   far has no route to the VIPs but its default route: sw forwards them to
+#   whichever LB nodes BGP announces them from, spread by an L4 hash.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,13 +55,24 @@ in_ns() { local n=$1; shift; ip netns exec "$n" "$@"; }
 
 names() {
     local p=$1
-    for n in sw client lb b1 b2 b3 b4 rt t1 t2 t3; do ns "$p" "$n"; done
+    for n in sw client lb b1 b2 b3 b4 rt t1 t2 t3 lb2 far; do ns "$p" "$n"; done
 }
 
 routed() { [ "${HARNESS_ROUTED:-0}" = 1 ]; }
+nodes() { [ "${HARNESS_NODES:-0}" = 1 ]; }
 
 veth() { # veth NS_A IF_A NS_B IF_B
     ip link add "$2" netns "$1" type veth peer name "$4" netns "$3"
+}
+
+p2p() { # p2p NS_A IF_A NS_B IF_B N: a link, A 198.18.N.1 and B 198.18.N.2 (2001:db8:N::1, ::2)
+    veth "$1" "$2" "$3" "$4"
+    in_ns "$1" ip link set "$2" up
+    in_ns "$3" ip link set "$4" up
+    in_ns "$1" ip addr add "198.18.$5.1/24" dev "$2"
+    in_ns "$1" ip addr add "2001:db8:$5::1/64" dev "$2" nodad
+    in_ns "$3" ip addr add "198.18.$5.2/24" dev "$4"
+    in_ns "$3" ip addr add "2001:db8:$5::2/64" dev "$4" nodad
 }
 
 # The XDP_PASS object built with xdplb (lb-ebpf's xdp-pass binary).
@@ -68,7 +88,7 @@ up() {
     find_xdp_pass
     sw=$(ns "$p" sw) client=$(ns "$p" client) lb=$(ns "$p" lb)
     for n in $(names "$p"); do
-        case "${n##*-}" in rt|t1|t2|t3) routed || continue ;; esac
+        case "${n##*-}" in rt|t1|t2|t3) routed || continue ;; lb2|far) nodes || continue ;; esac
         ip netns add "$n"
         in_ns "$n" ip link set lo up
     done
@@ -106,14 +126,31 @@ up() {
     # veth must not leave them partial.
     in_ns "$client" ethtool -K eth0 tx off >/dev/null
 
-    attach "$lb" eth0 lb0 br0
-    attach "$lb" eth1 lb1 br1
-    in_ns "$lb" ip addr add 198.18.2.3/24 dev eth0
-    in_ns "$lb" ip addr add 2001:db8:2::3/64 dev eth0 nodad
-    in_ns "$lb" ip addr add 198.18.1.3/24 dev eth1
-    in_ns "$lb" ip addr add 2001:db8:1::3/64 dev eth1 nodad
-    in_ns "$lb" ip route add default via 198.18.2.1
-    in_ns "$lb" ip -6 route add default via 2001:db8:2::1
+    lb_node() { # lb_node NS SW_PORT_PREFIX HOST: eth0 on br0, eth1 on br1
+        attach "$1" eth0 "${2}0" br0
+        attach "$1" eth1 "${2}1" br1
+        in_ns "$1" ip addr add "198.18.2.$3/24" dev eth0
+        in_ns "$1" ip addr add "2001:db8:2::$3/64" dev eth0 nodad
+        in_ns "$1" ip addr add "198.18.1.$3/24" dev eth1
+        in_ns "$1" ip addr add "2001:db8:1::$3/64" dev eth1 nodad
+        in_ns "$1" ip route add default via 198.18.2.1
+        in_ns "$1" ip -6 route add default via 2001:db8:2::1
+    }
+    lb_node "$lb" lb 3
+
+    if nodes; then
+        local far
+        far=$(ns "$p" far)
+        lb_node "$(ns "$p" lb2)" lb2 4
+        p2p "$sw" far "$far" eth0 5
+        in_ns "$far" ip route add default via 198.18.5.1
+        in_ns "$far" ip -6 route add default via 2001:db8:5::1
+        in_ns "$far" ethtool -K eth0 tx off >/dev/null
+        # ECMP spreads flows by their five-tuple (policy 1), and sw must not
+        # send far ICMP redirects to one LB node (they share br0).
+        in_ns "$sw" sysctl -qw net.ipv4.fib_multipath_hash_policy=1 net.ipv6.fib_multipath_hash_policy=1 \
+            net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.br0.send_redirects=0
+    fi
 
     backend() { # backend NAME SEGMENT(1|2|3) HOST
         local b; b=$(ns "$p" "$1")
@@ -148,13 +185,7 @@ up() {
 
     if routed; then
         local rt; rt=$(ns "$p" rt)
-        veth "$sw" tr0 "$rt" tr0
-        in_ns "$sw" ip link set tr0 up
-        in_ns "$rt" ip link set tr0 up
-        in_ns "$sw" ip addr add 198.18.4.1/24 dev tr0
-        in_ns "$sw" ip addr add 2001:db8:4::1/64 dev tr0 nodad
-        in_ns "$rt" ip addr add 198.18.4.2/24 dev tr0
-        in_ns "$rt" ip addr add 2001:db8:4::2/64 dev tr0 nodad
+        p2p "$sw" tr0 "$rt" tr0 4
         in_ns "$sw" ip route add 198.18.3.0/24 via 198.18.4.2
         in_ns "$sw" ip -6 route add 2001:db8:3::/64 via 2001:db8:4::2
         in_ns "$rt" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1

@@ -9,18 +9,23 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
+#[path = "common/agent.rs"]
+mod agent;
+#[path = "common/http.rs"]
+mod http;
+
+use agent::{Agent, XDPLB};
+use http::{LongLived, body_of, get_new_connection, get_new_connection_from, get_new_connection_within};
 use lb_testkit::{TempDir, topology::Topology};
-use socket2::{Domain, Protocol, Socket, Type};
 use xdplb::control::{Admin, BackendStatus, Health, Status};
 
-const XDPLB: &str = env!("CARGO_BIN_EXE_xdplb");
 const XDP_PASS_OBJ: &str = concat!(env!("OUT_DIR"), "/xdp-pass");
 const VIP4: &str = "198.18.0.100:80";
 const VIP6: &str = "[2001:db8::100]:80";
@@ -46,176 +51,6 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     lb_testkit::run_in(ns, f).expect("entering the namespace")
 }
 
-/// A running `xdplb run` in the LB namespace; stopped on drop.
-struct Agent {
-    child: Option<Child>,
-    config: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-    pin_root: PathBuf,
-    _dir: TempDir,
-}
-
-impl Agent {
-    fn start(topology: &Topology, config: &str) -> Self {
-        let agent = Self::spawn(topology, config);
-        agent.wait_for_log("attached to", 1);
-        // Backends whose neighbours are still being resolved are not in the
-        // ring yet; the distribution tests need all of them.
-        agent.wait_for_log("all backends resolved", 1);
-        agent
-    }
-
-    fn spawn(topology: &Topology, config: &str) -> Self {
-        Self::spawn_with_env(topology, config, &[])
-    }
-
-    /// `start` with extra environment variables.
-    fn start_with_env(topology: &Topology, config: &str, env: &[(&str, &Path)]) -> Self {
-        let agent = Self::spawn_with_env(topology, config, env);
-        agent.wait_for_log("attached to", 1);
-        agent.wait_for_log("all backends resolved", 1);
-        agent
-    }
-
-    fn spawn_with_env(topology: &Topology, config: &str, env: &[(&str, &Path)]) -> Self {
-        Self::spawn_wrapped(topology, config, env, &[])
-    }
-
-    /// The agent started through `wrapper` (a command that execs its arguments).
-    fn spawn_wrapped(topology: &Topology, config: &str, env: &[(&str, &Path)], wrapper: &[&str]) -> Self {
-        static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("xdplb-test-{}-{n}", topology.prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config_path = dir.join("xdplb.toml");
-        let socket = dir.join("xdplb.sock");
-        let log = dir.join("xdplb.log");
-        let mut agent =
-            Agent { child: None, config: config_path, socket, log, pin_root: topology.pin_root(), _dir: TempDir(dir) };
-        agent.write_config(config);
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", topology.ns("lb")))
-            .args(wrapper)
-            .args([XDPLB, "run", "--config"])
-            .arg(&agent.config)
-            .env("RUST_LOG", "info")
-            .env("XDPLB_TEST_REFUSE_MAP_WRITES", agent.refusal_flag())
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&agent.log).unwrap())
-            .spawn()
-            .expect("starting xdplb");
-        agent.child = Some(child);
-        agent
-    }
-
-    /// Writes `config` with this agent's own control socket.
-    fn write_config(&self, config: &str) {
-        // This agent's own control socket, and the topology's pin directory.
-        let text = config.replacen(
-            "[agent]\n",
-            &format!("[agent]\ncontrol_socket = {:?}\npin_dir = {:?}\n", self.socket, self.pin_root),
-            1,
-        );
-        std::fs::write(&self.config, text).unwrap();
-    }
-
-    /// While this file exists the agent's map writes are refused (the
-    /// writer's test hook).
-    fn refusal_flag(&self) -> PathBuf {
-        self._dir.0.join("refuse-map-writes")
-    }
-
-    fn refuse_map_writes(&self, refuse: bool) {
-        if refuse {
-            std::fs::write(self.refusal_flag(), b"").unwrap();
-        } else {
-            std::fs::remove_file(self.refusal_flag()).unwrap();
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for_log(&self, needle: &str, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.log_text().matches(needle).count() < count {
-            assert!(Instant::now() < deadline, "xdplb never logged {needle:?} ×{count}; log:\n{}", self.log_text());
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Rewrites the config file and sends SIGHUP; returns once applied.
-    fn reload(&self, config: &str) {
-        let before = self.log_text().matches("reloaded").count();
-        self.write_config(config);
-        self.signal("HUP");
-        self.wait_for_log("reloaded", before + 1);
-    }
-
-    /// Writes an invalid config and sends SIGHUP; returns once it was rejected.
-    fn reload_rejected(&self, config: &str) {
-        let before = self.log_text().matches("reload rejected").count();
-        self.write_config(config);
-        self.signal("HUP");
-        self.wait_for_log("reload rejected", before + 1);
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.as_ref().unwrap().id();
-        let status = Command::new("kill").args(["-s", name, &pid.to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-
-    /// Runs `xdplb --socket S ARGS...`; returns (success, stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(XDPLB).arg("--socket").arg(&self.socket).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-    }
-
-    /// `xdplb status --json`, parsed into the agent's own type.
-    fn status(&self) -> Status {
-        lb_testkit::status_via_cli(Path::new(XDPLB), &self.socket).unwrap()
-    }
-
-    /// The status entry of one backend of one service.
-    fn backend(&self, service: &str, address: &str) -> BackendStatus {
-        let address: xdplb::config::BackendAddress = address.parse().unwrap();
-        let status = self.status();
-        let s = status.services.iter().find(|s| s.name == service).unwrap_or_else(|| panic!("no service {service}"));
-        s.backends.iter().find(|b| b.address == address).cloned().unwrap_or_else(|| panic!("no backend {address}"))
-    }
-
-    /// SIGKILL: the agent gets no chance to clean anything up.
-    fn kill(mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// Stops the agent and returns its exit summary (stdout).
-    fn stop(mut self) -> String {
-        self.signal("INT");
-        let mut child = self.child.take().unwrap();
-        let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "xdplb exited with {status}; log:\n{}", self.log_text());
-        out
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn config(weights: [u32; 3]) -> String {
     let mut text = String::from("[agent]\ninterface = \"eth0\"\n");
     for (name, vip, backends) in [("web", VIP4, BACKENDS4), ("web6", VIP6, BACKENDS6)] {
@@ -235,44 +70,6 @@ fn config_with(backends: &[(usize, u32)]) -> String {
         text += &format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n", BACKENDS4[*i]);
     }
     text
-}
-
-/// One HTTP GET on a new connection; returns the backend's name.
-fn get_new_connection(vip: SocketAddr) -> Result<String, String> {
-    get_new_connection_within(vip, Duration::from_secs(3))
-}
-
-fn get_new_connection_within(vip: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let stream = TcpStream::connect_timeout(&vip, timeout).map_err(|e| format!("connect: {e}"))?;
-    http_get_name(stream, timeout)
-}
-
-/// `get_new_connection` from a given client source port.
-fn get_new_connection_from(vip: SocketAddr, source_port: u16) -> Result<String, String> {
-    let timeout = Duration::from_secs(3);
-    let socket =
-        Socket::new(Domain::for_address(vip), Type::STREAM, Some(Protocol::TCP)).map_err(|e| format!("socket: {e}"))?;
-    socket.set_reuse_address(true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-    let any: IpAddr = if vip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-    socket.bind(&SocketAddr::new(any, source_port).into()).map_err(|e| format!("bind port {source_port}: {e}"))?;
-    socket.connect_timeout(&vip.into(), timeout).map_err(|e| format!("connect from port {source_port}: {e}"))?;
-    http_get_name(socket.into(), timeout)
-}
-
-fn http_get_name(mut stream: TcpStream, timeout: Duration) -> Result<String, String> {
-    stream.set_read_timeout(Some(timeout)).unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n").map_err(|e| format!("write: {e}"))?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| format!("read: {e}"))?;
-    body_of(&response)
-}
-
-fn body_of(response: &str) -> Result<String, String> {
-    if !response.starts_with("HTTP/1.1 200") {
-        return Err(format!("bad response {response:?}"));
-    }
-    let (_, body) = response.split_once("\r\n\r\n").ok_or("no body")?;
-    Ok(body.trim().to_string())
 }
 
 /// `n` GETs on new connections from the client; counts answers per backend.
@@ -376,54 +173,6 @@ fn new_connections_follow_equal_then_weighted_shares_and_replies_bypass_the_lb()
 }
 
 /// A keep-alive HTTP connection that must keep answering from one backend.
-struct LongLived {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl LongLived {
-    /// `n` connections, each with the backend that answered its first request.
-    fn open_homed(topology: &Topology, vip: &str, n: usize) -> Vec<(Self, String)> {
-        (0..n)
-            .map(|_| {
-                let mut connection = Self::open(topology, vip);
-                let home = connection.get();
-                (connection, home)
-            })
-            .collect()
-    }
-
-    fn open(topology: &Topology, vip: &str) -> Self {
-        let vip: SocketAddr = vip.parse().unwrap();
-        let stream =
-            in_netns(&topology.ns("client"), move || TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap());
-        stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        LongLived { stream, reader }
-    }
-
-    fn get(&mut self) -> String {
-        self.stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n").expect("long-lived connection: write");
-        let mut status = String::new();
-        self.reader.read_line(&mut status).expect("long-lived connection: read");
-        assert!(status.starts_with("HTTP/1.1 200"), "long-lived connection: {status:?}");
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            self.reader.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body).unwrap();
-        String::from_utf8(body).unwrap().trim().to_string()
-    }
-}
-
 #[test]
 fn long_lived_connection_survives_backends_added_removed_and_reweighted() {
     let topology = topology();
@@ -553,20 +302,7 @@ fn steady_stream_for(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     longest: Duration,
 ) -> thread::JoinHandle<Vec<(Instant, Result<String, String>)>> {
-    let vip: SocketAddr = vip.parse().unwrap();
-    let ns = topology.ns("client");
-    thread::spawn(move || {
-        in_netns(&ns, move || {
-            let mut results = Vec::new();
-            let limit = Instant::now() + longest;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < limit && results.len() < 100_000
-            {
-                let start = Instant::now();
-                results.push((start, get_new_connection_within(vip, Duration::from_secs(1))));
-            }
-            results
-        })
-    })
+    http::steady_stream_from(&topology.ns("client"), vip, stop, longest)
 }
 
 const FAST_HTTP_HEALTH: &str = "\n[service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 3\n";

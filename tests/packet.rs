@@ -158,17 +158,7 @@ fn ifindex_via_ip(name: &str) -> u32 {
 }
 
 fn service(name: &str, vip: &str, protocol: Protocol, backends: Vec<DesiredBackend>) -> DesiredService {
-    DesiredService {
-        name: name.into(),
-        vip: vip.parse().unwrap(),
-        protocol,
-        scheduler: Scheduler::Maglev,
-        persistence_timeout_s: 0,
-        forwarding: Forwarding::Dsr,
-        gue_port: lb_common::DEFAULT_GUE_PORT,
-        nat: None,
-        backends,
-    }
+    DesiredService::dsr(name, vip.parse().unwrap(), protocol, backends)
 }
 
 const VIP4: &str = "198.18.0.100";

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use xdplb::{
-    config::{Forwarding, Protocol, Scheduler},
+    config::Protocol,
     dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
@@ -62,17 +62,8 @@ pub fn run(criterion: &Path) -> Result<ControlPlane> {
             }),
             down: false,
         };
-        let mut service = DesiredService {
-            name: "web".into(),
-            vip: "198.18.0.100:80".parse()?,
-            protocol: Protocol::Tcp,
-            scheduler: Scheduler::Maglev,
-            persistence_timeout_s: 0,
-            forwarding: Forwarding::Dsr,
-            gue_port: lb_common::DEFAULT_GUE_PORT,
-            nat: None,
-            backends: (0..1000).map(|i| backend(i, 1)).collect(),
-        };
+        let backends = (0..1000).map(|i| backend(i, 1)).collect();
+        let mut service = DesiredService::dsr("web", "198.18.0.100:80".parse()?, Protocol::Tcp, backends);
         let mut changes = Vec::new();
         let mut timed = |name: &'static str, service: &DesiredService| -> Result<()> {
             let start = Instant::now();

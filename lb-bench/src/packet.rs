@@ -346,13 +346,8 @@ impl Programs {
                 .collect()
         };
         let service = |name: &str, vip: &str, protocol, v6| DesiredService {
-            name: name.into(),
-            vip: vip.parse().unwrap(),
-            protocol,
             scheduler,
-            persistence_timeout_s: 0,
             forwarding,
-            gue_port: lb_common::DEFAULT_GUE_PORT,
             nat: fixture.nat.map(|nat| DesiredNat {
                 sources: (0..nat.sources)
                     .map(|n| if v6 { format!("2001:db8:2::{}", n + 1) } else { format!("198.18.2.{}", n + 1) })
@@ -362,7 +357,7 @@ impl Programs {
                 preserve_client: false,
                 exclude: None,
             }),
-            backends: members(name, v6),
+            ..DesiredService::dsr(name, vip.parse().unwrap(), protocol, members(name, v6))
         };
         let desired = [
             service("web", "198.18.0.100:80", Protocol::Tcp, false),

@@ -23,7 +23,7 @@ use aya::{
 };
 use lb_testkit::generator::Generator;
 use xdplb::{
-    config::{Forwarding, PortRange, Protocol, Scheduler},
+    config::{Forwarding, PortRange, Protocol},
     dataplane::planner::Reconciler,
     dataplane::{Dataplane, DataplaneParams, DebugLog},
     netlink::L2Path,
@@ -173,16 +173,8 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             }),
             down: false,
         };
-        let service = |name: &str, vip: &str, protocol| DesiredService {
-            name: name.into(),
-            vip: vip.parse().unwrap(),
-            protocol,
-            scheduler: Scheduler::Maglev,
-            persistence_timeout_s: 0,
-            forwarding: Forwarding::Dsr,
-            gue_port: lb_common::DEFAULT_GUE_PORT,
-            nat: None,
-            backends: vec![backend()],
+        let service = |name: &str, vip: &str, protocol| {
+            DesiredService::dsr(name, vip.parse().unwrap(), protocol, vec![backend()])
         };
         let mut reconciler = Reconciler::new(lb_common::DEFAULT_RING_SIZE, 4);
         let (writes, _) = reconciler.plan(&[

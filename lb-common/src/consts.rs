@@ -232,6 +232,9 @@ pub const BUSY_MAINTENANCE_PERIOD_MS: u64 = 1000;
 /// After a route, neighbour or link change, paths are re-resolved this
 /// much later (a burst of changes costs one re-resolution).
 pub const NETLINK_SETTLE_MS: u64 = 100;
+/// How often the agent checks its announce table against the VIPs it
+/// announces (changes are written at once; this repairs outside edits).
+pub const ANNOUNCE_RESYNC_S: u64 = 5;
 /// How often least_response_time re-derives weights from response times.
 pub const REBALANCE_PERIOD_MS: u64 = 2000;
 /// Longest control-socket request line; anything longer is refused as it is read.

@@ -18,6 +18,9 @@ pub struct Topology {
 /// Client source ports handed out by `Topology::client_ports`: below the
 /// kernel's default ephemeral range (32768-60999), so they never collide
 /// with ports the kernel picks for other sockets.
+/// The LB nodes a topology can have (`lb2` with `up_nodes`).
+pub const LB_NODES: [&str; 2] = ["lb", "lb2"];
+
 const CLIENT_PORTS_FIRST: usize = 20000;
 const CLIENT_PORTS_COUNT: usize = 12000;
 
@@ -33,6 +36,13 @@ impl Topology {
         Self::build(prefix, xdp_pass, false)
     }
 
+    /// `up`, plus a second LB node `lb2` beside `lb` and a client `far`
+    /// behind the router `sw`, which reaches the VIPs only by the routes
+    /// that BGP gives it (no static route).
+    pub fn up_nodes(prefix: &str, xdp_pass: &Path) -> Result<Self> {
+        Self::build_with(prefix, xdp_pass, &[("HARNESS_NODES", "1")])
+    }
+
     /// `up`, plus the routed subnet (router `rt`, backends `t1`..`t3`) that
     /// only tunnels reach.
     pub fn up_routed(prefix: &str, xdp_pass: &Path) -> Result<Self> {
@@ -40,12 +50,16 @@ impl Topology {
     }
 
     fn build(prefix: &str, xdp_pass: &Path, routed: bool) -> Result<Self> {
+        Self::build_with(prefix, xdp_pass, &[("HARNESS_ROUTED", if routed { "1" } else { "0" })])
+    }
+
+    fn build_with(prefix: &str, xdp_pass: &Path, options: &[(&str, &str)]) -> Result<Self> {
         let prefix = prefix[..prefix.len().min(10)].to_string();
         let status = Command::new("bash")
             .arg(harness())
             .args(["up", &prefix])
             .env("XDP_PASS_OBJ", xdp_pass)
-            .env("HARNESS_ROUTED", if routed { "1" } else { "0" })
+            .envs(options.iter().copied())
             .status()?;
         if !status.success() {
             bail!("harness up {prefix} failed");
@@ -79,6 +93,14 @@ impl Topology {
         PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}", self.prefix))
     }
 
+    /// The pin directory of the agent on LB node `node` (`lb` is `pin_root`).
+    pub fn node_pin_root(&self, node: &str) -> PathBuf {
+        match node {
+            "lb" => self.pin_root(),
+            other => PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}-{other}", self.prefix)),
+        }
+    }
+
     /// Where `xdplb decap` on backend `name` pins its state in this run.
     pub fn decap_pin_dir(&self, name: &str) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/xdplb-test-{}-decap", self.prefix)).join(name)
@@ -88,7 +110,9 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         let _ = Command::new("bash").arg(harness()).args(["down", &self.prefix]).status();
-        let _ = std::fs::remove_dir_all(self.pin_root());
+        for node in LB_NODES {
+            let _ = std::fs::remove_dir_all(self.node_pin_root(node));
+        }
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/xdplb-test-{}-decap", self.prefix));
     }
 }

@@ -33,6 +33,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // The discovery tests run a real etcd (server and etcdctl).
     ("command -v etcd", "etcd-server"),
     ("command -v etcdctl", "etcd-client"),
+    // The multi-node tests announce VIPs by BGP between BIRD daemons.
+    ("command -v bird", "bird2"),
 ];
 
 /// What only `cargo xtask bench` needs: the peer and the load generator.

@@ -9,6 +9,7 @@
 //! reload or restart: the file is the source of truth, and a reload keeps
 //! only the health and drain state of backends that are still in it.
 
+mod announce;
 mod discovery;
 mod maintenance;
 mod nat;
@@ -28,6 +29,7 @@ use tokio::{
 };
 
 use crate::{
+    announce::{NodeState, VipAnnouncement, routes::RouteAnnouncer},
     config::{
         BackendAddress, BackendConfig, Config, HealthCheck, HealthKind, MAX_WEIGHT, Scheduler, Weight, XdpModeConfig,
     },
@@ -102,6 +104,14 @@ pub struct Agent {
     /// Table scans, on a thread of their own.
     scanner: Scanner,
     scan_rx: mpsc::UnboundedReceiver<TableScan>,
+    /// The program is attached (VIPs may be announced).
+    attached: bool,
+    /// `xdplb node drain|enable`; kept across restarts in the pin directory.
+    node: NodeState,
+    /// The writer of `[agent] announce_table`, when set.
+    announcer: Option<RouteAnnouncer>,
+    /// The last announcement decision of every VIP.
+    announcements: Vec<VipAnnouncement>,
 }
 
 impl Agent {
@@ -155,6 +165,11 @@ impl Agent {
         let (scrape_tx, scrape_rx) = mpsc::channel(4);
         let (scan_tx, scan_rx) = mpsc::unbounded_channel();
         let scanner = Scanner::start(&dataplane, scan_tx)?;
+        let announcer = match agent_config.announce_table {
+            Some(table) => Some(RouteAnnouncer::start(table, main_ifindex)?),
+            None => None,
+        };
+        let node = pins::node_state(&agent_config.pin_root());
         let mut agent = Self {
             config_path,
             reconciler,
@@ -186,6 +201,10 @@ impl Agent {
             discovery,
             scanner,
             scan_rx,
+            attached: false,
+            node,
+            announcer,
+            announcements: Vec::new(),
         };
         agent.runtime.sync_with(&agent.config);
         agent.runtime.local_ports = local_port_range();
@@ -195,6 +214,8 @@ impl Agent {
         agent.reconcile()?;
         let mode = agent.xdp_mode();
         let adopted = agent.dataplane.attach_or_adopt(&agent.config.agent.interface, mode)?;
+        agent.attached = true;
+        agent.update_announcements();
         agent.sync_reply_interfaces();
         tokio::spawn(control::serve(listener, control_tx));
         if let Some(address) = agent.config.agent.metrics_listen {
@@ -280,6 +301,16 @@ impl Agent {
         }
         let _ = std::fs::remove_file(&self.config.agent.control_socket);
         print!("{}", self.summary());
+        // An agent that merely exits leaves its routes: the program keeps
+        // forwarding. Removing the program withdraws them first.
+        if self.detach_on_exit
+            && let Some(announcer) = self.announcer.take()
+        {
+            match announcer.withdraw_all().await {
+                Ok(()) => log::info!("withdrew every VIP"),
+                Err(err) => log::error!("withdrawing the VIPs: {err:#}"),
+            }
+        }
         self.dataplane.shutdown(self.detach_on_exit)?;
         if self.detach_on_exit
             && let Some(discovery) = &self.discovery
@@ -342,6 +373,7 @@ impl Agent {
         let applied = self.apply_writes(&writes).context("updating the data plane");
         self.update_tunnel_slots();
         self.sync_reply_interfaces();
+        self.update_announcements();
         applied?;
         // A full plan applied: whatever was refused before is in the maps now.
         if let Some(previous) = self.outstanding_write.take() {

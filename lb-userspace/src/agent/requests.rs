@@ -159,6 +159,8 @@ impl Agent {
                     "stopping; the program stays attached"
                 })
             }
+            Request::NodeDrain {} => self.set_node_state(NodeState::Drained),
+            Request::NodeEnable {} => self.set_node_state(NodeState::Active),
             Request::Debug { on } => {
                 let wanted = if on { DebugLog::On } else { DebugLog::Off };
                 if self.dataplane.debug_log() == wanted {
@@ -252,6 +254,7 @@ fn agent_section_change(old: &Config, new: &Config) -> Option<&'static str> {
         ("control_socket", a.control_socket != b.control_socket),
         ("pin_dir", a.pin_dir != b.pin_dir),
         ("metrics_listen", a.metrics_listen != b.metrics_listen),
+        ("announce_table", a.announce_table != b.announce_table),
     ]
     .into_iter()
     .find(|(_, changed)| *changed)

@@ -98,6 +98,12 @@ impl Agent {
             outstanding_map_write: self.outstanding_write.clone(),
             discovery: self.discovery_status(),
             pin_dir: Some(self.config.agent.pin_root()),
+            announce: self.announcer.as_ref().map(|announcer| crate::control::AnnounceStatus {
+                table: announcer.table(),
+                node: self.node,
+                vips: self.announcements.clone(),
+                error: announcer.last_error(),
+            }),
         })
     }
 

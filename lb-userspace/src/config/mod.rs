@@ -90,6 +90,11 @@ pub struct AgentConfig {
     /// silent (for the last ACKs); then its source port is free again.
     #[serde(default = "default_nat_fin_linger_s", deserialize_with = "fin_linger_s")]
     pub nat_fin_linger_s: u64,
+    /// Route health injection: the kernel routing table in which the agent
+    /// keeps one route per announced VIP (and nothing else), for a BGP
+    /// speaker such as BIRD to export. Off when unset.
+    #[serde(default, deserialize_with = "announce_table")]
+    pub announce_table: Option<u32>,
 }
 
 impl AgentConfig {
@@ -148,6 +153,10 @@ pub struct ServiceConfig {
     /// PREFIX/NAME/; they join the ones listed here.
     #[serde(default)]
     pub discover: Option<Spanned<bool>>,
+    /// Route health injection: the VIP is announced while at least this
+    /// many healthy backends of this service are in its ring.
+    #[serde(default = "default_announce_min_healthy", deserialize_with = "announce_min_healthy")]
+    pub announce_min_healthy: u32,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -447,6 +456,11 @@ pub const IDLE_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=30 * 86_400;
 pub const FIN_LINGER_S: std::ops::RangeInclusive<u64> = 0..=3_600;
 pub const PERSISTENCE_TIMEOUT_S: std::ops::RangeInclusive<u64> = 0..=86_400;
 pub const DRAIN_TIMEOUT_S: std::ops::RangeInclusive<u64> = 0..=30 * 86_400;
+pub const ANNOUNCE_TABLE: std::ops::RangeInclusive<u64> = 1..=u32::MAX as u64;
+pub const ANNOUNCE_MIN_HEALTHY: std::ops::RangeInclusive<u64> = 0..=65_535;
+/// Tables the agent must not own: it deletes every route in its table that
+/// is not an announced VIP (unspec, default, main, local).
+pub const RESERVED_ROUTE_TABLES: [u32; 4] = [0, 253, 254, 255];
 
 /// An integer of `range`; the error names the key and the range, and the
 /// TOML parser locates it at the value.
@@ -475,6 +489,19 @@ fn persistence_timeout_s<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Erro
 }
 fn drain_timeout_s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     ranged(d, "drain_timeout_s", DRAIN_TIMEOUT_S)
+}
+fn announce_table<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let table = ranged(d, "announce_table", ANNOUNCE_TABLE)? as u32;
+    if RESERVED_ROUTE_TABLES.contains(&table) {
+        return Err(serde::de::Error::custom(format!(
+            "announce_table {table} is a table the kernel uses itself (253 default, 254 main, 255 local): \
+             xdplb removes every route in its table that is not an announced VIP, so give a table of its own"
+        )));
+    }
+    Ok(Some(table))
+}
+fn announce_min_healthy<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, "announce_min_healthy", ANNOUNCE_MIN_HEALTHY).map(|v| v as u32)
 }
 
 fn default_weight() -> Weight {
@@ -506,6 +533,9 @@ fn default_nat_fin_linger_s() -> u64 {
 }
 fn default_gue_port() -> Spanned<u16> {
     Spanned::new(0..0, lb_common::DEFAULT_GUE_PORT)
+}
+fn default_announce_min_healthy() -> u32 {
+    1
 }
 fn default_drain_timeout_s() -> u64 {
     lb_common::DEFAULT_DRAIN_TIMEOUT_S
@@ -619,6 +649,25 @@ address = "2001:db8:0:2::11"
         assert!(err.contains("weight 1001 is out of range 0..=1000"), "{err}");
         let err = error_of(&GOOD.replace("weight = 2", "weight = -1"));
         assert!(err.contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn announce_keys_default_off_and_refuse_the_kernels_own_tables() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!((config.agent.announce_table, config.services[0].announce_min_healthy), (None, 1));
+        let announcing = GOOD.replacen("interface = \"eth0\"", "interface = \"eth0\"\nannounce_table = 100", 1);
+        let config = parse(&announcing.replacen("forwarding = \"dsr\"", "announce_min_healthy = 0", 1)).unwrap();
+        assert_eq!((config.agent.announce_table, config.services[0].announce_min_healthy), (Some(100), 0));
+        for table in ["254", "255", "253", "0"] {
+            let err = error_of(&announcing.replace("announce_table = 100", &format!("announce_table = {table}")));
+            assert!(err.starts_with("lb.toml:4:18: "), "{err}");
+            assert!(err.contains("table"), "{err}");
+        }
+        let err = error_of(&announcing.replace("announce_table = 100", "announce_table = 254"));
+        assert!(err.contains("a table the kernel uses itself"), "{err}");
+        let err = error_of(&GOOD.replacen("forwarding = \"dsr\"", "announce_min_healthy = 70000", 1));
+        assert!(err.starts_with("lb.toml:9:24: "), "{err}");
+        assert!(err.contains("announce_min_healthy 70000 is out of range 0..=65535"), "{err}");
     }
 
     #[test]

@@ -88,6 +88,11 @@ pub enum Command {
     },
     /// Re-read the configuration file and apply the difference (as SIGHUP).
     Reload,
+    /// This node's VIP announcements ([agent] announce_table).
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
     /// Print a shell completion script: `xdplb completions bash > /etc/bash_completion.d/xdplb`.
     Completions {
         #[arg(value_enum)]
@@ -222,6 +227,15 @@ pub enum BackendAction {
         #[arg(long)]
         weight: u32,
     },
+}
+
+#[derive(Subcommand)]
+pub enum NodeAction {
+    /// Maintenance: withdraw every VIP; packets that still arrive are
+    /// forwarded, so established flows finish. Survives agent restarts.
+    Drain,
+    /// Announce the VIPs again (those whose services qualify).
+    Enable,
 }
 
 #[derive(Subcommand)]
@@ -409,6 +423,8 @@ pub fn client(socket: &PathBuf, command: Command) -> Result<String> {
         Command::Debug { state } => (Request::Debug { on: matches!(state, OnOff::On) }, false),
         Command::Status { json } => (Request::Status {}, json),
         Command::Reload => (Request::Reload {}, false),
+        Command::Node { action: NodeAction::Drain } => (Request::NodeDrain {}, false),
+        Command::Node { action: NodeAction::Enable } => (Request::NodeEnable {}, false),
         Command::Service { action: ServiceAction::Add(args) } => (Request::ServiceAdd { toml: args.to_toml()? }, false),
         Command::Service { action: ServiceAction::Remove { name } } => (Request::ServiceRemove { name }, false),
         Command::Backend { action } => (

@@ -9,6 +9,6 @@ pub mod views;
 
 pub use self::{
     client::call,
-    protocol::{Admin, BackendStatus, Health, ProbeStatus, Request, Response, ServiceStatus, Status},
+    protocol::{Admin, AnnounceStatus, BackendStatus, Health, ProbeStatus, Request, Response, ServiceStatus, Status},
     server::{ControlCall, bind, serve},
 };

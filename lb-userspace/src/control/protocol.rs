@@ -8,7 +8,10 @@ use crate::config::BackendAddress;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Forwarding, Origin, Protocol, Scheduler};
+use crate::{
+    announce::{NodeState, VipAnnouncement},
+    config::{Forwarding, Origin, Protocol, Scheduler},
+};
 
 pub use lb_common::MAX_REQUEST_BYTES;
 
@@ -53,6 +56,10 @@ pub enum Request {
     Stop {
         detach: bool,
     },
+    /// Withdraw every VIP (maintenance); forwarding goes on.
+    NodeDrain {},
+    /// Announce the VIPs again after `node_drain`.
+    NodeEnable {},
     /// Switch eBPF-side debug logging (swaps in a program built for it).
     Debug {
         on: bool,
@@ -61,6 +68,8 @@ pub enum Request {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
+// One response per request: the size of `Status` is not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Response {
     Status { ok: bool, status: Status },
     Done { ok: bool, message: String },
@@ -91,6 +100,20 @@ pub struct Status {
     /// Where this agent's maps and link are pinned ([agent] pin_dir).
     #[serde(default)]
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Route health injection, when `[agent] announce_table` is set.
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
+}
+
+/// The node's VIP announcements as `status` shows them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The kernel routing table the routes are kept in.
+    pub table: u32,
+    pub node: NodeState,
+    pub vips: Vec<VipAnnouncement>,
+    /// The last failure to write the table, until a write succeeds.
+    pub error: Option<String>,
 }
 
 /// The registry connection as `status` shows it.
@@ -247,6 +270,7 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
         outstanding_map_write: None,
         discovery: None,
         pin_dir: None,
+        announce: None,
         services: vec![ServiceStatus {
             name: "web".into(),
             vip: "198.18.0.100:80".parse().unwrap(),

@@ -66,6 +66,16 @@ pub fn status_table(status: &Status) -> String {
             out += &format!("  skipped {skipped}\n");
         }
     }
+    if let Some(a) = &status.announce {
+        out += &format!("node {}, announcing in table {}\n", a.node.name().to_uppercase(), a.table);
+        if let Some(error) = &a.error {
+            out += &format!("WARNING: the announce table cannot be written: {error}\n");
+        }
+        for vip in &a.vips {
+            let state = if vip.announced { "announced" } else { "WITHDRAWN" };
+            out += &format!("  VIP {} {state}: {}\n", vip.vip, vip.reason);
+        }
+    }
     for s in &status.services {
         out += &format!(
             "\nservice {}  {} {}  {}/{}{}{}  packets {}  bytes {}  new flows {}\n",

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use lb_common::{Capacity, LAYOUT_VERSION, MAP_SPECS, MapKind};
 
 use super::DataplaneParams;
+use crate::announce::NodeState;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
@@ -38,6 +39,28 @@ pub fn reply_link_interfaces(layout_dir: &Path) -> Vec<u32> {
         return Vec::new();
     };
     entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix(REPLY_LINK_PREFIX)?.parse().ok()).collect()
+}
+
+/// Marks a drained node (`xdplb node drain`): a directory in the pin root,
+/// so that the state outlives agent restarts like the rest of the node's
+/// state does, and `xdplb stop` clears it with the pins.
+const NODE_DRAINED_MARKER: &str = "node-drained";
+
+pub fn node_state(root: &Path) -> NodeState {
+    if root.join(NODE_DRAINED_MARKER).is_dir() { NodeState::Drained } else { NodeState::Active }
+}
+
+pub fn set_node_state(root: &Path, node: NodeState) -> Result<()> {
+    let marker = root.join(NODE_DRAINED_MARKER);
+    match node {
+        NodeState::Drained if !marker.is_dir() => {
+            std::fs::create_dir_all(&marker).with_context(|| format!("creating {}", marker.display()))
+        }
+        NodeState::Active if marker.is_dir() => {
+            std::fs::remove_dir(&marker).with_context(|| format!("removing {}", marker.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Makes sure `root` can hold pins: bpffs is mounted at /sys/fs/bpf when it
@@ -143,6 +166,7 @@ pub fn remove_all(root: &Path) -> Result<Vec<PathBuf>> {
         }
         std::fs::remove_dir(&dir)?;
     }
+    let _ = std::fs::remove_dir(root.join(NODE_DRAINED_MARKER));
     let _ = std::fs::remove_dir(root);
     // The default root is /sys/fs/bpf/xdplb/IFACE: drop the shared parent too
     // once no other interface's agent uses it (remove_dir fails if not empty).

@@ -219,7 +219,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{Protocol, Scheduler},
+        config::Protocol,
         dataplane::planner::Reconciler,
         netlink::L2Path,
         state::{DesiredBackend, DesiredService},
@@ -301,31 +301,22 @@ mod tests {
     }
 
     fn service(name: &str, vip: &str, backends: &[(u8, u32)]) -> DesiredService {
-        DesiredService {
-            name: name.into(),
-            vip: vip.parse().unwrap(),
-            protocol: Protocol::Tcp,
-            scheduler: Scheduler::Maglev,
-            persistence_timeout_s: 0,
-            forwarding: crate::config::Forwarding::Dsr,
-            gue_port: lb_common::DEFAULT_GUE_PORT,
-            nat: None,
-            backends: backends
-                .iter()
-                .map(|(n, weight)| DesiredBackend {
-                    address: std::net::IpAddr::from([198, 18, 1, *n]).into(),
-                    weight: *weight,
-                    path: Some(L2Path {
-                        ifindex: 10 + *n as u32 % 3,
-                        src_mac: [2; 6],
-                        dst_mac: [2, 0, 0, 0, 1, *n],
-                        mtu: 1500,
-                        source: None,
-                    }),
-                    down: false,
-                })
-                .collect(),
-        }
+        let backends = backends
+            .iter()
+            .map(|(n, weight)| DesiredBackend {
+                address: std::net::IpAddr::from([198, 18, 1, *n]).into(),
+                weight: *weight,
+                path: Some(L2Path {
+                    ifindex: 10 + *n as u32 % 3,
+                    src_mac: [2; 6],
+                    dst_mac: [2, 0, 0, 0, 1, *n],
+                    mtu: 1500,
+                    source: None,
+                }),
+                down: false,
+            })
+            .collect();
+        DesiredService::dsr(name, vip.parse().unwrap(), Protocol::Tcp, backends)
     }
 
     /// Plans and applies `desired` as the agent does, retrying after a

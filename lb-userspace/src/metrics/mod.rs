@@ -25,7 +25,10 @@ use prometheus_client::{
 };
 
 pub use self::server::{bind, serve};
-use crate::control::{Admin, BackendStatus, Health, Status};
+use crate::{
+    announce::{Cause, NodeState},
+    control::{Admin, BackendStatus, Health, Status},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
@@ -43,6 +46,17 @@ struct AdminLabels {
     service: String,
     backend: String,
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipReasonLabels {
+    vip: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,6 +163,7 @@ impl prometheus_client::collector::Collector for ReadingCollector {
         if let Some(status) = &reading.status {
             encode_services(&mut encoder, status)?;
             encode_backends(&mut encoder, status)?;
+            encode_announcements(&mut encoder, status)?;
         }
         encode_globals(&mut encoder, &reading.globals)?;
         single(&mut encoder, "ring_rebuilds", "Maglev ring rewrites applied", reading.ring_rebuilds)
@@ -245,6 +260,35 @@ fn encode_services(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Res
         "New flows of NAT services refused: no free source port",
         MetricType::Counter,
         nat,
+    )
+}
+
+/// Route health injection: per VIP, announced or not and why.
+fn encode_announcements(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Result {
+    let Some(announce) = &status.announce else {
+        return Ok(());
+    };
+    let drained = (announce.node == NodeState::Drained) as i64;
+    let help = "1 while the node is drained (xdplb node drain): no VIP is announced";
+    ConstGauge::new(drained).encode(encoder.encode_descriptor("node_drained", help, None, MetricType::Gauge)?)?;
+    let vips = || announce.vips.iter();
+    family(
+        encoder,
+        "vip_announced",
+        "1 while this node announces the VIP (a route in the announce table)",
+        MetricType::Gauge,
+        vips().map(|v| (VipLabels { vip: v.vip.to_string() }, v.announced as i64)),
+    )?;
+    let reasons = vips().flat_map(|v| {
+        Cause::ALL
+            .map(|cause| (VipReasonLabels { vip: v.vip.to_string(), reason: cause.name() }, (v.cause == cause) as i64))
+    });
+    family(
+        encoder,
+        "vip_announce_reason",
+        "1 for the reason the VIP is announced or withdrawn",
+        MetricType::Gauge,
+        reasons,
     )
 }
 
@@ -442,6 +486,30 @@ mod tests {
             "xdplb_conntrack_misses_total 0",
             "# HELP xdplb_syn_retransmits SYN retransmissions",
             "xdplb_backend_probe_latency_seconds_count{service=\"web\",backend=\"198.18.1.11\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // Route health injection, when configured: per VIP and per reason.
+        let mut status = crate::control::protocol::sample_status(1, 1);
+        let vip = |vip: &str, cause| crate::announce::VipAnnouncement {
+            vip: vip.parse().unwrap(),
+            announced: cause == Cause::Healthy,
+            cause,
+            reason: String::new(),
+        };
+        status.announce = Some(crate::control::AnnounceStatus {
+            table: 100,
+            node: NodeState::Active,
+            vips: vec![vip("198.18.0.100", Cause::Healthy), vip("2001:db8::100", Cause::TooFewHealthy)],
+            error: None,
+        });
+        let text = metrics.render(Reading { status: Some(status), ..Default::default() }).unwrap();
+        for line in [
+            "xdplb_node_drained 0",
+            "xdplb_vip_announced{vip=\"198.18.0.100\"} 1",
+            "xdplb_vip_announced{vip=\"2001:db8::100\"} 0",
+            "xdplb_vip_announce_reason{vip=\"2001:db8::100\",reason=\"too_few_healthy\"} 1",
+            "xdplb_vip_announce_reason{vip=\"2001:db8::100\",reason=\"healthy\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -201,6 +201,7 @@ pub fn desired_services(
         };
         modes.insert(name.clone(), mode);
 
+        let mut healthy_in_ring = 0;
         let backends = service
             .backends
             .iter()
@@ -209,6 +210,10 @@ pub fn desired_services(
                 let up = up(b);
                 let in_active_set = b.backup == mode.backup_active;
                 let takes_new_flows = enabled(address) && ((up && in_active_set) || mode.fail_open);
+                let path = paths.get(&address.ip).and_then(|p| path_for(service, &config.agent, address.ip, p));
+                if takes_new_flows && up && !mode.fail_open && path.is_some() {
+                    healthy_in_ring += 1;
+                }
                 let derived = state_of(address).derived_weight;
                 let weight = match service.scheduler {
                     Scheduler::LeastResponseTime if derived > 0 && b.weight.0 > 0 => derived,
@@ -217,7 +222,7 @@ pub fn desired_services(
                 DesiredBackend {
                     address,
                     weight: if takes_new_flows { weight } else { 0 },
-                    path: paths.get(&address.ip).and_then(|p| path_for(service, &config.agent, address.ip, p)),
+                    path,
                     down: !up && !mode.fail_open && service.on_failure == OnFailure::Reschedule,
                 }
             })
@@ -237,6 +242,8 @@ pub fn desired_services(
                 exclude: runtime.local_ports,
             }),
             backends,
+            healthy_in_ring,
+            announce_min_healthy: service.announce_min_healthy,
         });
     }
     (services, modes)
@@ -280,6 +287,31 @@ pub struct DesiredService {
     /// NAT services: how they translate.
     pub nat: Option<DesiredNat>,
     pub backends: Vec<DesiredBackend>,
+    /// Backends in the ring that pass their checks (none while failing open).
+    pub healthy_in_ring: u32,
+    /// Route health injection: announce the VIP from this many healthy ones.
+    pub announce_min_healthy: u32,
+}
+
+impl DesiredService {
+    /// A maglev DSR service without affinity, announced from one backend
+    /// (what tests and tools build on).
+    pub fn dsr(name: &str, vip: SocketAddr, protocol: Protocol, backends: Vec<DesiredBackend>) -> Self {
+        let healthy_in_ring = backends.iter().filter(|b| b.weight > 0 && b.path.is_some()).count() as u32;
+        DesiredService {
+            name: name.into(),
+            vip,
+            protocol,
+            scheduler: Scheduler::Maglev,
+            persistence_timeout_s: 0,
+            forwarding: Forwarding::Dsr,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
+            nat: None,
+            backends,
+            healthy_in_ring,
+            announce_min_healthy: 1,
+        }
+    }
 }
 
 /// A NAT service's translation settings.

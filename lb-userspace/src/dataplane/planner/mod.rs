@@ -522,25 +522,16 @@ mod tests {
     }
 
     fn service(name: &str, backends: &[(u8, u32)]) -> DesiredService {
-        DesiredService {
-            name: name.into(),
-            vip: "198.18.0.100:80".parse().unwrap(),
-            protocol: Protocol::Tcp,
-            scheduler: Scheduler::Maglev,
-            persistence_timeout_s: 0,
-            forwarding: crate::config::Forwarding::Dsr,
-            gue_port: lb_common::DEFAULT_GUE_PORT,
-            nat: None,
-            backends: backends
-                .iter()
-                .map(|(n, w)| DesiredBackend {
-                    address: backend_address([198, 18, 1, *n]),
-                    weight: *w,
-                    path: path(*n),
-                    down: false,
-                })
-                .collect(),
-        }
+        let backends = backends
+            .iter()
+            .map(|(n, w)| DesiredBackend {
+                address: backend_address([198, 18, 1, *n]),
+                weight: *w,
+                path: path(*n),
+                down: false,
+            })
+            .collect();
+        DesiredService::dsr(name, "198.18.0.100:80".parse().unwrap(), Protocol::Tcp, backends)
     }
 
     fn ring_of(r: &Reconciler, name: &str) -> Vec<u32> {
