@@ -339,6 +339,13 @@ fn vips_are_announced_by_every_healthy_node_and_withdrawn_on_failure_drain_and_s
     drop(lb2);
     let results = requests_from_far(&topology, VIP4, 20);
     assert!(results.iter().all(|r| r.is_ok()), "with lb2 stopped, requests failed: {results:?}");
+
+    // A removed service's VIP is withdrawn; the other VIP stays.
+    let (ok, out, err) = lb.cli(&["service", "remove", "web6"]);
+    assert!(ok, "{out}{err}");
+    until_next_hops(&topology, VIP6, &BTreeSet::new(), Duration::from_secs(2), &birds);
+    assert_eq!(router_next_hops(&topology, VIP4), hops(&["lb"]));
+    assert_eq!(announce_table(&topology, "lb"), BTreeSet::from([format!("{VIP4} dev eth0")]));
     lb.stop();
 }
 
@@ -395,5 +402,179 @@ fn a_killed_node_fails_over_within_a_second_and_its_long_lived_connections_keep_
     assert!(moved.is_empty(), "long-lived connections broke or changed backend: {moved:?}");
     assert!(after.is_empty(), "new connections failed after the failover: {after:?}");
     assert!(results.len() > 20, "only {} new connections", results.len());
+    lb.stop();
+}
+
+const SYNC_PORT: u16 = 7600;
+
+/// A key file of the test's own, mode 0600 (or `mode`).
+fn key_file(topology: &Topology, contents: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::temp_dir().join(format!("xdplb-sync-key-{}-{mode:o}", topology.prefix));
+    std::fs::write(&path, contents).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+const SYNC_KEY: &str = "a sync key of more than 32 bytes, for tests only\n";
+
+/// `node_config` plus `[sync]` between the two nodes (`node` is lb or lb2).
+fn sync_config(node: &str, min_healthy: u32, key: &Path) -> String {
+    let address = |n: &str| format!("{}:{SYNC_PORT}", NODES.iter().find(|(name, _)| *name == n).unwrap().1);
+    let peer = if node == "lb" { "lb2" } else { "lb" };
+    format!(
+        "{}\n[sync]\nlisten = \"{}\"\npeers = [\"{}\"]\nkey_file = {:?}\n",
+        node_config(min_healthy),
+        address(node),
+        address(peer),
+        key
+    )
+}
+
+/// 40 long-lived connections through both nodes; a backend added on both;
+/// then lb2 killed. Returns (connections that broke or changed backend,
+/// connections, packets lb2 carried when they opened).
+fn connections_broken_by_a_kill_after_a_backend_change(sync: bool) -> (usize, usize, u64) {
+    let topology = Topology::up_nodes(&Topology::unique_prefix("xs"), Path::new(XDP_PASS_OBJ)).expect("harness up");
+    let mut birds = start_birds(&topology);
+    let key = key_file(&topology, SYNC_KEY, 0o600);
+    let config = |node: &str| if sync { sync_config(node, 1, &key) } else { node_config(1) };
+    let lb = Agent::start_on(&topology, "lb", &config("lb"));
+    let lb2 = Agent::start_on(&topology, "lb2", &config("lb2"));
+    until_next_hops(&topology, VIP4, &hops(&["lb", "lb2"]), Duration::from_secs(20), &birds);
+    thread::sleep(Duration::from_secs(1));
+
+    let lb2_before = service_packets(&lb2, "web");
+    let mut long_lived = LongLived::open_homed_from(&topology.ns("far"), &format!("{VIP4}:80"), 40);
+    let through_lb2 = service_packets(&lb2, "web") - lb2_before;
+    // A fourth backend on both nodes: Maglev now maps about a third of all
+    // five-tuples to it, so a node that never saw a flow would move it.
+    for agent in [&lb, &lb2] {
+        let (ok, out, err) = agent.cli(&["backend", "add", "web", "198.18.1.14"]);
+        assert!(ok, "{out}{err}");
+    }
+    for agent in [&lb, &lb2] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.backend("web", "198.18.1.14").in_ring {
+            assert!(Instant::now() < deadline, "the added backend never entered the ring");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if sync {
+        let status = lb.status().sync.expect("status shows sync");
+        eprintln!("measured: lb's sync before the kill: {status:?}");
+        assert!(status.adopted_flows > 0, "lb adopted none of lb2's flows: {status:?}");
+        assert_eq!((status.rejected_unauthenticated, status.rejected_replayed, status.events_lost), (0, 0, 0));
+    }
+
+    let status = Command::new("ip").args(["-n", &topology.ns("sw"), "link", "set", "lb20", "down"]).status().unwrap();
+    assert!(status.success());
+    birds[2].kill();
+    lb2.kill();
+    until_next_hops(&topology, VIP4, &hops(&["lb"]), Duration::from_secs(5), &birds);
+    let broken = long_lived
+        .iter_mut()
+        .map(|(connection, home)| connection.try_get().ok().as_deref() != Some(home.as_str()))
+        .filter(|broke| *broke)
+        .count();
+    lb.stop();
+    (broken, long_lived.len(), through_lb2)
+}
+
+#[test]
+fn with_sync_no_connection_breaks_when_its_node_dies_after_a_backend_change_and_without_sync_some_do() {
+    let (broken_without, total, lb2_without) = connections_broken_by_a_kill_after_a_backend_change(false);
+    let (broken_with, _, lb2_with) = connections_broken_by_a_kill_after_a_backend_change(true);
+    eprintln!(
+        "measured: {total} long-lived connections, a backend added, then a node killed: without sync {broken_without} \
+         broke ({lb2_without} packets through the killed node when opened), with sync {broken_with} broke \
+         ({lb2_with} packets)"
+    );
+    assert!(lb2_without > 0 && lb2_with > 0, "no connection went through the node that was killed");
+    assert_eq!(broken_with, 0, "with sync, connections broke");
+    assert!(broken_without > 0, "without sync nothing broke: the test does not exercise the gap sync closes");
+}
+
+#[test]
+fn forged_replayed_and_foreign_sync_messages_change_nothing_and_are_counted() {
+    use xdplb::sync::message::{SyncedFlow, encode};
+    let topology = Topology::up_nodes(&Topology::unique_prefix("xf"), Path::new(XDP_PASS_OBJ)).expect("harness up");
+    // A key file others may read is refused before anything is attached.
+    let readable = key_file(&topology, SYNC_KEY, 0o644);
+    let mut refused = Agent::spawn(&topology, &sync_config("lb", 1, &readable));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(status) = refused.child.as_mut().unwrap().try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the agent started with a world-readable key");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!exit.success());
+    assert!(refused.log_text().contains("is readable by group or others"), "{}", refused.log_text());
+    refused.child = None;
+    let xdp = Command::new("ip").args(["-n", &topology.ns("lb"), "link", "show", "eth0"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&xdp.stdout).contains("xdp"), "something was attached");
+
+    // The agent on lb; the test speaks for its peer lb2. Backend b3 has
+    // weight 0: no scheduler ever picks it, so a flow reaches it only if a
+    // sync message put it there.
+    let key = key_file(&topology, SYNC_KEY, 0o600);
+    let config = sync_config("lb", 1, &key).replace(
+        "address = \"198.18.1.12\"\n",
+        "address = \"198.18.1.12\"\n\n[[service.backend]]\naddress = \"198.18.2.13\"\nweight = 0\n",
+    );
+    let lb = Agent::start_on(&topology, "lb", &config);
+    let [forged_port, steered_port] = <[u16; 2]>::try_from(topology.client_ports(2)).unwrap();
+    let vip: std::net::SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let flow = |port: u16| SyncedFlow {
+        protocol: 6,
+        client: format!("198.18.2.2:{port}").parse().unwrap(),
+        vip,
+        backend: "198.18.2.13".parse().unwrap(),
+    };
+    let peer: std::net::SocketAddr = format!("198.18.2.4:{SYNC_PORT}").parse().unwrap();
+    let listen: std::net::SocketAddr = format!("198.18.2.3:{SYNC_PORT}").parse().unwrap();
+    let key_bytes = SYNC_KEY.trim_end().as_bytes().to_vec();
+    let forged = encode(b"not the key, but 32 bytes long!!", peer, 1, 1, &[flow(forged_port)]);
+    let genuine = encode(&key_bytes, peer, 1, 2, &[flow(steered_port)]);
+    let send_from = |ns: &str, from: std::net::SocketAddr, datagrams: Vec<Vec<u8>>| {
+        lb_testkit::run_in(ns, move || {
+            let socket = std::net::UdpSocket::bind(from).unwrap();
+            for datagram in datagrams {
+                socket.send_to(&datagram, listen).unwrap();
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .unwrap();
+    };
+    send_from(&topology.ns("lb2"), peer, vec![forged, genuine.clone(), genuine.clone()]);
+    // The genuine message from an address that is not a peer.
+    send_from(&topology.ns("client"), "198.18.2.2:7600".parse().unwrap(), vec![genuine]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = lb.status().sync.expect("status shows sync");
+        if status.rejected_unknown_peer > 0 || Instant::now() > deadline {
+            break status;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("measured: {status:?}");
+    assert_eq!(
+        (status.rejected_unauthenticated, status.rejected_replayed, status.rejected_unknown_peer),
+        (1, 1, 1),
+        "{status:?}"
+    );
+    assert_eq!((status.received_flows, status.adopted_flows), (1, 1), "{status:?}");
+    let (ok, table, _) = lb.cli(&["status"]);
+    assert!(ok && table.contains("1 unauthenticated, 1 replayed, 1 not from a peer"), "{table}");
+
+    // The genuine flow goes to the backend no scheduler picks; the forged
+    // one goes wherever Maglev sends it.
+    let ask = |port: u16| {
+        lb_testkit::run_in(&topology.ns("client"), move || get_new_connection_from(vip, port)).unwrap().unwrap()
+    };
+    assert_eq!(ask(steered_port), "b3", "the authenticated sync message did not steer its flow");
+    assert_ne!(ask(forged_port), "b3", "a forged sync message steered traffic");
     lb.stop();
 }

@@ -85,6 +85,7 @@ impl World {
             nat_table_size: 4096,
             udp_idle_timeout_ns: udp_idle_timeout.as_nanos() as u64,
             syn_flood_threshold,
+            sync_flows: false,
             pin_dir: None,
         };
         World {

@@ -8,7 +8,15 @@
 //! iterations; rounds interleave programs and fixtures so that drift in the
 //! machine's speed hits all of them alike.
 
-use std::{net::IpAddr, process::Command, time::Duration};
+use std::{
+    net::IpAddr,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -43,9 +51,21 @@ pub struct Fixture {
     /// NAT: the source-port pool, and frames sent before the warm-up ones
     /// (a reply needs its request's translation first).
     pub nat: Option<NatFixture>,
-    /// Measured on the xdplb loaded with `syn_flood_threshold = 1`: every
-    /// SYN after a CPU's first in a second takes the flood path.
-    pub flooded: bool,
+    /// Which load of xdplb measures it.
+    pub variant: Variant,
+}
+
+/// The xdplb loads the fixtures compare.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// As the agent loads it by default.
+    Default,
+    /// `syn_flood_threshold = 1`: every SYN after a CPU's first in a second
+    /// takes the flood path.
+    Flooded,
+    /// Connection-table sync on: every pinned flow is reported in the event
+    /// ring (which a thread drains, as the agent does).
+    Synced,
 }
 
 #[derive(Clone, Copy)]
@@ -62,99 +82,54 @@ pub struct NatFixture {
 pub fn fixtures() -> Vec<Fixture> {
     let mut list = Vec::new();
     for backends in [3, 100] {
+        // Maglev and DSR, the default service.
+        let dsr = |name, frame: fn(u32) -> Vec<u8>, warmup, variant| Fixture {
+            name,
+            backends,
+            frame,
+            warmup,
+            scheduler: Scheduler::Maglev,
+            forwarding: Forwarding::Dsr,
+            nat: None,
+            variant,
+        };
         list.extend([
-            Fixture {
-                name: "tcp_syn",
-                backends,
-                frame: |_| frames::tcp4(40000, frames::SYN),
-                warmup: 1,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
-            Fixture {
-                name: "tcp_syn_new_flow",
-                backends,
-                frame: |i| frames::tcp4_from(i, frames::SYN),
-                warmup: lb_common::DEFAULT_CONNTRACK_SIZE,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
+            dsr("tcp_syn", |_| frames::tcp4(40000, frames::SYN), 1, Variant::Default),
+            dsr(
+                "tcp_syn_new_flow",
+                |i| frames::tcp4_from(i, frames::SYN),
+                lb_common::DEFAULT_CONNTRACK_SIZE,
+                Variant::Default,
+            ),
             // The same, while the CPU counts as SYN-flooded: nothing recorded.
-            Fixture {
-                name: "tcp_syn_new_flow_flooded",
-                backends,
-                frame: |i| frames::tcp4_from(i, frames::SYN),
-                warmup: lb_common::DEFAULT_CONNTRACK_SIZE,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: true,
-            },
-            Fixture {
-                name: "tcp_ack_established",
-                backends,
-                frame: |_| frames::tcp4(40001, frames::ACK),
-                warmup: 1,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
+            dsr(
+                "tcp_syn_new_flow_flooded",
+                |i| frames::tcp4_from(i, frames::SYN),
+                lb_common::DEFAULT_CONNTRACK_SIZE,
+                Variant::Flooded,
+            ),
+            // A new flow whose first packet is not a SYN (the handshake's ACK
+            // after a flooded SYN, a flow moved from another node): it is
+            // scheduled and pinned; with sync on, also reported.
+            dsr(
+                "tcp_ack_new_flow",
+                |i| frames::tcp4_from(i, frames::ACK),
+                lb_common::DEFAULT_CONNTRACK_SIZE,
+                Variant::Default,
+            ),
+            dsr(
+                "tcp_ack_new_flow_synced",
+                |i| frames::tcp4_from(i, frames::ACK),
+                lb_common::DEFAULT_CONNTRACK_SIZE,
+                Variant::Synced,
+            ),
+            dsr("tcp_ack_established", |_| frames::tcp4(40001, frames::ACK), 1, Variant::Default),
             // The throughput generator's working set: 60000 established flows in turn.
-            Fixture {
-                name: "tcp_ack_60k_flows",
-                backends,
-                frame: |i| frames::tcp4_from(i % 60_000, frames::ACK),
-                warmup: 60_000,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
-            Fixture {
-                name: "udp",
-                backends,
-                frame: |_| frames::udp4(40002),
-                warmup: 1,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
-            Fixture {
-                name: "ipv6_tcp_syn",
-                backends,
-                frame: |_| frames::tcp6(40003, frames::SYN),
-                warmup: 1,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
-            Fixture {
-                name: "ipv6_tcp_ack",
-                backends,
-                frame: |_| frames::tcp6(40004, frames::ACK),
-                warmup: 1,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
-            Fixture {
-                name: "non_vip",
-                backends,
-                frame: |_| frames::non_vip(),
-                warmup: 0,
-                scheduler: Scheduler::Maglev,
-                forwarding: Forwarding::Dsr,
-                nat: None,
-                flooded: false,
-            },
+            dsr("tcp_ack_60k_flows", |i| frames::tcp4_from(i % 60_000, frames::ACK), 60_000, Variant::Default),
+            dsr("udp", |_| frames::udp4(40002), 1, Variant::Default),
+            dsr("ipv6_tcp_syn", |_| frames::tcp6(40003, frames::SYN), 1, Variant::Default),
+            dsr("ipv6_tcp_ack", |_| frames::tcp6(40004, frames::ACK), 1, Variant::Default),
+            dsr("non_vip", |_| frames::non_vip(), 0, Variant::Default),
         ]);
     }
     // Each scheduler's new-flow path (SYN from a new source every packet).
@@ -175,7 +150,7 @@ pub fn fixtures() -> Vec<Fixture> {
             scheduler,
             forwarding: Forwarding::Dsr,
             nat: None,
-            flooded: false,
+            variant: Variant::Default,
         });
     }
     // The tunnel paths: the same packets, encapsulated (IPv6 VIP → IPv6 backends).
@@ -187,7 +162,7 @@ pub fn fixtures() -> Vec<Fixture> {
         scheduler: Scheduler::Maglev,
         forwarding,
         nat: None,
-        flooded: false,
+        variant: Variant::Default,
     };
     list.extend([
         tunnel("ipip_tcp_syn", |_| frames::tcp4(40010, frames::SYN), Forwarding::Ipip),
@@ -211,7 +186,7 @@ pub fn fixtures() -> Vec<Fixture> {
         scheduler: Scheduler::Maglev,
         forwarding: Forwarding::Nat,
         nat: Some(nat),
-        flooded: false,
+        variant: Variant::Default,
     };
     let pool = NatFixture { ports: "1024-65535", sources: 8, prime: None, max_calls: NAT_NEW_FLOWS_PER_ROUND };
     let one_port = NatFixture {
@@ -234,6 +209,10 @@ pub struct Programs {
     pub xdplb: Dataplane,
     /// The same program with `syn_flood_threshold = 1` (the `flooded` fixtures).
     xdplb_flooded: Dataplane,
+    /// The same program with connection-table sync on, and the thread that
+    /// drains its event ring (the `synced` fixtures).
+    xdplb_synced: Dataplane,
+    drain: Option<EventDrain>,
     pub reconciler: Reconciler,
     baselines: Ebpf,
 }
@@ -260,6 +239,7 @@ impl Programs {
             &["link", "add", "xb5", "type", "veth", "peer", "name", "xb5p"],
             &["link", "add", "xb6", "type", "veth", "peer", "name", "xb6p"],
             &["link", "add", "xb7", "type", "veth", "peer", "name", "xb7p"],
+            &["link", "add", "xb8", "type", "veth", "peer", "name", "xb8p"],
         ] {
             let status = Command::new("ip").args(args).status().context("ip")?;
             if !status.success() {
@@ -268,7 +248,7 @@ impl Programs {
         }
         for dev in [
             "xb0", "xb0p", "xb1", "xb1p", "xb2", "xb2p", "xb3", "xb3p", "xb4", "xb4p", "xb5", "xb5p", "xb6", "xb6p",
-            "xb7", "xb7p",
+            "xb7", "xb7p", "xb8", "xb8p",
         ] {
             Command::new("ip").args(["link", "set", dev, "up"]).status()?;
         }
@@ -293,11 +273,15 @@ impl Programs {
             nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
             syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
+            sync_flows: false,
             pin_dir: None,
         };
         let mut xdplb_flooded =
             Dataplane::load(DataplaneParams { syn_flood_threshold: 1, ..params.clone() }, DebugLog::Off)?;
         xdplb_flooded.attach_or_adopt("xb7", XdpMode::Driver)?;
+        let mut xdplb_synced = Dataplane::load(DataplaneParams { sync_flows: true, ..params.clone() }, DebugLog::Off)?;
+        xdplb_synced.attach_or_adopt("xb8", XdpMode::Driver)?;
+        let drain = Some(EventDrain::start(xdplb_synced.take_flow_events()?));
         let mut xdplb = Dataplane::load(params, DebugLog::Off)?;
         xdplb.attach_or_adopt("xb0", XdpMode::Driver)?;
         let mut baselines = crate::load_baselines()?;
@@ -313,7 +297,7 @@ impl Programs {
             program.load()?;
             program.attach(dev, XdpMode::Driver)?;
         }
-        Ok(Self { xdplb, xdplb_flooded, reconciler: Reconciler::new(RING, 4), baselines })
+        Ok(Self { xdplb, xdplb_flooded, xdplb_synced, drain, reconciler: Reconciler::new(RING, 4), baselines })
     }
 
     /// Programs the maps for `backends` backends under `scheduler`, reached
@@ -370,6 +354,7 @@ impl Programs {
         }
         self.xdplb.apply(&writes)?;
         self.xdplb_flooded.apply(&writes)?;
+        self.xdplb_synced.apply(&writes)?;
         if let Some(nat) = fixture.nat {
             // Every NAT fixture starts from empty tables (the agent's expiry
             // does not run here), then makes the translations it needs.
@@ -393,7 +378,8 @@ impl Programs {
                 self.baselines.program("bench_encap_gue").context("encap")?.try_into()?
             }
             "parse_encap_tx" => self.baselines.program("bench_encap_ipip").context("encap")?.try_into()?,
-            "xdplb" if fixture.flooded => self.xdplb_flooded.program()?,
+            "xdplb" if fixture.variant == Variant::Flooded => self.xdplb_flooded.program()?,
+            "xdplb" if fixture.variant == Variant::Synced => self.xdplb_synced.program()?,
             "xdplb" => self.xdplb.program()?,
             "xdp_drop" => self.baselines.program("bench_drop").context("drop")?.try_into()?,
             "swap_plus_vip_lookup" => self.baselines.program("bench_vip_lookup").context("vip")?.try_into()?,
@@ -428,6 +414,56 @@ impl Programs {
             })?;
         }
         Ok(())
+    }
+}
+
+impl Programs {
+    /// Flow events drained from the synced program's ring so far.
+    pub fn events_drained(&self) -> u64 {
+        self.drain.as_ref().map_or(0, |d| d.drained.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Programs {
+    fn drop(&mut self) {
+        if let Some(drain) = self.drain.take() {
+            drain.stop.store(true, Ordering::Relaxed);
+            let _ = drain.thread.join();
+        }
+    }
+}
+
+/// Reads the synced program's event ring as fast as the agent would, so
+/// that its records are written into free room (a full ring would make
+/// the measured path cheaper than the real one).
+struct EventDrain {
+    stop: Arc<AtomicBool>,
+    drained: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl EventDrain {
+    fn start(mut ring: aya::maps::RingBuf<aya::maps::MapData>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let drained = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, drained) = (stop.clone(), drained.clone());
+            std::thread::spawn(move || {
+                // Off the measuring CPU, as the agent would be.
+                let _ = lb_testkit::pin_to_cpu(if crate::BENCH_CPU == 0 { 1 } else { 0 });
+                while !stop.load(Ordering::Relaxed) {
+                    let mut n = 0;
+                    while ring.next().is_some() {
+                        n += 1;
+                    }
+                    drained.fetch_add(n, Ordering::Relaxed);
+                    if n == 0 {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        };
+        Self { stop, drained, thread }
     }
 }
 
@@ -489,6 +525,13 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool, chosen: &[String]) 
             }
         }
         eprintln!("per-packet cost: round {}/{rounds} done", round + 1);
+    }
+    if fixtures.iter().any(|f| f.variant == Variant::Synced) {
+        let drained = programs.events_drained();
+        eprintln!("sync fixtures: {drained} flow events drained from the synced program's ring");
+        if drained == 0 {
+            bail!("the program with sync on reported no pinned flow: its fixtures measured nothing of sync");
+        }
     }
     Ok(costs)
 }

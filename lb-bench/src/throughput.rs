@@ -158,6 +158,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
             udp_idle_timeout_ns: 30_000_000_000,
             syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
+            sync_flows: false,
             pin_dir: None,
         };
         let mut dataplane = Dataplane::load(params, DebugLog::Off)?;

@@ -232,6 +232,14 @@ pub const BUSY_MAINTENANCE_PERIOD_MS: u64 = 1000;
 /// After a route, neighbour or link change, paths are re-resolved this
 /// much later (a burst of changes costs one re-resolution).
 pub const NETLINK_SETTLE_MS: u64 = 100;
+/// Size of the ring buffer of new flows for connection-table sync (bytes,
+/// a power of two): 256 KiB holds about 4,000 flows (each record carries an
+/// 8-byte header), what a busy node pins in well under the agent's read
+/// interval.
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+/// The agent drains the ring this often (the program does not wake it).
+pub const FLOW_EVENTS_POLL_MS: u64 = 20;
+
 /// How often the agent checks its announce table against the VIPs it
 /// announces (changes are written at once; this repairs outside edits).
 pub const ANNOUNCE_RESYNC_S: u64 = 5;

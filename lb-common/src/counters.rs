@@ -72,9 +72,12 @@ pub enum GlobalCounter {
     /// ICMP errors about NAT flows (unreachable, too big, time exceeded)
     /// translated back to the client.
     NatIcmpErrors,
+    /// A new flow pinned while connection-table sync is on, but the event
+    /// ring to the agent was full: the peers do not learn this flow.
+    SyncEventLost,
 }
 
-pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::NatIcmpErrors as u32 + 1;
+pub const GLOBAL_COUNTER_COUNT: u32 = GlobalCounter::SyncEventLost as u32 + 1;
 const _: () = assert!(GLOBAL_COUNTER_COUNT <= crate::GLOBAL_COUNTER_SLOTS);
 
 impl GlobalCounter {
@@ -109,6 +112,7 @@ impl GlobalCounter {
         GlobalCounter::DropNatTableFull,
         GlobalCounter::NatReplyToKernel,
         GlobalCounter::NatIcmpErrors,
+        GlobalCounter::SyncEventLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -143,6 +147,7 @@ impl GlobalCounter {
             GlobalCounter::DropNatTableFull => "drop_nat_table_full",
             GlobalCounter::NatReplyToKernel => "nat_reply_to_kernel",
             GlobalCounter::NatIcmpErrors => "nat_icmp_errors",
+            GlobalCounter::SyncEventLost => "sync_event_lost",
         }
     }
 }

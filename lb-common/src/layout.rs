@@ -124,6 +124,16 @@ pub struct FlowState {
     pub last_seen_ns: u64,
 }
 
+/// A flow the data plane pinned to a backend (`FLOW_EVENTS`), for
+/// connection-table sync.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub flow: FlowKey,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
 /// Value of `SYN_RATE`: one CPU's SYNs in its current one-second window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

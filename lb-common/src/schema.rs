@@ -26,6 +26,8 @@ pub enum MapKind {
     Array,
     PerCpuArray,
     DevMapHash,
+    /// A BPF ring buffer: its capacity is in bytes.
+    RingBuf,
 }
 
 /// One map of the data plane, as the agent sees it.
@@ -122,6 +124,12 @@ macro_rules! for_each_map {
             /// New flows refused per NAT service (VIP id): no free source port.
             NAT_EXHAUSTED: PerCpuArray<u32, u64>,
                 Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// `FlowEvent`s: flows pinned to a backend, for the agent to send to
+            /// its peers (connection-table sync; written only while sync is on).
+            /// Its capacity is in bytes. Pinned, so that every program the
+            /// agent swaps in writes the ring it reads.
+            FLOW_EVENTS: RingBuf<(), ()>,
+                Fixed($crate::FLOW_EVENTS_BYTES), $crate::BPF_F_NO_FLAGS, pinned;
         }
     };
 }
@@ -167,4 +175,5 @@ pub mod names {
     pub const GLOBAL_RING_SIZE: &str = "RING_SIZE";
     pub const GLOBAL_UDP_IDLE_TIMEOUT_NS: &str = "UDP_IDLE_TIMEOUT_NS";
     pub const GLOBAL_SYN_FLOOD_THRESHOLD: &str = "SYN_FLOOD_THRESHOLD";
+    pub const GLOBAL_SYNC_FLOWS: &str = "SYNC_FLOWS";
 }

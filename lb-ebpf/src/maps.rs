@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{DEFAULT_RING_SIZE, DEFAULT_SYN_FLOOD_THRESHOLD, DEFAULT_UDP_IDLE_TIMEOUT_S, NS_PER_SEC};
 
@@ -41,6 +41,17 @@ pub fn syn_flood_threshold() -> u64 {
     unsafe { core::ptr::read_volatile(&SYN_FLOOD_THRESHOLD) }
 }
 
+/// Pinned flows are reported to the agent for connection-table sync (set
+/// at load when `[sync]` is configured).
+#[unsafe(no_mangle)]
+static SYNC_FLOWS: u32 = 0;
+
+#[inline(always)]
+pub fn sync_flows() -> bool {
+    // SAFETY: as in `ring_size`.
+    unsafe { core::ptr::read_volatile(&SYNC_FLOWS) != 0 }
+}
+
 /// The aya-ebpf type of a schema entry (arrays are keyed by `u32`).
 macro_rules! map_type {
     (HashMap, $key:ty, $value:ty) => { HashMap<$key, $value> };
@@ -48,6 +59,17 @@ macro_rules! map_type {
     (Array, $key:ty, $value:ty) => { Array<$value> };
     (PerCpuArray, $key:ty, $value:ty) => { PerCpuArray<$value> };
     (DevMapHash, $key:ty, $value:ty) => { DevMapHash };
+    (RingBuf, $key:ty, $value:ty) => { RingBuf };
+}
+
+/// A schema entry's constructor (a ring buffer's capacity is in bytes).
+macro_rules! new_map {
+    (RingBuf, $key:ty, $value:ty, $entries:expr, $flags:expr) => {
+        RingBuf::with_byte_size($entries, $flags)
+    };
+    ($kind:ident, $key:ty, $value:ty, $entries:expr, $flags:expr) => {
+        <map_type!($kind, $key, $value)>::with_max_entries($entries, $flags)
+    };
 }
 
 macro_rules! declare_maps {
@@ -56,8 +78,7 @@ macro_rules! declare_maps {
         $(
             $(#[$doc])*
             #[map]
-            pub static $name: map_type!($kind, $key, $value) =
-                <map_type!($kind, $key, $value)>::with_max_entries($entries, $flags);
+            pub static $name: map_type!($kind, $key, $value) = new_map!($kind, $key, $value, $entries, $flags);
         )*
     };
 }

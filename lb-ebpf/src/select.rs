@@ -23,8 +23,8 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowState, GlobalCounter, LAST_SEEN_REFRESH_NS,
-    PROTO_TCP, PROTO_UDP, VipInfo, scheduler,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState, GlobalCounter,
+    LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VipInfo, scheduler,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -32,7 +32,7 @@ use crate::{
     affinity,
     counters::count,
     half_open::{self, Recorded},
-    maps::{BACKENDS, CONNTRACK, udp_idle_timeout_ns},
+    maps::{BACKENDS, CONNTRACK, FLOW_EVENTS, sync_flows, udp_idle_timeout_ns},
     schedule,
 };
 
@@ -185,8 +185,40 @@ fn pin(packet: &Packet, backend_id: u32, now: u64, finished: bool) {
     let state = FlowState { backend_id, flags, last_seen_ns: now };
     if CONNTRACK.insert(&packet.flow, &state, 0).is_err() {
         count(GlobalCounter::ConntrackInsertFailed);
+        return;
     }
+    report_pinned(&packet.flow, backend_id, finished);
 }
+
+/// Connection-table sync: a pinned flow goes to the agent, which tells its
+/// peers, so that any node can carry the flow on. Only where flows are
+/// pinned, never on the established path. A subprogram: its branches and
+/// its record stay out of the callers' verification and stack.
+#[inline(never)]
+fn report_pinned(flow: &FlowKey, backend_id: u32, finished: bool) {
+    if finished || !sync_flows() {
+        return;
+    }
+    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+        count(GlobalCounter::SyncEventLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: the ring reserved room for one FlowEvent at `event`; every
+    // field is written before the record is submitted.
+    unsafe {
+        (*event).flow = *flow;
+        (*event).backend_id = backend_id;
+        (*event)._pad = 0;
+    }
+    // No wakeup: the agent polls the ring every FLOW_EVENTS_POLL_MS, and a
+    // wakeup (an irq_work per record while the reader keeps up) would cost
+    // more than the record itself.
+    entry.submit(BPF_RB_NO_WAKEUP);
+}
+
+/// `bpf_ringbuf_submit` flag (uapi bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
 
 #[inline(always)]
 fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {

@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod netlink;
 pub mod scheduling;
 pub mod state;
+pub mod sync;

@@ -50,6 +50,10 @@ enum Task {
         /// HTTP requests per address family.
         #[arg(long, default_value_t = 300)]
         requests: u32,
+        /// 2: two LB nodes behind a router (BGP, ECMP, BFD, sync), one of
+        /// them killed under traffic.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        nodes: u8,
     },
 }
 
@@ -82,16 +86,18 @@ fn main() -> Result<()> {
             require_root("the benchmarks")?;
             bench(&root, quick)
         }
-        Task::Demo { requests } => {
+        Task::Demo { requests, nodes } => {
             setup::run()?;
             require_root("the demo")?;
             build(&root, false)?;
             let prefix = format!("xd{}", std::process::id() % 100_000);
+            let script = if nodes == 2 { "tests/demo-nodes.sh" } else { "tests/demo.sh" };
             exec(
                 Command::new("bash")
                     .current_dir(&root)
                     .arg("tests/netns-harness.sh")
-                    .args(["run", &prefix, "bash", "tests/demo.sh"])
+                    .args(["run", &prefix, "bash", script])
+                    .env("HARNESS_NODES", if nodes == 2 { "1" } else { "0" })
                     .env("XDPLB", root.join("target/debug/xdplb"))
                     .env("DEMO_REQUESTS", requests.to_string()),
             )

@@ -15,6 +15,7 @@ mod maintenance;
 mod nat;
 mod probes;
 mod requests;
+mod sync;
 mod systemd;
 mod views;
 
@@ -112,6 +113,12 @@ pub struct Agent {
     announcer: Option<RouteAnnouncer>,
     /// The last announcement decision of every VIP.
     announcements: Vec<VipAnnouncement>,
+    /// Connection-table sync, when `[sync]` is configured.
+    sync: Option<crate::sync::Sync>,
+    /// Flows the data plane pinned (sync on).
+    flow_events_rx: mpsc::UnboundedReceiver<Vec<lb_common::FlowEvent>>,
+    /// The peers' flows (sync on).
+    synced_rx: mpsc::UnboundedReceiver<Vec<crate::sync::message::SyncedFlow>>,
 }
 
 impl Agent {
@@ -132,6 +139,11 @@ impl Agent {
             discovery.merge_into(&mut config);
             config.check().map_err(|e| anyhow::anyhow!("the registered backends: {e}"))?;
         }
+        // The key before anything is attached: a bad one must stop the start.
+        let sync_settings = match &config.sync {
+            Some(sync) => Some(crate::sync::SyncSettings::load(sync.get_ref())?),
+            None => None,
+        };
         let agent_config = &config.agent;
         let pin_dir = pins::layout_dir(&agent_config.pin_root());
         let params = DataplaneParams {
@@ -141,9 +153,19 @@ impl Agent {
             nat_table_size: *agent_config.nat_table_size.get_ref(),
             udp_idle_timeout_ns: agent_config.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
             syn_flood_threshold: agent_config.syn_flood_threshold,
+            sync_flows: config.sync.is_some(),
             pin_dir: Some(pin_dir.clone()),
         };
-        let dataplane = Dataplane::load(params.clone(), DebugLog::Off)?;
+        let mut dataplane = Dataplane::load(params.clone(), DebugLog::Off)?;
+        let (flow_events_tx, flow_events_rx) = mpsc::unbounded_channel();
+        let (synced_tx, synced_rx) = mpsc::unbounded_channel();
+        let sync = match sync_settings {
+            Some(settings) => {
+                crate::sync::read_flow_events(dataplane.take_flow_events()?, flow_events_tx);
+                Some(crate::sync::Sync::start(settings, synced_tx).await?)
+            }
+            None => None,
+        };
         let adopting = dataplane.has_pinned_link();
         let reconciler = if adopting {
             let maps = dataplane.read_state().context("reading the pinned maps")?;
@@ -205,6 +227,9 @@ impl Agent {
             node,
             announcer,
             announcements: Vec::new(),
+            sync,
+            flow_events_rx,
+            synced_rx,
         };
         agent.runtime.sync_with(&agent.config);
         agent.runtime.local_ports = local_port_range();
@@ -278,6 +303,8 @@ impl Agent {
                 }
                 _ = maintenance => self.maintain().await,
                 Some(scan) = self.scan_rx.recv() => self.on_table_scan(scan),
+                Some(events) = self.flow_events_rx.recv() => self.on_flow_events(events),
+                Some(flows) = self.synced_rx.recv() => self.on_synced_flows(flows),
                 Some(()) = self.netlink_changes.recv() => {
                     // Coalesce a burst of changes into one re-resolution.
                     self.resolve_at.get_or_insert_with(|| tokio::time::Instant::now() + NETLINK_SETTLE);

@@ -20,6 +20,9 @@ impl Agent {
         if self.config.discovery != config.discovery {
             log::warn!("reload: [discovery] changes take effect only after a restart; applying [[service]] changes");
         }
+        if self.config.sync != config.sync {
+            log::warn!("reload: [sync] changes take effect only after a restart; applying [[service]] changes");
+        }
         let mut next = self.config.clone();
         next.services = config.services;
         self.with_discovered(&mut next);

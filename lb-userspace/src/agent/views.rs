@@ -104,6 +104,7 @@ impl Agent {
                 vips: self.announcements.clone(),
                 error: announcer.last_error(),
             }),
+            sync: self.sync_status(),
         })
     }
 

@@ -4,6 +4,7 @@
 mod address;
 mod discovery;
 mod error;
+mod sync;
 mod validate;
 
 use self::error::line_column;
@@ -11,6 +12,7 @@ pub use self::{
     address::{BackendAddress, PortRange},
     discovery::{DEFAULT_DISCOVERY_PREFIX, DiscoveryConfig, check_endpoints, check_prefix},
     error::ConfigError,
+    sync::SyncConfig,
     validate::is_prime,
 };
 
@@ -37,6 +39,9 @@ pub struct Config {
     /// Where services with `discover = true` find their backends (etcd).
     #[serde(default)]
     pub discovery: Option<Spanned<DiscoveryConfig>>,
+    /// Connection-table sync with the other LB nodes.
+    #[serde(default)]
+    pub sync: Option<Spanned<SyncConfig>>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -668,6 +673,31 @@ address = "2001:db8:0:2::11"
         let err = error_of(&GOOD.replacen("forwarding = \"dsr\"", "announce_min_healthy = 70000", 1));
         assert!(err.starts_with("lb.toml:9:24: "), "{err}");
         assert!(err.contains("announce_min_healthy 70000 is out of range 0..=65535"), "{err}");
+    }
+
+    #[test]
+    fn sync_settings_are_checked_where_they_are() {
+        let with = |sync: &str| GOOD.replacen("[[service]]", &format!("{sync}\n[[service]]"), 1);
+        let good =
+            "[sync]\nlisten = \"198.18.2.3:7600\"\npeers = [\"198.18.2.4:7600\"]\nkey_file = \"/etc/xdplb/sync.key\"\n";
+        let config = parse(&with(good)).unwrap();
+        let sync = config.sync.unwrap();
+        assert_eq!(sync.get_ref().peers.get_ref(), &["198.18.2.4:7600".parse::<SocketAddr>().unwrap()]);
+        for (bad, message) in [
+            ("peers = []", "[sync] peers lists no peer"),
+            ("peers = [\"[2001:db8:2::4]:7600\"]", "is not of listen's address family"),
+            ("peers = [\"198.18.2.3:7600\"]", "is this node's own listen address"),
+            ("peers = [\"198.18.2.4:7600\", \"198.18.2.4:7600\"]", "is listed twice"),
+            ("peers = [\"198.18.2.4:0\"]", "is not a unicast address and port"),
+        ] {
+            let err = error_of(&with(&good.replace("peers = [\"198.18.2.4:7600\"]", bad)));
+            assert!(err.contains(message), "{bad}: {err}");
+            assert!(err.starts_with("lb.toml:7:"), "{bad}: {err}");
+        }
+        let err = error_of(&with(&good.replace("198.18.2.3:7600", "0.0.0.0:7600")));
+        assert!(err.contains("give the node's own address and a port"), "{err}");
+        let err = error_of(&with(&good.replace("key_file = \"/etc/xdplb/sync.key\"\n", "")));
+        assert!(err.contains("missing field `key_file`"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,9 @@ impl Config {
                 format!("nat_table_size {nat_table_size} is out of range 1024..={}", 1 << 24),
             ));
         }
+        if let Some(sync) = &self.sync {
+            sync.get_ref().validate()?;
+        }
         if let Some(discovery) = &self.discovery {
             discovery.get_ref().validate()?;
         }

@@ -103,6 +103,9 @@ pub struct Status {
     /// Route health injection, when `[agent] announce_table` is set.
     #[serde(default)]
     pub announce: Option<AnnounceStatus>,
+    /// Connection-table sync, when `[sync]` is configured.
+    #[serde(default)]
+    pub sync: Option<crate::sync::SyncStatus>,
 }
 
 /// The node's VIP announcements as `status` shows them.
@@ -271,6 +274,7 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
         discovery: None,
         pin_dir: None,
         announce: None,
+        sync: None,
         services: vec![ServiceStatus {
             name: "web".into(),
             vip: "198.18.0.100:80".parse().unwrap(),

@@ -66,6 +66,24 @@ pub fn status_table(status: &Status) -> String {
             out += &format!("  skipped {skipped}\n");
         }
     }
+    if let Some(s) = &status.sync {
+        out += &format!(
+            "sync {} ↔ {}: sent {} flow(s), received {} (adopted {}, unknown here {}); dropped: {} malformed, \
+             {} unauthenticated, {} replayed, {} not from a peer; {} send error(s), {} event(s) lost\n",
+            s.listen,
+            s.peers.join(", "),
+            s.sent_flows,
+            s.received_flows,
+            s.adopted_flows,
+            s.unknown_flows,
+            s.rejected_malformed,
+            s.rejected_unauthenticated,
+            s.rejected_replayed,
+            s.rejected_unknown_peer,
+            s.send_errors,
+            s.events_lost
+        );
+    }
     if let Some(a) = &status.announce {
         out += &format!("node {}, announcing in table {}\n", a.node.name().to_uppercase(), a.table);
         if let Some(error) = &a.error {

@@ -60,6 +60,8 @@ pub struct DataplaneParams {
     pub udp_idle_timeout_ns: u64,
     /// New SYNs per second per CPU above which the CPU counts as flooded (0: never).
     pub syn_flood_threshold: u64,
+    /// Report pinned flows in `FLOW_EVENTS` (connection-table sync).
+    pub sync_flows: bool,
     /// Where maps and link are pinned (`PIN_DIR/layout-N`); `None` keeps
     /// everything private to this process (tests, benchmarks).
     pub pin_dir: Option<PathBuf>,
@@ -367,11 +369,13 @@ impl Dataplane {
 
 fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
     let log_level = debug_log.level();
+    let sync_flows = u32::from(params.sync_flows);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::GLOBAL_RING_SIZE, &params.ring_size, true)
         .override_global(names::GLOBAL_UDP_IDLE_TIMEOUT_NS, &params.udp_idle_timeout_ns, true)
         .override_global(names::GLOBAL_SYN_FLOOD_THRESHOLD, &params.syn_flood_threshold, true)
+        .override_global(names::GLOBAL_SYNC_FLOWS, &sync_flows, true)
         .override_global(names::GLOBAL_LOG_LEVEL, &log_level, true);
     for spec in MAP_SPECS.iter().filter(|spec| spec.capacity != Capacity::Fixed) {
         loader.map_max_entries(spec.name, params.entries(spec.capacity, spec.default_entries)?);

@@ -17,6 +17,15 @@ pub type NatTables = (Vec<(FlowKey, NatFlow)>, Vec<(FlowKey, NatReply)>);
 
 impl Dataplane {
     /// Global counters summed over CPUs, in `GlobalCounter::ALL` order.
+    /// The ring of pinned flows (connection-table sync), for one reader.
+    pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(map_names::FLOW_EVENTS)
+            .ok_or_else(|| anyhow::anyhow!("map {} missing from object", map_names::FLOW_EVENTS))?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
+    }
+
     pub fn global_counters(&self) -> Result<Vec<(GlobalCounter, u64)>> {
         let map: PerCpuArray<&MapData, u64> = self.map(map_names::GLOBAL_COUNTERS)?;
         let mut out = Vec::with_capacity(GLOBAL_COUNTER_COUNT as usize);

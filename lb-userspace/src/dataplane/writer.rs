@@ -8,9 +8,12 @@ use std::fmt;
 
 use anyhow::Result;
 use aya::maps::{Array, DevMapHash, HashMap, MapData};
-use lb_common::{Backend, FlowKey, NatFlow, NatPool, NatReply, VipAddressKey, VipInfo, VipKey, map_names};
+use lb_common::{Backend, FlowKey, FlowState, NatFlow, NatPool, NatReply, VipAddressKey, VipInfo, VipKey, map_names};
 
 use super::{Dataplane, planner::MapWrite};
+
+/// Insert only a key that does not exist (uapi bpf.h).
+const BPF_NOEXIST: u64 = 1;
 
 /// Where writes go: the kernel's maps (`Dataplane`), or a test double.
 pub trait WriteTarget {
@@ -148,6 +151,14 @@ impl Dataplane {
                 let mut map: HashMap<&mut MapData, FlowKey, NatReply> = self.map_mut(map_names::NAT_REPLIES)?;
                 ignore_missing(map.remove(key))?;
             }
+            MapWrite::AdoptFlow { key, state } => {
+                let mut map: HashMap<&mut MapData, FlowKey, FlowState> = self.map_mut(map_names::CONNTRACK)?;
+                match map.insert(key, state, BPF_NOEXIST) {
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(nix::errno::Errno::EEXIST as i32) => {}
+                    other => other?,
+                }
+            }
             MapWrite::SetRingSlots { .. } => unreachable!("written slot by slot in `write`"),
             MapWrite::SetVip { key, info } => {
                 let mut map: HashMap<&mut MapData, VipKey, VipInfo> = self.map_mut(map_names::VIPS)?;
@@ -210,6 +221,9 @@ pub fn describe(write: &MapWrite) -> String {
         MapWrite::SetNatServices { count } => format!("{} set count {count}", map_names::NAT_SERVICES),
         MapWrite::RemoveNatFlow { key } => format!("{} remove {}", map_names::NAT_FLOWS, flow(key)),
         MapWrite::RemoveNatReply { key } => format!("{} remove {}", map_names::NAT_REPLIES, flow(key)),
+        MapWrite::AdoptFlow { key, state } => {
+            format!("{} insert {} (a peer's, backend id {})", map_names::CONNTRACK, flow(key), state.backend_id)
+        }
     }
 }
 
@@ -294,7 +308,8 @@ mod tests {
                 MapWrite::SetNatPool { .. }
                 | MapWrite::SetNatServices { .. }
                 | MapWrite::RemoveNatFlow { .. }
-                | MapWrite::RemoveNatReply { .. } => {}
+                | MapWrite::RemoveNatReply { .. }
+                | MapWrite::AdoptFlow { .. } => {}
             }
             Ok(())
         }

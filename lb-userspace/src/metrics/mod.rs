@@ -164,6 +164,7 @@ impl prometheus_client::collector::Collector for ReadingCollector {
             encode_services(&mut encoder, status)?;
             encode_backends(&mut encoder, status)?;
             encode_announcements(&mut encoder, status)?;
+            encode_sync(&mut encoder, status)?;
         }
         encode_globals(&mut encoder, &reading.globals)?;
         single(&mut encoder, "ring_rebuilds", "Maglev ring rewrites applied", reading.ring_rebuilds)
@@ -261,6 +262,30 @@ fn encode_services(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Res
         MetricType::Counter,
         nat,
     )
+}
+
+/// Connection-table sync: flows sent, received and adopted; messages dropped.
+fn encode_sync(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Result {
+    let Some(sync) = &status.sync else {
+        return Ok(());
+    };
+    for (name, help, value) in [
+        ("sync_sent_flows", "Flows sent to the peers (once per flow)", sync.sent_flows),
+        ("sync_send_errors", "Sync messages the socket could not send", sync.send_errors),
+        ("sync_received_flows", "Flows in the peers' authenticated messages", sync.received_flows),
+        ("sync_adopted_flows", "Peers' flows written to the connection table", sync.adopted_flows),
+        ("sync_unknown_flows", "Peers' flows whose VIP or backend this node does not have", sync.unknown_flows),
+    ] {
+        single(encoder, name, help, value)?;
+    }
+    let rejected = [
+        ("malformed", sync.rejected_malformed),
+        ("unauthenticated", sync.rejected_unauthenticated),
+        ("replayed", sync.rejected_replayed),
+        ("unknown_peer", sync.rejected_unknown_peer),
+    ]
+    .map(|(reason, value)| (ReasonLabels { reason }, value as i64));
+    family(encoder, "sync_rejected", "Sync messages dropped, by reason", MetricType::Counter, rejected)
 }
 
 /// Route health injection: per VIP, announced or not and why.
@@ -442,6 +467,11 @@ fn encode_globals(encoder: &mut DescriptorEncoder, globals: &[(GlobalCounter, u6
             GlobalCounter::HalfOpenPromoted,
         ),
         ("affinity_hits", "New flows that followed their client's affinity", GlobalCounter::AffinityHit),
+        (
+            "sync_events_lost",
+            "Pinned flows the data plane could not report for sync (its event ring was full)",
+            GlobalCounter::SyncEventLost,
+        ),
     ] {
         single(encoder, name, help, value(c) as u64)?;
     }
@@ -497,6 +527,7 @@ mod tests {
             cause,
             reason: String::new(),
         };
+        status.sync = Some(crate::sync::SyncStatus { adopted_flows: 3, rejected_replayed: 2, ..Default::default() });
         status.announce = Some(crate::control::AnnounceStatus {
             table: 100,
             node: NodeState::Active,
@@ -510,6 +541,9 @@ mod tests {
             "xdplb_vip_announced{vip=\"2001:db8::100\"} 0",
             "xdplb_vip_announce_reason{vip=\"2001:db8::100\",reason=\"too_few_healthy\"} 1",
             "xdplb_vip_announce_reason{vip=\"2001:db8::100\",reason=\"healthy\"} 0",
+            "xdplb_sync_adopted_flows_total 3",
+            "xdplb_sync_rejected_total{reason=\"replayed\"} 2",
+            "xdplb_sync_rejected_total{reason=\"unauthenticated\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -112,6 +112,12 @@ pub enum MapWrite {
     RemoveNatReply {
         key: lb_common::FlowKey,
     },
+    /// A flow a peer pinned (connection-table sync), unless this node has
+    /// an entry for it already: its own view wins.
+    AdoptFlow {
+        key: lb_common::FlowKey,
+        state: lb_common::FlowState,
+    },
 }
 
 #[derive(Debug)]
@@ -250,6 +256,14 @@ impl Reconciler {
         self.services.get(service)?.backends.get(&address).copied()
     }
 
+    /// Backend slot id → (service, address), for every backend in a service.
+    pub fn backends_by_id(&self) -> std::collections::HashMap<u32, (&str, BackendAddress)> {
+        self.services
+            .iter()
+            .flat_map(|(name, s)| s.backends.iter().map(move |(address, id)| (*id, (name.as_str(), *address))))
+            .collect()
+    }
+
     pub fn vip_id(&self, service: &str) -> Option<u32> {
         self.services.get(service).map(|s| s.vip_id)
     }
@@ -382,6 +396,8 @@ impl Reconciler {
             MapWrite::SetNatServices { .. } => self.nat_services = None,
             // Recomputed from every NAT scan.
             MapWrite::RemoveNatFlow { .. } | MapWrite::RemoveNatReply { .. } => {}
+            // A peer's flow is not retried: it comes again if the peer re-sends.
+            MapWrite::AdoptFlow { .. } => {}
         }
     }
 }
