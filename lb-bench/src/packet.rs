@@ -108,6 +108,13 @@ pub fn fixtures() -> Vec<Fixture> {
                 lb_common::DEFAULT_CONNTRACK_SIZE,
                 Variant::Flooded,
             ),
+            // The same with connection-table sync on: a SYN reports nothing.
+            dsr(
+                "tcp_syn_new_flow_synced",
+                |i| frames::tcp4_from(i, frames::SYN),
+                lb_common::DEFAULT_CONNTRACK_SIZE,
+                Variant::Synced,
+            ),
             // A new flow whose first packet is not a SYN (the handshake's ACK
             // after a flooded SYN, a flow moved from another node): it is
             // scheduled and pinned; with sync on, also reported.

@@ -54,6 +54,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 64);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowState>(), 16);
+        assert_eq!(size_of::<FlowEvent>(), 48);
         assert_eq!(size_of::<SynRate>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
         assert_eq!(size_of::<DevmapValue>(), 8);
@@ -67,7 +68,13 @@ mod tests {
     fn map_schema_names_are_unique_and_sized() {
         for (i, a) in MAP_SPECS.iter().enumerate() {
             assert!(MAP_SPECS[i + 1..].iter().all(|b| b.name != a.name), "{} twice", a.name);
-            assert!(a.key_size > 0 && a.value_size > 0 && a.default_entries > 0, "{a:?}");
+            if a.kind == MapKind::RingBuf {
+                // A ring buffer has no keys or values; its size is in bytes,
+                // a power-of-two multiple of the page size.
+                assert!(a.default_entries.is_power_of_two() && a.default_entries % 4096 == 0, "{a:?}");
+            } else {
+                assert!(a.key_size > 0 && a.value_size > 0 && a.default_entries > 0, "{a:?}");
+            }
         }
         assert_eq!(map_spec(map_names::CONNTRACK).unwrap().capacity, Capacity::Conntrack);
         assert_eq!(map_spec(map_names::HALF_OPEN).unwrap().capacity, Capacity::HalfOpen);
