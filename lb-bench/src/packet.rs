@@ -93,43 +93,24 @@ pub fn fixtures() -> Vec<Fixture> {
             nat: None,
             variant,
         };
+        // A new five-tuple per packet, the table warmed to its default size:
+        // SYNs (recorded half-open; flooded: nothing recorded; with sync on:
+        // nothing reported), and new flows whose first packet is not a SYN
+        // (the handshake's ACK after a flooded SYN, a flow moved from another
+        // node), which are pinned and, with sync on, reported.
+        let syn: fn(u32) -> Vec<u8> = |i| frames::tcp4_from(i, frames::SYN);
+        let ack: fn(u32) -> Vec<u8> = |i| frames::tcp4_from(i, frames::ACK);
+        for (name, frame, variant) in [
+            ("tcp_syn_new_flow", syn, Variant::Default),
+            ("tcp_syn_new_flow_flooded", syn, Variant::Flooded),
+            ("tcp_syn_new_flow_synced", syn, Variant::Synced),
+            ("tcp_ack_new_flow", ack, Variant::Default),
+            ("tcp_ack_new_flow_synced", ack, Variant::Synced),
+        ] {
+            list.push(dsr(name, frame, lb_common::DEFAULT_CONNTRACK_SIZE, variant));
+        }
         list.extend([
             dsr("tcp_syn", |_| frames::tcp4(40000, frames::SYN), 1, Variant::Default),
-            dsr(
-                "tcp_syn_new_flow",
-                |i| frames::tcp4_from(i, frames::SYN),
-                lb_common::DEFAULT_CONNTRACK_SIZE,
-                Variant::Default,
-            ),
-            // The same, while the CPU counts as SYN-flooded: nothing recorded.
-            dsr(
-                "tcp_syn_new_flow_flooded",
-                |i| frames::tcp4_from(i, frames::SYN),
-                lb_common::DEFAULT_CONNTRACK_SIZE,
-                Variant::Flooded,
-            ),
-            // The same with connection-table sync on: a SYN reports nothing.
-            dsr(
-                "tcp_syn_new_flow_synced",
-                |i| frames::tcp4_from(i, frames::SYN),
-                lb_common::DEFAULT_CONNTRACK_SIZE,
-                Variant::Synced,
-            ),
-            // A new flow whose first packet is not a SYN (the handshake's ACK
-            // after a flooded SYN, a flow moved from another node): it is
-            // scheduled and pinned; with sync on, also reported.
-            dsr(
-                "tcp_ack_new_flow",
-                |i| frames::tcp4_from(i, frames::ACK),
-                lb_common::DEFAULT_CONNTRACK_SIZE,
-                Variant::Default,
-            ),
-            dsr(
-                "tcp_ack_new_flow_synced",
-                |i| frames::tcp4_from(i, frames::ACK),
-                lb_common::DEFAULT_CONNTRACK_SIZE,
-                Variant::Synced,
-            ),
             dsr("tcp_ack_established", |_| frames::tcp4(40001, frames::ACK), 1, Variant::Default),
             // The throughput generator's working set: 60000 established flows in turn.
             dsr("tcp_ack_60k_flows", |i| frames::tcp4_from(i % 60_000, frames::ACK), 60_000, Variant::Default),

@@ -187,7 +187,10 @@ fn pin(packet: &Packet, backend_id: u32, now: u64, finished: bool) {
         count(GlobalCounter::ConntrackInsertFailed);
         return;
     }
-    report_pinned(&packet.flow, backend_id, finished);
+    // A load-time constant: with sync off the verifier removes the call.
+    if sync_flows() && !finished {
+        report_pinned(&packet.flow, backend_id);
+    }
 }
 
 /// Connection-table sync: a pinned flow goes to the agent, which tells its
@@ -195,10 +198,7 @@ fn pin(packet: &Packet, backend_id: u32, now: u64, finished: bool) {
 /// pinned, never on the established path. A subprogram: its branches and
 /// its record stay out of the callers' verification and stack.
 #[inline(never)]
-fn report_pinned(flow: &FlowKey, backend_id: u32, finished: bool) {
-    if finished || !sync_flows() {
-        return;
-    }
+fn report_pinned(flow: &FlowKey, backend_id: u32) {
     let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
         count(GlobalCounter::SyncEventLost);
         return;
