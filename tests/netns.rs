@@ -816,6 +816,48 @@ fn variant_packets(topology: &Topology) -> u64 {
     counters.get(&lb_common::UPGRADE_VARIANT_COUNTER_SLOT, 0).unwrap().iter().sum()
 }
 
+/// An upgrade from an older release: `XDPLB_UPGRADE_FROM` names its
+/// binary (e.g. built from the previous tag). Ignored by default, since a
+/// fresh checkout has no older binary: run it with
+/// `XDPLB_UPGRADE_FROM=/path/to/old/xdplb cargo test ... -- --ignored upgrade_from`.
+#[test]
+#[ignore = "needs an older xdplb binary in XDPLB_UPGRADE_FROM"]
+fn upgrade_from_an_older_release_keeps_flows_and_moves_the_state_it_reshaped() {
+    let old = std::env::var("XDPLB_UPGRADE_FROM").expect("XDPLB_UPGRADE_FROM: an older xdplb binary");
+    let topology = topology();
+    let config = config([1, 1, 1]);
+    // The wrapper replaces the binary the harness runs with the old one.
+    let wrapper = ["sh", "-c", "shift; exec \"$XDPLB_OLD\" \"$@\"", "sh"];
+    let old_agent = Agent::spawn_wrapped(&topology, &config, &[("XDPLB_OLD", Path::new(&old))], &wrapper);
+    old_agent.wait_for_log("attached to", 1);
+    old_agent.wait_for_log("all backends resolved", 1);
+    let mut long_lived = LongLived::open_homed(&topology, VIP4, 6);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = steady_stream(&topology, VIP4, stop.clone());
+    thread::sleep(Duration::from_millis(500));
+    let before = old_agent.status().services[0].packets;
+    old_agent.stop();
+
+    let agent = Agent::start(&topology, &config);
+    assert!(agent.log_text().contains("adopting the pinned state"), "{}", agent.log_text());
+    for (c, home) in &mut long_lived {
+        assert_eq!(c.get(), *home, "a long-lived connection moved in the upgrade");
+    }
+    let layout = topology.pin_root().join(format!("layout-{}", lb_common::LAYOUT_VERSION));
+    assert!(!layout.join("RINGS").exists(), "the retired ring map is still pinned");
+    assert_eq!(pinned_entries(&topology, "BACKENDS"), lb_common::MAX_BACKENDS);
+    thread::sleep(Duration::from_millis(500));
+    assert!(agent.status().services[0].packets > before, "the counters restarted");
+    let counts = spread(&topology, VIP4, 60);
+    assert_eq!(counts.len(), 3, "new connections after the upgrade: {counts:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = stream.join().unwrap();
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    eprintln!("measured: upgrade from {old}: {} requests, {failed} failed; log:\n{}", results.len(), agent.log_text());
+    assert_eq!(failed, 0, "requests failed across the upgrade");
+    agent.stop();
+}
+
 #[test]
 fn sigkill_restart_and_in_place_upgrade_lose_no_request_flow_or_counter() {
     let topology = topology();
@@ -1356,6 +1398,76 @@ fn scheduler_persistence_keeps_a_client_on_one_backend_until_the_timeout() {
     assert!(homes.windows(2).all(|w| w[0] != w[1]), "affinity outlived its timeout: {homes:?}");
     let status = agent.status();
     assert_eq!(status.services[0].persistence_timeout_s, 1);
+    agent.stop();
+}
+
+/// `max_entries` of the pinned map `name` of the test's agent.
+fn pinned_entries(topology: &Topology, name: &str) -> u32 {
+    let path = topology.pin_root().join(format!("layout-{}/{name}", lb_common::LAYOUT_VERSION));
+    aya::maps::MapInfo::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).max_entries()
+}
+
+#[test]
+fn the_affinity_and_nat_tables_cost_nothing_until_a_service_needs_them_then_grow_without_breaking_a_flow() {
+    let topology = topology();
+    let config = scheduler_config("round_robin", "", &[(0, 1), (1, 1), (2, 1)]);
+    let agent = Agent::start(&topology, &config);
+    for name in ["AFFINITY", "NAT_FLOWS", "NAT_REPLIES"] {
+        assert_eq!(pinned_entries(&topology, name), lb_common::UNUSED_TABLE_ENTRIES, "{name} before use");
+    }
+    let mut conn = LongLived::open(&topology, VIP4);
+    let home = conn.get();
+
+    // Persistence: the affinity table grows (a program swap) and works.
+    agent.reload(&scheduler_config("round_robin", "persistence_timeout_s = 30\n", &[(0, 1), (1, 1), (2, 1)]));
+    agent.wait_for_log("program swapped in", 1);
+    assert_eq!(pinned_entries(&topology, "AFFINITY"), lb_common::DEFAULT_CONNTRACK_SIZE);
+    assert_eq!(pinned_entries(&topology, "NAT_FLOWS"), lb_common::UNUSED_TABLE_ENTRIES);
+    assert_eq!(conn.try_get().as_deref(), Ok(home.as_str()), "the flow broke or moved when the table grew");
+    let counts = counts_of(&names_in_order(&topology, 10, true));
+    assert_eq!(counts.len(), 1, "round robin with persistence moved the client: {counts:?}");
+
+    // A NAT service (port 81 → the backends' own servers on 8080).
+    for name in NAMES {
+        let server = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/backend_server.py");
+        let start = format!(
+            "ip netns exec {} setsid python3 {server} --name {name} --port 8080 </dev/null >/dev/null 2>&1 &",
+            topology.ns(name)
+        );
+        assert!(Command::new("sh").arg("-c").arg(start).status().unwrap().success());
+    }
+    nat_ready(&topology);
+    let nat = nat_service("natweb", &format!("{VIP_ADDRESS4}:81"), "tcp", &NAT_BACKENDS4[..2], "");
+    let with_nat = scheduler_config("round_robin", "persistence_timeout_s = 30\n", &[(0, 1), (1, 1), (2, 1)]) + &nat;
+    agent.reload(&with_nat);
+    agent.wait_for_log("program swapped in", 2);
+    for name in ["NAT_FLOWS", "NAT_REPLIES"] {
+        assert_eq!(pinned_entries(&topology, name), lb_common::DEFAULT_NAT_TABLE_SIZE, "{name} in use");
+    }
+    assert_eq!(conn.try_get().as_deref(), Ok(home.as_str()), "the flow broke or moved when the NAT tables grew");
+    let vip: SocketAddr = format!("{VIP_ADDRESS4}:81").parse().unwrap();
+    let answers: BTreeSet<String> = in_netns(&topology.ns("client"), move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut answers = BTreeSet::new();
+        while answers.len() < 2 {
+            assert!(Instant::now() < deadline, "the NAT service did not answer from both backends: {answers:?}");
+            match get_new_connection_within(vip, Duration::from_millis(500)) {
+                Ok(name) => {
+                    answers.insert(name);
+                }
+                Err(_) => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        answers
+    });
+    assert_eq!(answers, BTreeSet::from(["b1".to_string(), "b2".to_string()]));
+
+    // Back to DSR only: the tables stay (they may hold the removed
+    // services' flows) and nothing is swapped.
+    agent.reload(&config);
+    assert_eq!(pinned_entries(&topology, "AFFINITY"), lb_common::DEFAULT_CONNTRACK_SIZE);
+    assert_eq!(agent.log_text().matches("program swapped in").count(), 2);
+    assert_eq!(conn.try_get().as_deref(), Ok(home.as_str()));
     agent.stop();
 }
 

@@ -17,7 +17,7 @@ use lb_testkit::frames::{
 use xdplb::{
     config::{BackendAddress, Forwarding, PortRange, Protocol, Scheduler},
     dataplane::planner::{Reconciler, address_words},
-    dataplane::{Dataplane, DataplaneParams, DebugLog},
+    dataplane::{Dataplane, DataplaneParams, DebugLog, TablesInUse},
     netlink::L2Path,
     state::{DesiredBackend, DesiredNat, DesiredService},
 };
@@ -87,6 +87,7 @@ impl World {
             syn_flood_threshold,
             sync_flows: false,
             pin_dir: None,
+            tables: TablesInUse::ALL,
         };
         World {
             dataplane: Dataplane::load(params, DebugLog::Off).expect("load XDP program"),

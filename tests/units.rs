@@ -147,6 +147,7 @@ fn what_the_package_installs_runs_and_its_scripts_neither_start_nor_break_a_runn
     let config = root.0.join("etc/xdplb/xdplb.toml");
     let checked = run(Command::new(&binary).arg("check").arg("--config").arg(&config));
     assert!(checked.contains(": ok"), "the shipped config does not check: {checked}");
+    assert!(checked.contains("map memory: ") && checked.contains("CONNTRACK"), "{checked}");
 
     let units = root.0.join("usr/lib/systemd/system");
     for unit in ["xdplb.service", "xdplb-decap@.service", "xdplb-register@.service"] {

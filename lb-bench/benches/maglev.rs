@@ -1,4 +1,4 @@
-//! Maglev table build at the default size, 10/100/1000 backends.
+//! Maglev table build at the default size, 10/100/1000/10,000 backends.
 use std::net::Ipv4Addr;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -6,7 +6,7 @@ use xdplb::scheduling::maglev::{MaglevBackend, build_table, stable_hash};
 
 fn maglev_build(c: &mut Criterion) {
     let mut group = c.benchmark_group("maglev_build");
-    for n in [10u32, 100, 1000] {
+    for n in [10u32, 100, 1000, 10_000] {
         let backends: Vec<MaglevBackend> = (0..n)
             .map(|i| MaglevBackend {
                 id: i + 1,

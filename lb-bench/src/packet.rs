@@ -205,65 +205,56 @@ pub struct Programs {
     baselines: Ebpf,
 }
 
-pub const PROGRAMS: [&str; 6] =
-    ["xdplb", "xdp_drop", "parse_macswap_tx", "swap_plus_vip_lookup", "swap_plus_flow_lookup", "parse_encap_tx"];
+pub const PROGRAMS: [&str; 7] = [
+    "xdplb",
+    "xdp_drop",
+    "parse_macswap_tx",
+    "swap_plus_vip_lookup",
+    "swap_plus_flow_lookup",
+    "parse_encap_tx",
+    "floor",
+];
 
 /// Whether `program` is measured on `fixture`: the encapsulation baseline
-/// only on the tunnel fixtures, which it matches.
+/// only on the tunnel fixtures, the floor on DSR and tunnel ones (NAT has
+/// none yet), which they match.
 fn applies(program: &str, fixture: &Fixture) -> bool {
-    program != "parse_encap_tx" || fixture.forwarding.is_tunnel()
+    match program {
+        "parse_encap_tx" => fixture.forwarding.is_tunnel(),
+        "floor" => fixture.forwarding != Forwarding::Nat,
+        _ => true,
+    }
 }
+
+/// Idle veths the programs are attached to (`xb0`..).
+const VETHS: usize = 12;
 
 impl Programs {
     /// Must run on a thread that has its own network namespace.
     pub fn new() -> Result<Self> {
-        for args in [
-            &["link", "set", "lo", "up"][..],
-            &["link", "add", "xb0", "type", "veth", "peer", "name", "xb0p"],
-            &["link", "add", "xb1", "type", "veth", "peer", "name", "xb1p"],
-            &["link", "add", "xb2", "type", "veth", "peer", "name", "xb2p"],
-            &["link", "add", "xb3", "type", "veth", "peer", "name", "xb3p"],
-            &["link", "add", "xb4", "type", "veth", "peer", "name", "xb4p"],
-            &["link", "add", "xb5", "type", "veth", "peer", "name", "xb5p"],
-            &["link", "add", "xb6", "type", "veth", "peer", "name", "xb6p"],
-            &["link", "add", "xb7", "type", "veth", "peer", "name", "xb7p"],
-            &["link", "add", "xb8", "type", "veth", "peer", "name", "xb8p"],
-        ] {
+        // One idle veth per program: xb0..xb11, each with its peer xbNp.
+        let ip = |args: &[&str]| -> Result<()> {
             let status = Command::new("ip").args(args).status().context("ip")?;
             if !status.success() {
                 bail!("ip {args:?} failed");
             }
-        }
-        for dev in [
-            "xb0", "xb0p", "xb1", "xb1p", "xb2", "xb2p", "xb3", "xb3p", "xb4", "xb4p", "xb5", "xb5p", "xb6", "xb6p",
-            "xb7", "xb7p", "xb8", "xb8p",
-        ] {
-            Command::new("ip").args(["link", "set", dev, "up"]).status()?;
+            Ok(())
+        };
+        ip(&["link", "set", "lo", "up"])?;
+        for n in 0..VETHS {
+            let (dev, peer) = (format!("xb{n}"), format!("xb{n}p"));
+            ip(&["link", "add", &dev, "type", "veth", "peer", "name", &peer])?;
+            ip(&["link", "set", &dev, "up"])?;
+            ip(&["link", "set", &peer, "up"])?;
         }
         // NAT replies go to the client's next hop by the kernel's FIB: a
         // route and a neighbour for the client, and forwarding on.
-        for args in [
-            &["addr", "add", "198.18.2.254/24", "dev", "xb0p"][..],
-            &["neigh", "add", "198.18.2.2", "lladdr", "02:77:00:00:00:01", "dev", "xb0p", "nud", "permanent"],
-        ] {
-            let status = Command::new("ip").args(args).status().context("ip")?;
-            if !status.success() {
-                bail!("ip {args:?} failed");
-            }
-        }
+        ip(&["addr", "add", "198.18.2.254/24", "dev", "xb0p"])?;
+        ip(&["neigh", "add", "198.18.2.2", "lladdr", "02:77:00:00:00:01", "dev", "xb0p", "nud", "permanent"])?;
         // /proc/sys/net is the opening thread's namespace: this one's.
         std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
             .context("enabling forwarding in the benchmark's namespace")?;
-        let params = DataplaneParams {
-            ring_size: RING,
-            max_services: 4,
-            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
-            nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
-            udp_idle_timeout_ns: 30_000_000_000,
-            syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
-            sync_flows: false,
-            pin_dir: None,
-        };
+        let params = DataplaneParams { ring_size: RING, max_services: 4, ..DataplaneParams::unpinned() };
         let mut xdplb_flooded =
             Dataplane::load(DataplaneParams { syn_flood_threshold: 1, ..params.clone() }, DebugLog::Off)?;
         xdplb_flooded.attach_or_adopt("xb7", XdpMode::Driver)?;
@@ -280,6 +271,9 @@ impl Programs {
             ("bench_flow_lookup", "xb4"),
             ("bench_encap_ipip", "xb5"),
             ("bench_encap_gue", "xb6"),
+            ("bench_floor", "xb9"),
+            ("bench_floor_ipip", "xb10"),
+            ("bench_floor_gue", "xb11"),
         ] {
             let program: &mut Xdp = baselines.program_mut(name).context("baseline")?.try_into()?;
             program.load()?;
@@ -372,6 +366,14 @@ impl Programs {
             "xdp_drop" => self.baselines.program("bench_drop").context("drop")?.try_into()?,
             "swap_plus_vip_lookup" => self.baselines.program("bench_vip_lookup").context("vip")?.try_into()?,
             "swap_plus_flow_lookup" => self.baselines.program("bench_flow_lookup").context("flow")?.try_into()?,
+            "floor" => {
+                let name = match fixture.forwarding {
+                    Forwarding::Ipip => "bench_floor_ipip",
+                    Forwarding::Gue => "bench_floor_gue",
+                    _ => "bench_floor",
+                };
+                self.baselines.program(name).context("floor")?.try_into()?
+            }
             _ => self.baselines.program("bench_macswap").context("macswap")?.try_into()?,
         })
     }
@@ -389,17 +391,20 @@ impl Programs {
         Ok(total.as_nanos() as f64 / iterations as f64)
     }
 
-    /// Sends the fixture's warm-up packets through xdplb.
+    /// Sends the fixture's warm-up packets through xdplb and its floor, so
+    /// that both tables hold the same flows.
     pub fn warm_up(&self, fixture: &Fixture, offset: u32) -> Result<()> {
-        let program = self.program("xdplb", fixture)?;
         let mut out = vec![0u8; 512];
-        for i in 0..fixture.warmup {
-            let frame = (fixture.frame)(offset.wrapping_add(i));
-            program.test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })?;
+        for which in ["xdplb", "floor"].into_iter().filter(|p| applies(p, fixture)) {
+            let program = self.program(which, fixture)?;
+            for i in 0..fixture.warmup {
+                let frame = (fixture.frame)(offset.wrapping_add(i));
+                program.test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })?;
+            }
         }
         Ok(())
     }

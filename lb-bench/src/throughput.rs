@@ -5,11 +5,13 @@
 //!   gen ns: g0 ──veth (2 queues)── l0 :lb ns
 //!
 //! `trafficgen` sends 64-byte frames out of g0, each with the next of 60000
-//! source ports. On l0 runs the program under test: xdplb (the backend sits
+//! source ports (and, for the new-flow frames, the next of 4096 source
+//! addresses: every frame a new flow). On l0 runs the program under test: xdplb (the backend sits
 //! behind l0, so it answers with XDP_TX; the `udp_64B_ipip` frames go to a
 //! service that reaches it through IPIP), the parse + MAC swap + XDP_TX
-//! baseline, the parse + IPIP + XDP_TX baseline, or the counting XDP_DROP
-//! sink (what reaches the LB at all).
+//! baseline, the same with one connection-table-shaped lookup (the floor of
+//! a stateful balancer), the parse + IPIP + XDP_TX baseline, or the
+//! counting XDP_DROP sink (what reaches the LB at all).
 //! Frames sent back out of l0 are counted by a sink on g0: that is what was
 //! delivered towards the backend.
 
@@ -40,7 +42,38 @@ pub struct Throughput {
     pub mpps: Samples,
 }
 
-pub const PROGRAMS: [&str; 4] = ["xdplb", "parse_macswap_tx", "parse_encap_tx", "xdp_drop_sink"];
+pub const PROGRAMS: [&str; 7] = [
+    "xdplb",
+    "parse_macswap_tx",
+    "parse_flow_lookup_tx",
+    "flow_no_common_lru",
+    "flow_per_cpu_tables",
+    "parse_encap_tx",
+    "xdp_drop_sink",
+];
+
+/// The frame of every packet of a new flow (the generator cycles through
+/// `NEW_FLOW_ADDRESSES` × 60000 five-tuples, more than a run sends).
+pub const NEW_FLOWS_FRAME: &str = "tcp_ack_64B_new_flows";
+const NEW_FLOW_ADDRESSES: u32 = 4096;
+
+/// The frames `program` is measured with: the connection-table flavours
+/// only with established and new TCP flows, which is what they differ in.
+fn frames_for(program: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let tcp = || frames::tcp4(1024, frames::ACK);
+    match program {
+        "flow_no_common_lru" | "flow_per_cpu_tables" | "parse_flow_lookup_tx" => {
+            vec![("tcp_ack_64B", tcp()), (NEW_FLOWS_FRAME, tcp())]
+        }
+        _ => vec![
+            ("udp_64B", frames::udp4_64()),
+            ("tcp_ack_64B", tcp()),
+            ("udp_64B_ipip", frames::udp4_64_tunnel()),
+            ("udp_64B_nat", frames::udp4_64_nat()),
+            (NEW_FLOWS_FRAME, tcp()),
+        ],
+    }
+}
 
 /// Namespaces of this run, removed on drop.
 struct Namespaces {
@@ -125,6 +158,9 @@ fn baseline_name(program: &str) -> &'static str {
     match program {
         "xdp_drop_sink" => "sink",
         "parse_encap_tx" => "bench_encap_ipip",
+        "parse_flow_lookup_tx" => "bench_flow_lookup",
+        "flow_no_common_lru" => "bench_flow_no_common_lru",
+        "flow_per_cpu_tables" => "bench_flow_per_cpu_tables",
         _ => "bench_macswap",
     }
 }
@@ -141,6 +177,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
 
     // Generator side: trafficgen (run, not attached) and the return sink on g0.
     let mut generator = Generator::load(crate::baselines_path()?, &ns.gen_ns, "g0", 2, 1)?;
+    let mut new_flows = Generator::load(crate::baselines_path()?, &ns.gen_ns, "g0", 2, NEW_FLOW_ADDRESSES)?;
     let gen_side = in_ns(&ns.gen_ns, move || {
         let mut ebpf = crate::load_baselines()?;
         let sink: &mut Xdp = ebpf.program_mut("sink").context("sink")?.try_into()?;
@@ -151,16 +188,7 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
 
     // LB side: xdplb with one backend behind l0, and the baselines.
     let (mut xdplb, baselines) = in_ns(&ns.lb_ns, move || {
-        let params = DataplaneParams {
-            ring_size: lb_common::DEFAULT_RING_SIZE,
-            max_services: 4,
-            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
-            nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
-            udp_idle_timeout_ns: 30_000_000_000,
-            syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
-            sync_flows: false,
-            pin_dir: None,
-        };
+        let params = DataplaneParams { max_services: 4, ..DataplaneParams::unpinned() };
         let mut dataplane = Dataplane::load(params, DebugLog::Off)?;
         let backend = || DesiredBackend {
             address: "198.18.1.11".parse().unwrap(),
@@ -197,7 +225,14 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
         ]);
         dataplane.apply(&writes)?;
         let mut baselines = crate::load_baselines()?;
-        for name in ["bench_macswap", "bench_encap_ipip", "sink"] {
+        for name in [
+            "bench_macswap",
+            "bench_flow_lookup",
+            "bench_flow_no_common_lru",
+            "bench_flow_per_cpu_tables",
+            "bench_encap_ipip",
+            "sink",
+        ] {
             let p: &mut Xdp = baselines.program_mut(name).context("program")?.try_into()?;
             p.load()?;
         }
@@ -226,16 +261,12 @@ pub fn run(seconds: f64, rounds: usize) -> Result<Vec<Throughput>> {
             xdplb = attached_xdplb;
             baselines = attached_baselines;
 
-            for (frame_name, frame) in [
-                ("udp_64B", frames::udp4_64()),
-                ("tcp_ack_64B", frames::tcp4(1024, frames::ACK)),
-                ("udp_64B_ipip", frames::udp4_64_tunnel()),
-                ("udp_64B_nat", frames::udp4_64_nat()),
-            ] {
+            for (frame_name, frame) in frames_for(program) {
                 for threads in [1usize, 2] {
                     let counter = |ebpf: &Ebpf| sink_total(ebpf);
                     let before = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };
-                    let elapsed = generator.send_for(&frame, Duration::from_secs_f64(seconds), threads)?;
+                    let sender = if frame_name == NEW_FLOWS_FRAME { &mut new_flows } else { &mut generator };
+                    let elapsed = sender.send_for(&frame, Duration::from_secs_f64(seconds), threads)?;
                     // Let the last frames drain.
                     std::thread::sleep(Duration::from_millis(50));
                     let after = if program == "xdp_drop_sink" { counter(&baselines)? } else { counter(&gen_side)? };

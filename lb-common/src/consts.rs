@@ -16,10 +16,16 @@ pub const NS_PER_MS: u64 = 1_000_000;
 
 /// Upper bound on services (VIPs); sizes the VIP and per-VIP counter maps.
 pub const MAX_VIPS: u32 = 1024;
-/// Upper bound on backend slots. Id 0 is reserved as "no backend".
-pub const MAX_BACKENDS: u32 = 4096;
+/// Upper bound on backend slots. Id 0 is reserved as "no backend". Was
+/// 4096: an upgraded agent copies the shorter pinned arrays into longer ones.
+pub const MAX_BACKENDS: u32 = 16384;
+/// `RING_SLOTS` holds backend ids as 16 bits, four to an array element
+/// (the kernel rounds each element up to 8 bytes: a `u32` element took 8
+/// bytes per slot, this takes 2).
+pub const SLOTS_PER_ELEMENT: u32 = 4;
+const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32 + 1, "ring slots hold 16-bit backend ids");
 /// Backends of one service (backend slots are shared by all services).
-pub const MAX_BACKENDS_PER_SERVICE: usize = 1000;
+pub const MAX_BACKENDS_PER_SERVICE: usize = 10_000;
 /// Interfaces XDP_REDIRECT may send to (`EGRESS_DEVICES`).
 pub const MAX_EGRESS_DEVICES: u32 = 64;
 /// Default Maglev lookup-table size per VIP (prime, as Maglev requires).
@@ -30,7 +36,10 @@ pub const DEFAULT_CONNTRACK_SIZE: u32 = 524_288;
 /// entries (`conntrack_size / HALF_OPEN_SHARE`), at least
 /// `MIN_HALF_OPEN_SIZE`: it only bridges a SYN and its ACK (one round trip),
 /// so it churns fast and needs far fewer entries than established flows.
-pub const HALF_OPEN_SHARE: u32 = 4;
+/// At the defaults, 65536 entries hold the handshakes of 0.3 s at 200,000
+/// new connections per second (two CPUs just below the flood threshold,
+/// above which hash-scheduled SYNs record nothing), for 7.5 MiB.
+pub const HALF_OPEN_SHARE: u32 = 8;
 pub const MIN_HALF_OPEN_SIZE: u32 = 1024;
 /// Slots of the global counter array: room for counters added later
 /// without resizing a pinned map (which would break hitless upgrades).
@@ -105,7 +114,7 @@ pub const FLOW_F_FINISHED: u32 = 1;
 pub const FLOW_F_HALF_OPEN: u32 = 2;
 
 /// How a VIP picks the backend of a new flow (`VipInfo::scheduler`). What
-/// its region of `RINGS` holds depends on it.
+/// its region of `RING_SLOTS` holds depends on it.
 pub mod scheduler {
     /// Maglev table, five-tuple hash (maglev; least_response_time, whose
     /// weights the agent derives from latency).
@@ -144,6 +153,10 @@ pub const MAX_NAT_SOURCES: usize = 8;
 /// `NatPool::flags`: DNAT only; the backend sees the client's address and
 /// must route its replies through the LB.
 pub const NAT_F_PRESERVE_CLIENT: u32 = 1;
+/// Entries of a table that no service uses (the affinity table without
+/// persistence, the NAT tables without NAT services): it costs almost
+/// nothing until the agent swaps in the full-size one at first use.
+pub const UNUSED_TABLE_ENTRIES: u32 = 1;
 /// Default capacity of each NAT table (`[agent] nat_table_size`): flows
 /// translated at once, over all NAT services.
 pub const DEFAULT_NAT_TABLE_SIZE: u32 = 262_144;
@@ -187,8 +200,17 @@ pub const TRAFFICGEN_HEADER_LEN: usize = 14 + 20 + 20;
 
 /// Map flags (uapi `BPF_F_*`), for the map schema.
 pub const BPF_F_NO_FLAGS: u32 = 0;
-/// Per-CPU LRU lists: inserts take no global lock.
+/// The array can be mapped into the agent's memory (uapi `BPF_F_MMAPABLE`).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Per-CPU LRU lists (uapi `BPF_F_NO_COMMON_LRU`): xdplb's maps do not use
+/// it (see `FLOW_TABLE_FLAGS`); the benchmark compares it.
 pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+/// Flags of the LRU flow tables (connection, half-open, affinity): the
+/// common LRU. Its inserts take a node from a per-CPU free list and only
+/// touch the shared list in batches; with `BPF_F_NO_COMMON_LRU` every
+/// insert locks and reorders its CPU's list, which cost 170-260 ns per new
+/// flow. Measured at 1 and 2 CPUs in `cargo xtask bench` (README).
+pub const FLOW_TABLE_FLAGS: u32 = BPF_F_NO_FLAGS;
 
 // ---- Configuration defaults ----
 

@@ -19,7 +19,7 @@ pub struct VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Index of this VIP's ring in `RINGS` and of its counters.
+    /// Index of this VIP's ring in `RING_SLOTS` and of its counters.
     pub id: u32,
     pub flags: u32,
     /// One of `consts::scheduler::*`.

@@ -11,10 +11,15 @@ pub enum Capacity {
     Fixed,
     /// `[agent] conntrack_size`.
     Conntrack,
-    /// `[agent] ring_size` × `max_services`.
+    /// `[agent] ring_size` × `max_services` slots, `SLOTS_PER_ELEMENT` to
+    /// an entry.
     Rings,
-    /// `[agent] nat_table_size`.
+    /// `[agent] nat_table_size` while a NAT service exists, else
+    /// `UNUSED_TABLE_ENTRIES`.
     Nat,
+    /// `[agent] conntrack_size` while a service has persistence, else
+    /// `UNUSED_TABLE_ENTRIES`.
+    Affinity,
     /// `[agent] conntrack_size / HALF_OPEN_SHARE`, at least `MIN_HALF_OPEN_SIZE`.
     HalfOpen,
 }
@@ -59,22 +64,23 @@ macro_rules! for_each_map {
             /// Addresses that host at least one VIP (for packets without ports).
             VIP_ADDRESSES: HashMap<$crate::VipAddressKey, u32>,
                 Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;
-            /// All VIPs' Maglev tables back to back: slot `s` of VIP `v` is at
-            /// `v * RING_SIZE + s` and holds a backend id.
-            RINGS: Array<u32, u32>,
-                Rings($crate::DEFAULT_RING_SIZE), $crate::BPF_F_NO_FLAGS, pinned;
+            /// All VIPs' slot tables back to back (Maglev table, sequence or
+            /// candidates, by scheduler): slot `s` of VIP `v` is backend id
+            /// number `v * RING_SIZE + s`, 16 bits each, `SLOTS_PER_ELEMENT`
+            /// to an element. Mappable: the agent writes whole tables in place.
+            RING_SLOTS: Array<u32, [u16; 4]>,
+                Rings($crate::DEFAULT_RING_SIZE), $crate::BPF_F_MMAPABLE, pinned;
             BACKENDS: Array<u32, $crate::Backend>,
                 Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
             /// Five-tuple → pinned backend. One table shared by all CPUs (a flow
-            /// may be seen on several), with per-CPU LRU lists so inserts take
-            /// no global lock.
+            /// may be seen on several), common LRU (`FLOW_TABLE_FLAGS`).
             CONNTRACK: LruHashMap<$crate::FlowKey, $crate::FlowState>,
-                Conntrack($crate::DEFAULT_CONNTRACK_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
+                Conntrack($crate::DEFAULT_CONNTRACK_SIZE), $crate::FLOW_TABLE_FLAGS, pinned;
             /// Five-tuple → backend of a TCP flow that has only sent its SYN. A SYN
             /// never writes `CONNTRACK`, so no flood of them can evict an
             /// established flow; the client's ACK moves its entry there.
             HALF_OPEN: LruHashMap<$crate::FlowKey, $crate::FlowState>,
-                HalfOpen($crate::MIN_HALF_OPEN_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
+                HalfOpen($crate::MIN_HALF_OPEN_SIZE), $crate::FLOW_TABLE_FLAGS, pinned;
             /// Per CPU: SYNs in the current one-second window (flood detection).
             SYN_RATE: PerCpuArray<u32, $crate::SynRate>,
                 Fixed(1), $crate::BPF_F_NO_FLAGS, private;
@@ -89,7 +95,7 @@ macro_rules! for_each_map {
                 Fixed($crate::GLOBAL_COUNTER_SLOTS), $crate::BPF_F_NO_FLAGS, pinned;
             /// Client affinity (persistence): (VIP, client address) → backend.
             AFFINITY: LruHashMap<$crate::AffinityKey, $crate::AffinityState>,
-                Conntrack($crate::DEFAULT_CONNTRACK_SIZE), $crate::BPF_F_NO_COMMON_LRU, pinned;
+                Affinity($crate::DEFAULT_CONNTRACK_SIZE), $crate::FLOW_TABLE_FLAGS, pinned;
             /// Per-CPU position in each SEQUENCE VIP's slot sequence: no shared
             /// cursor, no lock, no cache line bouncing between CPUs.
             CURSORS: PerCpuArray<u32, u32>,

@@ -4,13 +4,16 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{BACKEND_F_IN_USE, MAX_LEAST_CONN_CANDIDATES, NO_BACKEND, VipInfo, flow_hash, scheduler, source_hash};
+use lb_common::{
+    BACKEND_F_IN_USE, MAX_LEAST_CONN_CANDIDATES, NO_BACKEND, SLOTS_PER_ELEMENT, VipInfo, flow_hash, scheduler,
+    source_hash,
+};
 
 use lb_ebpf::parse::Packet;
 
 use crate::{
     affinity,
-    maps::{ACTIVE_CORRECTION, ACTIVE_FLOWS, BACKENDS, CURSORS, RINGS, ring_size},
+    maps::{ACTIVE_CORRECTION, ACTIVE_FLOWS, BACKENDS, CURSORS, RING_SLOTS, ring_size},
 };
 
 /// The backend for a new flow of `vip`, client affinity first; `remember`:
@@ -75,8 +78,14 @@ fn ring_slot(vip: &VipInfo, hash: u32) -> Option<u32> {
     if size == 0 {
         return None; // never loaded so; also removes the divide-by-zero panic path
     }
-    let slot = vip.id.wrapping_mul(size).wrapping_add(hash % size);
-    RINGS.get(slot).copied()
+    slot(vip.id.wrapping_mul(size).wrapping_add(hash % size))
+}
+
+/// Backend id number `index` of `RING_SLOTS`.
+#[inline(always)]
+fn slot(index: u32) -> Option<u32> {
+    let group = RING_SLOTS.get(index / SLOTS_PER_ELEMENT)?;
+    Some(u32::from(group[(index % SLOTS_PER_ELEMENT) as usize]))
 }
 
 /// The next entry of the VIP's smooth weighted sequence, by this CPU's cursor.
@@ -90,7 +99,7 @@ fn sequence(vip: &VipInfo) -> Option<u32> {
     let cursor = unsafe { &mut *CURSORS.get_ptr_mut(vip.id)? };
     let position = *cursor % len;
     *cursor = cursor.wrapping_add(1);
-    RINGS.get(vip.id.wrapping_mul(ring_size()).wrapping_add(position)).copied()
+    slot(vip.id.wrapping_mul(ring_size()).wrapping_add(position))
 }
 
 /// Weighted least connections: the candidate with the fewest active flows
@@ -109,7 +118,7 @@ fn least_conn(vip: &VipInfo) -> Option<u32> {
         if i >= vip.seq_len {
             break;
         }
-        let Some(id) = RINGS.get(base.wrapping_add(i)).copied() else { break };
+        let Some(id) = slot(base.wrapping_add(i)) else { break };
         let Some(backend) = BACKENDS.get(id) else { continue };
         if backend.flags & BACKEND_F_IN_USE == 0 || backend.weight == 0 {
             continue;

@@ -6,6 +6,7 @@ use xdplb::{
     agent::Agent,
     config::Config,
     control::cli::{self, Cli, Command},
+    dataplane::{DataplaneParams, memory},
     decap, logging,
 };
 
@@ -15,9 +16,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run { config, detach_on_exit } => run(config, detach_on_exit),
         Command::Stop { config, pin_dir } => cli::stop(&cli.socket, config, pin_dir).map(|text| print!("{text}")),
-        Command::Check { config } => Config::load(&config).map(|c| {
-            println!("{}: ok, {} service(s)", config.display(), c.services.len());
-        }),
+        Command::Check { config } => check(&config),
         Command::Decap { interface, gue_port, detach, stats, xdp_mode, pin_dir } => {
             let pin_dir = pin_dir.unwrap_or_else(|| decap::default_pin_dir(&interface));
             let report = if detach {
@@ -44,6 +43,17 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Validates a config and prints the kernel memory its maps will take.
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let params = DataplaneParams::from_config(&config, None);
+    let cpus = aya::util::nr_cpus().map_err(|(file, err)| anyhow::anyhow!("reading {file}: {err}"))?;
+    let maps = memory::estimate(&params, cpus as u64)?;
+    println!("{}: ok, {} service(s)", path.display(), config.services.len());
+    println!("map memory: {}", memory::summary(&maps));
+    Ok(())
 }
 
 fn run(config: PathBuf, detach_on_exit: bool) -> anyhow::Result<()> {

@@ -9,6 +9,11 @@
 //! - `bench_vip_lookup`, `bench_flow_lookup`: the MAC-swap baseline plus one
 //!   hash lookup shaped like xdplb's VIP lookup, or like its connection-table
 //!   lookup: what those steps cost on their own;
+//! - `bench_flow_no_common_lru`, `bench_flow_per_cpu_tables`: the flow
+//!   lookup with the other connection-table flavours, compared with xdplb's;
+//! - `bench_floor`, `bench_floor_ipip`, `bench_floor_gue`: the floor of
+//!   every DSR and tunnel path (parse, VIP lookup, then a flow lookup, or a
+//!   Maglev slot read and a flow insert; MAC swap or encapsulation);
 //! - `bench_encap_ipip`, `bench_encap_gue`: parse, then the same IPIP or GUE
 //!   encapsulation as xdplb (its own header writer) to a fixed backend of
 //!   the packet's family, and XDP_TX: no lookup at all, so that xdplb's own
@@ -17,14 +22,15 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, xdp_action},
+    bindings::xdp_action,
+    helpers::bpf_get_smp_processor_id,
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, FAMILY_IPV4, FlowKey, FlowState, MAX_VIPS, VipInfo, VipKey,
-    forwarding,
+    BPF_F_NO_COMMON_LRU, Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, DEFAULT_RING_SIZE, FAMILY_IPV4,
+    FLOW_TABLE_FLAGS, FlowKey, FlowState, MAX_VIPS, SLOTS_PER_ELEMENT, VipInfo, VipKey, flow_hash, forwarding,
 };
 use lb_ebpf::{encap, parse};
 use network_types::eth::EthHdr;
@@ -83,7 +89,7 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
 static ANATOMY_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 #[map]
 static ANATOMY_FLOWS: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, FLOW_TABLE_FLAGS);
 
 #[inline(always)]
 fn swap_and_tx(ctx: &XdpContext) -> u32 {
@@ -112,12 +118,109 @@ pub fn bench_vip_lookup(ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn bench_flow_lookup(ctx: XdpContext) -> u32 {
-    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    flow_lookup_and_tx(&ctx, &ANATOMY_FLOWS)
+}
+
+/// Look the flow up (insert it when new) in `table`, swap, XDP_TX.
+#[inline(always)]
+fn flow_lookup_and_tx(ctx: &XdpContext, table: &LruHashMap<FlowKey, FlowState>) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(ctx) else { return xdp_action::XDP_PASS };
     // SAFETY: a hash lookup whose value is not used.
-    if unsafe { ANATOMY_FLOWS.get(&packet.flow) }.is_none() {
-        let _ = ANATOMY_FLOWS.insert(&packet.flow, &FlowState::default(), 0);
+    if unsafe { table.get(&packet.flow) }.is_none() {
+        let _ = table.insert(&packet.flow, &FlowState::default(), 0);
     }
+    swap_and_tx(ctx)
+}
+
+// The connection table's flavours, compared by the throughput benchmark at
+// one and two CPUs: `bench_flow_lookup` has xdplb's (the common LRU); these
+// have per-CPU LRU lists, and one table per CPU (as Katran: RSS keeps a
+// flow on one CPU; 4 tables here, enough for the benchmark's machines).
+#[map]
+static FLAVOUR_NO_COMMON_LRU: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+#[map]
+static FLAVOUR_CPU0: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, FLOW_TABLE_FLAGS);
+#[map]
+static FLAVOUR_CPU1: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, FLOW_TABLE_FLAGS);
+#[map]
+static FLAVOUR_CPU2: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, FLOW_TABLE_FLAGS);
+#[map]
+static FLAVOUR_CPU3: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE / 4, FLOW_TABLE_FLAGS);
+
+#[xdp]
+pub fn bench_flow_no_common_lru(ctx: XdpContext) -> u32 {
+    flow_lookup_and_tx(&ctx, &FLAVOUR_NO_COMMON_LRU)
+}
+
+#[xdp]
+pub fn bench_flow_per_cpu_tables(ctx: XdpContext) -> u32 {
+    // SAFETY: a helper without arguments or preconditions.
+    let table = match unsafe { bpf_get_smp_processor_id() } % 4 {
+        0 => &FLAVOUR_CPU0,
+        1 => &FLAVOUR_CPU1,
+        2 => &FLAVOUR_CPU2,
+        _ => &FLAVOUR_CPU3,
+    };
+    flow_lookup_and_tx(&ctx, table)
+}
+
+/// The floor's Maglev table: one VIP's region of xdplb's `RING_SLOTS`.
+#[map]
+static FLOOR_SLOTS: Array<[u16; SLOTS_PER_ELEMENT as usize]> =
+    Array::with_max_entries(DEFAULT_RING_SIZE.div_ceil(SLOTS_PER_ELEMENT), 0);
+/// The floor's connection table: xdplb's shape, size and flavour.
+#[map]
+static FLOOR_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, FLOW_TABLE_FLAGS);
+
+/// The least a stateful balancer does per path, with xdplb's parser and
+/// map shapes: parse, look the VIP up, then a SYN reads its slot of the
+/// Maglev table and inserts the flow, any other packet looks its flow up
+/// (inserting as a SYN does when it is new); then the MACs are swapped, or
+/// the packet is encapsulated (the tunnel paths' floors).
+#[xdp]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    floor_select(&packet);
     swap_and_tx(&ctx)
+}
+
+#[xdp]
+pub fn bench_floor_ipip(ctx: XdpContext) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    floor_select(&packet);
+    encap_packet_and_tx(&ctx, &packet, forwarding::IPIP)
+}
+
+#[xdp]
+pub fn bench_floor_gue(ctx: XdpContext) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    floor_select(&packet);
+    encap_packet_and_tx(&ctx, &packet, forwarding::GUE)
+}
+
+/// The floor's VIP lookup and connection-table step.
+#[inline(always)]
+fn floor_select(packet: &parse::Packet) {
+    let f = &packet.flow;
+    let key = VipKey { addr: f.dst, port: f.dport, proto: f.proto, family: f.family };
+    // SAFETY: a hash lookup whose value outlives this run; it is only read.
+    if unsafe { ANATOMY_VIPS.get(&key) }.is_none() {
+        let _ = ANATOMY_VIPS.insert(&key, &VipInfo::default(), 0);
+    }
+    let syn = packet.tcp_flags & parse::TCP_SYN != 0;
+    // SAFETY: as above.
+    if syn || unsafe { FLOOR_FLOWS.get(f) }.is_none() {
+        let slot = flow_hash(f) % DEFAULT_RING_SIZE;
+        let Some(group) = FLOOR_SLOTS.get(slot / SLOTS_PER_ELEMENT) else { return };
+        let backend_id = u32::from(group[(slot % SLOTS_PER_ELEMENT) as usize]);
+        let _ = FLOOR_FLOWS.insert(f, &FlowState { backend_id, ..FlowState::default() }, 0);
+    }
 }
 
 #[xdp]
@@ -133,6 +236,11 @@ pub fn bench_encap_gue(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn encap_and_tx(ctx: &XdpContext, mode: u8) -> u32 {
     let parse::Parsed::Packet(packet) = parse::parse(ctx) else { return xdp_action::XDP_PASS };
+    encap_packet_and_tx(ctx, &packet, mode)
+}
+
+#[inline(always)]
+fn encap_packet_and_tx(ctx: &XdpContext, packet: &parse::Packet, mode: u8) -> u32 {
     let mut backend = Backend {
         family: packet.flow.family,
         forwarding: mode,
@@ -148,7 +256,7 @@ fn encap_and_tx(ctx: &XdpContext, mode: u8) -> u32 {
         backend.addr = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, u32::from_ne_bytes([0, 0, 0, 0x21])];
         backend.tunnel_src = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
     }
-    if !encap::encapsulate_xdp(ctx, &packet, &backend) {
+    if !encap::encapsulate_xdp(ctx, packet, &backend) {
         return xdp_action::XDP_DROP;
     }
     xdp_action::XDP_TX

@@ -36,7 +36,7 @@ use crate::{
     },
     control::{self, BackendStatus, ControlCall, ProbeStatus, Request, Response, ServiceStatus, Status},
     dataplane::{
-        Dataplane, DataplaneParams, DebugLog,
+        Dataplane, DataplaneParams, DebugLog, TablesInUse,
         planner::MapWrite,
         scanner::{Scanner, TableScan},
     },
@@ -146,16 +146,7 @@ impl Agent {
         };
         let agent_config = &config.agent;
         let pin_dir = pins::layout_dir(&agent_config.pin_root());
-        let params = DataplaneParams {
-            ring_size: *agent_config.ring_size.get_ref(),
-            max_services: *agent_config.max_services.get_ref(),
-            conntrack_size: agent_config.conntrack_size,
-            nat_table_size: *agent_config.nat_table_size.get_ref(),
-            udp_idle_timeout_ns: agent_config.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
-            syn_flood_threshold: agent_config.syn_flood_threshold,
-            sync_flows: config.sync.is_some(),
-            pin_dir: Some(pin_dir.clone()),
-        };
+        let params = DataplaneParams::from_config(&config, Some(pin_dir.clone()));
         let mut dataplane = Dataplane::load(params.clone(), DebugLog::Off)?;
         let (flow_events_tx, flow_events_rx) = mpsc::unbounded_channel();
         let (synced_tx, synced_rx) = mpsc::unbounded_channel();
@@ -390,6 +381,7 @@ impl Agent {
         }
         self.modes = modes;
         self.desired = desired;
+        self.use_tables();
         let (writes, errors) = self.reconciler.plan(&self.desired);
         for err in errors {
             log::error!("{err}");
@@ -407,6 +399,22 @@ impl Agent {
             log::info!("map writes applied after an earlier refusal ({previous})");
         }
         Ok(())
+    }
+
+    /// Makes the tables the desired services need full size (a program
+    /// swap, the first time a service needs one). If that fails, the
+    /// services that need a missing table stay out of the maps until a
+    /// later reconcile succeeds; every other service is served as before.
+    fn use_tables(&mut self) {
+        match self.dataplane.use_tables(TablesInUse::of(&self.desired)) {
+            Ok(true) => log::info!("tables in use: {:?} (program swapped in)", self.dataplane.params().tables),
+            Ok(false) => {}
+            Err(err) => {
+                let have = self.dataplane.params().tables;
+                log::error!("making the affinity or NAT tables full size: {err:#}; services that need them wait");
+                self.desired.retain(|service| have.covers(TablesInUse::of(std::slice::from_ref(service))));
+            }
+        }
     }
 
     /// The one place map writes are applied. A write the kernel refuses is

@@ -2,15 +2,18 @@
 //! map writes, the one writer that applies them, the readers, and the
 //! program's loading, attaching and pinning.
 
+pub mod memory;
+mod outgrown;
 pub mod pins;
 pub mod planner;
 pub mod reader;
 pub mod scanner;
+mod slots;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
@@ -20,7 +23,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{Capacity, HALF_OPEN_SHARE, MAP_SPECS, MIN_HALF_OPEN_SIZE, NS_PER_SEC, names};
+use lb_common::{
+    Capacity, HALF_OPEN_SHARE, MAP_SPECS, MIN_HALF_OPEN_SIZE, NS_PER_SEC, SLOTS_PER_ELEMENT, UNUSED_TABLE_ENTRIES,
+    map_names, names,
+};
 
 use self::planner::MapWrite;
 pub use self::{
@@ -65,11 +71,93 @@ pub struct DataplaneParams {
     /// Where maps and link are pinned (`PIN_DIR/layout-N`); `None` keeps
     /// everything private to this process (tests, benchmarks).
     pub pin_dir: Option<PathBuf>,
+    /// Which of the tables only some services need are full size.
+    pub tables: TablesInUse,
+}
+
+/// The tables only some services need: the affinity table (persistence)
+/// and the NAT tables. While no service needs one it has
+/// `UNUSED_TABLE_ENTRIES` entries, so the maps of a config cost what its
+/// services use; the first service that needs one makes the agent swap in
+/// a program with the full-size table (`Dataplane::use_tables`). A table
+/// once full size stays so until the pinned state is removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TablesInUse {
+    pub affinity: bool,
+    pub nat: bool,
+}
+
+impl TablesInUse {
+    pub const ALL: TablesInUse = TablesInUse { affinity: true, nat: true };
+
+    /// What `services` need.
+    pub fn of(services: &[crate::state::DesiredService]) -> Self {
+        Self::needed_by(services.iter().map(|s| (s.persistence_timeout_s, s.forwarding)))
+    }
+
+    /// What the services of a config file need (before anything runs).
+    pub fn of_config(services: &[crate::config::ServiceConfig]) -> Self {
+        Self::needed_by(services.iter().map(|s| (s.persistence_timeout_s, s.forwarding)))
+    }
+
+    /// From each service's (persistence timeout, forwarding).
+    fn needed_by(services: impl Iterator<Item = (u32, crate::config::Forwarding)>) -> Self {
+        services.fold(TablesInUse::default(), |tables, (persistence_timeout_s, forwarding)| TablesInUse {
+            affinity: tables.affinity || persistence_timeout_s != 0,
+            nat: tables.nat || forwarding == crate::config::Forwarding::Nat,
+        })
+    }
+
+    /// Whether every table `other` needs is full size here.
+    pub fn covers(self, other: TablesInUse) -> bool {
+        self.union(other) == self
+    }
+
+    fn union(self, other: TablesInUse) -> TablesInUse {
+        TablesInUse { affinity: self.affinity || other.affinity, nat: self.nat || other.nat }
+    }
 }
 
 impl DataplaneParams {
+    /// The defaults of every capacity and timeout, every table full size,
+    /// nothing pinned: what tests and benchmarks start from.
+    pub fn unpinned() -> Self {
+        DataplaneParams {
+            ring_size: lb_common::DEFAULT_RING_SIZE,
+            max_services: lb_common::DEFAULT_MAX_SERVICES,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            nat_table_size: lb_common::DEFAULT_NAT_TABLE_SIZE,
+            udp_idle_timeout_ns: lb_common::DEFAULT_UDP_IDLE_TIMEOUT_S * NS_PER_SEC,
+            syn_flood_threshold: lb_common::DEFAULT_SYN_FLOOD_THRESHOLD,
+            sync_flows: false,
+            pin_dir: None,
+            tables: TablesInUse::ALL,
+        }
+    }
+
+    /// The parameters an agent with `config` starts with.
+    pub fn from_config(config: &crate::config::Config, pin_dir: Option<PathBuf>) -> Self {
+        let agent = &config.agent;
+        DataplaneParams {
+            ring_size: *agent.ring_size.get_ref(),
+            max_services: *agent.max_services.get_ref(),
+            conntrack_size: agent.conntrack_size,
+            nat_table_size: *agent.nat_table_size.get_ref(),
+            udp_idle_timeout_ns: agent.udp_idle_timeout_s.saturating_mul(NS_PER_SEC),
+            syn_flood_threshold: agent.syn_flood_threshold,
+            sync_flows: config.sync.is_some(),
+            pin_dir,
+            tables: TablesInUse::of_config(&config.services),
+        }
+    }
+
+    /// Elements of `RING_SLOTS`.
     fn ring_entries(&self) -> Result<u32> {
-        self.ring_size.checked_mul(self.max_services).ok_or_else(|| anyhow!("ring_size × max_services overflows"))
+        let slots = self
+            .ring_size
+            .checked_mul(self.max_services)
+            .ok_or_else(|| anyhow!("ring_size × max_services overflows"))?;
+        Ok(slots.div_ceil(SLOTS_PER_ELEMENT))
     }
 
     /// The entries a map of the schema has under these parameters.
@@ -78,7 +166,9 @@ impl DataplaneParams {
             Capacity::Fixed => default_entries,
             Capacity::Conntrack => self.conntrack_size,
             Capacity::Rings => self.ring_entries()?,
-            Capacity::Nat => self.nat_table_size,
+            Capacity::Nat if self.tables.nat => self.nat_table_size,
+            Capacity::Affinity if self.tables.affinity => self.conntrack_size,
+            Capacity::Nat | Capacity::Affinity => UNUSED_TABLE_ENTRIES,
             Capacity::HalfOpen => (self.conntrack_size / HALF_OPEN_SHARE).max(MIN_HALF_OPEN_SIZE),
         })
     }
@@ -121,7 +211,10 @@ impl Dataplane {
     /// Loads the program; its maps are the pinned ones when they exist
     /// (checked for compatibility first), else new ones (pinned when
     /// pinning). Nothing is attached yet.
-    pub fn load(params: DataplaneParams, debug_log: DebugLog) -> Result<Self> {
+    pub fn load(mut params: DataplaneParams, debug_log: DebugLog) -> Result<Self> {
+        if let Some(dir) = &params.pin_dir {
+            params.tables = pins::resolve_tables(dir, params.tables)?;
+        }
         let ebpf = load_object(&params, debug_log)?;
         Ok(Self {
             ebpf,
@@ -272,7 +365,30 @@ impl Dataplane {
     /// Loads the program again with another debug-log setting and swaps it
     /// onto the link; the maps are shared, so no state is lost.
     pub fn set_debug_log(&mut self, debug_log: DebugLog) -> Result<()> {
-        let mut ebpf = load_object(&self.params, debug_log)?;
+        self.swap_program(self.params.clone(), debug_log)
+    }
+
+    /// Makes the tables `wanted` full size, if they are not yet: the
+    /// one-entry tables are unpinned (nothing ever wrote them) and a program
+    /// with full-size ones is swapped in; every other map is the pinned one,
+    /// so no state is lost. Returns whether it swapped.
+    pub fn use_tables(&mut self, wanted: TablesInUse) -> Result<bool> {
+        if self.params.tables.covers(wanted) {
+            return Ok(false);
+        }
+        let Some(dir) = &self.params.pin_dir else {
+            bail!("the tables of an unpinned data plane cannot grow (its maps would be new)");
+        };
+        let mut params = self.params.clone();
+        params.tables = pins::resolve_tables(dir, self.params.tables.union(wanted))?;
+        self.swap_program(params, self.debug_log)?;
+        Ok(true)
+    }
+
+    /// Loads the program with `params` and `debug_log` and swaps it onto
+    /// every link it runs on.
+    fn swap_program(&mut self, params: DataplaneParams, debug_log: DebugLog) -> Result<()> {
+        let mut ebpf = load_object(&params, debug_log)?;
         if let Some(link) = self.link.take() {
             match swap_onto(&mut ebpf, link) {
                 Ok(link) => self.link = Some(link),
@@ -287,6 +403,7 @@ impl Dataplane {
             task.abort();
         }
         self.ebpf = ebpf;
+        self.params = params;
         self.debug_log = debug_log;
         // The tc links belonged to the old object's program.
         for ifindex in std::mem::take(&mut self.probe_interfaces) {
@@ -361,6 +478,17 @@ impl Dataplane {
         Ok(T::try_from(map)?)
     }
 
+    /// `RING_SLOTS`, mapped into this process.
+    fn ring_slots(&self) -> Result<slots::SlotTable> {
+        use std::os::fd::AsFd as _;
+        let name = map_names::RING_SLOTS;
+        let Some(aya::maps::Map::Array(data)) = self.ebpf.map(name) else {
+            bail!("map {name} missing from object");
+        };
+        let elements = self.params.entries(Capacity::Rings, 0)?;
+        slots::SlotTable::map(data.fd().as_fd(), elements).with_context(|| format!("mapping {name}"))
+    }
+
     fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(&'a self, name: &str) -> Result<T> {
         let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
         Ok(T::try_from(map)?)
@@ -380,12 +508,15 @@ fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
     for spec in MAP_SPECS.iter().filter(|spec| spec.capacity != Capacity::Fixed) {
         loader.map_max_entries(spec.name, params.entries(spec.capacity, spec.default_entries)?);
     }
+    let mut outgrown = Vec::new();
     let pin_paths: Vec<(&str, PathBuf)> = match &params.pin_dir {
         Some(dir) => {
             let root = dir.parent().unwrap_or(dir);
             pins::prepare(root)?;
             pins::check_layout(root)?;
+            outgrown = outgrown::take(dir)?;
             pins::check_pinned_maps(dir, params)?;
+            pins::remove_retired(dir)?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             MAP_SPECS.iter().filter(|spec| spec.pinned).map(|spec| (spec.name, dir.join(spec.name))).collect()
         }
@@ -394,7 +525,14 @@ fn load_object(params: &DataplaneParams, debug_log: DebugLog) -> Result<Ebpf> {
     for (name, path) in &pin_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(xdp_object()).context("loading the XDP object (are you root, with BPF support?)")?;
+    let mut ebpf = match loader.load(xdp_object()) {
+        Ok(ebpf) => ebpf,
+        Err(err) => {
+            outgrown::restore(outgrown);
+            return Err(err).context("loading the XDP object (are you root, with BPF support?)");
+        }
+    };
+    outgrown::copy_over(&mut ebpf, outgrown)?;
     // The kernel abandons a verification that a signal interrupts (EAGAIN):
     // that says nothing about the program, so try again.
     let mut attempts = 0;

@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::{Capacity, LAYOUT_VERSION, MAP_SPECS, MapKind};
+use lb_common::{Capacity, LAYOUT_VERSION, MAP_SPECS, MapKind, UNUSED_TABLE_ENTRIES};
 
-use super::DataplaneParams;
+use super::{DataplaneParams, TablesInUse};
 use crate::announce::NodeState;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -110,6 +110,61 @@ pub fn check_layout(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Maps that earlier versions of this layout pinned and this one no longer
+/// uses: `RINGS` held 32-bit slots, now `RING_SLOTS` holds 16-bit ones. An
+/// upgraded agent fills the new map before its program is swapped in;
+/// the old program keeps the old map until then.
+const RETIRED_MAPS: &[&str] = &["RINGS"];
+
+/// Unpins `RETIRED_MAPS` (a program that still uses one keeps it alive).
+pub fn remove_retired(layout_dir: &Path) -> Result<()> {
+    for name in RETIRED_MAPS {
+        let path = layout_dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("unpinning the retired map {}", path.display()))?;
+            log::info!("unpinned {}, which this version no longer uses", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The tables only some services need (`TablesInUse`), against what is
+/// pinned in `layout_dir`: one pinned full size stays full size (it may hold
+/// the flows of a service just removed), so the result is `wanted` plus
+/// those. A one-entry pin of a table the result needs is removed (nothing
+/// ever wrote it), so that the next load creates the full-size table.
+pub fn resolve_tables(layout_dir: &Path, wanted: TablesInUse) -> Result<TablesInUse> {
+    let on_demand = |capacity: Capacity, tables: TablesInUse| match capacity {
+        Capacity::Affinity => Some(tables.affinity),
+        Capacity::Nat => Some(tables.nat),
+        _ => None,
+    };
+    let mut tables = wanted;
+    let mut tiny = Vec::new();
+    for spec in MAP_SPECS.iter().filter(|spec| spec.pinned && on_demand(spec.capacity, wanted).is_some()) {
+        let path = layout_dir.join(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            aya::maps::MapInfo::from_pin(&path).with_context(|| format!("reading pinned map {}", path.display()))?;
+        if info.max_entries() > UNUSED_TABLE_ENTRIES {
+            match spec.capacity {
+                Capacity::Affinity => tables.affinity = true,
+                _ => tables.nat = true,
+            }
+        } else {
+            tiny.push((spec.capacity, path));
+        }
+    }
+    for (capacity, path) in tiny {
+        if on_demand(capacity, tables) == Some(true) {
+            std::fs::remove_file(&path).with_context(|| format!("unpinning the unused {}", path.display()))?;
+        }
+    }
+    Ok(tables)
+}
+
 /// Refuses pinned maps whose shape differs from what this start needs
 /// (ring_size, max_services or conntrack_size changed, or a layout changed
 /// without a version bump). The expectations come from the map schema.
@@ -119,9 +174,14 @@ pub fn check_pinned_maps(layout_dir: &Path, params: &DataplaneParams) -> Result<
         if !path.exists() {
             continue;
         }
-        let max_entries = params.entries(spec.capacity, spec.default_entries)?;
         let info =
             aya::maps::MapInfo::from_pin(&path).with_context(|| format!("reading pinned map {}", path.display()))?;
+        // The half-open table only bounds the handshakes in flight: one of an
+        // earlier size (HALF_OPEN_SHARE changed) is adopted as it is.
+        let max_entries = match spec.capacity {
+            Capacity::HalfOpen => info.max_entries(),
+            capacity => params.entries(capacity, spec.default_entries)?,
+        };
         let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
         // DEVMAP_HASH values are 4 or 8 bytes depending on the kernel.
         let value_ok = found.1 == spec.value_size || (spec.kind == MapKind::DevMapHash && found.1 == 4);
@@ -140,6 +200,7 @@ pub fn check_pinned_maps(layout_dir: &Path, params: &DataplaneParams) -> Result<
                     Capacity::Rings => "ring_size × max_services changed",
                     Capacity::Conntrack | Capacity::HalfOpen => "conntrack_size changed",
                     Capacity::Nat => "nat_table_size changed",
+                    Capacity::Affinity => "conntrack_size changed",
                     Capacity::Fixed => "the map layout changed",
                 }
             );

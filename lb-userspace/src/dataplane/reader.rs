@@ -67,12 +67,11 @@ impl Dataplane {
                 in_use.push((id, backend));
             }
         }
-        let rings: Array<&MapData, u32> = self.map(map_names::RINGS)?;
+        let rings = self.ring_slots()?;
         let mut ring_contents = StdHashMap::new();
         for (_, info) in &vips {
-            let base = info.id * self.params.ring_size;
-            let ring =
-                (0..self.params.ring_size).map(|slot| rings.get(&(base + slot), 0)).collect::<Result<Vec<_>, _>>()?;
+            let base = (info.id * self.params.ring_size) as usize;
+            let ring = (0..self.params.ring_size as usize).map(|slot| rings.get(base + slot)).collect::<Result<_>>()?;
             ring_contents.insert(info.id, ring);
         }
         let egress: DevMapHash<&MapData> = self.map(map_names::EGRESS_DEVICES)?;

@@ -81,10 +81,11 @@ impl WriteTarget for Dataplane {
             MapWrite::SetRingSlots { vip_id, slots } => {
                 self.ring_writes += 1;
                 let base = vip_id * self.params.ring_size;
-                let mut map: Array<&mut MapData, u32> = self.map_mut(map_names::RINGS).map_err(Refused::new)?;
+                let mut table = self.ring_slots().map_err(Refused::new)?;
                 for (written, (slot, backend_id)) in slots.iter().enumerate() {
-                    map.set(base + slot, backend_id, 0)
-                        .map_err(|e| Refused { error: e.into(), slots_written: written })?;
+                    table
+                        .set((base + slot) as usize, *backend_id)
+                        .map_err(|error| Refused { error, slots_written: written })?;
                 }
                 Ok(())
             }
@@ -205,7 +206,7 @@ pub fn describe(write: &MapWrite) -> String {
         MapWrite::SetBackend { id, .. } => format!("{} set id {id}", map_names::BACKENDS),
         MapWrite::ClearBackend { id } => format!("{} clear id {id}", map_names::BACKENDS),
         MapWrite::SetRingSlots { vip_id, slots } => {
-            format!("{} set {} slot(s) of VIP id {vip_id}", map_names::RINGS, slots.len())
+            format!("{} set {} slot(s) of VIP id {vip_id}", map_names::RING_SLOTS, slots.len())
         }
         MapWrite::SetVip { key, info } => format!("{} insert {} (id {})", map_names::VIPS, vip(key), info.id),
         MapWrite::RemoveVip { key } => format!("{} remove {}", map_names::VIPS, vip(key)),

@@ -136,7 +136,7 @@ struct AppliedService {
 pub struct Reconciler {
     ring_size: u32,
     services: BTreeMap<String, AppliedService>,
-    /// What `RINGS` holds per VIP id, for ids in use or whose clearing
+    /// What `RING_SLOTS` holds per VIP id, for ids in use or whose clearing
     /// failed; an id without a record holds only `NO_BACKEND`.
     rings: BTreeMap<u32, Vec<u32>>,
     /// What `BACKENDS` holds; a slot without a record is rewritten.
