@@ -208,8 +208,8 @@ pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// Flags of the LRU flow tables (connection, half-open, affinity): the
 /// common LRU. Its inserts take a node from a per-CPU free list and only
 /// touch the shared list in batches; with `BPF_F_NO_COMMON_LRU` every
-/// insert locks and reorders its CPU's list, which cost 170-260 ns per new
-/// flow. Measured at 1 and 2 CPUs in `cargo xtask bench` (README).
+/// insert locks and reorders its CPU's list: a new flow cost 137-325 ns
+/// more. Compared at 1 and 2 CPUs in `cargo xtask bench` (README).
 pub const FLOW_TABLE_FLAGS: u32 = BPF_F_NO_FLAGS;
 
 // ---- Configuration defaults ----
