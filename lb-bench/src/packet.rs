@@ -205,7 +205,7 @@ pub struct Programs {
     baselines: Ebpf,
 }
 
-pub const PROGRAMS: [&str; 7] = [
+pub const PROGRAMS: [&str; 10] = [
     "xdplb",
     "xdp_drop",
     "parse_macswap_tx",
@@ -213,6 +213,9 @@ pub const PROGRAMS: [&str; 7] = [
     "swap_plus_flow_lookup",
     "parse_encap_tx",
     "floor",
+    "swap_plus_coarse_clock",
+    "swap_plus_ns_clock",
+    "swap_plus_jiffies",
 ];
 
 /// Whether `program` is measured on `fixture`: the encapsulation baseline
@@ -222,17 +225,19 @@ fn applies(program: &str, fixture: &Fixture) -> bool {
     match program {
         "parse_encap_tx" => fixture.forwarding.is_tunnel(),
         "floor" => fixture.forwarding != Forwarding::Nat,
+        // What a clock read costs does not depend on the packet.
+        "swap_plus_coarse_clock" | "swap_plus_ns_clock" | "swap_plus_jiffies" => fixture.name == "tcp_ack_established",
         _ => true,
     }
 }
 
 /// Idle veths the programs are attached to (`xb0`..).
-const VETHS: usize = 12;
+const VETHS: usize = 15;
 
 impl Programs {
     /// Must run on a thread that has its own network namespace.
     pub fn new() -> Result<Self> {
-        // One idle veth per program: xb0..xb11, each with its peer xbNp.
+        // One idle veth per program: xb0..xb14, each with its peer xbNp.
         let ip = |args: &[&str]| -> Result<()> {
             let status = Command::new("ip").args(args).status().context("ip")?;
             if !status.success() {
@@ -274,6 +279,9 @@ impl Programs {
             ("bench_floor", "xb9"),
             ("bench_floor_ipip", "xb10"),
             ("bench_floor_gue", "xb11"),
+            ("bench_clock_coarse", "xb12"),
+            ("bench_clock_ns", "xb13"),
+            ("bench_clock_jiffies", "xb14"),
         ] {
             let program: &mut Xdp = baselines.program_mut(name).context("baseline")?.try_into()?;
             program.load()?;
@@ -366,6 +374,9 @@ impl Programs {
             "xdp_drop" => self.baselines.program("bench_drop").context("drop")?.try_into()?,
             "swap_plus_vip_lookup" => self.baselines.program("bench_vip_lookup").context("vip")?.try_into()?,
             "swap_plus_flow_lookup" => self.baselines.program("bench_flow_lookup").context("flow")?.try_into()?,
+            "swap_plus_coarse_clock" => self.baselines.program("bench_clock_coarse").context("clock")?.try_into()?,
+            "swap_plus_ns_clock" => self.baselines.program("bench_clock_ns").context("clock")?.try_into()?,
+            "swap_plus_jiffies" => self.baselines.program("bench_clock_jiffies").context("clock")?.try_into()?,
             "floor" => {
                 let name = match fixture.forwarding {
                     Forwarding::Ipip => "bench_floor_ipip",

@@ -436,7 +436,8 @@ fn control_plane(md: &mut String, control: &ControlPlane) -> Result<()> {
     writeln!(
         md,
         "\nRing slots are written in place through a mapping of the map (`BPF_F_MMAPABLE`), only the slots that \
-         change; other writes are one syscall each.\n\n| change | planned (Maglev, diff) | config → maps updated | map writes | \
+         change; a service's new or changed backends go in one `BPF_MAP_UPDATE_BATCH`; other writes are one \
+         syscall each.\n\n| change | planned (Maglev, diff) | config → maps updated | map writes | \
          goal |\n|---|---:|---:|---:|---:|"
     )?;
     for change in &control.changes {
@@ -521,6 +522,15 @@ fn anatomy(md: &mut String, r: &Report) -> Result<()> {
             flow - swap
         )?;
         writeln!(md, "| floor: parse + both lookups + swap | {:.1} |", vip + flow - swap)?;
+        for (program, helper) in [
+            ("swap_plus_coarse_clock", "bpf_ktime_get_coarse_ns"),
+            ("swap_plus_ns_clock", "bpf_ktime_get_ns"),
+            ("swap_plus_jiffies", "bpf_jiffies64"),
+        ] {
+            if let Some(clock) = net(fixture, program) {
+                writeln!(md, "| … swap + one clock read, `{helper}` | {clock:.1} (read ≈ {:.1}) |", clock - swap)?;
+            }
+        }
         writeln!(md, "| xdplb | {xdplb:.1} |")?;
     }
     Ok(())

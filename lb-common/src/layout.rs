@@ -134,6 +134,15 @@ pub struct FlowEvent {
     pub _pad: u32,
 }
 
+/// Value of `CLOCK`: one CPU's last reading of the coarse clock and the
+/// jiffies it was taken at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockReading {
+    pub jiffies: u64,
+    pub coarse_ns: u64,
+}
+
 /// Value of `SYN_RATE`: one CPU's SYNs in its current one-second window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -35,6 +35,7 @@ mod pod {
     unsafe impl aya::Pod for NatFlow {}
     unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for NatScratch {}
+    unsafe impl aya::Pod for ClockReading {}
     unsafe impl aya::Pod for SynRate {}
 }
 
@@ -56,6 +57,7 @@ mod tests {
         assert_eq!(size_of::<FlowState>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 48);
         assert_eq!(size_of::<SynRate>(), 16);
+        assert_eq!(size_of::<ClockReading>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
         assert_eq!(size_of::<DevmapValue>(), 8);
         assert_eq!(size_of::<NatPool>(), 16 * MAX_NAT_SOURCES + 20);

@@ -127,6 +127,10 @@ macro_rules! for_each_map {
             /// Per-CPU scratch space of the NAT paths (nothing survives a packet).
             NAT_SCRATCH: PerCpuArray<u32, $crate::NatScratch>,
                 Fixed(1), $crate::BPF_F_NO_FLAGS, private;
+            /// Per-CPU cache of the coarse clock, refreshed when jiffies move
+            /// (see lb-ebpf's `clock`).
+            CLOCK: PerCpuArray<u32, $crate::ClockReading>,
+                Fixed(1), $crate::BPF_F_NO_FLAGS, private;
             /// New flows refused per NAT service (VIP id): no free source port.
             NAT_EXHAUSTED: PerCpuArray<u32, u64>,
                 Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, pinned;

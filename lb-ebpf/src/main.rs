@@ -8,6 +8,7 @@
 
 mod affinity;
 mod classify;
+mod clock;
 mod counters;
 mod forward;
 mod half_open;

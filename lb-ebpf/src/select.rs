@@ -21,7 +21,6 @@
 //! counted in `ACTIVE_FLOWS` here (a SYN counts: the agent's scan corrects
 //! handshakes that never complete).
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState, GlobalCounter,
     LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VipInfo, scheduler,
@@ -29,7 +28,7 @@ use lb_common::{
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
-    affinity,
+    affinity, clock,
     counters::count,
     half_open::{self, Recorded},
     maps::{BACKENDS, CONNTRACK, FLOW_EVENTS, sync_flows, udp_idle_timeout_ns},
@@ -78,8 +77,7 @@ enum Pinned {
 
 #[inline(always)]
 pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
-    // SAFETY: a helper without arguments or preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now_ns();
     let least_conn = vip.scheduler == scheduler::LEAST_CONN;
     if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return syn(packet, vip, now, least_conn);

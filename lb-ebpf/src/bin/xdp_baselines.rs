@@ -14,6 +14,9 @@
 //! - `bench_floor`, `bench_floor_ipip`, `bench_floor_gue`: the floor of
 //!   every DSR and tunnel path (parse, VIP lookup, then a flow lookup, or a
 //!   Maglev slot read and a flow insert; MAC swap or encapsulation);
+//! - `bench_clock_coarse`, `bench_clock_ns`, `bench_clock_jiffies`: the
+//!   MAC-swap baseline plus one clock read by each helper, to pick the
+//!   cheapest for the connection table's timestamps;
 //! - `bench_encap_ipip`, `bench_encap_gue`: parse, then the same IPIP or GUE
 //!   encapsulation as xdplb (its own header writer) to a fixed backend of
 //!   the packet's family, and XDP_TX: no lookup at all, so that xdplb's own
@@ -23,7 +26,10 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_get_smp_processor_id,
+    helpers::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -101,6 +107,39 @@ fn swap_and_tx(ctx: &XdpContext) -> u32 {
     let eth = unsafe { &mut *(start as *mut EthHdr) };
     core::mem::swap(&mut eth.dst_addr, &mut eth.src_addr);
     xdp_action::XDP_TX
+}
+
+/// Where the clock baselines leave their reading, so that it is not
+/// optimised away.
+#[map]
+static CLOCK_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn clock_and_tx(ctx: &XdpContext, read: fn() -> u64) -> u32 {
+    if !matches!(parse::parse(ctx), parse::Parsed::Packet(_)) {
+        return xdp_action::XDP_PASS;
+    }
+    if let Some(sink) = CLOCK_SINK.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot: no other CPU writes it.
+        unsafe { *sink = read() };
+    }
+    swap_and_tx(ctx)
+}
+
+#[xdp]
+pub fn bench_clock_coarse(ctx: XdpContext) -> u32 {
+    // SAFETY: helpers without arguments or preconditions (also below).
+    clock_and_tx(&ctx, || unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+#[xdp]
+pub fn bench_clock_ns(ctx: XdpContext) -> u32 {
+    clock_and_tx(&ctx, || unsafe { bpf_ktime_get_ns() })
+}
+
+#[xdp]
+pub fn bench_clock_jiffies(ctx: XdpContext) -> u32 {
+    clock_and_tx(&ctx, || unsafe { bpf_jiffies64() })
 }
 
 #[xdp]

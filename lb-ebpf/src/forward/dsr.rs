@@ -27,9 +27,8 @@ pub fn set_macs(ctx: &XdpContext, backend: &Backend) -> bool {
         // Unreachable after a successful parse; keeps the verifier informed.
         return false;
     }
-    // SAFETY: the Ethernet header was bounds-checked against data_end just above.
-    let eth = unsafe { &mut *(start as *mut EthHdr) };
-    eth.dst_addr = backend.dst_mac;
-    eth.src_addr = backend.src_mac;
+    // SAFETY: the Ethernet header was bounds-checked against data_end just
+    // above; the addresses are in a map value.
+    unsafe { lb_ebpf::eth::set_addresses(start, &backend.dst_mac, &backend.src_mac) };
     true
 }

@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_fib_lookup, xdp_action},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -59,13 +59,13 @@ pub fn translate(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &B
     };
     // SAFETY: this CPU's scratch slot; nothing else uses it during this packet.
     let scratch = unsafe { &mut *scratch };
-    // SAFETY: a helper without arguments or preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now_ns();
     let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     match NAT_FLOWS.get_ptr_mut(&packet.flow) {
         // SAFETY: a pointer to a live entry; plain words, written whole.
         Some(entry) if unsafe { (*entry).backend_id } == backend_id => unsafe {
-            scratch.flow = *entry;
+            // Not `scratch.flow = *entry`: see `copy_address`.
+            core::ptr::copy_nonoverlapping(entry, &mut scratch.flow, 1);
             if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && scratch.flow.flags & FLOW_F_FINISHED != 0 {
                 // The client opens a new connection on the five-tuple of one
                 // that ended: it keeps the translation, which lives again.
@@ -176,12 +176,13 @@ fn allocate(
             let _ = NAT_REPLIES.insert(&scratch.key, &scratch.reply, 0);
         }
     } else {
-        scratch.key.dst = if pool.source_count == 0 {
-            backend.tunnel_src
+        let source = if pool.source_count == 0 {
+            &backend.tunnel_src
         } else {
             let index = (flow_hash(flow) % pool.source_count) as usize & (MAX_NAT_SOURCES - 1);
-            pool.sources[index]
+            &pool.sources[index]
         };
+        copy_address(&mut scratch.key.dst, source);
         // SAFETY: a helper without arguments or preconditions.
         let start = unsafe { bpf_get_prandom_u32() };
         let tries = attempts(pool.port_count);
@@ -237,8 +238,7 @@ fn to_client(ctx: &XdpContext, packet: &Packet, entry: *mut NatReply) -> u32 {
     // SAFETY: a pointer to a live map entry; plain words, and only this
     // flow's replies write its timestamp and flags.
     let reply = unsafe { &mut *entry };
-    // SAFETY: a helper without arguments or preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now_ns();
     let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     if now.wrapping_sub(reply.last_seen_ns) > LAST_SEEN_REFRESH_NS || (finishing && reply.flags & FLOW_F_FINISHED == 0)
     {
@@ -285,8 +285,11 @@ fn send_to_client(
         params.__bindgen_anon_3.ipv6_src = [reply.vip[0], 0, 0, 0];
         params.__bindgen_anon_4.ipv6_dst = [reply.client[0], 0, 0, 0];
     } else {
-        params.__bindgen_anon_3.ipv6_src = reply.vip;
-        params.__bindgen_anon_4.ipv6_dst = reply.client;
+        // SAFETY: writes to the scratch slot's plain words.
+        unsafe {
+            copy_address(&mut params.__bindgen_anon_3.ipv6_src, &reply.vip);
+            copy_address(&mut params.__bindgen_anon_4.ipv6_dst, &reply.client);
+        }
     }
     // SAFETY: the context is this program's; params is a writable `bpf_fib_lookup`.
     let rc =
@@ -301,11 +304,9 @@ fn send_to_client(
     if start + 12 > ctx.data_end() {
         return xdp_action::XDP_DROP;
     }
-    // SAFETY: the Ethernet addresses were bounds-checked just above.
-    unsafe {
-        *(start as *mut [u8; 6]) = params.dmac;
-        *((start + 6) as *mut [u8; 6]) = params.smac;
-    }
+    // SAFETY: the Ethernet addresses were bounds-checked just above; the
+    // new ones are on the stack.
+    unsafe { lb_ebpf::eth::set_addresses(start, &params.dmac, &params.smac) };
     if params.ifindex == ctx.ingress_ifindex() as u32 {
         count(GlobalCounter::ActionTx);
         return xdp_action::XDP_TX;
@@ -560,4 +561,14 @@ unsafe fn read128(at: usize) -> [u32; 4] {
 unsafe fn read16(at: usize) -> u16 {
     // SAFETY: the caller checked the bounds.
     u16::from_ne_bytes(unsafe { core::ptr::read_unaligned(at as *const [u8; 2]) })
+}
+
+/// `*dst = *src` between map values, without the byte-loop `memmove`
+/// subprogram the compiler calls for an assignment it cannot prove
+/// non-overlapping: four word loads and stores.
+#[inline(always)]
+fn copy_address(dst: &mut [u32; 4], src: &[u32; 4]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = *s;
+    }
 }

@@ -2,6 +2,7 @@
 //! map writes, the one writer that applies them, the readers, and the
 //! program's loading, attaching and pinning.
 
+mod batch;
 pub mod memory;
 mod outgrown;
 pub mod pins;

@@ -20,18 +20,28 @@ pub trait WriteTarget {
     /// Applies one write. For `SetRingSlots`, `Err` carries how many slots
     /// were written before the failure.
     fn write(&mut self, write: &MapWrite) -> Result<(), Refused>;
+
+    /// Applies consecutive `SetBackend` writes, at once where the target
+    /// can. `Err` carries how many of them were written before the failure.
+    fn set_backends(&mut self, run: &[MapWrite]) -> Result<(), Refused> {
+        for (written, write) in run.iter().enumerate() {
+            self.write(write).map_err(|refused| Refused { written, ..refused })?;
+        }
+        Ok(())
+    }
 }
 
-/// Why the kernel refused a write, and how far a multi-slot write got.
+/// Why the kernel refused a write, and how far a write of many elements
+/// got (the slots of a `SetRingSlots`, the writes of a `set_backends` run).
 #[derive(Debug)]
 pub struct Refused {
     pub error: anyhow::Error,
-    pub slots_written: usize,
+    pub written: usize,
 }
 
 impl Refused {
     pub fn new(error: impl Into<anyhow::Error>) -> Self {
-        Self { error: error.into(), slots_written: 0 }
+        Self { error: error.into(), written: 0 }
     }
 }
 
@@ -53,21 +63,29 @@ impl fmt::Display for WriteFailure {
     }
 }
 
-/// Executes `writes` in order against `target`.
+/// Executes `writes` in order against `target` (consecutive backend writes
+/// as one `set_backends` run).
 pub fn apply(target: &mut impl WriteTarget, writes: &[MapWrite]) -> Result<(), WriteFailure> {
-    for (i, write) in writes.iter().enumerate() {
-        let Err(refused) = target.write(write) else {
+    let is_backend = |w: &MapWrite| matches!(w, MapWrite::SetBackend { .. });
+    let mut i = 0;
+    while i < writes.len() {
+        let run = writes[i..].iter().take_while(|w| is_backend(w)).count();
+        let result = if run > 1 { target.set_backends(&writes[i..i + run]) } else { target.write(&writes[i]) };
+        let Err(refused) = result else {
+            i += run.max(1);
             continue;
         };
-        let mut unapplied = Vec::with_capacity(writes.len() - i);
+        // The refused write: a run's first unwritten backend.
+        let at = if run > 1 { i + refused.written.min(run - 1) } else { i };
+        let write = &writes[at];
+        let mut unapplied = Vec::with_capacity(writes.len() - at);
         unapplied.push(match write {
-            MapWrite::SetRingSlots { vip_id, slots } => MapWrite::SetRingSlots {
-                vip_id: *vip_id,
-                slots: slots[refused.slots_written.min(slots.len())..].to_vec(),
-            },
+            MapWrite::SetRingSlots { vip_id, slots } => {
+                MapWrite::SetRingSlots { vip_id: *vip_id, slots: slots[refused.written.min(slots.len())..].to_vec() }
+            }
             other => other.clone(),
         });
-        unapplied.extend_from_slice(&writes[i + 1..]);
+        unapplied.extend_from_slice(&writes[at + 1..]);
         return Err(WriteFailure { message: format!("{}: {:#}", describe(write), refused.error), unapplied });
     }
     Ok(())
@@ -83,14 +101,35 @@ impl WriteTarget for Dataplane {
                 let base = vip_id * self.params.ring_size;
                 let mut table = self.ring_slots().map_err(Refused::new)?;
                 for (written, (slot, backend_id)) in slots.iter().enumerate() {
-                    table
-                        .set((base + slot) as usize, *backend_id)
-                        .map_err(|error| Refused { error, slots_written: written })?;
+                    table.set((base + slot) as usize, *backend_id).map_err(|error| Refused { error, written })?;
                 }
                 Ok(())
             }
             other => self.write_one(other).map_err(Refused::new),
         }
+    }
+
+    /// One `BPF_MAP_UPDATE_BATCH` for the run.
+    fn set_backends(&mut self, run: &[MapWrite]) -> Result<(), Refused> {
+        #[cfg(feature = "test-hooks")]
+        refuse_if_asked()?;
+        use std::os::fd::AsFd as _;
+        let (ids, backends): (Vec<u32>, Vec<Backend>) = run
+            .iter()
+            .filter_map(|w| match w {
+                MapWrite::SetBackend { id, backend } => Some((*id, *backend)),
+                _ => None,
+            })
+            .unzip();
+        if ids.len() != run.len() {
+            return Err(Refused::new(anyhow::anyhow!("a backend run holds another kind of write")));
+        }
+        let name = map_names::BACKENDS;
+        let Some(aya::maps::Map::Array(data)) = self.ebpf.map(name) else {
+            return Err(Refused::new(anyhow::anyhow!("map {name} missing from object")));
+        };
+        super::batch::update_array(data.fd().as_fd(), &ids, &backends)
+            .map_err(|(written, error)| Refused { error: error.into(), written })
     }
 }
 
@@ -289,7 +328,7 @@ mod tests {
                         self.rings.insert(vip_id * RING + slot, *id);
                     }
                     if failing {
-                        return Err(Refused { error: anyhow::anyhow!("injected failure"), slots_written: written });
+                        return Err(Refused { error: anyhow::anyhow!("injected failure"), written });
                     }
                 }
                 MapWrite::SetVip { key, info } => {
@@ -379,6 +418,56 @@ mod tests {
         // Nothing left to write once converged.
         assert_eq!(r.plan(&second).0, vec![], "the record matches the maps");
         reconciles
+    }
+
+    /// A target that writes backend runs at once, as the kernel's batch
+    /// does: it refuses the run's element `fail_at`, after writing those
+    /// before it.
+    struct BatchMaps {
+        inner: FakeMaps,
+        runs: Vec<usize>,
+        fail_at: Option<usize>,
+    }
+
+    impl WriteTarget for BatchMaps {
+        fn write(&mut self, write: &MapWrite) -> Result<(), Refused> {
+            self.inner.write(write)
+        }
+
+        fn set_backends(&mut self, run: &[MapWrite]) -> Result<(), Refused> {
+            self.runs.push(run.len());
+            let written = self.fail_at.take().unwrap_or(run.len()).min(run.len());
+            for write in &run[..written] {
+                self.inner.write(write)?;
+            }
+            if written < run.len() {
+                return Err(Refused { error: anyhow::anyhow!("injected failure"), written });
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn consecutive_backend_writes_go_as_one_run_and_a_refusal_inside_it_holds_back_the_rest() {
+        let mut r = Reconciler::new(RING, 4);
+        let web = service("web", "198.18.0.100:80", &[(11, 1), (12, 1), (13, 2), (14, 1)]);
+        let (writes, errors) = r.plan(std::slice::from_ref(&web));
+        assert!(errors.is_empty(), "{errors:?}");
+        let backend_writes: Vec<&MapWrite> =
+            writes.iter().filter(|w| matches!(w, MapWrite::SetBackend { .. })).collect();
+        assert_eq!(backend_writes.len(), 4);
+
+        let mut whole = BatchMaps { inner: FakeMaps::default(), runs: vec![], fail_at: None };
+        apply(&mut whole, &writes).unwrap();
+        assert_eq!(whole.runs, vec![4], "the four backends in one run");
+
+        let mut refused = BatchMaps { inner: FakeMaps::default(), runs: vec![], fail_at: Some(2) };
+        let failure = apply(&mut refused, &writes).unwrap_err();
+        assert_eq!(refused.inner.backends.len(), 2, "the two before the refusal are written");
+        assert_eq!(&failure.unapplied[0], backend_writes[2], "the refused backend is the first held back");
+        let first_held = writes.iter().position(|w| w == backend_writes[2]).unwrap();
+        assert_eq!(failure.unapplied, writes[first_held..].to_vec(), "it and everything after it");
+        assert!(failure.message.contains("injected failure"), "{}", failure.message);
     }
 
     #[test]

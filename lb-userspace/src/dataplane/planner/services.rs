@@ -34,6 +34,9 @@ impl Reconciler {
             retiring.push(service.backends.remove(&address).expect("listed above"));
         }
         let mut members = Vec::new();
+        // After the egress devices they use, one run: the writer sends a
+        // run of backends to the kernel in one call.
+        let mut backend_writes = Vec::new();
         for (address, backend) in &resolved {
             let id = match service.backends.get(address) {
                 Some(id) => *id,
@@ -55,7 +58,7 @@ impl Reconciler {
             let slot = backend_slot(*address, path, backend, desired, service.vip_id);
             if self.backends.get(&id) != Some(&slot) {
                 self.backends.insert(id, slot);
-                writes.push(MapWrite::SetBackend { id, backend: slot });
+                backend_writes.push(MapWrite::SetBackend { id, backend: slot });
             }
             members.push(MaglevBackend {
                 id,
@@ -63,6 +66,7 @@ impl Reconciler {
                 weight: backend.weight,
             });
         }
+        writes.append(&mut backend_writes);
 
         // The translation settings before anything can reach the VIP.
         let pool = desired.nat.as_ref().map(nat_pool);
