@@ -128,8 +128,19 @@ impl WriteTarget for Dataplane {
         let Some(aya::maps::Map::Array(data)) = self.ebpf.map(name) else {
             return Err(Refused::new(anyhow::anyhow!("map {name} missing from object")));
         };
-        super::batch::update_array(data.fd().as_fd(), &ids, &backends)
-            .map_err(|(written, error)| Refused { error: error.into(), written })
+        match super::batch::update_array(data.fd().as_fd(), &ids, &backends) {
+            Ok(()) => Ok(()),
+            // Refused before any element: a kernel without batch operations
+            // on arrays (before 5.6), or the first backend itself. One write
+            // per backend tells which, and names the backend if it is one.
+            Err((0, _)) => {
+                for (written, write) in run.iter().enumerate() {
+                    self.write_one(write).map_err(|error| Refused { error, written })?;
+                }
+                Ok(())
+            }
+            Err((written, error)) => Err(Refused { error: error.into(), written }),
+        }
     }
 }
 
