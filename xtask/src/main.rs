@@ -7,6 +7,7 @@
 //!   cargo xtask demo    setup, build, then the namespace demo with traffic
 //!   cargo xtask bench   benchmarks side by side; target/bench/report.md
 //!   cargo xtask package the Debian package (target/debian/xdplb_*.deb)
+mod older_release;
 mod package;
 mod setup;
 
@@ -74,7 +75,8 @@ fn main() -> Result<()> {
             // keeps timings honest. The package is built first: its tests
             // (tests/units.rs) check the .deb itself.
             let deb = package::run(&root)?;
-            test(&root, &deb)
+            let older = older_release::binary(&root)?;
+            test(&root, &deb, older.as_deref())
         }
         Task::Package => {
             setup::run()?;
@@ -105,17 +107,57 @@ fn main() -> Result<()> {
     }
 }
 
-/// `cargo test` on every default member, echoing its output, then one
-/// closing line with the totals over all test binaries.
-fn test(root: &Path, deb: &Path) -> Result<()> {
+/// `cargo test` on every default member, echoing its output; then, when an
+/// older binary is at hand, the upgrade-from-an-older-release test the first
+/// run skipped. One closing line with the totals over both.
+fn test(root: &Path, deb: &Path, older: Option<&Path>) -> Result<()> {
+    let mut totals = cargo_test(root, &[("XDPLB_DEB", deb)], &["--", "--test-threads=1"])?;
+    if let Some(older) = older {
+        let upgrade = cargo_test(
+            root,
+            &[("XDPLB_UPGRADE_FROM", older)],
+            &["--package", "lb-userspace", "--test", "netns", "--", "--ignored", "--exact", UPGRADE_TEST],
+        )?;
+        if upgrade.passed + upgrade.failed != 1 {
+            bail!("the run of {UPGRADE_TEST} ran {} tests, not 1", upgrade.passed + upgrade.failed);
+        }
+        totals.ignored = totals.ignored.saturating_sub(1);
+        totals.passed += upgrade.passed;
+        totals.failed += upgrade.failed;
+        totals.success &= upgrade.success;
+    }
+    println!("tests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    if !totals.success {
+        bail!("cargo test failed");
+    }
+    if totals.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// The test the first run skips for want of an older binary.
+const UPGRADE_TEST: &str = "upgrade_from_an_older_release_keeps_flows_and_moves_the_state_it_reshaped";
+
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    success: bool,
+}
+
+/// One `cargo test --features lb-userspace/test-hooks ARGS`, its output
+/// echoed and its "test result:" lines summed.
+fn cargo_test(root: &Path, env: &[(&str, &Path)], args: &[&str]) -> Result<Totals> {
     let mut child = Command::new("cargo")
         .current_dir(root)
-        .env("XDPLB_DEB", deb)
-        .args(["test", "--features", "lb-userspace/test-hooks", "--", "--test-threads=1"])
+        .envs(env.iter().copied())
+        .args(["test", "--features", "lb-userspace/test-hooks"])
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut totals = Totals { passed: 0, failed: 0, ignored: 0, success: false };
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
@@ -128,22 +170,15 @@ fn test(root: &Path, deb: &Path) -> Result<()> {
                 continue;
             };
             match what {
-                "passed" => passed += n,
-                "failed" => failed += n,
-                "ignored" => ignored += n,
+                "passed" => totals.passed += n,
+                "failed" => totals.failed += n,
+                "ignored" => totals.ignored += n,
                 _ => {}
             }
         }
     }
-    let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
-    if !status.success() {
-        bail!("cargo test failed with {status}");
-    }
-    if passed == 0 {
-        bail!("cargo test ran no test");
-    }
-    Ok(())
+    totals.success = child.wait()?.success();
+    Ok(totals)
 }
 
 fn bench(root: &Path, quick: bool) -> Result<()> {

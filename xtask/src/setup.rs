@@ -28,8 +28,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("test -e /usr/include/fontconfig/fontconfig.h", "libfontconfig1-dev"),
     ("test -e /usr/include/freetype2/ft2build.h", "libfreetype-dev"),
     ("test -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
-    // etcd-client compiles etcd's gRPC definitions with protoc at build time.
+    // etcd-client compiles etcd's gRPC definitions with protoc at build time;
+    // they import protobuf's well-known types (a Recommends we do not take).
     ("command -v protoc", "protobuf-compiler"),
+    ("test -e /usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
     // The discovery tests run a real etcd (server and etcdctl).
     ("command -v etcd", "etcd-server"),
     ("command -v etcdctl", "etcd-client"),
