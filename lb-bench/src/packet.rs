@@ -23,6 +23,7 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
+use lb_common::{FlowKey, NatFlow, NatReply};
 use xdplb::{
     config::{Forwarding, Protocol, Scheduler},
     dataplane::planner::Reconciler,
@@ -34,6 +35,9 @@ use xdplb::{
 use crate::{frames, stats::Samples};
 
 pub const RING: u32 = lb_common::DEFAULT_RING_SIZE;
+/// XDP actions (uapi `enum xdp_action`).
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 /// New NAT flows measured per round: under half the default NAT tables, so
 /// that the cost measured is an allocation, not a full table.
 const NAT_NEW_FLOWS_PER_ROUND: u32 = 100_000;
@@ -74,6 +78,8 @@ pub struct NatFixture {
     /// How many `nat_source` addresses (0: the route source).
     pub sources: u8,
     pub prime: Option<fn() -> Vec<u8>>,
+    /// Backend → client (a reply to the primed flow), not client → backend.
+    pub reply: bool,
     /// Calls per round at most: every new flow keeps its translation (the
     /// agent's expiry does not run here), so a round must fit the tables.
     pub max_calls: u32,
@@ -176,11 +182,13 @@ pub fn fixtures() -> Vec<Fixture> {
         nat: Some(nat),
         variant: Variant::Default,
     };
-    let pool = NatFixture { ports: "1024-65535", sources: 8, prime: None, max_calls: NAT_NEW_FLOWS_PER_ROUND };
+    let pool =
+        NatFixture { ports: "1024-65535", sources: 8, prime: None, reply: false, max_calls: NAT_NEW_FLOWS_PER_ROUND };
     let one_port = NatFixture {
         ports: "40000-40000",
         sources: 0,
         prime: Some(|| frames::tcp4(40050, frames::SYN)),
+        reply: true,
         max_calls: NAT_NEW_FLOWS_PER_ROUND,
     };
     list.extend([
@@ -219,12 +227,10 @@ pub const PROGRAMS: [&str; 10] = [
 ];
 
 /// Whether `program` is measured on `fixture`: the encapsulation baseline
-/// only on the tunnel fixtures, the floor on DSR and tunnel ones (NAT has
-/// none yet), which they match.
+/// only on the tunnel fixtures, which it matches.
 fn applies(program: &str, fixture: &Fixture) -> bool {
     match program {
         "parse_encap_tx" => fixture.forwarding.is_tunnel(),
-        "floor" => fixture.forwarding != Forwarding::Nat,
         // What a clock read costs does not depend on the packet.
         "swap_plus_coarse_clock" | "swap_plus_ns_clock" | "swap_plus_jiffies" => fixture.name == "tcp_ack_established",
         _ => true,
@@ -232,12 +238,12 @@ fn applies(program: &str, fixture: &Fixture) -> bool {
 }
 
 /// Idle veths the programs are attached to (`xb0`..).
-const VETHS: usize = 15;
+const VETHS: usize = 17;
 
 impl Programs {
     /// Must run on a thread that has its own network namespace.
     pub fn new() -> Result<Self> {
-        // One idle veth per program: xb0..xb14, each with its peer xbNp.
+        // One idle veth per program: xb0..xb16, each with its peer xbNp.
         let ip = |args: &[&str]| -> Result<()> {
             let status = Command::new("ip").args(args).status().context("ip")?;
             if !status.success() {
@@ -282,6 +288,8 @@ impl Programs {
             ("bench_clock_coarse", "xb12"),
             ("bench_clock_ns", "xb13"),
             ("bench_clock_jiffies", "xb14"),
+            ("bench_floor_nat", "xb15"),
+            ("bench_floor_nat_reply", "xb16"),
         ] {
             let program: &mut Xdp = baselines.program_mut(name).context("baseline")?.try_into()?;
             program.load()?;
@@ -347,8 +355,10 @@ impl Programs {
         self.xdplb_synced.apply(&writes)?;
         if let Some(nat) = fixture.nat {
             // Every NAT fixture starts from empty tables (the agent's expiry
-            // does not run here), then makes the translations it needs.
+            // does not run here), then makes the translations it needs; so
+            // does its floor.
             self.xdplb.clear_nat_tables()?;
+            self.clear_floor_nat_tables()?;
             if let Some(prime) = nat.prime {
                 let mut out = vec![0u8; 512];
                 let frame = prime();
@@ -360,6 +370,21 @@ impl Programs {
             }
         }
         Ok(())
+    }
+
+    /// Empties the NAT floor's tables, as `clear_nat_tables` does xdplb's.
+    fn clear_floor_nat_tables(&mut self) -> Result<()> {
+        fn clear<V: aya::Pod>(baselines: &mut Ebpf, name: &str) -> Result<()> {
+            let map = baselines.map_mut(name).with_context(|| format!("{name} missing from the baselines"))?;
+            let mut table: aya::maps::HashMap<_, FlowKey, V> = aya::maps::HashMap::try_from(map)?;
+            let keys: Vec<FlowKey> = table.keys().collect::<Result<_, _>>()?;
+            for key in keys {
+                table.remove(&key)?;
+            }
+            Ok(())
+        }
+        clear::<NatFlow>(&mut self.baselines, "FLOOR_NAT_FLOWS")?;
+        clear::<NatReply>(&mut self.baselines, "FLOOR_NAT_REPLIES")
     }
 
     fn program(&self, which: &str, fixture: &Fixture) -> Result<&Xdp> {
@@ -378,9 +403,11 @@ impl Programs {
             "swap_plus_ns_clock" => self.baselines.program("bench_clock_ns").context("clock")?.try_into()?,
             "swap_plus_jiffies" => self.baselines.program("bench_clock_jiffies").context("clock")?.try_into()?,
             "floor" => {
-                let name = match fixture.forwarding {
-                    Forwarding::Ipip => "bench_floor_ipip",
-                    Forwarding::Gue => "bench_floor_gue",
+                let name = match (fixture.forwarding, fixture.nat) {
+                    (Forwarding::Ipip, _) => "bench_floor_ipip",
+                    (Forwarding::Gue, _) => "bench_floor_gue",
+                    (Forwarding::Nat, Some(nat)) if nat.reply => "bench_floor_nat_reply",
+                    (Forwarding::Nat, _) => "bench_floor_nat",
                     _ => "bench_floor",
                 };
                 self.baselines.program(name).context("floor")?.try_into()?
@@ -397,7 +424,17 @@ impl Programs {
         for i in 0..iterations {
             let frame = (fixture.frame)(offset.wrapping_add(i));
             let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() };
-            total += program.test_run(opts)?.duration;
+            let run = program.test_run(opts)?;
+            // A floor that passed or dropped the frame measured a shorter
+            // path than its fixture's, and would flatter xdplb.
+            if which == "floor" && ![XDP_TX, XDP_REDIRECT].contains(&run.return_value) {
+                bail!(
+                    "the floor returned XDP action {} on {} (call {i}): not its path",
+                    run.return_value,
+                    fixture.name
+                );
+            }
+            total += run.duration;
         }
         Ok(total.as_nanos() as f64 / iterations as f64)
     }

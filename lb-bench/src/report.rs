@@ -93,7 +93,7 @@ fn flavours(md: &mut String, r: &Report) -> Result<()> {
     Ok(())
 }
 
-/// Section 1b: every DSR fixture against the floor program of its path.
+/// Section 1b: every fixture against the floor program of its path.
 fn floors(md: &mut String, r: &Report) -> Result<()> {
     writeln!(
         md,
@@ -105,8 +105,11 @@ fn floors(md: &mut String, r: &Report) -> Result<()> {
         "The floor program does the least a stateful balancer does on the fixture's path, with xdplb's parser and map \
          shapes and sizes: parse, one VIP lookup, then for a SYN a Maglev slot read and a flow insert, for any other \
          packet one flow lookup (a slot read and an insert when the flow is new), and a MAC swap (tunnel fixtures: \
-         the same encapsulation as xdplb). Its table is warmed like xdplb's. NAT has no floor program yet. Net ns \
-         (minus XDP_DROP). Goal: xdplb ≤ 1.15× its floor.\n"
+         the same encapsulation as xdplb). Its table is warmed like xdplb's. NAT's floor, client → backend: one \
+         lookup of the flow's translation (for a SYN or a flow without one: a slot read, a reply entry inserted to \
+         reserve a source port, the translation inserted), then the same rewrite as xdplb and a MAC swap; backend → \
+         client: a VIP miss, the reply entry, the rewrite, the kernel's FIB for the client's next hop. Its NAT tables \
+         are emptied with xdplb's before each NAT fixture. Net ns (minus XDP_DROP). Goal: xdplb ≤ 1.15× its floor.\n"
     )?;
     writeln!(md, "| fixture | backends | xdplb net ns | floor net ns | xdplb − floor ns | **xdplb / floor** |")?;
     writeln!(md, "|---|---:|---:|---:|---:|---:|")?;

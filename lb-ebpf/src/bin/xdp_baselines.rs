@@ -14,6 +14,9 @@
 //! - `bench_floor`, `bench_floor_ipip`, `bench_floor_gue`: the floor of
 //!   every DSR and tunnel path (parse, VIP lookup, then a flow lookup, or a
 //!   Maglev slot read and a flow insert; MAC swap or encapsulation);
+//! - `bench_floor_nat`, `bench_floor_nat_reply`: the floor of each NAT
+//!   direction (a translation looked up or made, the rewrite; the reply's
+//!   next hop from the kernel's FIB);
 //! - `bench_clock_coarse`, `bench_clock_ns`, `bench_clock_jiffies`: the
 //!   MAC-swap baseline plus one clock read by each helper, to pick the
 //!   cheapest for the connection table's timestamps;
@@ -25,20 +28,23 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_NOEXIST, bpf_fib_lookup, xdp_action},
     helpers::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+        generated::{
+            bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect,
+        },
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    BPF_F_NO_COMMON_LRU, Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, DEFAULT_RING_SIZE, FAMILY_IPV4,
-    FLOW_TABLE_FLAGS, FlowKey, FlowState, MAX_VIPS, SLOTS_PER_ELEMENT, VipInfo, VipKey, flow_hash, forwarding,
+    BPF_F_NO_COMMON_LRU, Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, DEFAULT_NAT_TABLE_SIZE, DEFAULT_RING_SIZE,
+    FAMILY_IPV4, FLOW_TABLE_FLAGS, FlowKey, FlowState, MAX_VIPS, NatFlow, NatReply, NatScratch, SLOTS_PER_ELEMENT,
+    VipInfo, VipKey, flow_hash, forwarding,
 };
-use lb_ebpf::{encap, parse};
+use lb_ebpf::{encap, parse, rewrite};
 use network_types::eth::EthHdr;
 
 /// Frames seen by `sink`, per CPU.
@@ -96,6 +102,11 @@ static ANATOMY_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VI
 #[map]
 static ANATOMY_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, FLOW_TABLE_FLAGS);
+
+/// The baselines keep no time. Their entries' timestamps are this, not 0:
+/// LLVM turns 16 zero bytes in a row into a byte-loop `memset` call per
+/// insert, which xdplb (whose timestamps are the clock's) never makes.
+const UNTIMED: u64 = u64::MAX;
 
 #[inline(always)]
 fn swap_and_tx(ctx: &XdpContext) -> u32 {
@@ -166,7 +177,9 @@ fn flow_lookup_and_tx(ctx: &XdpContext, table: &LruHashMap<FlowKey, FlowState>) 
     let parse::Parsed::Packet(packet) = parse::parse(ctx) else { return xdp_action::XDP_PASS };
     // SAFETY: a hash lookup whose value is not used.
     if unsafe { table.get(&packet.flow) }.is_none() {
-        let _ = table.insert(&packet.flow, &FlowState::default(), 0);
+        // Not `FlowState::default()`: see `UNTIMED`.
+        let state = FlowState { backend_id: 0, flags: 0, last_seen_ns: UNTIMED };
+        let _ = table.insert(&packet.flow, &state, 0);
     }
     swap_and_tx(ctx)
 }
@@ -246,20 +259,193 @@ pub fn bench_floor_gue(ctx: XdpContext) -> u32 {
 /// The floor's VIP lookup and connection-table step.
 #[inline(always)]
 fn floor_select(packet: &parse::Packet) {
+    floor_vip(packet);
+    let f = &packet.flow;
+    let syn = packet.tcp_flags & parse::TCP_SYN != 0;
+    // SAFETY: a hash lookup whose value is not used.
+    if syn || unsafe { FLOOR_FLOWS.get(f) }.is_none() {
+        let backend_id = floor_slot(f);
+        let _ = FLOOR_FLOWS.insert(f, &FlowState { backend_id, flags: 0, last_seen_ns: UNTIMED }, 0);
+    }
+}
+
+/// The floor's VIP lookup (the packet's VIP is added when missing, as a
+/// configured VIP would be there).
+#[inline(always)]
+fn floor_vip(packet: &parse::Packet) {
     let f = &packet.flow;
     let key = VipKey { addr: f.dst, port: f.dport, proto: f.proto, family: f.family };
     // SAFETY: a hash lookup whose value outlives this run; it is only read.
     if unsafe { ANATOMY_VIPS.get(&key) }.is_none() {
         let _ = ANATOMY_VIPS.insert(&key, &VipInfo::default(), 0);
     }
-    let syn = packet.tcp_flags & parse::TCP_SYN != 0;
-    // SAFETY: as above.
-    if syn || unsafe { FLOOR_FLOWS.get(f) }.is_none() {
-        let slot = flow_hash(f) % DEFAULT_RING_SIZE;
-        let Some(group) = FLOOR_SLOTS.get(slot / SLOTS_PER_ELEMENT) else { return };
-        let backend_id = u32::from(group[(slot % SLOTS_PER_ELEMENT) as usize]);
-        let _ = FLOOR_FLOWS.insert(f, &FlowState { backend_id, ..FlowState::default() }, 0);
+}
+
+/// The backend in the flow's slot of the floor's Maglev table.
+#[inline(always)]
+fn floor_slot(f: &FlowKey) -> u32 {
+    let slot = flow_hash(f) % DEFAULT_RING_SIZE;
+    FLOOR_SLOTS.get(slot / SLOTS_PER_ELEMENT).map_or(0, |group| u32::from(group[(slot % SLOTS_PER_ELEMENT) as usize]))
+}
+
+/// The NAT floors' tables: xdplb's shapes, sizes and flavour (the benchmark
+/// empties them with xdplb's before each NAT fixture).
+#[map]
+static FLOOR_NAT_FLOWS: HashMap<FlowKey, NatFlow> = HashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, 0);
+#[map]
+static FLOOR_NAT_REPLIES: HashMap<FlowKey, NatReply> = HashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, 0);
+
+/// The benchmark's NAT addresses, network byte order: the backend the
+/// floor translates to, its NAT source, and the client and VIP of the
+/// reply fixture's flow (what xdplb's fixtures configure).
+const FLOOR_NAT_BACKEND: u32 = u32::from_ne_bytes([198, 18, 1, 11]);
+const FLOOR_NAT_SOURCE: u32 = u32::from_ne_bytes([198, 18, 2, 1]);
+const FLOOR_NAT_CLIENT: u32 = u32::from_ne_bytes([198, 18, 2, 2]);
+const FLOOR_NAT_VIP: u32 = u32::from_ne_bytes([198, 18, 0, 100]);
+/// The reply fixture's client port (the flow xdplb's fixture primes).
+const FLOOR_NAT_CLIENT_PORT: u16 = 40050;
+
+/// NAT, client → backend, at least: parse, look the VIP up, then the
+/// flow's translation (one lookup), or for a SYN or a flow without one a
+/// Maglev slot, one source port reserved by inserting its reply entry, and
+/// the translation inserted; then rewrite (addresses, ports, checksums),
+/// swap the MACs, XDP_TX. IPv4 (the NAT fixtures').
+#[xdp]
+pub fn bench_floor_nat(ctx: XdpContext) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    floor_vip(&packet);
+    let f = &packet.flow;
+    let syn = packet.tcp_flags & (parse::TCP_SYN | parse::TCP_ACK) == parse::TCP_SYN;
+    let known = if syn { None } else { FLOOR_NAT_FLOWS.get_ptr(f) };
+    let (nat_addr, nat_port) = match known {
+        // SAFETY: a pointer to a live entry; plain words.
+        Some(entry) => unsafe { ((*entry).nat_addr[0], (*entry).nat_port) },
+        None => {
+            // As xdplb: the new entries are built in a per-CPU scratch slot
+            // (built on the stack, their zero words become `memset` calls).
+            let Some(scratch) = FLOOR_NAT_SCRATCH.get_ptr_mut(0) else { return xdp_action::XDP_DROP };
+            // SAFETY: this CPU's slot; nothing else uses it during this packet.
+            let scratch = unsafe { &mut *scratch };
+            let backend_id = floor_slot(f);
+            // SAFETY: a helper without arguments or preconditions.
+            let port = ((1024 + unsafe { bpf_get_prandom_u32() } % 64512) as u16).to_be();
+            scratch.key = FlowKey {
+                src: [FLOOR_NAT_BACKEND, 0, 0, 0],
+                dst: [FLOOR_NAT_SOURCE, 0, 0, 0],
+                sport: f.dport,
+                dport: port,
+                proto: f.proto,
+                family: f.family,
+                _pad: [0; 2],
+            };
+            scratch.reply = NatReply {
+                client: f.src,
+                vip: f.dst,
+                client_port: f.sport,
+                vip_port: f.dport,
+                backend_id,
+                vip_id: 0,
+                flags: 0,
+                last_seen_ns: UNTIMED,
+            };
+            let _ = FLOOR_NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64);
+            scratch.flow = NatFlow {
+                nat_addr: [FLOOR_NAT_SOURCE, 0, 0, 0],
+                nat_port: port,
+                _pad: 0,
+                backend_id,
+                flags: 0,
+                _pad2: 0,
+                last_seen_ns: UNTIMED,
+            };
+            let _ = FLOOR_NAT_FLOWS.insert(f, &scratch.flow, 0);
+            (FLOOR_NAT_SOURCE, port)
+        }
+    };
+    if !rewrite::rewrite(&ctx, &packet, &[nat_addr, 0, 0, 0], nat_port, &[FLOOR_NAT_BACKEND, 0, 0, 0], f.dport) {
+        return xdp_action::XDP_DROP;
     }
+    swap_and_tx(&ctx)
+}
+
+/// The reply floor's VIP table: xdplb's shape, and empty, since a reply's
+/// destination is no VIP (`ANATOMY_VIPS` would not do: the VIP-lookup
+/// baseline adds every destination it sees, the reply's too).
+#[map]
+static FLOOR_NAT_NO_VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The NAT floors' scratch space, as xdplb's `NAT_SCRATCH`.
+#[map]
+static FLOOR_NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// NAT, backend → client, at least: parse, look the VIP up (a miss), then
+/// the reply entry (inserted by the first packet, as xdplb's fixture primes
+/// its own), rewrite to VIP → client, ask the kernel's FIB for the client's
+/// next hop, set the MACs it names and send the frame there.
+#[xdp]
+pub fn bench_floor_nat_reply(ctx: XdpContext) -> u32 {
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    let f = &packet.flow;
+    let key = VipKey { addr: f.dst, port: f.dport, proto: f.proto, family: f.family };
+    // SAFETY: a hash lookup whose value is not used.
+    if unsafe { FLOOR_NAT_NO_VIPS.get(&key) }.is_some() {
+        return xdp_action::XDP_PASS;
+    }
+    let entry = match FLOOR_NAT_REPLIES.get_ptr(f) {
+        Some(entry) => entry,
+        None => {
+            let reply = NatReply {
+                client: [FLOOR_NAT_CLIENT, 0, 0, 0],
+                vip: [FLOOR_NAT_VIP, 0, 0, 0],
+                client_port: FLOOR_NAT_CLIENT_PORT.to_be(),
+                vip_port: f.sport,
+                backend_id: 0,
+                vip_id: 0,
+                flags: 0,
+                last_seen_ns: 0,
+            };
+            let _ = FLOOR_NAT_REPLIES.insert(f, &reply, 0);
+            let Some(entry) = FLOOR_NAT_REPLIES.get_ptr(f) else { return xdp_action::XDP_DROP };
+            entry
+        }
+    };
+    // SAFETY: a pointer to a live entry; plain words, only read.
+    let (client, vip, client_port, vip_port) =
+        unsafe { ((*entry).client[0], (*entry).vip[0], (*entry).client_port, (*entry).vip_port) };
+    if !rewrite::rewrite(&ctx, &packet, &[vip, 0, 0, 0], vip_port, &[client, 0, 0, 0], client_port) {
+        return xdp_action::XDP_DROP;
+    }
+    // As xdplb: the parameters in a per-CPU scratch slot, each field the
+    // lookup reads written (a zeroed struct on the stack is a `memset` call).
+    let Some(scratch) = FLOOR_NAT_SCRATCH.get_ptr_mut(0) else { return xdp_action::XDP_DROP };
+    // SAFETY: this CPU's slot's 64 bytes are a `bpf_fib_lookup`: all zeros,
+    // or what the last lookup left, is valid.
+    let params = unsafe { &mut *((*scratch).fib.as_mut_ptr() as *mut bpf_fib_lookup) };
+    params.family = 2; // AF_INET
+    params.l4_protocol = f.proto;
+    params.sport = vip_port;
+    params.dport = client_port;
+    params.__bindgen_anon_1.tot_len = packet.ip.len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_2.flowinfo = 0;
+    params.__bindgen_anon_5.tbid = 0;
+    params.__bindgen_anon_3.ipv6_src = [vip, 0, 0, 0];
+    params.__bindgen_anon_4.ipv6_dst = [client, 0, 0, 0];
+    // SAFETY: the context is this program's; params is a writable `bpf_fib_lookup`.
+    let rc = unsafe {
+        fib_lookup(ctx.ctx as *mut _, params as *mut _ as *mut _, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    let start = ctx.data();
+    if rc != 0 || start + EthHdr::LEN > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the Ethernet header was bounds-checked just above.
+    unsafe { lb_ebpf::eth::set_addresses(start, &params.dmac, &params.smac) };
+    if params.ifindex == ctx.ingress_ifindex() as u32 {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: a helper that only records the target for this packet.
+    unsafe { bpf_redirect(params.ifindex, 0) as u32 }
 }
 
 #[xdp]
@@ -278,27 +464,43 @@ fn encap_and_tx(ctx: &XdpContext, mode: u8) -> u32 {
     encap_packet_and_tx(ctx, &packet, mode)
 }
 
+/// The tunnel baselines' backends, one per (mode, family): a map value, as
+/// xdplb's are (built on the stack, the constant addresses became `memset`
+/// calls into the frame that xdplb's own encapsulation never makes).
+#[map]
+static TUNNEL_BACKENDS: Array<Backend> = Array::with_max_entries(4, 0);
+
 #[inline(always)]
 fn encap_packet_and_tx(ctx: &XdpContext, packet: &parse::Packet, mode: u8) -> u32 {
-    let mut backend = Backend {
-        family: packet.flow.family,
-        forwarding: mode,
-        gue_port: DEFAULT_GUE_PORT.to_be(),
-        mtu: 1500,
-        ..Backend::default()
-    };
-    // 198.18.3.21 from 198.18.2.1, or 2001:db8:3::21 from 2001:db8:2::1.
-    if packet.flow.family == FAMILY_IPV4 {
+    let v4 = packet.flow.family == FAMILY_IPV4;
+    let index = u32::from(mode == forwarding::GUE) * 2 + u32::from(!v4);
+    let Some(backend) = TUNNEL_BACKENDS.get_ptr_mut(index) else { return xdp_action::XDP_DROP };
+    // SAFETY: a pointer to this map's value; the benchmark runs one packet
+    // at a time, and the first one fills the slot.
+    let backend = unsafe { &mut *backend };
+    if backend.family == 0 {
+        fill_tunnel_backend(backend, packet.flow.family, mode);
+    }
+    if !encap::encapsulate_xdp(ctx, packet, backend) {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_TX
+}
+
+/// 198.18.3.21 from 198.18.2.1, or 2001:db8:3::21 from 2001:db8:2::1.
+#[inline(never)]
+fn fill_tunnel_backend(backend: &mut Backend, family: u8, mode: u8) {
+    backend.family = family;
+    backend.forwarding = mode;
+    backend.gue_port = DEFAULT_GUE_PORT.to_be();
+    backend.mtu = 1500;
+    if family == FAMILY_IPV4 {
         backend.addr[0] = u32::from_ne_bytes([198, 18, 3, 21]);
         backend.tunnel_src[0] = u32::from_ne_bytes([198, 18, 2, 1]);
     } else {
         backend.addr = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, u32::from_ne_bytes([0, 0, 0, 0x21])];
         backend.tunnel_src = [u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]), 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
     }
-    if !encap::encapsulate_xdp(ctx, packet, &backend) {
-        return xdp_action::XDP_DROP;
-    }
-    xdp_action::XDP_TX
 }
 
 #[xdp]

@@ -12,7 +12,7 @@
 //! next hop as the kernel's FIB names it.
 //!
 //! Checksums are patched from what changed (`lb_common::nat`), never
-//! re-summed over the payload.
+//! re-summed over the payload (`lb_ebpf::rewrite`).
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_fib_lookup, xdp_action},
@@ -28,7 +28,10 @@ use lb_common::{
         ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6,
     },
 };
-use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use lb_ebpf::{
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    rewrite::{read16, read32, read128, rewrite, write},
+};
 
 use super::Prepared;
 use crate::{
@@ -40,10 +43,6 @@ const EEXIST: i32 = 17;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-/// Masks that keep header offsets provably small for the verifier (the
-/// parser already bounded them: IP at 14 or 18, L4 at most 18 + 60).
-const IP_OFFSET_MASK: usize = 0x1f;
-const L4_OFFSET_MASK: usize = 0x7f;
 
 /// Whether any NAT service exists (else replies are not looked for).
 #[inline(always)]
@@ -460,107 +459,6 @@ pub fn icmp_error(ctx: &XdpContext) -> Option<u32> {
         let icmp_proto = if v4 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
         Some(send_to_client(ctx, scratch, family, icmp_proto, reply, len))
     }
-}
-
-/// Rewrites source and destination (address and port) in place and patches
-/// the IP and L4 checksums. Ports are network byte order. `false` when the
-/// headers are not all there (the parser saw them, so never in practice).
-#[inline(always)]
-fn rewrite(ctx: &XdpContext, packet: &Packet, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16) -> bool {
-    let flow = &packet.flow;
-    let v4 = flow.family == FAMILY_IPV4;
-    let start = ctx.data();
-    let end = ctx.data_end();
-    let ip = start + (packet.ip.offset & IP_OFFSET_MASK);
-    let l4 = start + (packet.l4_offset & L4_OFFSET_MASK);
-    let removed_addresses = address_words(&flow.src) + address_words(&flow.dst);
-    let added_addresses = address_words(src) + address_words(dst);
-    let removed = removed_addresses + flow.sport as u64 + flow.dport as u64;
-    let added = added_addresses + sport as u64 + dport as u64;
-    if v4 {
-        if ip + 20 > end {
-            return false;
-        }
-        // SAFETY: the IPv4 header was bounds-checked just above; writes are
-        // unaligned-safe byte copies.
-        unsafe {
-            write(ip + 12, &src[0].to_ne_bytes());
-            write(ip + 16, &dst[0].to_ne_bytes());
-            let check = replace(read16(ip + 10), removed_addresses, added_addresses);
-            write(ip + 10, &check.to_ne_bytes());
-        }
-    } else {
-        if ip + 40 > end {
-            return false;
-        }
-        // SAFETY: the IPv6 header was bounds-checked just above.
-        unsafe {
-            for i in 0..4 {
-                write(ip + 8 + 4 * i, &src[i].to_ne_bytes());
-                write(ip + 24 + 4 * i, &dst[i].to_ne_bytes());
-            }
-        }
-    }
-    match flow.proto {
-        PROTO_TCP => {
-            if l4 + 20 > end {
-                return false;
-            }
-            // SAFETY: the TCP header was bounds-checked just above.
-            unsafe {
-                write(l4, &sport.to_ne_bytes());
-                write(l4 + 2, &dport.to_ne_bytes());
-                let check = replace(read16(l4 + 16), removed, added);
-                write(l4 + 16, &check.to_ne_bytes());
-            }
-        }
-        PROTO_UDP => {
-            if l4 + 8 > end {
-                return false;
-            }
-            // SAFETY: the UDP header was bounds-checked just above.
-            unsafe {
-                write(l4, &sport.to_ne_bytes());
-                write(l4 + 2, &dport.to_ne_bytes());
-                let check = replace_udp(read16(l4 + 6), removed, added, v4);
-                write(l4 + 6, &check.to_ne_bytes());
-            }
-        }
-        _ => return false,
-    }
-    true
-}
-
-/// # Safety
-/// `at..at + N` must be inside the packet.
-#[inline(always)]
-unsafe fn write<const N: usize>(at: usize, bytes: &[u8; N]) {
-    // SAFETY: the caller checked the bounds; byte stores need no alignment.
-    unsafe { core::ptr::write_unaligned(at as *mut [u8; N], *bytes) }
-}
-
-/// # Safety
-/// `at..at + 4` must be inside the packet.
-#[inline(always)]
-unsafe fn read32(at: usize) -> u32 {
-    // SAFETY: the caller checked the bounds.
-    u32::from_ne_bytes(unsafe { core::ptr::read_unaligned(at as *const [u8; 4]) })
-}
-
-/// # Safety
-/// `at..at + 16` must be inside the packet.
-#[inline(always)]
-unsafe fn read128(at: usize) -> [u32; 4] {
-    // SAFETY: the caller checked the bounds.
-    unsafe { [read32(at), read32(at + 4), read32(at + 8), read32(at + 12)] }
-}
-
-/// # Safety
-/// `at..at + 2` must be inside the packet.
-#[inline(always)]
-unsafe fn read16(at: usize) -> u16 {
-    // SAFETY: the caller checked the bounds.
-    u16::from_ne_bytes(unsafe { core::ptr::read_unaligned(at as *const [u8; 2]) })
 }
 
 /// `*dst = *src` between map values, without the byte-loop `memmove`
