@@ -640,6 +640,34 @@ mod tests {
     }
 
     #[test]
+    fn turning_nat_on_gives_backends_new_slots_and_retires_the_old_ones_with_their_flows() {
+        let mut r = Reconciler::new(RING, 4);
+        let dsr = service("web", &[(11, 1), (12, 1)]);
+        r.plan(std::slice::from_ref(&dsr));
+        let address = backend_address([198, 18, 1, 11]);
+        let dsr_id = r.backend_id("web", address).unwrap();
+        let mut translated = nat("web", &[]);
+        translated.backends = dsr.backends.clone();
+        let (writes, errors) = r.plan(std::slice::from_ref(&translated));
+        assert!(errors.is_empty(), "{errors:?}");
+        let nat_id = r.backend_id("web", address).unwrap();
+        assert_ne!(nat_id, dsr_id, "a DSR slot was switched to NAT under its flows");
+        assert!(r.retired().contains(&dsr_id));
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::SetBackend { id, .. } if *id == dsr_id)));
+        assert!(writes.iter().any(|w| matches!(w, MapWrite::SetBackend { id, backend }
+            if *id == nat_id && backend.forwarding == lb_common::forwarding::NAT)));
+        assert!(!ring_of(&r, "web").contains(&dsr_id));
+        // The same again: the slots stay.
+        let (writes, _) = r.plan(std::slice::from_ref(&translated));
+        assert!(writes.is_empty(), "{writes:?}");
+        // And back: new slots again, the NAT ones retired with their flows.
+        r.plan(std::slice::from_ref(&dsr));
+        let back_id = r.backend_id("web", address).unwrap();
+        assert!(![dsr_id, nat_id].contains(&back_id));
+        assert!(r.retired().contains(&nat_id));
+    }
+
+    #[test]
     fn removed_backend_is_retired_until_unreferenced() {
         let mut r = Reconciler::new(RING, 4);
         r.plan(&[service("web", &[(11, 1), (12, 1)])]);

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{VipInfo, scheduler};
+use lb_common::{VipInfo, forwarding::NAT, scheduler};
 
 use super::*;
 
@@ -37,7 +37,19 @@ impl Reconciler {
         // After the egress devices they use, one run: the writer sends a
         // run of backends to the kernel in one call.
         let mut backend_writes = Vec::new();
+        let mode = desired.forwarding.mode();
         for (address, backend) in &resolved {
+            // A service that turns NAT on or off gives its backends new
+            // slots and retires the old ones: a flow pinned to an old slot
+            // goes on as it was carried until it ends (switched in place, a
+            // connection would change addresses mid-way and break). DSR and
+            // the tunnels switch in place: the backend sees the same packet.
+            if let Some(id) = service.backends.get(address).copied()
+                && self.backends.get(&id).is_some_and(|slot| (slot.forwarding == NAT) != (mode == NAT))
+            {
+                service.backends.remove(address);
+                retiring.push(id);
+            }
             let id = match service.backends.get(address) {
                 Some(id) => *id,
                 None => match self.free_backend_ids.pop() {
