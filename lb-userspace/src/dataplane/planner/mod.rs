@@ -26,7 +26,7 @@ use std::{
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_ELIGIBLE, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
-    NAT_F_PRESERVE_CLIENT, NatPool, VipAddressKey, VipInfo, VipKey,
+    NAT_F_PRESERVE_CLIENT, NatPool, VipAddressKey, VipInfo, VipKey, forwarding::NAT,
 };
 
 use crate::{
@@ -285,8 +285,7 @@ impl Reconciler {
         // More NAT services: replies are looked for before the first VIP exists.
         let nat_services = desired.iter().filter(|s| s.nat.is_some()).count() as u32;
         if self.nat_services.is_none_or(|count| nat_services > count) {
-            let applied = self.services.values().filter(|s| s.nat.is_some()).count() as u32;
-            let count = nat_services.max(applied);
+            let count = nat_services.max(self.nat_in_use());
             writes.push(MapWrite::SetNatServices { count });
             self.nat_services = Some(count);
         }
@@ -326,12 +325,26 @@ impl Reconciler {
             writes.push(MapWrite::SetWildcardVips { count: applied });
             self.wildcard_vips = Some(applied);
         }
-        let applied = self.services.values().filter(|s| s.nat.is_some()).count() as u32;
-        if self.nat_services.is_none_or(|count| applied < count) {
-            writes.push(MapWrite::SetNatServices { count: applied });
-            self.nat_services = Some(applied);
-        }
+        self.lower_nat_services(&mut writes);
         (writes, errors)
+    }
+
+    /// What `NAT_SERVICES` must say: the NAT services, plus one while a
+    /// retired NAT slot may still carry flows (a service removed or switched
+    /// away from NAT): their replies are translated until they end.
+    fn nat_in_use(&self) -> u32 {
+        let services = self.services.values().filter(|s| s.nat.is_some()).count() as u32;
+        let lingering = self.retired.iter().any(|id| self.backends.get(id).is_some_and(|b| b.forwarding == NAT));
+        services + u32::from(lingering)
+    }
+
+    /// Lowers the NAT count to what is in use, after the writes that made it so.
+    fn lower_nat_services(&mut self, writes: &mut Vec<MapWrite>) {
+        let in_use = self.nat_in_use();
+        if self.nat_services.is_none_or(|count| in_use < count) {
+            writes.push(MapWrite::SetNatServices { count: in_use });
+            self.nat_services = Some(in_use);
+        }
     }
 
     /// `VIP_ADDRESSES` holds the address of every VIP, and nothing else.
@@ -822,12 +835,22 @@ mod tests {
             })
             .collect();
         assert_eq!(ports, BTreeSet::from([8080, 8081]));
-        // Unchanged: nothing to write. Gone: the count drops after the VIP.
+        // Unchanged: nothing to write.
         assert!(r.plan(&[nat("web", &[(11, 8080), (11, 8081)])]).0.is_empty());
+        // Gone: its slots are retired and may still carry flows, whose
+        // replies must still be translated: the count stays...
         let (writes, _) = r.plan(&[]);
-        let vip = writes.iter().position(|w| matches!(w, MapWrite::RemoveVip { .. })).unwrap();
+        assert!(writes.iter().any(|w| matches!(w, MapWrite::RemoveVip { .. })), "{writes:?}");
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::SetNatServices { .. })), "{writes:?}");
+        // ...while a flow refers to one of them, and drops after the last
+        // is freed.
+        let still = r.retired().iter().next().copied().unwrap();
+        let writes = r.collect_retired(&HashSet::from([still]));
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::SetNatServices { .. })), "{writes:?}");
+        let writes = r.collect_retired(&HashSet::new());
+        let clear = writes.iter().position(|w| matches!(w, MapWrite::ClearBackend { id } if *id == still)).unwrap();
         let count = writes.iter().position(|w| matches!(w, MapWrite::SetNatServices { count: 0 })).unwrap();
-        assert!(vip < count, "{writes:?}");
+        assert!(clear < count, "{writes:?}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{VipInfo, forwarding::NAT, scheduler};
+use lb_common::{VipInfo, scheduler};
 
 use super::*;
 

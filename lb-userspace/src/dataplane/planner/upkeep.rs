@@ -35,7 +35,8 @@ impl Reconciler {
         writes
     }
 
-    /// Frees retired backend slots that no connection-table entry refers to.
+    /// Frees retired backend slots that no connection-table entry refers to
+    /// (and lowers the NAT count once no retired NAT slot is left).
     pub fn collect_retired(&mut self, referenced: &HashSet<u32>) -> Vec<MapWrite> {
         let free: Vec<u32> = self.retired.iter().filter(|id| !referenced.contains(id)).copied().collect();
         let mut writes = Vec::new();
@@ -45,6 +46,7 @@ impl Reconciler {
             self.free_backend_ids.push(id);
             writes.push(MapWrite::ClearBackend { id });
         }
+        self.lower_nat_services(&mut writes);
         writes
     }
 }
