@@ -350,9 +350,16 @@ impl Programs {
         if !errors.is_empty() {
             bail!("{errors:?}");
         }
-        self.xdplb.apply(&writes)?;
-        self.xdplb_flooded.apply(&writes)?;
-        self.xdplb_synced.apply(&writes)?;
+        // Slots that left their service are freed at once: the agent frees
+        // them when its table scan finds no flow left on them, and here
+        // every fixture warms its own flows. (A retired NAT slot would also
+        // keep the data plane looking for NAT replies on later fixtures.)
+        let freed = self.reconciler.collect_retired(&std::collections::HashSet::new());
+        for writes in [&writes, &freed] {
+            self.xdplb.apply(writes)?;
+            self.xdplb_flooded.apply(writes)?;
+            self.xdplb_synced.apply(writes)?;
+        }
         if let Some(nat) = fixture.nat {
             // Every NAT fixture starts from empty tables (the agent's expiry
             // does not run here), then makes the translations it needs; so
