@@ -1680,6 +1680,92 @@ fn a_new_connection_on_an_ended_nat_flows_five_tuple_revives_its_translation() {
     });
 }
 
+#[test]
+fn established_nat_packets_take_their_translation_and_every_other_packet_the_full_way() {
+    in_world(|| {
+        let mut w = World::new();
+        w.route_clients();
+        let web = |w: &World, down: Option<u8>| {
+            let backends = [11u8, 12]
+                .map(|n| DesiredBackend {
+                    down: Some(n) == down,
+                    weight: u32::from(Some(n) != down),
+                    ..w.nat_backend(&format!("198.18.1.{n}:8080"), n)
+                })
+                .to_vec();
+            let service = nat_service("web", "198.18.0.100:80", Protocol::Tcp, backends, "40000-40009");
+            DesiredService { scheduler: Scheduler::LeastConn, ..service }
+        };
+        w.set(&[web(&w, None)]);
+        let id =
+            |w: &World, n: u8| w.reconciler.backend_id("web", format!("198.18.1.{n}:8080").parse().unwrap()).unwrap();
+        let ids = [id(&w, 11), id(&w, 12)];
+        let active = |w: &World| {
+            let counts = w.dataplane.least_conn_counts(&ids).unwrap();
+            ids.map(|id| counts[&id].0)
+        };
+        let translation = |w: &World| {
+            let (flows, _) = w.dataplane.nat_tables().unwrap();
+            assert_eq!(flows.len(), 1, "{flows:?}");
+            flows[0].1
+        };
+        let pinned = |w: &World| translation(w).flags & lb_common::NAT_FLOW_F_PINNED != 0;
+        let client = |flags| tcp("198.18.0.2", 1000, VIP4, 80, flags).checksummed();
+        // (backend, NAT source port) of a translated frame.
+        let sent = |(action, out): (u32, Vec<u8>)| {
+            assert_eq!(action, XDP_TX);
+            (dst_mac(&out)[5], source_port(&out))
+        };
+
+        // The SYN is translated and recorded half-open; it pins nothing.
+        let (first, port) = sent(w.run(&client(SYN)));
+        assert!(!pinned(&w));
+        assert!(w.flows().is_empty());
+        assert_eq!(w.half_open().len(), 1);
+        // The handshake's ACK goes the full way: it moves the flow to the
+        // connection table, and only then is the translation pinned.
+        assert_eq!(sent(w.run(&client(ACK))), (first, port));
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 1);
+        assert_eq!(w.flows().len(), 1);
+        assert!(pinned(&w));
+        let on_first = if first == 11 { [1, 0] } else { [0, 1] };
+        assert_eq!(active(&w), on_first);
+        for _ in 0..5 {
+            assert_eq!(sent(w.run(&client(PSH_ACK))), (first, port));
+        }
+        assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 1, "only the handshake's ACK missed");
+        assert_eq!(active(&w), on_first);
+        // Once a second a packet goes the full way and refreshes the
+        // connection table's entry, so that it does not look idle.
+        let seen = |w: &World| w.dataplane.flows().unwrap()[0].1.last_seen_ns;
+        let before = seen(&w);
+        thread::sleep(Duration::from_millis(1100));
+        assert_eq!(sent(w.run(&client(PSH_ACK))), (first, port));
+        assert!(seen(&w) > before, "the connection table's entry was not refreshed");
+
+        // Its backend fails: the next packet is rescheduled, with a new
+        // translation (pinned again), and least_conn moves its count.
+        w.set(&[web(&w, Some(first))]);
+        let (second, _) = sent(w.run(&client(PSH_ACK)));
+        assert_ne!(second, first);
+        assert_eq!(translation(&w).backend_id, id(&w, second));
+        assert!(pinned(&w));
+        assert_eq!(active(&w), [on_first[1], on_first[0]]);
+        assert_eq!(sent(w.run(&client(PSH_ACK))).0, second);
+
+        // The client's FIN goes the full way: the connection table marks the
+        // flow finished (least_conn stops counting it), as does its
+        // translation, whose last ACKs then go the full way too.
+        assert_eq!(sent(w.run(&client(FIN_ACK))).0, second);
+        let flows = w.dataplane.flows().unwrap();
+        assert_eq!(flows.len(), 1);
+        assert_ne!(flows[0].1.flags & lb_common::FLOW_F_FINISHED, 0);
+        assert_ne!(translation(&w).flags & lb_common::FLOW_F_FINISHED, 0);
+        assert_eq!(active(&w), [0, 0]);
+        assert_eq!(sent(w.run(&client(ACK))).0, second);
+    });
+}
+
 // ---- packet fuzzing --------------------------------------------------------
 
 /// Frames the fuzzing test sends (`XDPLB_FUZZ_FRAMES` overrides it: the

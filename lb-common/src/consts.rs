@@ -112,6 +112,15 @@ pub const FLOW_F_FINISHED: u32 = 1;
 /// `SYN_RETRANSMIT_WINDOW_NS` goes to the same backend; the client's ACK
 /// moves the flow to the connection table.
 pub const FLOW_F_HALF_OPEN: u32 = 2;
+/// `NatFlow::flags`: a packet after the handshake went the full way
+/// (connection table, then translation): the flow is pinned in the
+/// connection table, so its established packets may take the translation's
+/// backend without looking there (`forward::nat::established`).
+pub const NAT_FLOW_F_PINNED: u32 = 4;
+
+/// `VipInfo::flags`: the service forwards by NAT, so its established
+/// packets are looked up in `NAT_FLOWS` first.
+pub const VIP_F_NAT: u32 = 1;
 
 /// How a VIP picks the backend of a new flow (`VipInfo::scheduler`). What
 /// its region of `RING_SLOTS` holds depends on it.

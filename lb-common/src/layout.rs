@@ -21,6 +21,7 @@ pub struct VipKey {
 pub struct VipInfo {
     /// Index of this VIP's ring in `RING_SLOTS` and of its counters.
     pub id: u32,
+    /// `VIP_F_*`.
     pub flags: u32,
     /// One of `consts::scheduler::*`.
     pub scheduler: u32,

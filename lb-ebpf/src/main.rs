@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use lb_common::GlobalCounter;
+use lb_common::{GlobalCounter, VIP_F_NAT};
 use lb_ebpf::parse::{self, Parsed, Unclassifiable};
 
 use crate::{
@@ -61,6 +61,13 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         }
         return pass(GlobalCounter::PassNonVip);
     };
+
+    // A NAT flow's established packets: its translation names the backend.
+    if vip.flags & VIP_F_NAT != 0
+        && let Some(action) = forward::nat::established(&ctx, &packet, vip.id)
+    {
+        return action;
+    }
 
     let selected = select::select(&packet, &vip);
     let (backend_id, new_flow) = select::unpack(selected);

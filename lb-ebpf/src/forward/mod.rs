@@ -38,6 +38,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &Bac
     }
 }
 
+/// Sends a frame prepared for `backend` out of the backend's interface.
 #[inline(always)]
 fn transmit(ctx: &XdpContext, backend: &Backend) -> u32 {
     if backend.ifindex == ctx.ingress_ifindex() as u32 {

@@ -20,8 +20,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, FAMILY_IPV4, FLOW_F_FINISHED, FlowKey, GlobalCounter, LAST_SEEN_REFRESH_NS, MAX_NAT_SOURCES,
-    NAT_F_PRESERVE_CLIENT, NatFlow, NatPool, NatReply, NatScratch, PROTO_TCP, PROTO_UDP, flow_hash,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FLOW_F_FINISHED, FlowKey, GlobalCounter,
+    LAST_SEEN_REFRESH_NS, MAX_NAT_SOURCES, NAT_F_PRESERVE_CLIENT, NAT_FLOW_F_PINNED, NatFlow, NatPool, NatReply,
+    NatScratch, PROTO_TCP, PROTO_UDP, flow_hash, forwarding,
     nat::{NAT_PORT_ATTEMPTS, address_words, attempts, candidate_port, replace, replace_udp},
     wire::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
@@ -35,8 +36,8 @@ use lb_ebpf::{
 
 use super::Prepared;
 use crate::{
-    counters::count,
-    maps::{EGRESS_DEVICES, NAT_EXHAUSTED, NAT_FLOWS, NAT_POOLS, NAT_REPLIES, NAT_SCRATCH, NAT_SERVICES},
+    counters::{count, count_traffic},
+    maps::{BACKENDS, EGRESS_DEVICES, NAT_EXHAUSTED, NAT_FLOWS, NAT_POOLS, NAT_REPLIES, NAT_SCRATCH, NAT_SERVICES},
 };
 
 const EEXIST: i32 = 17;
@@ -50,7 +51,66 @@ pub fn enabled() -> bool {
     NAT_SERVICES.get(0).copied().unwrap_or(0) != 0
 }
 
-/// Client → backend. A subprogram: verified apart from the scheduler paths.
+/// Client → backend, an established packet: its translation names the
+/// backend, so the connection table is not looked up (one lookup per
+/// packet instead of two). Only while nothing needs writing and the
+/// connection table agrees (`NAT_FLOW_F_PINNED`); `None` sends the packet
+/// the full way (select, then `translate`): a SYN, FIN or RST, a
+/// translation due for its once-a-second refresh (the full way refreshes
+/// the connection table's entry too, so neither expires under traffic), a
+/// backend marked down (rescheduled there) or a slot gone.
+#[inline(always)]
+pub fn established(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<u32> {
+    if packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
+    let action = forward_established(ctx, packet, vip_id);
+    (action != FULL_WAY).then_some(action)
+}
+
+/// `forward_established`'s "go the full way" (no XDP action).
+const FULL_WAY: u32 = u32::MAX;
+
+/// A subprogram returning a scalar: the paths after it are verified once,
+/// not once per way through it.
+#[inline(never)]
+fn forward_established(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> u32 {
+    let Some(action) = established_action(ctx, packet, vip_id) else {
+        return FULL_WAY;
+    };
+    action
+}
+
+#[inline(always)]
+fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<u32> {
+    // SAFETY: a hash lookup whose value outlives this run; only read.
+    let entry = unsafe { NAT_FLOWS.get(&packet.flow) }?;
+    if entry.flags & (NAT_FLOW_F_PINNED | FLOW_F_FINISHED) != NAT_FLOW_F_PINNED
+        || crate::clock::now_ns().saturating_sub(entry.last_seen_ns) > LAST_SEEN_REFRESH_NS
+    {
+        return None;
+    }
+    let backend = BACKENDS.get(entry.backend_id)?;
+    if backend.flags & (BACKEND_F_IN_USE | BACKEND_F_DOWN) != BACKEND_F_IN_USE
+        || backend.vip_id != vip_id
+        || backend.forwarding != forwarding::NAT
+    {
+        return None;
+    }
+    count(GlobalCounter::ConntrackHit);
+    count_traffic(vip_id, entry.backend_id, (ctx.data_end() - ctx.data()) as u64, false);
+    let backend_port = if backend.port != 0 { backend.port } else { packet.flow.dport };
+    if !rewrite(ctx, packet, &entry.nat_addr, entry.nat_port, &backend.addr, backend_port)
+        || !super::dsr::set_macs(ctx, backend)
+    {
+        return Some(xdp_action::XDP_DROP);
+    }
+    count(GlobalCounter::ForwardedNat);
+    Some(super::transmit(ctx, backend))
+}
+
+/// Client → backend, the full way: after select (the connection table, the
+/// scheduler). A subprogram: verified apart from the scheduler paths.
 #[inline(never)]
 pub fn translate(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &Backend) -> Prepared {
     let (Some(pool), Some(scratch)) = (NAT_POOLS.get(backend.vip_id), NAT_SCRATCH.get_ptr_mut(0)) else {
@@ -60,6 +120,10 @@ pub fn translate(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &B
     let scratch = unsafe { &mut *scratch };
     let now = crate::clock::now_ns();
     let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // Select has pinned this packet's flow in the connection table (a SYN
+    // only records it half-open, a RST pins nothing): its next packets may
+    // take the translation alone (`established`).
+    let pinned = if packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 { NAT_FLOW_F_PINNED } else { 0 };
     match NAT_FLOWS.get_ptr_mut(&packet.flow) {
         // SAFETY: a pointer to a live entry; plain words, written whole.
         Some(entry) if unsafe { (*entry).backend_id } == backend_id => unsafe {
@@ -77,11 +141,14 @@ pub fn translate(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &B
                     (*entry).flags |= FLOW_F_FINISHED;
                 }
             }
+            if pinned != 0 && scratch.flow.flags & NAT_FLOW_F_PINNED == 0 {
+                (*entry).flags |= NAT_FLOW_F_PINNED;
+            }
         },
         // New, or rescheduled to another backend: a new translation (the old
         // reply entry is left to the agent, which removes orphans).
         _ => {
-            if let Err(refused) = allocate(&packet.flow, backend_id, backend, pool, now, scratch) {
+            if let Err(refused) = allocate(&packet.flow, backend_id, backend, pool, now, pinned, scratch) {
                 count(refused);
                 if refused == GlobalCounter::DropNatPortExhausted
                     && let Some(exhausted) = NAT_EXHAUSTED.get_ptr_mut(backend.vip_id)
@@ -137,6 +204,7 @@ fn allocate(
     backend: &Backend,
     pool: &NatPool,
     now: u64,
+    flags: u32,
     scratch: &mut NatScratch,
 ) -> Result<(), GlobalCounter> {
     let backend_port = if backend.port != 0 { backend.port } else { flow.dport };
@@ -210,7 +278,7 @@ fn allocate(
         nat_port: scratch.key.dport,
         _pad: 0,
         backend_id,
-        flags: 0,
+        flags,
         _pad2: 0,
         last_seen_ns: now,
     };

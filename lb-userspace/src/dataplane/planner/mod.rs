@@ -670,11 +670,16 @@ mod tests {
         assert!(writes.iter().any(|w| matches!(w, MapWrite::SetBackend { id, backend }
             if *id == nat_id && backend.forwarding == lb_common::forwarding::NAT)));
         assert!(!ring_of(&r, "web").contains(&dsr_id));
+        // Its VIP says NAT: established packets look for their translation first.
+        assert!(
+            writes.iter().any(|w| matches!(w, MapWrite::SetVip { info, .. } if info.flags == lb_common::VIP_F_NAT))
+        );
         // The same again: the slots stay.
         let (writes, _) = r.plan(std::slice::from_ref(&translated));
         assert!(writes.is_empty(), "{writes:?}");
         // And back: new slots again, the NAT ones retired with their flows.
-        r.plan(std::slice::from_ref(&dsr));
+        let (writes, _) = r.plan(std::slice::from_ref(&dsr));
+        assert!(writes.iter().any(|w| matches!(w, MapWrite::SetVip { info, .. } if info.flags == 0)));
         let back_id = r.backend_id("web", address).unwrap();
         assert!(![dsr_id, nat_id].contains(&back_id));
         assert!(r.retired().contains(&nat_id));

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{VipInfo, scheduler};
+use lb_common::{VIP_F_NAT, VipInfo, scheduler};
 
 use super::*;
 
@@ -151,7 +151,9 @@ impl Reconciler {
         };
         let info = VipInfo {
             id: vip_id,
-            flags: 0,
+            // A NAT service's established packets find their backend in the
+            // translation (`NAT_FLOWS`) before the connection table.
+            flags: if desired.forwarding.mode() == NAT { VIP_F_NAT } else { 0 },
             scheduler: kind,
             seq_len,
             persistence_timeout_ns: desired.persistence_timeout_s as u64 * lb_common::NS_PER_SEC,
