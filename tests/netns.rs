@@ -2121,6 +2121,62 @@ fn nat_keeps_a_long_lived_connection_across_backend_changes_and_can_preserve_the
     agent.stop();
 }
 
+/// A service that switches between DSR and NAT: each connection stays on
+/// the mode that carried it until it ends (its backends' old slots are
+/// retired with their flows), and the NAT replies of a connection outlive
+/// the last NAT service, through the agent's table scans.
+#[test]
+fn long_lived_connections_survive_their_service_switching_between_dsr_and_nat() {
+    let topology = topology();
+    // Backends ready for both: the VIP on lo for DSR, and a server on
+    // their own addresses that full NAT reaches.
+    nat_ready(&topology);
+    let web = |forwarding: &str| {
+        let mut text = format!(
+            "[agent]\ninterface = \"eth0\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\n"
+        );
+        for address in &BACKENDS4[..2] {
+            text += &format!("\n[[service.backend]]\naddress = \"{address}\"\n");
+        }
+        text
+    };
+    let client = "198.18.2.2".to_string();
+    let agent = Agent::start(&topology, &web("dsr"));
+    assert_eq!(clients_seen(&topology, VIP4, 5), BTreeSet::from([client.clone()]), "DSR shows the client");
+    let mut by_dsr = LongLived::open(&topology, VIP4);
+    let dsr_home = by_dsr.get();
+
+    agent.reload(&web("nat"));
+    for _ in 0..3 {
+        assert_eq!(by_dsr.get(), dsr_home, "the DSR connection moved or broke when its service turned NAT on");
+    }
+    let seen = clients_seen(&topology, VIP4, 10);
+    assert!(seen.iter().all(|a| LB_SOURCES4.contains(&a.as_str())), "new connections not by NAT: {seen:?}");
+    let mut by_nat = LongLived::open(&topology, VIP4);
+    let nat_home = by_nat.get();
+
+    // Back to DSR: the last NAT service is gone, yet the NAT connection's
+    // replies are still translated, also after the agent's table scans.
+    agent.reload(&web("dsr"));
+    assert_eq!(clients_seen(&topology, VIP4, 5), BTreeSet::from([client]), "new connections not by DSR");
+    for round in 0..3 {
+        assert_eq!(by_nat.get(), nat_home, "round {round}: the NAT connection moved or broke after NAT was turned off");
+        assert_eq!(by_dsr.get(), dsr_home, "round {round}: the DSR connection moved or broke");
+        thread::sleep(Duration::from_millis(3000)); // the scans run every 5 s
+    }
+    assert!(!agent.log_text().contains("no NAT backend behind it"), "{}", agent.log_text());
+    // Once the NAT connection has ended and lingered, its slot is freed and
+    // the program leaves the interface its replies arrived on.
+    drop(by_nat);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent.log_text().contains("no NAT backend behind it") {
+        assert!(Instant::now() < deadline, "the program stayed for NAT replies:\n{}", agent.log_text());
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(by_dsr.get(), dsr_home);
+    agent.stop();
+}
+
 #[test]
 fn an_exhausted_nat_pool_refuses_new_flows_and_recovers_when_flows_end() {
     let topology = topology();

@@ -1766,6 +1766,45 @@ fn established_nat_packets_take_their_translation_and_every_other_packet_the_ful
     });
 }
 
+#[test]
+fn a_nat_flow_keeps_its_translation_both_ways_after_its_service_turns_nat_off() {
+    in_world(|| {
+        let mut w = web_behind_nat("40000-40009");
+        let client = |flags| tcp("198.18.0.2", 1000, VIP4, 80, flags).checksummed();
+        let (_, out) = w.run(&client(SYN));
+        let port = source_port(&out);
+        w.run(&client(ACK));
+        let reply = tcp("198.18.1.11", 8080, NAT_SOURCE4, port, PSH_ACK).checksummed();
+        assert_eq!(w.run(&reply).0, XDP_REDIRECT);
+        // The service turns to DSR: the flow stays on its retired NAT slot.
+        let nat_off = {
+            let mut s = nat_service(
+                "web",
+                "198.18.0.100:80",
+                Protocol::Tcp,
+                vec![w.nat_backend("198.18.1.11:8080", 11)],
+                "40000-40009",
+            );
+            s.forwarding = Forwarding::Dsr;
+            s.nat = None;
+            s
+        };
+        w.set(&[nat_off]);
+        for round in 0..3 {
+            let (action, out) = w.run(&client(PSH_ACK));
+            let forwarded = w.counter(GlobalCounter::ForwardedNat);
+            assert_eq!(
+                (action, source_port(&out)),
+                (XDP_TX, port),
+                "round {round}: client to backend ({forwarded} by NAT)"
+            );
+            let (action, out) = w.run(&reply);
+            assert_eq!(action, XDP_REDIRECT, "round {round}: backend to client");
+            assert_eq!(source_port(&out), 80, "round {round}");
+        }
+    });
+}
+
 // ---- packet fuzzing --------------------------------------------------------
 
 /// Frames the fuzzing test sends (`XDPLB_FUZZ_FRAMES` overrides it: the

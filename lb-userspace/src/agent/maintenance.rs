@@ -65,7 +65,10 @@ impl Agent {
                 tcp_idle_ns: agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
                 udp_idle_ns: agent.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
             },
-            nat: self.desired.iter().any(|s| s.nat.is_some()).then(|| self.nat_timeouts()),
+            // While NAT slots exist (a retired one's flows still expire), and
+            // once more after the last is freed: its flows' leftovers go too.
+            nat: (!self.reconciler.nat_interfaces().is_empty() || !self.nat.translations.is_empty())
+                .then(|| self.nat_timeouts()),
         };
         self.scanner.request(request);
         self.log_exhausted_pools();
@@ -91,8 +94,13 @@ impl Agent {
                         Err(err) => log::error!("reading least_conn counts: {err:#}"),
                     }
                 }
+                let freed = writes.iter().any(|w| matches!(w, MapWrite::ClearBackend { .. }));
                 if let Err(err) = self.apply_writes(&writes) {
                     log::error!("maintenance: {err:#}");
+                }
+                if freed {
+                    // The last retired NAT slot may be gone: so are its replies.
+                    self.sync_reply_interfaces();
                 }
             }
             Err(err) => log::error!("scanning the connection table: {err}"),

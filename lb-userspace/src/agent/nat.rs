@@ -28,24 +28,22 @@ pub(super) struct NatState {
 
 impl Agent {
     /// Interfaces that NAT backends are reached by, besides the main one:
-    /// their replies arrive there, so the program runs there too.
+    /// their replies arrive there, so the program runs there too, for as
+    /// long as a NAT slot has flows (a service that stopped using NAT keeps
+    /// its connections' replies translated until they end). Called after
+    /// every reconcile and every scan that frees slots.
     pub(super) fn sync_reply_interfaces(&mut self) {
         if !self.dataplane.is_attached() {
             return;
         }
-        let wanted: BTreeSet<u32> = self
-            .desired
-            .iter()
-            .filter(|s| s.nat.is_some())
-            .flat_map(|s| s.backends.iter().filter_map(|b| b.path.map(|p| p.ifindex)))
-            .filter(|ifindex| *ifindex != self.main_ifindex)
-            .collect();
+        let mut reply_interfaces = self.reconciler.nat_interfaces();
+        let wanted: BTreeSet<u32> =
+            reply_interfaces.iter().copied().filter(|ifindex| *ifindex != self.main_ifindex).collect();
         match self.dataplane.sync_reply_interfaces(&wanted, self.xdp_mode()) {
             Ok(changes) => changes.iter().for_each(|c| log::info!("{c}")),
             Err(err) => log::error!("NAT replies: {err:#}"),
         }
-        let mut reply_interfaces = wanted;
-        if self.desired.iter().any(|s| s.nat.is_some()) {
+        if !reply_interfaces.is_empty() {
             reply_interfaces.insert(self.main_ifindex);
         }
         self.warn_without_forwarding(&reply_interfaces);

@@ -338,6 +338,12 @@ impl Reconciler {
         services + u32::from(lingering)
     }
 
+    /// Interfaces that NAT slots, serving or retired with their flows, reach
+    /// their backends by: the backends' replies arrive there.
+    pub fn nat_interfaces(&self) -> BTreeSet<u32> {
+        self.backends.values().filter(|b| b.forwarding == NAT).map(|b| b.ifindex).collect()
+    }
+
     /// Lowers the NAT count to what is in use, after the writes that made it so.
     fn lower_nat_services(&mut self, writes: &mut Vec<MapWrite>) {
         let in_use = self.nat_in_use();
@@ -683,6 +689,14 @@ mod tests {
         let back_id = r.backend_id("web", address).unwrap();
         assert!(![dsr_id, nat_id].contains(&back_id));
         assert!(r.retired().contains(&nat_id));
+        // Its replies still arrive behind the NAT slots' interface until
+        // the scan finds them unreferenced.
+        let nat_ifindex = r.backends[&nat_id].ifindex;
+        assert_eq!(r.nat_interfaces(), BTreeSet::from([nat_ifindex]));
+        r.collect_retired(&HashSet::from([nat_id]));
+        assert_eq!(r.nat_interfaces(), BTreeSet::from([nat_ifindex]));
+        r.collect_retired(&HashSet::new());
+        assert!(r.nat_interfaces().is_empty());
     }
 
     #[test]
