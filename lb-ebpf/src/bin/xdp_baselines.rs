@@ -300,6 +300,9 @@ static FLOOR_NAT_REPLIES: HashMap<FlowKey, NatReply> = HashMap::with_max_entries
 /// reply fixture's flow (what xdplb's fixtures configure).
 const FLOOR_NAT_BACKEND: u32 = u32::from_ne_bytes([198, 18, 1, 11]);
 const FLOOR_NAT_SOURCE: u32 = u32::from_ne_bytes([198, 18, 2, 1]);
+/// The floor's source addresses: `FLOOR_NAT_SOURCE` and the next ones
+/// (the benchmark's new-flow NAT fixture configures 8 for xdplb).
+const FLOOR_NAT_SOURCES: u32 = 8;
 const FLOOR_NAT_CLIENT: u32 = u32::from_ne_bytes([198, 18, 2, 2]);
 const FLOOR_NAT_VIP: u32 = u32::from_ne_bytes([198, 18, 0, 100]);
 /// The reply fixture's client port (the flow xdplb's fixture primes).
@@ -328,10 +331,16 @@ pub fn bench_floor_nat(ctx: XdpContext) -> u32 {
             let scratch = unsafe { &mut *scratch };
             let backend_id = floor_slot(f);
             // SAFETY: a helper without arguments or preconditions.
-            let port = ((1024 + unsafe { bpf_get_prandom_u32() } % 64512) as u16).to_be();
+            let random = unsafe { bpf_get_prandom_u32() };
+            let port = ((1024 + random % 64512) as u16).to_be();
+            // One of as many source addresses as xdplb's fixture has: a
+            // round's new flows fit, so (nearly) every insert reserves a
+            // port, as xdplb's must; with one address most would find
+            // theirs taken, and a refused insert costs less.
+            let source = FLOOR_NAT_SOURCE + ((random >> 24) % FLOOR_NAT_SOURCES << 24);
             scratch.key = FlowKey {
                 src: [FLOOR_NAT_BACKEND, 0, 0, 0],
-                dst: [FLOOR_NAT_SOURCE, 0, 0, 0],
+                dst: [source, 0, 0, 0],
                 sport: f.dport,
                 dport: port,
                 proto: f.proto,
@@ -350,7 +359,7 @@ pub fn bench_floor_nat(ctx: XdpContext) -> u32 {
             };
             let _ = FLOOR_NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64);
             scratch.flow = NatFlow {
-                nat_addr: [FLOOR_NAT_SOURCE, 0, 0, 0],
+                nat_addr: [source, 0, 0, 0],
                 nat_port: port,
                 _pad: 0,
                 backend_id,
@@ -359,7 +368,7 @@ pub fn bench_floor_nat(ctx: XdpContext) -> u32 {
                 last_seen_ns: UNTIMED,
             };
             let _ = FLOOR_NAT_FLOWS.insert(f, &scratch.flow, 0);
-            (FLOOR_NAT_SOURCE, port)
+            (source, port)
         }
     };
     if !rewrite::rewrite(&ctx, &packet, &[nat_addr, 0, 0, 0], nat_port, &[FLOOR_NAT_BACKEND, 0, 0, 0], f.dport) {
