@@ -1715,11 +1715,12 @@ fn established_nat_packets_take_their_translation_and_every_other_packet_the_ful
             (dst_mac(&out)[5], source_port(&out))
         };
 
-        // The SYN is translated and recorded half-open; it pins nothing.
+        // The SYN is translated; the translation is its half-open record
+        // (the half-open table is not written). It pins nothing.
         let (first, port) = sent(w.run(&client(SYN)));
         assert!(!pinned(&w));
         assert!(w.flows().is_empty());
-        assert_eq!(w.half_open().len(), 1);
+        assert!(w.half_open().is_empty());
         // The handshake's ACK goes the full way: it moves the flow to the
         // connection table, and only then is the translation pinned.
         assert_eq!(sent(w.run(&client(ACK))), (first, port));
@@ -1761,6 +1762,73 @@ fn established_nat_packets_take_their_translation_and_every_other_packet_the_ful
         assert_ne!(translation(&w).flags & lb_common::FLOW_F_FINISHED, 0);
         assert_eq!(active(&w), [0, 0]);
         assert_eq!(sent(w.run(&client(ACK))).0, second);
+    });
+}
+
+#[test]
+fn a_nat_handshake_is_recorded_by_its_translation_alone() {
+    in_world(|| {
+        let mut w = World::new();
+        w.route_clients();
+        // Round robin: a SYN scheduled afresh would go to the next backend.
+        let web = |w: &World| DesiredService {
+            scheduler: Scheduler::RoundRobin,
+            ..nat_service(
+                "web",
+                "198.18.0.100:80",
+                Protocol::Tcp,
+                [11, 12].map(|n| w.nat_backend(&format!("198.18.1.{n}:8080"), n)).to_vec(),
+                "40000-40009",
+            )
+        };
+        w.set(&[web(&w)]);
+        let client = |port, flags| tcp("198.18.0.2", port, VIP4, 80, flags).checksummed();
+        let sent = |(action, out): (u32, Vec<u8>)| {
+            assert_eq!(action, XDP_TX);
+            (dst_mac(&out)[5], source_port(&out))
+        };
+        let translations = |w: &World| w.dataplane.nat_tables().unwrap().0;
+
+        let first = sent(w.run(&client(1000, SYN)));
+        assert!(w.half_open().is_empty(), "a NAT SYN wrote the half-open table");
+        assert!(w.flows().is_empty());
+        assert_eq!(translations(&w).len(), 1);
+        // Another client's SYN takes the other backend: the scheduler moves on.
+        let other = sent(w.run(&client(2000, SYN)));
+        assert_ne!(other.0, first.0);
+        // The first SYN again (retransmitted): its backend and source port.
+        assert_eq!(sent(w.run(&client(1000, SYN))), first);
+        assert_eq!(w.counter(GlobalCounter::SynRetransmit), 1);
+        // The handshake's ACK: the SYN's backend, moved to the connection table.
+        assert_eq!(sent(w.run(&client(1000, ACK))), first);
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 1);
+        assert_eq!(w.flows().len(), 1);
+        // The connection table's entry is evicted (as LRU entries may be):
+        // the flow keeps its backend and translation from the latter, for a
+        // SYN and for a packet that goes the full way (its FIN), and is
+        // not scheduled as a new flow.
+        let new_flows = |w: &World| -> u64 {
+            [11, 12]
+                .map(|n| w.reconciler.backend_id("web", format!("198.18.1.{n}:8080").parse().unwrap()).unwrap())
+                .map(|id| w.dataplane.backend_counters(id).unwrap().new_flows)
+                .iter()
+                .sum()
+        };
+        assert_eq!(new_flows(&w), 2);
+        w.dataplane.evict_flows().unwrap();
+        assert_eq!(sent(w.run(&client(1000, SYN))), first);
+        assert_eq!(w.counter(GlobalCounter::SynToEstablished), 1);
+        assert_eq!(sent(w.run(&client(1000, FIN_ACK))), first);
+        assert_eq!(new_flows(&w), 2, "the flow was scheduled afresh");
+        assert_eq!(w.flows().len(), 1, "the FIN pins the flow again, finished");
+        // A new connection on the same five-tuple: scheduled, and its ACK
+        // goes where its SYN went.
+        let again = sent(w.run(&client(1000, SYN)));
+        assert_eq!(new_flows(&w), 3);
+        assert_eq!(sent(w.run(&client(1000, ACK))), again);
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 2);
+        assert_eq!(w.flows().len(), 1);
+        assert_eq!(translations(&w).len(), 2);
     });
 }
 

@@ -8,12 +8,20 @@
 //! to hash-scheduled services write nothing at all: their backend follows
 //! from the five-tuple and the ring, so the ACK finds the same one by
 //! hashing again (unless the ring changes within that round trip).
+//!
+//! A NAT service's flows are not recorded here: the translation its SYN
+//! gets (`NAT_FLOWS`, written by `forward::nat::translate`) already names
+//! the backend, so it is the half-open record (`nat_handshake`), and a
+//! second insert per SYN would only cost time.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use lb_common::{FLOW_F_HALF_OPEN, FlowState, NS_PER_SEC, SYN_RETRANSMIT_WINDOW_NS, VipInfo, scheduler};
+use lb_common::{
+    FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowState, NAT_FLOW_F_PINNED, NS_PER_SEC, SYN_RETRANSMIT_WINDOW_NS, VipInfo,
+    scheduler,
+};
 use lb_ebpf::parse::Packet;
 
-use crate::maps::{HALF_OPEN, SYN_RATE, syn_flood_threshold};
+use crate::maps::{HALF_OPEN, NAT_FLOWS, SYN_RATE, syn_flood_threshold};
 
 /// What recording a SYN found.
 pub enum Recorded {
@@ -80,4 +88,35 @@ pub fn take(packet: &Packet) -> Option<u32> {
     let backend_id = unsafe { (*HALF_OPEN.get_ptr(&packet.flow)?).backend_id };
     let _ = HALF_OPEN.remove(&packet.flow);
     Some(backend_id)
+}
+
+/// What a NAT flow's translation says of it, for select.
+pub enum NatRecord {
+    /// No translation: the flow is new to NAT.
+    Absent,
+    /// A translation whose flow ended (a new connection may reuse it).
+    Finished,
+    /// A SYN's translation, not yet confirmed by the client's ACK: its
+    /// backend, and whether the SYN is young enough to be retransmitted.
+    Handshake { backend_id: u32, young: bool },
+    /// A translation past its handshake (its connection-table entry may
+    /// have been evicted since).
+    Established(u32),
+}
+
+/// The translation of the packet's five-tuple.
+#[inline(always)]
+pub fn nat_record(packet: &Packet, now: u64) -> NatRecord {
+    // SAFETY: a hash lookup whose value outlives this run; only read.
+    let Some(entry) = (unsafe { NAT_FLOWS.get(&packet.flow) }) else {
+        return NatRecord::Absent;
+    };
+    if entry.flags & FLOW_F_FINISHED != 0 {
+        NatRecord::Finished
+    } else if entry.flags & NAT_FLOW_F_PINNED != 0 {
+        NatRecord::Established(entry.backend_id)
+    } else {
+        let young = now.saturating_sub(entry.last_seen_ns) <= SYN_RETRANSMIT_WINDOW_NS;
+        NatRecord::Handshake { backend_id: entry.backend_id, young }
+    }
 }

@@ -70,7 +70,8 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
     }
 
     let selected = select::select(&packet, &vip);
-    let (backend_id, new_flow) = select::unpack(selected);
+    let selection = select::unpack(selected);
+    let (backend_id, new_flow) = (selection.backend_id, selection.new_flow);
     let backend = match BACKENDS.get(backend_id) {
         Some(backend) if selected != select::NOTHING_SELECTED => backend,
         _ => {
@@ -93,7 +94,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
             backend_id
         );
     }
-    forward::forward(&ctx, &packet, backend_id, backend)
+    forward::forward(&ctx, &packet, &selection, backend)
 }
 
 /// tc egress: tunnels the agent's health probes to the backend they check.

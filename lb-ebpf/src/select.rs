@@ -17,20 +17,24 @@
 //! table with its SYN's backend. A RST never creates an entry; the client's
 //! FIN or RST marks the flow finished.
 //!
+//! A NAT service's SYN is recorded by its translation instead (see
+//! `half_open`): the client's ACK, and a retransmitted SYN, find its
+//! backend there.
+//!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
 //! counted in `ACTIVE_FLOWS` here (a SYN counts: the agent's scan corrects
 //! handshakes that never complete).
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState, GlobalCounter,
-    LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VipInfo, scheduler,
+    LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VipInfo, scheduler,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     affinity, clock,
     counters::count,
-    half_open::{self, Recorded},
+    half_open::{self, NatRecord, Recorded},
     maps::{BACKENDS, CONNTRACK, FLOW_EVENTS, sync_flows, udp_idle_timeout_ns},
     schedule,
 };
@@ -38,14 +42,26 @@ use crate::{
 pub struct Selection {
     pub backend_id: u32,
     pub new_flow: bool,
+    /// A NAT flow that select found without a translation: `translate`
+    /// need not look for one.
+    pub untranslated: bool,
+}
+
+impl Selection {
+    /// A flow that keeps `backend_id`.
+    #[inline(always)]
+    fn kept(backend_id: u32) -> Self {
+        Selection { backend_id, new_flow: false, untranslated: false }
+    }
 }
 
 /// `select_backend` packed into one scalar: the backend id in the low 32
-/// bits, the new-flow flag in bit 32; `NOTHING_SELECTED` when there is no
-/// usable backend.
+/// bits, the new-flow flag in bit 32, the untranslated flag in bit 33;
+/// `NOTHING_SELECTED` when there is no usable backend.
 pub type Packed = u64;
 pub const NOTHING_SELECTED: Packed = u64::MAX;
 const NEW_FLOW_BIT: Packed = 1 << 32;
+const UNTRANSLATED_BIT: Packed = 1 << 33;
 
 /// `select_backend` as a BPF subprogram (not inlined): its many paths (one
 /// per scheduler, hit, miss, retransmission...) end in one return, so what
@@ -54,15 +70,23 @@ const NEW_FLOW_BIT: Packed = 1 << 32;
 #[inline(never)]
 pub fn select(packet: &Packet, vip: &VipInfo) -> Packed {
     match select_backend(packet, vip) {
-        Some(s) => s.backend_id as Packed | if s.new_flow { NEW_FLOW_BIT } else { 0 },
+        Some(s) => {
+            s.backend_id as Packed
+                | if s.new_flow { NEW_FLOW_BIT } else { 0 }
+                | if s.untranslated { UNTRANSLATED_BIT } else { 0 }
+        }
         None => NOTHING_SELECTED,
     }
 }
 
-/// (backend id, new flow) of a packed selection.
+/// A packed selection (not `NOTHING_SELECTED`).
 #[inline(always)]
-pub fn unpack(packed: Packed) -> (u32, bool) {
-    (packed as u32, packed & NEW_FLOW_BIT != 0)
+pub fn unpack(packed: Packed) -> Selection {
+    Selection {
+        backend_id: packed as u32,
+        new_flow: packed & NEW_FLOW_BIT != 0,
+        untranslated: packed & UNTRANSLATED_BIT != 0,
+    }
 }
 
 enum Pinned {
@@ -97,10 +121,8 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     // The client's ACK that completes a handshake: its SYN's backend.
     if packet.flow.proto == PROTO_TCP
         && leaves.is_none()
-        && let Some(backend_id) = half_open::take(packet)
-        && serves(backend_id)
+        && let Some(backend_id) = handshake_backend(packet, vip, now)
     {
-        count(GlobalCounter::HalfOpenPromoted);
         // The client may end the handshake with a RST (or a FIN) too.
         let ending = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
         pin(packet, backend_id, now, ending);
@@ -111,7 +133,7 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
             // A flooded SYN left the client's affinity alone (see `syn`).
             affinity::remember(packet, vip, backend_id, now);
         }
-        return Some(Selection { backend_id, new_flow: false });
+        return Some(Selection::kept(backend_id));
     }
 
     let backend_id = schedule::pick(packet, vip, now, true)?;
@@ -129,7 +151,7 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
             schedule::account(backend_id, 1);
         }
     }
-    Some(Selection { backend_id, new_flow })
+    Some(Selection { backend_id, new_flow, untranslated: false })
 }
 
 /// A SYN: see the module's comment.
@@ -145,7 +167,7 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
         let live = entry.flags & FLOW_F_FINISHED == 0;
         if live && serves(entry.backend_id) {
             count(GlobalCounter::SynToEstablished);
-            return Some(Selection { backend_id: entry.backend_id, new_flow: false });
+            return Some(Selection::kept(entry.backend_id));
         }
         if live {
             leaves = Some(entry.backend_id);
@@ -159,11 +181,27 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
     if flooded {
         count(GlobalCounter::SynFlood);
     }
-    if !(flooded && half_open::stateless_scheduler(vip))
+    let mut untranslated = false;
+    if vip.flags & VIP_F_NAT != 0 {
+        // The translation `translate` makes (or keeps) is the record.
+        match half_open::nat_record(packet, now) {
+            NatRecord::Absent => untranslated = true,
+            NatRecord::Handshake { backend_id: first, young: true } if serves_vip(first, vip) => {
+                count(GlobalCounter::SynRetransmit);
+                return Some(Selection::kept(first));
+            }
+            // Its connection-table entry was evicted: the flow still lives.
+            NatRecord::Established(first) if serves_vip(first, vip) => {
+                count(GlobalCounter::SynToEstablished);
+                return Some(Selection::kept(first));
+            }
+            _ => {}
+        }
+    } else if !(flooded && half_open::stateless_scheduler(vip))
         && let Recorded::Retransmission(first) = half_open::record(packet, backend_id, now, serves)
     {
         count(GlobalCounter::SynRetransmit);
-        return Some(Selection { backend_id: first, new_flow: false });
+        return Some(Selection::kept(first));
     }
     count(GlobalCounter::SynScheduled);
     if least_conn {
@@ -172,7 +210,34 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
         }
         schedule::account(backend_id, 1);
     }
-    Some(Selection { backend_id, new_flow: true })
+    Some(Selection { backend_id, new_flow: true, untranslated })
+}
+
+/// The backend of the handshake a non-SYN packet that missed the
+/// connection table completes (counted as promoted), or of a NAT flow
+/// whose connection-table entry was evicted; `None`: schedule it.
+#[inline(always)]
+fn handshake_backend(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
+    if vip.flags & VIP_F_NAT == 0
+        && let Some(backend_id) = half_open::take(packet)
+    {
+        serves(backend_id).then_some(())?;
+        count(GlobalCounter::HalfOpenPromoted);
+        return Some(backend_id);
+    }
+    // A NAT flow's record is its translation; the service may have turned
+    // NAT off since (its slots stay, retired, while their flows live).
+    if !crate::forward::nat::enabled() {
+        return None;
+    }
+    match half_open::nat_record(packet, now) {
+        NatRecord::Handshake { backend_id, .. } if serves_vip(backend_id, vip) => {
+            count(GlobalCounter::HalfOpenPromoted);
+            Some(backend_id)
+        }
+        NatRecord::Established(backend_id) if serves_vip(backend_id, vip) => Some(backend_id),
+        _ => None,
+    }
 }
 
 /// Pins a flow to `backend_id` in the connection table (`finished`: the
@@ -248,7 +313,7 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
             schedule::account(state.backend_id, -1);
         }
     }
-    Pinned::Hit(Selection { backend_id: state.backend_id, new_flow: false })
+    Pinned::Hit(Selection::kept(state.backend_id))
 }
 
 /// Whether the backend in slot `backend_id` may keep a flow: in use and
@@ -258,6 +323,18 @@ fn serves(backend_id: u32) -> bool {
     match usable_backend(backend_id) {
         // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
         Some(backend) => unsafe { (*backend).flags & BACKEND_F_DOWN == 0 },
+        None => false,
+    }
+}
+
+/// `serves`, and of `vip`: a translation may outlive its slot's service
+/// (a SYN's may be older than the agent's scan keeps a slot for it), and
+/// the slot may serve another service since.
+#[inline(always)]
+fn serves_vip(backend_id: u32, vip: &VipInfo) -> bool {
+    match usable_backend(backend_id) {
+        // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
+        Some(backend) => unsafe { (*backend).flags & BACKEND_F_DOWN == 0 && (*backend).vip_id == vip.id },
         None => false,
     }
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Backend, GlobalCounter, forwarding};
 use lb_ebpf::parse::Packet;
 
-use crate::{counters::count, maps::EGRESS_DEVICES};
+use crate::{counters::count, maps::EGRESS_DEVICES, select::Selection};
 
 /// What a forwarding mode made of the frame.
 pub enum Prepared {
@@ -25,10 +25,10 @@ pub enum Prepared {
 }
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &Backend) -> u32 {
+pub fn forward(ctx: &XdpContext, packet: &Packet, selection: &Selection, backend: &Backend) -> u32 {
     let prepared = match backend.forwarding {
         forwarding::IPIP | forwarding::GUE => tunnel::encapsulate(ctx, packet, backend),
-        forwarding::NAT => nat::translate(ctx, packet, backend_id, backend),
+        forwarding::NAT => nat::translate(ctx, packet, selection.backend_id, selection.untranslated, backend),
         _ => dsr::rewrite(ctx, backend),
     };
     match prepared {

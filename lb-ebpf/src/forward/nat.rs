@@ -110,9 +110,17 @@ fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<
 }
 
 /// Client → backend, the full way: after select (the connection table, the
-/// scheduler). A subprogram: verified apart from the scheduler paths.
+/// scheduler), which may have found the flow `untranslated` (then its
+/// translation is not looked for again). A subprogram: verified apart from
+/// the scheduler paths.
 #[inline(never)]
-pub fn translate(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &Backend) -> Prepared {
+pub fn translate(
+    ctx: &XdpContext,
+    packet: &Packet,
+    backend_id: u32,
+    untranslated: bool,
+    backend: &Backend,
+) -> Prepared {
     let (Some(pool), Some(scratch)) = (NAT_POOLS.get(backend.vip_id), NAT_SCRATCH.get_ptr_mut(0)) else {
         return Prepared::Drop;
     };
@@ -124,7 +132,8 @@ pub fn translate(ctx: &XdpContext, packet: &Packet, backend_id: u32, backend: &B
     // only records it half-open, a RST pins nothing): its next packets may
     // take the translation alone (`established`).
     let pinned = if packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 { NAT_FLOW_F_PINNED } else { 0 };
-    match NAT_FLOWS.get_ptr_mut(&packet.flow) {
+    let entry = if untranslated { None } else { NAT_FLOWS.get_ptr_mut(&packet.flow) };
+    match entry {
         // SAFETY: a pointer to a live entry; plain words, written whole.
         Some(entry) if unsafe { (*entry).backend_id } == backend_id => unsafe {
             // Not `scratch.flow = *entry`: see `copy_address`.

@@ -17,8 +17,8 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowKey, FlowState, NatFlow, NatReply, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS,
-    map_names,
+    FINISHED_LINGER_NS, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowKey, FlowState, NAT_FLOW_F_PINNED, NatFlow, NatReply,
+    PROTO_TCP, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, map_names,
 };
 use tokio::sync::mpsc;
 
@@ -88,6 +88,18 @@ pub fn count_flows(
     scan
 }
 
+/// The NAT flows still in their handshake, as half-open entries: a NAT
+/// service's SYN is recorded by its translation alone (TCP, not yet pinned
+/// by a packet after the handshake, not finished).
+pub fn nat_handshakes(flows: &[(FlowKey, NatFlow)]) -> impl Iterator<Item = (FlowKey, FlowState)> + '_ {
+    flows
+        .iter()
+        .filter(|(key, flow)| key.proto == PROTO_TCP && flow.flags & (NAT_FLOW_F_PINNED | FLOW_F_FINISHED) == 0)
+        .map(|(key, flow)| {
+            (*key, FlowState { backend_id: flow.backend_id, flags: FLOW_F_HALF_OPEN, last_seen_ns: flow.last_seen_ns })
+        })
+}
+
 /// What the event loop asks for.
 #[derive(Clone, Copy, Debug)]
 pub struct ScanRequest {
@@ -115,21 +127,33 @@ struct Tables {
 impl Tables {
     fn scan(&self, request: ScanRequest) -> TableScan {
         let started = Instant::now();
-        let flows = self.scan_flows(request.flows).map_err(|e| format!("{e:#}"));
-        let nat = request.nat.map(|timeouts| self.scan_nat(&timeouts).map_err(|e| format!("{e:#}")));
+        // Read once: NAT handshakes count with the half-open table's.
+        let nat_flows = request.nat.map(|_| self.nat_flows());
+        let handshakes = match &nat_flows {
+            Some(Ok(flows)) => flows.as_slice(),
+            _ => &[],
+        };
+        let flows = self.scan_flows(request.flows, handshakes).map_err(|e| format!("{e:#}"));
+        let nat = request.nat.zip(nat_flows).map(|(timeouts, flows)| {
+            flows.and_then(|flows| self.scan_nat(&flows, &timeouts)).map_err(|e| format!("{e:#}"))
+        });
         TableScan { flows, nat, took: started.elapsed() }
     }
 
-    fn scan_flows(&self, timeouts: FlowTimeouts) -> Result<FlowScan> {
+    fn scan_flows(&self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
         let conntrack: Vec<_> = self.conntrack.iter().collect::<Result<_, _>>().context("the connection table")?;
         let half_open: Vec<_> = self.half_open.iter().collect::<Result<_, _>>().context("the half-open table")?;
+        let half_open = half_open.into_iter().chain(nat_handshakes(nat_flows));
         Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
     }
 
-    fn scan_nat(&self, timeouts: &NatTimeouts) -> Result<NatUpkeep> {
-        let flows: Vec<_> = self.nat_flows.iter().collect::<Result<_, _>>().context("NAT_FLOWS")?;
+    fn nat_flows(&self) -> Result<Vec<(FlowKey, NatFlow)>> {
+        self.nat_flows.iter().collect::<Result<_, _>>().context("NAT_FLOWS")
+    }
+
+    fn scan_nat(&self, flows: &[(FlowKey, NatFlow)], timeouts: &NatTimeouts) -> Result<NatUpkeep> {
         let replies: Vec<_> = self.nat_replies.iter().collect::<Result<_, _>>().context("NAT_REPLIES")?;
-        Ok(nat_upkeep(&flows, &replies, monotonic_coarse_ns(), timeouts))
+        Ok(nat_upkeep(flows, &replies, monotonic_coarse_ns(), timeouts))
     }
 }
 
@@ -199,7 +223,7 @@ impl Dataplane {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{FLOW_F_HALF_OPEN, NS_PER_SEC, PROTO_TCP};
+    use lb_common::NS_PER_SEC;
 
     use super::*;
 
@@ -242,6 +266,31 @@ mod tests {
         ];
         let scan = count_flows([(key(5, PROTO_TCP), entry(7, 0, NOW))], half_open, NOW, TIMEOUTS);
         assert_eq!(scan.active, [(7, 3)].into_iter().collect());
+        assert_eq!(scan.referenced, [7, 8].into_iter().collect());
+    }
+
+    #[test]
+    fn nat_translations_in_their_handshake_count_as_half_open_and_no_others() {
+        let translation =
+            |backend_id, flags, last_seen_ns| NatFlow { backend_id, flags, last_seen_ns, ..Default::default() };
+        let flows = [
+            (key(1, PROTO_TCP), translation(7, 0, NOW - NS_PER_SEC)),
+            (key(2, PROTO_TCP), translation(8, 0, NOW - SYN_RETRANSMIT_WINDOW_NS - 1)),
+            // Pinned (past the handshake: in the connection table), finished, or UDP: no handshake.
+            (key(3, PROTO_TCP), translation(9, NAT_FLOW_F_PINNED, NOW)),
+            (key(4, PROTO_TCP), translation(10, FLOW_F_FINISHED, NOW)),
+            (key(5, PROTO_UDP), translation(11, 0, NOW)),
+        ];
+        let handshakes: Vec<_> = nat_handshakes(&flows).collect();
+        assert_eq!(
+            handshakes,
+            [
+                (key(1, PROTO_TCP), entry(7, FLOW_F_HALF_OPEN, NOW - NS_PER_SEC)),
+                (key(2, PROTO_TCP), entry(8, FLOW_F_HALF_OPEN, NOW - SYN_RETRANSMIT_WINDOW_NS - 1)),
+            ]
+        );
+        let scan = count_flows([], handshakes, NOW, TIMEOUTS);
+        assert_eq!(scan.active, [(7, 1)].into_iter().collect());
         assert_eq!(scan.referenced, [7, 8].into_iter().collect());
     }
 }
