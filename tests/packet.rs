@@ -1829,6 +1829,17 @@ fn a_nat_handshake_is_recorded_by_its_translation_alone() {
         assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 2);
         assert_eq!(w.flows().len(), 1);
         assert_eq!(translations(&w).len(), 2);
+        // The translation expires while the connection table still holds
+        // the flow (a connection its client dropped, idle): a new connection
+        // on the five-tuple goes where its SYN went, also when the scheduler
+        // picks another backend than the table's (one of two rounds does).
+        for round in 0..2 {
+            w.dataplane.clear_nat_tables().unwrap();
+            let syn = sent(w.run(&client(1000, SYN)));
+            assert_eq!(sent(w.run(&client(1000, ACK))), syn, "round {round}");
+            assert_eq!(sent(w.run(&client(1000, PSH_ACK))), syn, "round {round}");
+            assert_eq!(translations(&w).len(), 1);
+        }
     });
 }
 
