@@ -18,10 +18,8 @@
 //! FIN or RST marks the flow finished.
 //!
 //! A NAT service's SYN is recorded by its translation instead (see
-//! `half_open`), and looks up nothing else: the client's ACK, and a
-//! retransmitted SYN, find its backend there; the ACK goes by the
-//! translation even where the connection table holds the five-tuple's
-//! last connection.
+//! `half_open`): the client's ACK, and a retransmitted SYN, find its
+//! backend there.
 //!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
 //! counted in `ACTIVE_FLOWS` here (a SYN counts: the agent's scan corrects
@@ -105,21 +103,8 @@ enum Pinned {
 pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     let now = clock::now_ns();
     let least_conn = vip.scheduler == scheduler::LEAST_CONN;
-    let nat = vip.flags & VIP_F_NAT != 0;
     if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return if nat { nat_syn(packet, vip, now, least_conn) } else { syn(packet, vip, now, least_conn) };
-    }
-    // A NAT flow in its handshake: its translation names the backend, and
-    // the connection table may still hold the five-tuple's last connection
-    // (a NAT SYN does not look there).
-    if nat
-        && packet.flow.proto == PROTO_TCP
-        && let NatRecord::Handshake { backend_id, .. } = half_open::nat_record(packet, now)
-        && serves_vip(backend_id, vip)
-    {
-        count(GlobalCounter::ConntrackMiss);
-        count(GlobalCounter::HalfOpenPromoted);
-        return Some(complete_handshake(packet, vip, backend_id, now, least_conn));
+        return syn(packet, vip, now, least_conn);
     }
     // The live flow this packet's five-tuple leaves, for least_conn accounting.
     let mut leaves: Option<u32> = None;
@@ -138,7 +123,17 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
         && leaves.is_none()
         && let Some(backend_id) = handshake_backend(packet, vip, now)
     {
-        return Some(complete_handshake(packet, vip, backend_id, now, least_conn));
+        // The client may end the handshake with a RST (or a FIN) too.
+        let ending = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+        pin(packet, backend_id, now, ending);
+        if least_conn && ending {
+            schedule::account(backend_id, -1);
+        }
+        if vip.persistence_timeout_ns != 0 {
+            // A flooded SYN left the client's affinity alone (see `syn`).
+            affinity::remember(packet, vip, backend_id, now);
+        }
+        return Some(Selection::kept(backend_id));
     }
 
     let backend_id = schedule::pick(packet, vip, now, true)?;
@@ -157,22 +152,6 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
         }
     }
     Some(Selection { backend_id, new_flow, untranslated: false })
-}
-
-/// The client's ACK (or FIN, or RST) after its SYN went to `backend_id`:
-/// the flow moves to the connection table.
-#[inline(always)]
-fn complete_handshake(packet: &Packet, vip: &VipInfo, backend_id: u32, now: u64, least_conn: bool) -> Selection {
-    let ending = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    pin(packet, backend_id, now, ending);
-    if least_conn && ending {
-        schedule::account(backend_id, -1);
-    }
-    if vip.persistence_timeout_ns != 0 {
-        // A flooded SYN left the client's affinity alone (see `syn`).
-        affinity::remember(packet, vip, backend_id, now);
-    }
-    Selection::kept(backend_id)
 }
 
 /// A SYN: see the module's comment.
@@ -202,7 +181,23 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
     if flooded {
         count(GlobalCounter::SynFlood);
     }
-    if !(flooded && half_open::stateless_scheduler(vip))
+    let mut untranslated = false;
+    if vip.flags & VIP_F_NAT != 0 {
+        // The translation `translate` makes (or keeps) is the record.
+        match half_open::nat_record(packet, now) {
+            NatRecord::Absent => untranslated = true,
+            NatRecord::Handshake { backend_id: first, young: true } if serves_vip(first, vip) => {
+                count(GlobalCounter::SynRetransmit);
+                return Some(Selection::kept(first));
+            }
+            // Its connection-table entry was evicted: the flow still lives.
+            NatRecord::Established(first) if serves_vip(first, vip) => {
+                count(GlobalCounter::SynToEstablished);
+                return Some(Selection::kept(first));
+            }
+            _ => {}
+        }
+    } else if !(flooded && half_open::stateless_scheduler(vip))
         && let Recorded::Retransmission(first) = half_open::record(packet, backend_id, now, serves)
     {
         count(GlobalCounter::SynRetransmit);
@@ -215,47 +210,6 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
         }
         schedule::account(backend_id, 1);
     }
-    Some(Selection { backend_id, new_flow: true, untranslated: false })
-}
-
-/// A NAT service's SYN. Its translation is the flow's record (see
-/// `half_open`), and the only table looked up: a live flow keeps its
-/// backend, a retransmitted SYN goes where the first went, any other SYN is
-/// scheduled, and its translation made by `translate`. The connection table
-/// is left as it is: the client's ACK goes by the translation and pins the
-/// flow there (`select_backend`).
-#[inline(always)]
-fn nat_syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Selection> {
-    let picked = schedule::pick_raw(packet, vip, now);
-    let flooded = half_open::flooded(now);
-    let mut leaves: Option<u32> = None;
-    let record = half_open::nat_record(packet, now);
-    match record {
-        NatRecord::Handshake { backend_id: first, young: true } if serves_vip(first, vip) => {
-            count(GlobalCounter::SynRetransmit);
-            return Some(Selection::kept(first));
-        }
-        NatRecord::Established(first) if serves_vip(first, vip) => {
-            count(GlobalCounter::SynToEstablished);
-            return Some(Selection::kept(first));
-        }
-        // Its backend went down: the flow leaves it.
-        NatRecord::Established(old) => leaves = Some(old),
-        _ => {}
-    }
-    let backend_id = schedule::picked(packet, vip, now, picked, !flooded)?;
-    usable_backend(backend_id)?;
-    if flooded {
-        count(GlobalCounter::SynFlood);
-    }
-    count(GlobalCounter::SynScheduled);
-    if least_conn {
-        if let Some(old) = leaves {
-            schedule::account(old, -1);
-        }
-        schedule::account(backend_id, 1);
-    }
-    let untranslated = matches!(record, NatRecord::Absent);
     Some(Selection { backend_id, new_flow: true, untranslated })
 }
 
