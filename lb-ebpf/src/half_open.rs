@@ -11,7 +11,7 @@
 //!
 //! A NAT service's flows are not recorded here: the translation its SYN
 //! gets (`NAT_FLOWS`, written by `forward::nat::translate`) already names
-//! the backend, so it is the half-open record (`nat_handshake`), and a
+//! the backend, so it is the half-open record (`nat_record`), and a
 //! second insert per SYN would only cost time.
 
 use aya_ebpf::bindings::BPF_NOEXIST;

@@ -215,29 +215,25 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
 
 /// The backend of the handshake a non-SYN packet that missed the
 /// connection table completes (counted as promoted), or of a NAT flow
-/// whose connection-table entry was evicted; `None`: schedule it.
+/// whose connection-table entry was evicted; `None`: schedule it. A NAT
+/// service's record is its flow's translation, any other's the half-open
+/// table (a handshake under way while its service switches between NAT
+/// and another mode is scheduled afresh: looking in both tables would
+/// cost every other service's new flows a NAT lookup).
 #[inline(always)]
 fn handshake_backend(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
-    if vip.flags & VIP_F_NAT == 0
-        && let Some(backend_id) = half_open::take(packet)
-    {
-        serves(backend_id).then_some(())?;
-        count(GlobalCounter::HalfOpenPromoted);
-        return Some(backend_id);
-    }
-    // A NAT flow's record is its translation; the service may have turned
-    // NAT off since (its slots stay, retired, while their flows live).
-    if !crate::forward::nat::enabled() {
-        return None;
-    }
-    match half_open::nat_record(packet, now) {
-        NatRecord::Handshake { backend_id, .. } if serves_vip(backend_id, vip) => {
-            count(GlobalCounter::HalfOpenPromoted);
-            Some(backend_id)
+    let backend_id = if vip.flags & VIP_F_NAT == 0 {
+        let backend_id = half_open::take(packet)?;
+        serves(backend_id).then_some(backend_id)?
+    } else {
+        match half_open::nat_record(packet, now) {
+            NatRecord::Handshake { backend_id, .. } if serves_vip(backend_id, vip) => backend_id,
+            NatRecord::Established(backend_id) if serves_vip(backend_id, vip) => return Some(backend_id),
+            _ => return None,
         }
-        NatRecord::Established(backend_id) if serves_vip(backend_id, vip) => Some(backend_id),
-        _ => None,
-    }
+    };
+    count(GlobalCounter::HalfOpenPromoted);
+    Some(backend_id)
 }
 
 /// Pins a flow to `backend_id` in the connection table (`finished`: the
@@ -320,11 +316,7 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
 /// not marked down.
 #[inline(always)]
 fn serves(backend_id: u32) -> bool {
-    match usable_backend(backend_id) {
-        // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
-        Some(backend) => unsafe { (*backend).flags & BACKEND_F_DOWN == 0 },
-        None => false,
-    }
+    serving(backend_id).is_some()
 }
 
 /// `serves`, and of `vip`: a translation may outlive its slot's service
@@ -332,11 +324,16 @@ fn serves(backend_id: u32) -> bool {
 /// the slot may serve another service since.
 #[inline(always)]
 fn serves_vip(backend_id: u32, vip: &VipInfo) -> bool {
-    match usable_backend(backend_id) {
-        // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
-        Some(backend) => unsafe { (*backend).flags & BACKEND_F_DOWN == 0 && (*backend).vip_id == vip.id },
-        None => false,
-    }
+    // SAFETY: `serving` returns a pointer into the BACKENDS array.
+    serving(backend_id).is_some_and(|backend| unsafe { (*backend).vip_id } == vip.id)
+}
+
+/// The backend in slot `backend_id` if it may keep a flow (`serves`).
+#[inline(always)]
+fn serving(backend_id: u32) -> Option<*const Backend> {
+    let backend = usable_backend(backend_id)?;
+    // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
+    (unsafe { (*backend).flags } & BACKEND_F_DOWN == 0).then_some(backend)
 }
 
 #[inline(always)]
