@@ -65,6 +65,10 @@ impl World {
     }
 
     fn with(udp_idle_timeout: Duration, syn_flood_threshold: u64) -> Self {
+        Self::sized(udp_idle_timeout, syn_flood_threshold, 4096)
+    }
+
+    fn sized(udp_idle_timeout: Duration, syn_flood_threshold: u64, conntrack_size: u32) -> Self {
         lb_testkit::isolate_thread().unwrap();
         for args in [
             &["link", "set", "lo", "up"][..],
@@ -81,7 +85,7 @@ impl World {
         let params = DataplaneParams {
             ring_size: RING,
             max_services: 8,
-            conntrack_size: 4096,
+            conntrack_size,
             nat_table_size: 4096,
             udp_idle_timeout_ns: udp_idle_timeout.as_nanos() as u64,
             syn_flood_threshold,
@@ -428,6 +432,31 @@ fn fragments_to_a_vip_address_are_dropped_and_counted() {
             Frame { ipv6_next_header: Some(60), ..tcp("2001:db8:0:1::2", 40000, "2001:db8::101", 80, SYN) }.bytes();
         assert_eq!(w.run(&ext_other), (XDP_PASS, ext_other.clone()));
         assert_eq!(w.counter(GlobalCounter::DropIpv6ExtHeader), 1);
+    });
+}
+
+#[test]
+fn a_table_larger_than_one_read_batch_is_read_whole() {
+    in_world(|| {
+        // One CPU: each CPU's LRU list holds its share of the table.
+        pin_to_one_cpu();
+        let mut w = World::sized(Duration::from_secs(30), lb_common::DEFAULT_SYN_FLOOD_THRESHOLD, 32768);
+        w.set(&[web4(&w)]);
+        // 10,000 flows: the agent reads 4096 entries per syscall at first,
+        // so the read takes several batches and carries its position on.
+        let mut sent = std::collections::HashSet::new();
+        for i in 0..10_000u16 {
+            let (client, port) = (format!("198.18.0.{}", 2 + i / 5000), 20000 + i % 5000);
+            let (action, _) = w.run(&tcp(&client, port, VIP4, 80, ACK).bytes());
+            assert_eq!(action, XDP_TX);
+            sent.insert(tcp_key(&client, port, VIP4, 80));
+        }
+        let flows = w.dataplane.flows().unwrap();
+        assert_eq!(flows.len(), 10_000, "entries read more than once or missed");
+        let read: std::collections::HashSet<FlowKey> = flows.iter().map(|(k, _)| *k).collect();
+        assert!(read == sent, "the table read is not the flows sent");
+        let backends: std::collections::HashSet<u32> = flows.iter().map(|(_, v)| v.backend_id).collect();
+        assert_eq!(backends.len(), 3, "{backends:?}");
     });
 }
 

@@ -20,6 +20,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb_testkit::topology::Topology;
 
+/// The run without a load balancer (`PeerRun::lb`).
+pub const NO_LB: &str = "none (wrk to each backend)";
+
 pub struct PeerRun {
     pub lb: &'static str,
     /// "keep-alive" or "new connections"
@@ -47,6 +50,9 @@ fn sh(cmd: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// The backends' own addresses (b1, b2, b3 of the harness).
+const BACKENDS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.2.13"];
 
 /// Replaces the harness's Python servers with nginx (answers with the name).
 fn start_nginx(h: &Topology, dir: &Path) -> Result<()> {
@@ -100,14 +106,44 @@ fn xdp_run_seconds(name: &str) -> f64 {
         .sum()
 }
 
-/// wrk in the client namespace; returns (requests per second, requests).
+/// wrk in the client namespace against the VIP; returns (requests per
+/// second, requests).
 fn wrk(h: &Topology, seconds: u64, close: bool) -> Result<(f64, u64)> {
+    wrk_output(wrk_command(h, "198.18.0.100", 2, 64, seconds, close).output().context("running wrk")?)
+}
+
+/// The same load without a load balancer: one wrk per backend on its own
+/// address, the connections split among them. What the client and the
+/// backends sustain on this machine, which bounds any LB's figures here.
+fn wrk_without_lb(h: &Topology, seconds: u64, close: bool) -> Result<(f64, u64)> {
+    let runs = BACKENDS
+        .iter()
+        .map(|address| wrk_command(h, address, 1, 64 / BACKENDS.len(), seconds, close).spawn())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("running wrk")?;
+    let mut total = (0.0, 0);
+    for run in runs {
+        let (rps, requests) = wrk_output(run.wait_with_output()?)?;
+        total = (total.0 + rps, total.1 + requests);
+    }
+    Ok(total)
+}
+
+fn wrk_command(h: &Topology, address: &str, threads: usize, connections: usize, seconds: u64, close: bool) -> Command {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &h.ns("client"), "wrk", "-t2", "-c64", &format!("-d{seconds}s")]);
+    cmd.args(["netns", "exec", &h.ns("client"), "wrk"]).args([
+        format!("-t{threads}"),
+        format!("-c{connections}"),
+        format!("-d{seconds}s"),
+    ]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    let out = cmd.arg("http://198.18.0.100/").output().context("running wrk")?;
+    cmd.arg(format!("http://{address}/")).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn wrk_output(out: std::process::Output) -> Result<(f64, u64)> {
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
@@ -144,12 +180,18 @@ fn wait_until_serving(h: &Topology) -> Result<()> {
     }
 }
 
-fn measure(h: &Topology, lb: &'static str, lb_pid: u32, seconds: u64) -> Result<Vec<PeerRun>> {
-    wait_until_serving(h)?;
+fn measure(h: &Topology, lb: &'static str, lb_pid: Option<u32>, seconds: u64) -> Result<Vec<PeerRun>> {
+    let load = if lb_pid.is_some() {
+        wait_until_serving(h)?;
+        wrk
+    } else {
+        wrk_without_lb
+    };
+    let cpu_seconds_of = |pid: Option<u32>| pid.map_or(0.0, cpu_seconds_of);
     let mut runs = Vec::new();
     for (mode, close) in [("keep-alive", false), ("new connections", true)] {
         let (cpu0, xdp0, soft0) = (cpu_seconds_of(lb_pid), xdp_run_seconds("xdplb"), machine_softirq_seconds());
-        let (rps, requests) = wrk(h, seconds, close)?;
+        let (rps, requests) = load(h, seconds, close)?;
         let (cpu1, xdp1, soft1) = (cpu_seconds_of(lb_pid), xdp_run_seconds("xdplb"), machine_softirq_seconds());
         runs.push(PeerRun {
             lb,
@@ -217,7 +259,7 @@ fn run_xdplb(
         .spawn()?;
     let agent = Stop(agent);
     wait_for(&log, "all backends resolved")?;
-    let runs = measure(h, lb, agent.0.id(), seconds)?;
+    let runs = measure(h, lb, Some(agent.0.id()), seconds)?;
     drop(agent);
     std::thread::sleep(Duration::from_millis(500));
     Ok(runs)
@@ -256,9 +298,12 @@ pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> 
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(
         &cfg,
-        "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+        format!(
+            "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
          frontend web\n  bind 198.18.0.100:80\n  default_backend pool\n\
-         backend pool\n  balance roundrobin\n  server b1 198.18.1.11:80\n  server b2 198.18.1.12:80\n  server b3 198.18.2.13:80\n",
+         backend pool\n  balance roundrobin\n  server b1 {}:80\n  server b2 {}:80\n  server b3 {}:80\n",
+            BACKENDS[0], BACKENDS[1], BACKENDS[2]
+        ),
     )?;
     let haproxy = Command::new("ip")
         .args(["netns", "exec", &h.ns("lb"), "haproxy", "-db", "-f"])
@@ -270,8 +315,12 @@ pub fn run(xdplb: &Path, xdp_pass: &Path, seconds: u64) -> Result<Vec<PeerRun>> 
     let haproxy = Stop(haproxy);
     std::thread::sleep(Duration::from_millis(700));
     // `ip netns exec` execs haproxy in place: the child's pid is haproxy's.
-    runs.extend(measure(&h, "haproxy", haproxy.0.id(), seconds)?);
+    runs.extend(measure(&h, "haproxy", Some(haproxy.0.id()), seconds)?);
     drop(haproxy);
+
+    // No LB: what the client and backends sustain here, the ceiling of
+    // every LB's requests/s on this machine.
+    runs.extend(measure(&h, NO_LB, None, seconds)?);
     let _ = sh("sysctl -qw kernel.bpf_stats_enabled=0");
     Ok(runs)
 }

@@ -9,7 +9,12 @@ use std::{
 use anyhow::Result;
 use plotters::prelude::*;
 
-use crate::{control::ControlPlane, packet::Cost, peer::PeerRun, throughput::Throughput};
+use crate::{
+    control::ControlPlane,
+    packet::Cost,
+    peer::{NO_LB, PeerRun},
+    throughput::Throughput,
+};
 
 pub struct Report {
     pub quick: bool,
@@ -404,6 +409,18 @@ pub fn write(r: &Report, dir: &Path) -> Result<PathBuf> {
             x.requests_per_s / h.requests_per_s,
             x.cpu_per_100k() / h.cpu_per_100k().max(1e-12)
         )?;
+        if let Some(none) = get(NO_LB) {
+            writeln!(
+                md,
+                "\nWithout a load balancer (one wrk per backend, the same 64 connections) the client and backends \
+                 sustain {:.0} new connections/s on this machine: **{:.2}×** HAProxy's, the most any LB could reach \
+                 here. xdplb NAT reaches {:.0} % of it, HAProxy {:.0} %.",
+                none.requests_per_s,
+                none.requests_per_s / h.requests_per_s,
+                100.0 * x.requests_per_s / none.requests_per_s,
+                100.0 * h.requests_per_s / none.requests_per_s
+            )?;
+        }
     }
     bars(&dir.join("peer.png"), "Requests per second (thousands)", &peer_rows, ("xdplb", "HAProxy"))?;
     writeln!(md, "\n![xdplb vs HAProxy](peer.png)\n")?;

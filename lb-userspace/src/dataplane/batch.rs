@@ -1,14 +1,20 @@
-//! `BPF_MAP_UPDATE_BATCH` for arrays: many elements in one syscall. aya
-//! has no batch operations; this is the one raw `bpf(2)` call the agent
-//! makes. A new service's backends go this way: 10,000 of them took 10,000
-//! syscalls (about 17 ms) before.
+//! Batch map operations, many elements in one syscall. aya has none; these
+//! are the only raw `bpf(2)` calls the agent makes.
+//!
+//! - `update_array` (`BPF_MAP_UPDATE_BATCH`): a new service's backends.
+//!   10,000 of them took 10,000 syscalls (about 17 ms) before.
+//! - `lookup_hash` (`BPF_MAP_LOOKUP_BATCH`): the scans of the connection
+//!   and NAT tables. Reading entry by entry took two syscalls each (next
+//!   key, then value), which made the scan thread a fifth of the LB's CPU
+//!   under a stream of new NAT connections.
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
-/// `BPF_MAP_UPDATE_BATCH` (uapi bpf.h `enum bpf_cmd`).
+/// uapi bpf.h `enum bpf_cmd`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `union bpf_attr`'s `batch` member.
@@ -55,4 +61,76 @@ pub fn update_array<V: aya::Pod>(map: BorrowedFd<'_>, keys: &[u32], values: &[V]
         return Err((written, error));
     }
     Ok(())
+}
+
+/// Entries a hash-map lookup batch asks for at first. A batch holds whole
+/// hash buckets; a bucket larger than the batch makes it grow.
+const LOOKUP_BATCH_ENTRIES: usize = 4096;
+
+/// Every entry of the hash map `name` (plain or LRU, not per-CPU), read in
+/// batches of whole buckets. Entries added or removed during the read may
+/// be missed, as with any walk of a live table.
+pub fn read_hash<K: aya::Pod, V: aya::Pod>(map: &aya::maps::MapData, name: &str) -> anyhow::Result<Vec<(K, V)>> {
+    use anyhow::Context as _;
+    // The batch read hands the kernel buffers of K and V: their sizes must be the map's.
+    let info = map.info().with_context(|| format!("map {name}"))?;
+    let (key, value) = (info.key_size() as usize, info.value_size() as usize);
+    if (key, value) != (size_of::<K>(), size_of::<V>()) {
+        anyhow::bail!(
+            "map {name} has {key}-byte keys and {value}-byte values, the agent expects {} and {}",
+            size_of::<K>(),
+            size_of::<V>()
+        );
+    }
+    lookup_hash(map.fd().as_fd()).with_context(|| format!("reading map {name}"))
+}
+
+/// `read_hash` without the size check: `K` and `V` must have the sizes of
+/// the map's keys and values.
+fn lookup_hash<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    let mut capacity = LOOKUP_BATCH_ENTRIES;
+    // SAFETY (both): `Pod` types are valid for any bytes, zeroes included.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; capacity];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; capacity];
+    // The kernel's position (a bucket index) between calls; none at first.
+    let mut position: Option<u32> = None;
+    loop {
+        let mut next: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: position.as_ref().map_or(0, |p| p as *const u32 as u64),
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: capacity as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` prefix of its own size; the
+        // kernel writes at most `count` keys and values of the map's sizes,
+        // which are `K`'s and `V`'s, into buffers of `capacity` each, the
+        // next position into `next`, and back into `attr.count`.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
+        };
+        let error = (rc < 0).then(io::Error::last_os_error);
+        match error.as_ref().and_then(io::Error::raw_os_error) {
+            // One bucket holds more entries than the batch: a larger one.
+            Some(libc::ENOSPC) if attr.count == 0 => {
+                capacity *= 2;
+                keys.resize(capacity, unsafe { std::mem::zeroed() });
+                values.resize(capacity, unsafe { std::mem::zeroed() });
+                continue;
+            }
+            // The last buckets: what they held is in the buffers.
+            Some(libc::ENOENT) | None => {}
+            Some(_) => return Err(error.unwrap_or_else(|| io::Error::other("bpf(BPF_MAP_LOOKUP_BATCH)"))),
+        }
+        let read = (attr.count as usize).min(capacity);
+        entries.extend(keys[..read].iter().copied().zip(values[..read].iter().copied()));
+        if error.is_some() {
+            return Ok(entries);
+        }
+        position = Some(next);
+    }
 }

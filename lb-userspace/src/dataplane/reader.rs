@@ -98,16 +98,13 @@ impl Dataplane {
 
     /// Snapshots of both NAT tables (flows, replies).
     pub fn nat_tables(&self) -> Result<NatTables> {
-        let flows: HashMap<&MapData, FlowKey, NatFlow> = self.map(map_names::NAT_FLOWS)?;
-        let replies: HashMap<&MapData, FlowKey, NatReply> = self.map(map_names::NAT_REPLIES)?;
-        Ok((flows.iter().collect::<Result<_, _>>()?, replies.iter().collect::<Result<_, _>>()?))
+        Ok((self.hash_table(map_names::NAT_FLOWS)?, self.hash_table(map_names::NAT_REPLIES)?))
     }
 
     /// Entries of `NAT_FLOWS` and of `NAT_REPLIES`.
     pub fn nat_table_sizes(&self) -> Result<(usize, usize)> {
-        let flows: HashMap<&MapData, FlowKey, NatFlow> = self.map(map_names::NAT_FLOWS)?;
-        let replies: HashMap<&MapData, FlowKey, NatReply> = self.map(map_names::NAT_REPLIES)?;
-        Ok((flows.keys().count(), replies.keys().count()))
+        let (flows, replies) = self.nat_tables()?;
+        Ok((flows.len(), replies.len()))
     }
 
     /// New flows of a NAT service (VIP id) refused for want of a source port.
@@ -118,13 +115,19 @@ impl Dataplane {
 
     /// A snapshot of the connection table.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
-        let map: HashMap<&MapData, FlowKey, FlowState> = self.map(map_names::CONNTRACK)?;
-        Ok(map.iter().collect::<Result<_, _>>()?)
+        self.hash_table(map_names::CONNTRACK)
     }
 
     /// A snapshot of the half-open table (SYNs waiting for their ACK).
     pub fn half_open_flows(&self) -> Result<Vec<(FlowKey, FlowState)>> {
-        let map: HashMap<&MapData, FlowKey, FlowState> = self.map(map_names::HALF_OPEN)?;
-        Ok(map.iter().collect::<Result<_, _>>()?)
+        self.hash_table(map_names::HALF_OPEN)
+    }
+
+    /// Every entry of the hash map `name`, read in batches.
+    fn hash_table<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(map) | aya::maps::Map::LruHashMap(map)) => super::batch::read_hash(map, name),
+            _ => anyhow::bail!("map {name} missing from object, or not a hash map"),
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Scans of the data plane's large tables (connection, half-open and NAT
 //! tables) on a thread of their own. Reading half a million entries takes
-//! about a second of syscalls, and the agent's event loop must never wait
+//! tens of milliseconds (batched syscalls), and the agent's event loop must never wait
 //! for that: it asks for a scan and goes on; the result comes back as an
 //! event, and any writes it implies go through the one writer there.
 //!
@@ -9,13 +9,17 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
+    marker::PhantomData,
     os::fd::AsFd as _,
     sync::mpsc as std_mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{HashMap, Map, MapData};
+use aya::{
+    Pod,
+    maps::{Map, MapData},
+};
 use lb_common::{
     FINISHED_LINGER_NS, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowKey, FlowState, NAT_FLOW_F_PINNED, NatFlow, NatReply,
     PROTO_TCP, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, map_names,
@@ -23,7 +27,7 @@ use lb_common::{
 use tokio::sync::mpsc;
 
 use super::{
-    Dataplane, monotonic_coarse_ns,
+    Dataplane, batch, monotonic_coarse_ns,
     planner::nat::{NatTimeouts, NatUpkeep, nat_upkeep},
 };
 
@@ -116,19 +120,40 @@ pub struct TableScan {
     pub took: Duration,
 }
 
+/// A hash map of the data plane, read whole in batches of buckets
+/// (`batch::read_hash`): a few syscalls per scan instead of two per entry.
+struct HashTable<K, V> {
+    map: MapData,
+    name: &'static str,
+    _entries: PhantomData<(K, V)>,
+}
+
+impl<K: Pod, V: Pod> HashTable<K, V> {
+    fn open(dataplane: &Dataplane, name: &'static str) -> Result<Self> {
+        let (Map::HashMap(map) | Map::LruHashMap(map)) = dataplane.reopen(name)? else {
+            unreachable!("reopen returns hash maps only")
+        };
+        Ok(HashTable { map, name, _entries: PhantomData })
+    }
+
+    fn read(&self) -> Result<Vec<(K, V)>> {
+        batch::read_hash(&self.map, self.name)
+    }
+}
+
 /// The scanning thread's handles: its own, to the same maps.
 struct Tables {
-    conntrack: HashMap<MapData, FlowKey, FlowState>,
-    half_open: HashMap<MapData, FlowKey, FlowState>,
-    nat_flows: HashMap<MapData, FlowKey, NatFlow>,
-    nat_replies: HashMap<MapData, FlowKey, NatReply>,
+    conntrack: HashTable<FlowKey, FlowState>,
+    half_open: HashTable<FlowKey, FlowState>,
+    nat_flows: HashTable<FlowKey, NatFlow>,
+    nat_replies: HashTable<FlowKey, NatReply>,
 }
 
 impl Tables {
     fn scan(&self, request: ScanRequest) -> TableScan {
         let started = Instant::now();
         // Read once: NAT handshakes count with the half-open table's.
-        let nat_flows = request.nat.map(|_| self.nat_flows());
+        let nat_flows = request.nat.map(|_| self.nat_flows.read());
         let handshakes = match &nat_flows {
             Some(Ok(flows)) => flows.as_slice(),
             _ => &[],
@@ -141,18 +166,13 @@ impl Tables {
     }
 
     fn scan_flows(&self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
-        let conntrack: Vec<_> = self.conntrack.iter().collect::<Result<_, _>>().context("the connection table")?;
-        let half_open: Vec<_> = self.half_open.iter().collect::<Result<_, _>>().context("the half-open table")?;
-        let half_open = half_open.into_iter().chain(nat_handshakes(nat_flows));
+        let conntrack = self.conntrack.read()?;
+        let half_open = self.half_open.read()?.into_iter().chain(nat_handshakes(nat_flows));
         Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
     }
 
-    fn nat_flows(&self) -> Result<Vec<(FlowKey, NatFlow)>> {
-        self.nat_flows.iter().collect::<Result<_, _>>().context("NAT_FLOWS")
-    }
-
     fn scan_nat(&self, flows: &[(FlowKey, NatFlow)], timeouts: &NatTimeouts) -> Result<NatUpkeep> {
-        let replies: Vec<_> = self.nat_replies.iter().collect::<Result<_, _>>().context("NAT_REPLIES")?;
+        let replies = self.nat_replies.read()?;
         Ok(nat_upkeep(flows, &replies, monotonic_coarse_ns(), timeouts))
     }
 }
@@ -167,10 +187,10 @@ impl Scanner {
     /// Starts the thread; its results arrive on `results`.
     pub fn start(dataplane: &Dataplane, results: mpsc::UnboundedSender<TableScan>) -> Result<Self> {
         let tables = Tables {
-            conntrack: HashMap::try_from(dataplane.reopen(map_names::CONNTRACK)?)?,
-            half_open: HashMap::try_from(dataplane.reopen(map_names::HALF_OPEN)?)?,
-            nat_flows: HashMap::try_from(dataplane.reopen(map_names::NAT_FLOWS)?)?,
-            nat_replies: HashMap::try_from(dataplane.reopen(map_names::NAT_REPLIES)?)?,
+            conntrack: HashTable::open(dataplane, map_names::CONNTRACK)?,
+            half_open: HashTable::open(dataplane, map_names::HALF_OPEN)?,
+            nat_flows: HashTable::open(dataplane, map_names::NAT_FLOWS)?,
+            nat_replies: HashTable::open(dataplane, map_names::NAT_REPLIES)?,
         };
         let (requests, incoming) = std_mpsc::channel::<ScanRequest>();
         std::thread::Builder::new()
