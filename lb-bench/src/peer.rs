@@ -51,6 +51,9 @@ fn sh(cmd: &str) -> Result<()> {
     Ok(())
 }
 
+/// wrk's open connections, each sending one request at a time.
+const CONNECTIONS: usize = 64;
+
 /// The backends' own addresses (b1, b2, b3 of the harness).
 const BACKENDS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.2.13"];
 
@@ -109,16 +112,18 @@ fn xdp_run_seconds(name: &str) -> f64 {
 /// wrk in the client namespace against the VIP; returns (requests per
 /// second, requests).
 fn wrk(h: &Topology, seconds: u64, close: bool) -> Result<(f64, u64)> {
-    wrk_output(wrk_command(h, "198.18.0.100", 2, 64, seconds, close).output().context("running wrk")?)
+    wrk_output(wrk_command(h, "198.18.0.100", 2, CONNECTIONS, seconds, close).output().context("running wrk")?)
 }
 
 /// The same load without a load balancer: one wrk per backend on its own
-/// address, the connections split among them. What the client and the
+/// address, the 64 connections split among them. What the client and the
 /// backends sustain on this machine, which bounds any LB's figures here.
 fn wrk_without_lb(h: &Topology, seconds: u64, close: bool) -> Result<(f64, u64)> {
+    let share = |i: usize| CONNECTIONS / BACKENDS.len() + usize::from(i < CONNECTIONS % BACKENDS.len());
     let runs = BACKENDS
         .iter()
-        .map(|address| wrk_command(h, address, 1, 64 / BACKENDS.len(), seconds, close).spawn())
+        .enumerate()
+        .map(|(i, address)| wrk_command(h, address, 1, share(i), seconds, close).spawn())
         .collect::<std::io::Result<Vec<_>>>()
         .context("running wrk")?;
     let mut total = (0.0, 0);

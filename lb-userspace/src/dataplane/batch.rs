@@ -3,8 +3,8 @@
 //!
 //! - `update_array` (`BPF_MAP_UPDATE_BATCH`): a new service's backends.
 //!   10,000 of them took 10,000 syscalls (about 17 ms) before.
-//! - `lookup_hash` (`BPF_MAP_LOOKUP_BATCH`): the scans of the connection
-//!   and NAT tables. Reading entry by entry took two syscalls each (next
+//! - `read_hash` (`BPF_MAP_LOOKUP_BATCH`): the scans and snapshots of the
+//!   connection, half-open and NAT tables. Reading entry by entry took two syscalls each (next
 //!   key, then value), which made the scan thread a fifth of the LB's CPU
 //!   under a stream of new NAT connections.
 
@@ -113,22 +113,26 @@ fn lookup_hash<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<
         let rc = unsafe {
             libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
         };
-        let error = (rc < 0).then(io::Error::last_os_error);
-        match error.as_ref().and_then(io::Error::raw_os_error) {
-            // One bucket holds more entries than the batch: a larger one.
-            Some(libc::ENOSPC) if attr.count == 0 => {
-                capacity *= 2;
-                keys.resize(capacity, unsafe { std::mem::zeroed() });
-                values.resize(capacity, unsafe { std::mem::zeroed() });
-                continue;
+        // ENOENT: these were the last buckets, and what they held is in the buffers.
+        let last = if rc < 0 {
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                // One bucket holds more entries than the batch: a larger one.
+                Some(libc::ENOSPC) if attr.count == 0 => {
+                    capacity *= 2;
+                    keys.resize(capacity, unsafe { std::mem::zeroed() });
+                    values.resize(capacity, unsafe { std::mem::zeroed() });
+                    continue;
+                }
+                Some(libc::ENOENT) => true,
+                _ => return Err(error),
             }
-            // The last buckets: what they held is in the buffers.
-            Some(libc::ENOENT) | None => {}
-            Some(_) => return Err(error.unwrap_or_else(|| io::Error::other("bpf(BPF_MAP_LOOKUP_BATCH)"))),
-        }
+        } else {
+            false
+        };
         let read = (attr.count as usize).min(capacity);
         entries.extend(keys[..read].iter().copied().zip(values[..read].iter().copied()));
-        if error.is_some() {
+        if last {
             return Ok(entries);
         }
         position = Some(next);

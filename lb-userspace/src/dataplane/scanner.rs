@@ -1,8 +1,9 @@
 //! Scans of the data plane's large tables (connection, half-open and NAT
-//! tables) on a thread of their own. Reading half a million entries takes
-//! tens of milliseconds (batched syscalls), and the agent's event loop must never wait
-//! for that: it asks for a scan and goes on; the result comes back as an
-//! event, and any writes it implies go through the one writer there.
+//! tables) on a thread of their own. Reading hundreds of thousands of
+//! entries takes tens of milliseconds even in batches, and the agent's
+//! event loop must never wait for that: it asks for a scan and goes on; the
+//! result comes back as an event, and any writes it implies go through the
+//! one writer there.
 //!
 //! The thread reads through handles of its own to the same maps; it never
 //! writes. What a scan means (`count_flows`, `nat_upkeep`) is pure.
