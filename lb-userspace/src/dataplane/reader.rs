@@ -125,9 +125,6 @@ impl Dataplane {
 
     /// Every entry of the hash map `name`, read in batches.
     fn hash_table<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
-        match self.ebpf.map(name) {
-            Some(aya::maps::Map::HashMap(map) | aya::maps::Map::LruHashMap(map)) => super::batch::read_hash(map, name),
-            _ => anyhow::bail!("map {name} missing from object, or not a hash map"),
-        }
+        super::batch::read_hash(self.hash_map(name)?, name)
     }
 }

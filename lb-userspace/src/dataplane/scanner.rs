@@ -10,20 +10,16 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    marker::PhantomData,
     os::fd::AsFd as _,
     sync::mpsc as std_mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::{
-    Pod,
-    maps::{Map, MapData},
-};
+use aya::maps::{Map, MapData};
 use lb_common::{
-    FINISHED_LINGER_NS, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowKey, FlowState, NAT_FLOW_F_PINNED, NatFlow, NatReply,
-    PROTO_TCP, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, map_names,
+    FINISHED_LINGER_NS, FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowKey, FlowState, NAT_FLOW_F_PINNED, NatFlow, PROTO_TCP,
+    PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, map_names,
 };
 use tokio::sync::mpsc;
 
@@ -121,40 +117,20 @@ pub struct TableScan {
     pub took: Duration,
 }
 
-/// A hash map of the data plane, read whole in batches of buckets
-/// (`batch::read_hash`): a few syscalls per scan instead of two per entry.
-struct HashTable<K, V> {
-    map: MapData,
-    name: &'static str,
-    _entries: PhantomData<(K, V)>,
-}
-
-impl<K: Pod, V: Pod> HashTable<K, V> {
-    fn open(dataplane: &Dataplane, name: &'static str) -> Result<Self> {
-        let (Map::HashMap(map) | Map::LruHashMap(map)) = dataplane.reopen(name)? else {
-            unreachable!("reopen returns hash maps only")
-        };
-        Ok(HashTable { map, name, _entries: PhantomData })
-    }
-
-    fn read(&self) -> Result<Vec<(K, V)>> {
-        batch::read_hash(&self.map, self.name)
-    }
-}
-
-/// The scanning thread's handles: its own, to the same maps.
+/// The scanning thread's handles: its own, to the same maps, each read
+/// whole in batches of buckets (`batch::read_hash`).
 struct Tables {
-    conntrack: HashTable<FlowKey, FlowState>,
-    half_open: HashTable<FlowKey, FlowState>,
-    nat_flows: HashTable<FlowKey, NatFlow>,
-    nat_replies: HashTable<FlowKey, NatReply>,
+    conntrack: MapData,
+    half_open: MapData,
+    nat_flows: MapData,
+    nat_replies: MapData,
 }
 
 impl Tables {
     fn scan(&self, request: ScanRequest) -> TableScan {
         let started = Instant::now();
         // Read once: NAT handshakes count with the half-open table's.
-        let nat_flows = request.nat.map(|_| self.nat_flows.read());
+        let nat_flows = request.nat.map(|_| batch::read_hash(&self.nat_flows, map_names::NAT_FLOWS));
         let handshakes = match &nat_flows {
             Some(Ok(flows)) => flows.as_slice(),
             _ => &[],
@@ -167,13 +143,14 @@ impl Tables {
     }
 
     fn scan_flows(&self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
-        let conntrack = self.conntrack.read()?;
-        let half_open = self.half_open.read()?.into_iter().chain(nat_handshakes(nat_flows));
+        let conntrack = batch::read_hash(&self.conntrack, map_names::CONNTRACK)?;
+        let half_open = batch::read_hash(&self.half_open, map_names::HALF_OPEN)?;
+        let half_open = half_open.into_iter().chain(nat_handshakes(nat_flows));
         Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
     }
 
     fn scan_nat(&self, flows: &[(FlowKey, NatFlow)], timeouts: &NatTimeouts) -> Result<NatUpkeep> {
-        let replies = self.nat_replies.read()?;
+        let replies = batch::read_hash(&self.nat_replies, map_names::NAT_REPLIES)?;
         Ok(nat_upkeep(flows, &replies, monotonic_coarse_ns(), timeouts))
     }
 }
@@ -188,10 +165,10 @@ impl Scanner {
     /// Starts the thread; its results arrive on `results`.
     pub fn start(dataplane: &Dataplane, results: mpsc::UnboundedSender<TableScan>) -> Result<Self> {
         let tables = Tables {
-            conntrack: HashTable::open(dataplane, map_names::CONNTRACK)?,
-            half_open: HashTable::open(dataplane, map_names::HALF_OPEN)?,
-            nat_flows: HashTable::open(dataplane, map_names::NAT_FLOWS)?,
-            nat_replies: HashTable::open(dataplane, map_names::NAT_REPLIES)?,
+            conntrack: dataplane.reopen(map_names::CONNTRACK)?,
+            half_open: dataplane.reopen(map_names::HALF_OPEN)?,
+            nat_flows: dataplane.reopen(map_names::NAT_FLOWS)?,
+            nat_replies: dataplane.reopen(map_names::NAT_REPLIES)?,
         };
         let (requests, incoming) = std_mpsc::channel::<ScanRequest>();
         std::thread::Builder::new()
@@ -225,19 +202,21 @@ impl Scanner {
 }
 
 impl Dataplane {
-    /// A second handle to the map `name`, independent of this one (for
+    /// A second handle to the hash map `name`, independent of this one (for
     /// another thread): a duplicate of its descriptor (opening it by id would
     /// need CAP_SYS_ADMIN, which the agent does not have).
-    pub fn reopen(&self, name: &str) -> Result<Map> {
-        let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
-        let again = |data: &MapData| -> Result<MapData> {
-            let fd = data.fd().as_fd().try_clone_to_owned().with_context(|| format!("duplicating map {name}"))?;
-            MapData::from_fd(fd).with_context(|| format!("opening map {name} again"))
-        };
-        match map {
-            Map::HashMap(data) => Ok(Map::HashMap(again(data)?)),
-            Map::LruHashMap(data) => Ok(Map::LruHashMap(again(data)?)),
-            _ => Err(anyhow!("map {name} is not a hash map")),
+    pub fn reopen(&self, name: &str) -> Result<MapData> {
+        let data = self.hash_map(name)?;
+        let fd = data.fd().as_fd().try_clone_to_owned().with_context(|| format!("duplicating map {name}"))?;
+        MapData::from_fd(fd).with_context(|| format!("opening map {name} again"))
+    }
+
+    /// The hash map (plain or LRU) `name`.
+    pub(super) fn hash_map(&self, name: &str) -> Result<&MapData> {
+        match self.ebpf.map(name) {
+            Some(Map::HashMap(data) | Map::LruHashMap(data)) => Ok(data),
+            Some(_) => Err(anyhow!("map {name} is not a hash map")),
+            None => Err(anyhow!("map {name} missing from object")),
         }
     }
 }
