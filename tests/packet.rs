@@ -556,6 +556,40 @@ fn idle_udp_flows_are_scheduled_afresh() {
 }
 
 #[test]
+fn idle_udp_nat_flows_are_scheduled_afresh_with_a_new_translation() {
+    in_world(|| {
+        let mut w = World::with_udp_timeout(Duration::from_secs(1));
+        w.route_clients();
+        let dns = |w: &World, b: u8| {
+            let backend = w.nat_backend(&format!("198.18.1.{b}:53"), b);
+            nat_service("dns", "198.18.0.100:53", Protocol::Udp, vec![backend], "40000-40009")
+        };
+        w.set(&[dns(&w, 21)]);
+        let query = udp("198.18.0.2", 5353, VIP4, 53).checksummed();
+        let (action, out) = w.run(&query);
+        assert_eq!((action, dst_mac(&out)), (XDP_TX, backend_mac(21)));
+        let translation = |w: &World| {
+            let (flows, _) = w.dataplane.nat_tables().unwrap();
+            assert_eq!(flows.len(), 1, "{flows:?}");
+            flows[0].1
+        };
+        assert_ne!(translation(&w).flags & lb_common::NAT_FLOW_F_PINNED, 0);
+        assert!(w.flows().is_empty(), "a NAT flow was pinned in the connection table");
+        w.set(&[dns(&w, 22)]);
+        // Within the timeout the flow keeps its (now retired) backend.
+        thread::sleep(Duration::from_millis(600));
+        assert_eq!(dst_mac(&w.run(&query).1), backend_mac(21));
+        thread::sleep(Duration::from_millis(1600));
+        // Idle past the timeout: a new flow, through the new ring, with a
+        // translation to its backend.
+        assert_eq!(dst_mac(&w.run(&query).1), backend_mac(22));
+        let id = w.reconciler.backend_id("dns", "198.18.1.22:53".parse().unwrap()).unwrap();
+        assert_eq!(translation(&w).backend_id, id);
+        assert_eq!(dst_mac(&w.run(&query).1), backend_mac(22));
+    });
+}
+
+#[test]
 fn flows_pinned_to_a_down_backend_move_on_their_next_packet_and_stay_moved() {
     in_world(|| {
         let mut w = World::new();
@@ -1750,26 +1784,27 @@ fn established_nat_packets_take_their_translation_and_every_other_packet_the_ful
         assert!(!pinned(&w));
         assert!(w.flows().is_empty());
         assert!(w.half_open().is_empty());
-        // The handshake's ACK goes the full way: it moves the flow to the
-        // connection table, and only then is the translation pinned.
+        // The handshake's ACK goes the full way: it pins the flow to its
+        // translation, and writes nothing else (no connection-table entry).
         assert_eq!(sent(w.run(&client(ACK))), (first, port));
         assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 1);
-        assert_eq!(w.flows().len(), 1);
         assert!(pinned(&w));
+        assert!(w.flows().is_empty(), "a NAT flow was pinned in the connection table");
         let on_first = if first == 11 { [1, 0] } else { [0, 1] };
         assert_eq!(active(&w), on_first);
         for _ in 0..5 {
             assert_eq!(sent(w.run(&client(PSH_ACK))), (first, port));
         }
         assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 1, "only the handshake's ACK missed");
+        assert_eq!(w.counter(GlobalCounter::ConntrackHit), 5);
         assert_eq!(active(&w), on_first);
-        // Once a second a packet goes the full way and refreshes the
-        // connection table's entry, so that it does not look idle.
-        let seen = |w: &World| w.dataplane.flows().unwrap()[0].1.last_seen_ns;
-        let before = seen(&w);
+        // Once a second an established packet refreshes its translation
+        // (so that the agent does not expire it), still without the full way.
+        let before = translation(&w).last_seen_ns;
         thread::sleep(Duration::from_millis(1100));
         assert_eq!(sent(w.run(&client(PSH_ACK))), (first, port));
-        assert!(seen(&w) > before, "the connection table's entry was not refreshed");
+        assert!(translation(&w).last_seen_ns > before, "the translation was not refreshed");
+        assert_eq!(w.counter(GlobalCounter::ConntrackMiss), 1, "the refresh went the full way");
 
         // Its backend fails: the next packet is rescheduled, with a new
         // translation (pinned again), and least_conn moves its count.
@@ -1781,16 +1816,15 @@ fn established_nat_packets_take_their_translation_and_every_other_packet_the_ful
         assert_eq!(active(&w), [on_first[1], on_first[0]]);
         assert_eq!(sent(w.run(&client(PSH_ACK))).0, second);
 
-        // The client's FIN goes the full way: the connection table marks the
-        // flow finished (least_conn stops counting it), as does its
-        // translation, whose last ACKs then go the full way too.
+        // The client's FIN goes the full way: its translation marks the
+        // flow finished (least_conn stops counting it), and its last ACKs
+        // go the full way too, to the same backend.
         assert_eq!(sent(w.run(&client(FIN_ACK))).0, second);
-        let flows = w.dataplane.flows().unwrap();
-        assert_eq!(flows.len(), 1);
-        assert_ne!(flows[0].1.flags & lb_common::FLOW_F_FINISHED, 0);
         assert_ne!(translation(&w).flags & lb_common::FLOW_F_FINISHED, 0);
         assert_eq!(active(&w), [0, 0]);
         assert_eq!(sent(w.run(&client(ACK))).0, second);
+        assert_eq!(active(&w), [0, 0]);
+        assert!(w.flows().is_empty());
     });
 }
 
@@ -1828,14 +1862,14 @@ fn a_nat_handshake_is_recorded_by_its_translation_alone() {
         // The first SYN again (retransmitted): its backend and source port.
         assert_eq!(sent(w.run(&client(1000, SYN))), first);
         assert_eq!(w.counter(GlobalCounter::SynRetransmit), 1);
-        // The handshake's ACK: the SYN's backend, moved to the connection table.
+        // The handshake's ACK: the SYN's backend, pinned by the translation
+        // alone (NAT flows never enter the connection table, so no flood
+        // can evict them from it).
         assert_eq!(sent(w.run(&client(1000, ACK))), first);
         assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 1);
-        assert_eq!(w.flows().len(), 1);
-        // The connection table's entry is evicted (as LRU entries may be):
-        // the flow keeps its backend and translation from the latter, for a
-        // SYN and for a packet that goes the full way (its FIN), and is
-        // not scheduled as a new flow.
+        assert!(w.flows().is_empty());
+        // A SYN on the live flow, and a packet that goes the full way (its
+        // FIN), keep its backend and translation: not scheduled afresh.
         let new_flows = |w: &World| -> u64 {
             [11, 12]
                 .map(|n| w.reconciler.backend_id("web", format!("198.18.1.{n}:8080").parse().unwrap()).unwrap())
@@ -1844,24 +1878,22 @@ fn a_nat_handshake_is_recorded_by_its_translation_alone() {
                 .sum()
         };
         assert_eq!(new_flows(&w), 2);
-        w.dataplane.evict_flows().unwrap();
         assert_eq!(sent(w.run(&client(1000, SYN))), first);
         assert_eq!(w.counter(GlobalCounter::SynToEstablished), 1);
         assert_eq!(sent(w.run(&client(1000, FIN_ACK))), first);
+        assert_eq!(sent(w.run(&client(1000, ACK))), first, "a last ACK left the ended flow's backend");
         assert_eq!(new_flows(&w), 2, "the flow was scheduled afresh");
-        assert_eq!(w.flows().len(), 1, "the FIN pins the flow again, finished");
         // A new connection on the same five-tuple: scheduled, and its ACK
         // goes where its SYN went.
         let again = sent(w.run(&client(1000, SYN)));
         assert_eq!(new_flows(&w), 3);
         assert_eq!(sent(w.run(&client(1000, ACK))), again);
         assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 2);
-        assert_eq!(w.flows().len(), 1);
+        assert!(w.flows().is_empty());
         assert_eq!(translations(&w).len(), 2);
-        // The translation expires while the connection table still holds
-        // the flow (a connection its client dropped, idle): a new connection
-        // on the five-tuple goes where its SYN went, also when the scheduler
-        // picks another backend than the table's (one of two rounds does).
+        // The translation expires (the agent removes idle ones): a new
+        // connection on the five-tuple goes where its SYN went, in both of
+        // two rounds (round robin picks the other backend each time).
         for round in 0..2 {
             w.dataplane.clear_nat_tables().unwrap();
             let syn = sent(w.run(&client(1000, SYN)));

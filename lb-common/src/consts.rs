@@ -112,10 +112,12 @@ pub const FLOW_F_FINISHED: u32 = 1;
 /// `SYN_RETRANSMIT_WINDOW_NS` goes to the same backend; the client's ACK
 /// moves the flow to the connection table.
 pub const FLOW_F_HALF_OPEN: u32 = 2;
-/// `NatFlow::flags`: a packet after the handshake went the full way
-/// (connection table, then translation): the flow is pinned in the
-/// connection table, so its established packets may take the translation's
-/// backend without looking there (`forward::nat::established`).
+/// `NatFlow::flags`: a packet after the SYN (the client's ACK, or any
+/// packet of a UDP flow) came: the translation pins the flow to its
+/// backend, as a connection-table entry pins any other service's flow
+/// (NAT flows have none), and its established packets take it alone
+/// (`forward::nat::established`). Without it the translation is the SYN's
+/// half-open record.
 pub const NAT_FLOW_F_PINNED: u32 = 4;
 
 /// `VipInfo::flags`: the service forwards by NAT, so its established

@@ -99,8 +99,7 @@ pub enum NatRecord {
     /// A SYN's translation, not yet confirmed by the client's ACK: its
     /// backend, and whether the SYN is young enough to be retransmitted.
     Handshake { backend_id: u32, young: bool },
-    /// A translation past its handshake (its connection-table entry may
-    /// have been evicted since).
+    /// A translation past its handshake: the flow is pinned to its backend.
     Established(u32),
 }
 

@@ -17,9 +17,14 @@
 //! table with its SYN's backend. A RST never creates an entry; the client's
 //! FIN or RST marks the flow finished.
 //!
-//! A NAT service's SYN is recorded by its translation instead (see
-//! `half_open`): the client's ACK, and a retransmitted SYN, find its
-//! backend there.
+//! A NAT service's flows are pinned by their translations instead
+//! (`NAT_FLOWS`), never by the connection table: the SYN's translation is
+//! its half-open record (see `half_open`), the client's ACK marks it
+//! pinned, and every later packet finds its backend there: a NAT
+//! connection writes its translation and no connection-table entry. A flow
+//! that began before its service switched to or from NAT is still found in
+//! the other table (the connection table for a NAT service; for any other,
+//! the translations while NAT is in use).
 //!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
 //! counted in `ACTIVE_FLOWS` here (a SYN counts: the agent's scan corrects
@@ -27,7 +32,7 @@
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState, GlobalCounter,
-    LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VipInfo, scheduler,
+    LAST_SEEN_REFRESH_NS, NAT_FLOW_F_PINNED, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VipInfo, scheduler,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -35,7 +40,7 @@ use crate::{
     affinity, clock,
     counters::count,
     half_open::{self, NatRecord, Recorded},
-    maps::{BACKENDS, CONNTRACK, FLOW_EVENTS, sync_flows, udp_idle_timeout_ns},
+    maps::{BACKENDS, CONNTRACK, FLOW_EVENTS, NAT_FLOWS, sync_flows, udp_idle_timeout_ns},
     schedule,
 };
 
@@ -91,11 +96,14 @@ pub fn unpack(packed: Packed) -> Selection {
 
 enum Pinned {
     Hit(Selection),
-    /// An entry whose backend is down, or an idle UDP flow: schedule afresh.
+    /// An entry whose backend is down, or an idle UDP flow: schedule afresh
+    /// (`finished`: no live flow leaves its backend).
     Stale {
         backend_id: u32,
         finished: bool,
     },
+    /// A NAT flow's SYN translation: the client's ACK completes the handshake.
+    Handshake(u32),
     Miss,
 }
 
@@ -106,26 +114,21 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
     if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return syn(packet, vip, now, least_conn);
     }
-    // The live flow this packet's five-tuple leaves, for least_conn accounting.
-    let mut leaves: Option<u32> = None;
-    match pinned_backend(packet, now, least_conn) {
-        Pinned::Hit(selection) => {
-            count(GlobalCounter::ConntrackHit);
-            return Some(selection);
-        }
-        Pinned::Stale { backend_id, finished: false } => leaves = Some(backend_id),
-        Pinned::Stale { .. } | Pinned::Miss => {}
+    let found = find_flow(packet, vip, now, least_conn);
+    let found_id = found as u32;
+    if found & FOUND_PINNED != 0 {
+        return Some(Selection::kept(found_id));
     }
-    count(GlobalCounter::ConntrackMiss);
-
-    // The client's ACK that completes a handshake: its SYN's backend.
-    if packet.flow.proto == PROTO_TCP
-        && leaves.is_none()
-        && let Some(backend_id) = handshake_backend(packet, vip, now)
-    {
+    // A NAT flow is pinned by its translation (`forward::nat::translate`).
+    let pins = vip.flags & VIP_F_NAT == 0;
+    if found & FOUND_HANDSHAKE != 0 {
+        let backend_id = found_id;
+        count(GlobalCounter::HalfOpenPromoted);
         // The client may end the handshake with a RST (or a FIN) too.
         let ending = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-        pin(packet, backend_id, now, ending);
+        if pins {
+            pin(packet, backend_id, now, ending);
+        }
         if least_conn && ending {
             schedule::account(backend_id, -1);
         }
@@ -136,11 +139,13 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
         return Some(Selection::kept(backend_id));
     }
 
+    // The live flow this packet's five-tuple leaves, for least_conn accounting.
+    let leaves = (found & FOUND_LEAVING != 0).then_some(found_id);
     let backend_id = schedule::pick(packet, vip, now, true)?;
     usable_backend(backend_id)?;
     let new_flow = packet.tcp_flags & TCP_RST == 0;
     let finished = packet.tcp_flags & TCP_FIN != 0;
-    if new_flow {
+    if new_flow && pins {
         pin(packet, backend_id, now, finished);
     }
     if least_conn {
@@ -151,7 +156,66 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
             schedule::account(backend_id, 1);
         }
     }
+    // `untranslated` stays false, though find_flow may have found no
+    // translation: one more state through the schedulers would cost the
+    // verifier as much as all of them.
     Some(Selection { backend_id, new_flow, untranslated: false })
+}
+
+/// What `find_flow` found, packed into one scalar: a backend id in the low
+/// 32 bits and one of these bits (none: nothing, schedule afresh).
+type Found = u64;
+/// The flow is pinned to the backend: keep it.
+const FOUND_PINNED: Found = 1 << 32;
+/// The client's ACK completing a handshake whose SYN went to the backend.
+const FOUND_HANDSHAKE: Found = 1 << 33;
+/// A live flow that leaves the backend (down, or an idle UDP flow).
+const FOUND_LEAVING: Found = 1 << 34;
+
+/// The record of a non-SYN packet's flow: its pin (a NAT service's
+/// translation, any other's connection-table entry, each falling back to
+/// the other: see the module's comment), else its handshake's record. A
+/// subprogram returning a scalar: the scheduler after it is verified once
+/// for all the ways through it, not once per way.
+#[inline(never)]
+fn find_flow(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Found {
+    let nat = vip.flags & VIP_F_NAT != 0;
+    let mut pinned = if nat { translated(packet, vip, now, least_conn) } else { Pinned::Miss };
+    if let Pinned::Miss = pinned {
+        pinned = pinned_backend(packet, now, least_conn);
+    }
+    match pinned {
+        Pinned::Hit(selection) => {
+            count(GlobalCounter::ConntrackHit);
+            return selection.backend_id as Found | FOUND_PINNED;
+        }
+        Pinned::Stale { backend_id, finished: false } => {
+            count(GlobalCounter::ConntrackMiss);
+            return backend_id as Found | FOUND_LEAVING;
+        }
+        Pinned::Handshake(backend_id) => {
+            count(GlobalCounter::ConntrackMiss);
+            return backend_id as Found | FOUND_HANDSHAKE;
+        }
+        Pinned::Stale { .. } | Pinned::Miss => {}
+    }
+    count(GlobalCounter::ConntrackMiss);
+    if nat {
+        return 0;
+    }
+    if packet.flow.proto == PROTO_TCP
+        && let Some(backend_id) = half_open::take(packet)
+        && serves(backend_id)
+    {
+        return backend_id as Found | FOUND_HANDSHAKE;
+    }
+    // A NAT flow of a service that switched away from NAT.
+    if crate::forward::nat::enabled()
+        && let Pinned::Hit(selection) = translated(packet, vip, now, least_conn)
+    {
+        return selection.backend_id as Found | FOUND_PINNED;
+    }
+    0
 }
 
 /// A SYN: see the module's comment.
@@ -161,7 +225,11 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
     // verifier then walks the schedulers once for every SYN path.
     let picked = schedule::pick_raw(packet, vip, now);
     let mut leaves: Option<u32> = None;
-    if let Some(entry) = CONNTRACK.get_ptr(&packet.flow) {
+    // A NAT service's flows are not in the connection table (its
+    // translation is looked at below).
+    if vip.flags & VIP_F_NAT == 0
+        && let Some(entry) = CONNTRACK.get_ptr(&packet.flow)
+    {
         // SAFETY: the map returned a pointer to a live entry.
         let entry = unsafe { *entry };
         let live = entry.flags & FLOW_F_FINISHED == 0;
@@ -190,7 +258,7 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
                 count(GlobalCounter::SynRetransmit);
                 return Some(Selection::kept(first));
             }
-            // Its connection-table entry was evicted: the flow still lives.
+            // A live flow keeps its backend (as in the connection table above).
             NatRecord::Established(first) if serves_vip(first, vip) => {
                 count(GlobalCounter::SynToEstablished);
                 return Some(Selection::kept(first));
@@ -211,29 +279,6 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
         schedule::account(backend_id, 1);
     }
     Some(Selection { backend_id, new_flow: true, untranslated })
-}
-
-/// The backend of the handshake a non-SYN packet that missed the
-/// connection table completes (counted as promoted), or of a NAT flow
-/// whose connection-table entry was evicted; `None`: schedule it. A NAT
-/// service's record is its flow's translation, any other's the half-open
-/// table (a handshake under way while its service switches between NAT
-/// and another mode is scheduled afresh: looking in both tables would
-/// cost every other service's new flows a NAT lookup).
-#[inline(always)]
-fn handshake_backend(packet: &Packet, vip: &VipInfo, now: u64) -> Option<u32> {
-    let backend_id = if vip.flags & VIP_F_NAT == 0 {
-        let backend_id = half_open::take(packet)?;
-        serves(backend_id).then_some(backend_id)?
-    } else {
-        match half_open::nat_record(packet, now) {
-            NatRecord::Handshake { backend_id, .. } if serves_vip(backend_id, vip) => backend_id,
-            NatRecord::Established(backend_id) if serves_vip(backend_id, vip) => return Some(backend_id),
-            _ => return None,
-        }
-    };
-    count(GlobalCounter::HalfOpenPromoted);
-    Some(backend_id)
 }
 
 /// Pins a flow to `backend_id` in the connection table (`finished`: the
@@ -310,6 +355,45 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
         }
     }
     Pinned::Hit(Selection::kept(state.backend_id))
+}
+
+/// `pinned_backend` for a NAT flow, whose translation pins it. The
+/// translation may outlive its slot's service (the slot may serve another
+/// since); its flags and last packet are written by `forward::nat`.
+#[inline(always)]
+fn translated(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Pinned {
+    // SAFETY: a hash lookup whose value outlives this run; only read.
+    let Some(entry) = (unsafe { NAT_FLOWS.get(&packet.flow) }) else {
+        return Pinned::Miss;
+    };
+    let backend_id = entry.backend_id;
+    let finished = entry.flags & FLOW_F_FINISHED != 0;
+    let Some(backend) = usable_backend(backend_id) else {
+        return Pinned::Stale { backend_id, finished: true };
+    };
+    // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
+    let backend = unsafe { &*backend };
+    if backend.vip_id != vip.id {
+        return Pinned::Stale { backend_id, finished: true };
+    }
+    let down = backend.flags & BACKEND_F_DOWN != 0;
+    if entry.flags & NAT_FLOW_F_PINNED == 0 {
+        // A handshake that ended (or whose backend failed) before the
+        // client's ACK: scheduled afresh, as a new flow.
+        return if finished || down {
+            Pinned::Stale { backend_id, finished: true }
+        } else {
+            Pinned::Handshake(backend_id)
+        };
+    }
+    let idle_udp = packet.flow.proto == PROTO_UDP && now.saturating_sub(entry.last_seen_ns) > udp_idle_timeout_ns();
+    if down || idle_udp {
+        return Pinned::Stale { backend_id, finished };
+    }
+    if least_conn && !finished && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        schedule::account(backend_id, -1);
+    }
+    Pinned::Hit(Selection::kept(backend_id))
 }
 
 /// Whether the backend in slot `backend_id` may keep a flow: in use and

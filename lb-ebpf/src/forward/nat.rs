@@ -37,7 +37,10 @@ use lb_ebpf::{
 use super::Prepared;
 use crate::{
     counters::{count, count_traffic},
-    maps::{BACKENDS, EGRESS_DEVICES, NAT_EXHAUSTED, NAT_FLOWS, NAT_POOLS, NAT_REPLIES, NAT_SCRATCH, NAT_SERVICES},
+    maps::{
+        BACKENDS, EGRESS_DEVICES, NAT_EXHAUSTED, NAT_FLOWS, NAT_POOLS, NAT_REPLIES, NAT_SCRATCH, NAT_SERVICES,
+        udp_idle_timeout_ns,
+    },
 };
 
 const EEXIST: i32 = 17;
@@ -51,13 +54,11 @@ pub fn enabled() -> bool {
     NAT_SERVICES.get(0).copied().unwrap_or(0) != 0
 }
 
-/// Client → backend, an established packet: its translation names the
-/// backend, so the connection table is not looked up (one lookup per
-/// packet instead of two). Only while nothing needs writing and the
-/// connection table agrees (`NAT_FLOW_F_PINNED`); `None` sends the packet
-/// the full way (select, then `translate`): a SYN, FIN or RST, a
-/// translation due for its once-a-second refresh (the full way refreshes
-/// the connection table's entry too, so neither expires under traffic), a
+/// Client → backend, an established packet: its translation (the flow's
+/// only record, see `select`) names the backend, so select is skipped.
+/// Only for a flow past its handshake (`NAT_FLOW_F_PINNED`) and not
+/// ending; `None` sends the packet the full way (select, then
+/// `translate`): a SYN, FIN or RST, a UDP flow idle past its timeout, a
 /// backend marked down (rescheduled there) or a slot gone.
 #[inline(always)]
 pub fn established(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<u32> {
@@ -83,12 +84,20 @@ fn forward_established(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> u32 {
 
 #[inline(always)]
 fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<u32> {
-    // SAFETY: a hash lookup whose value outlives this run; only read.
-    let entry = unsafe { NAT_FLOWS.get(&packet.flow) }?;
-    if entry.flags & (NAT_FLOW_F_PINNED | FLOW_F_FINISHED) != NAT_FLOW_F_PINNED
-        || crate::clock::now_ns().saturating_sub(entry.last_seen_ns) > LAST_SEEN_REFRESH_NS
-    {
+    let entry = NAT_FLOWS.get_ptr_mut(&packet.flow)?;
+    // SAFETY: a pointer to a live entry; plain words (a lost update of its
+    // timestamp by another CPU is harmless).
+    let entry = unsafe { &mut *entry };
+    if entry.flags & (NAT_FLOW_F_PINNED | FLOW_F_FINISHED) != NAT_FLOW_F_PINNED {
         return None;
+    }
+    let now = crate::clock::now_ns();
+    let idle_ns = now.saturating_sub(entry.last_seen_ns);
+    if idle_ns > LAST_SEEN_REFRESH_NS {
+        if packet.flow.proto == PROTO_UDP && idle_ns > udp_idle_timeout_ns() {
+            return None;
+        }
+        entry.last_seen_ns = now;
     }
     let backend = BACKENDS.get(entry.backend_id)?;
     if backend.flags & (BACKEND_F_IN_USE | BACKEND_F_DOWN) != BACKEND_F_IN_USE
@@ -128,10 +137,12 @@ pub fn translate(
     let scratch = unsafe { &mut *scratch };
     let now = crate::clock::now_ns();
     let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    // Select has pinned this packet's flow in the connection table (a SYN
-    // only records it half-open, a RST pins nothing): its next packets may
-    // take the translation alone (`established`).
-    let pinned = if packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 { NAT_FLOW_F_PINNED } else { 0 };
+    // Any packet but a SYN pins the flow to its translation's backend (a
+    // SYN's translation is only its half-open record): its next packets
+    // take the translation alone (`established`), and a flow that ends
+    // with this packet keeps its backend for its last ACKs.
+    let pinned = if packet.tcp_flags & TCP_SYN == 0 { NAT_FLOW_F_PINNED } else { 0 };
+    let finished = if finishing { FLOW_F_FINISHED } else { 0 };
     let entry = if untranslated { None } else { NAT_FLOWS.get_ptr_mut(&packet.flow) };
     match entry {
         // SAFETY: a pointer to a live entry; plain words, written whole.
@@ -157,7 +168,7 @@ pub fn translate(
         // New, or rescheduled to another backend: a new translation (the old
         // reply entry is left to the agent, which removes orphans).
         _ => {
-            if let Err(refused) = allocate(&packet.flow, backend_id, backend, pool, now, pinned, scratch) {
+            if let Err(refused) = allocate(&packet.flow, backend_id, backend, pool, now, pinned | finished, scratch) {
                 count(refused);
                 if refused == GlobalCounter::DropNatPortExhausted
                     && let Some(exhausted) = NAT_EXHAUSTED.get_ptr_mut(backend.vip_id)

@@ -407,7 +407,12 @@ impl Agent {
     /// later reconcile succeeds; every other service is served as before.
     fn use_tables(&mut self) {
         match self.dataplane.use_tables(TablesInUse::of(&self.desired)) {
-            Ok(true) => log::info!("tables in use: {:?} (program swapped in)", self.dataplane.params().tables),
+            Ok(true) => {
+                log::info!("tables in use: {:?} (program swapped in)", self.dataplane.params().tables);
+                if let Err(err) = self.scanner.reopen(&self.dataplane) {
+                    log::error!("the table scans go on reading the replaced tables: {err:#}");
+                }
+            }
             Ok(false) => {}
             Err(err) => {
                 let have = self.dataplane.params().tables;

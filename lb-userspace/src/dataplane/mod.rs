@@ -466,19 +466,6 @@ impl Dataplane {
         Ok(self.apply(&writes)?)
     }
 
-    /// Test builds only: empties the connection table, as LRU eviction may
-    /// empty it of any flow. The agent never evicts.
-    #[cfg(feature = "test-hooks")]
-    pub fn evict_flows(&mut self) -> Result<()> {
-        let mut map: aya::maps::HashMap<&mut aya::maps::MapData, lb_common::FlowKey, lb_common::FlowState> =
-            self.map_mut(map_names::CONNTRACK)?;
-        let keys: Vec<_> = map.keys().collect::<Result<_, _>>()?;
-        for key in keys {
-            map.remove(&key)?;
-        }
-        Ok(())
-    }
-
     /// Executes the writes in order through the one writer.
     pub fn apply(&mut self, writes: &[MapWrite]) -> Result<(), WriteFailure> {
         writer::apply(self, writes)

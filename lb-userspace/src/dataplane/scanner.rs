@@ -101,6 +101,29 @@ pub fn nat_handshakes(flows: &[(FlowKey, NatFlow)]) -> impl Iterator<Item = (Flo
         })
 }
 
+/// The pinned NAT flows, as connection-table entries: a NAT service's flow
+/// is pinned by its translation alone.
+pub fn nat_pinned(flows: &[(FlowKey, NatFlow)]) -> impl Iterator<Item = (FlowKey, FlowState)> + '_ {
+    flows.iter().filter(|(_, flow)| flow.flags & NAT_FLOW_F_PINNED != 0).map(|(key, flow)| {
+        let flags = flow.flags & FLOW_F_FINISHED;
+        (*key, FlowState { backend_id: flow.backend_id, flags, last_seen_ns: flow.last_seen_ns })
+    })
+}
+
+/// The connection table's entries, without those of flows a translation
+/// pins: an older data plane pinned NAT flows in both tables, and a flow
+/// counts once, by the translation its packets still refresh.
+pub fn untranslated(
+    conntrack: Vec<(FlowKey, FlowState)>,
+    nat_flows: &[(FlowKey, NatFlow)],
+) -> Vec<(FlowKey, FlowState)> {
+    if conntrack.is_empty() || nat_flows.is_empty() {
+        return conntrack;
+    }
+    let translated: HashSet<&FlowKey> = nat_flows.iter().map(|(key, _)| key).collect();
+    conntrack.into_iter().filter(|(key, _)| !translated.contains(key)).collect()
+}
+
 /// What the event loop asks for.
 #[derive(Clone, Copy, Debug)]
 pub struct ScanRequest {
@@ -129,7 +152,8 @@ struct Tables {
 impl Tables {
     fn scan(&self, request: ScanRequest) -> TableScan {
         let started = Instant::now();
-        // Read once: NAT handshakes count with the half-open table's.
+        // Read once: NAT flows count with the connection table's, their
+        // handshakes with the half-open table's.
         let nat_flows = request.nat.map(|_| batch::read_hash(&self.nat_flows, map_names::NAT_FLOWS));
         let handshakes = match &nat_flows {
             Some(Ok(flows)) => flows.as_slice(),
@@ -144,6 +168,7 @@ impl Tables {
 
     fn scan_flows(&self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
         let conntrack = batch::read_hash(&self.conntrack, map_names::CONNTRACK)?;
+        let conntrack = untranslated(conntrack, nat_flows).into_iter().chain(nat_pinned(nat_flows));
         let half_open = batch::read_hash(&self.half_open, map_names::HALF_OPEN)?;
         let half_open = half_open.into_iter().chain(nat_handshakes(nat_flows));
         Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
@@ -157,32 +182,58 @@ impl Tables {
 
 /// The event loop's end of the scanning thread.
 pub struct Scanner {
-    requests: std_mpsc::Sender<ScanRequest>,
+    jobs: std_mpsc::Sender<Job>,
     in_flight: bool,
+}
+
+/// What the scanning thread is sent.
+enum Job {
+    Scan(ScanRequest),
+    /// Handles to the maps of a program swapped in since (its tables grew):
+    /// scanning the old ones would read tables the data plane left.
+    Reopened(Box<Tables>),
+}
+
+impl Tables {
+    fn open(dataplane: &Dataplane) -> Result<Self> {
+        Ok(Tables {
+            conntrack: dataplane.reopen(map_names::CONNTRACK)?,
+            half_open: dataplane.reopen(map_names::HALF_OPEN)?,
+            nat_flows: dataplane.reopen(map_names::NAT_FLOWS)?,
+            nat_replies: dataplane.reopen(map_names::NAT_REPLIES)?,
+        })
+    }
 }
 
 impl Scanner {
     /// Starts the thread; its results arrive on `results`.
     pub fn start(dataplane: &Dataplane, results: mpsc::UnboundedSender<TableScan>) -> Result<Self> {
-        let tables = Tables {
-            conntrack: dataplane.reopen(map_names::CONNTRACK)?,
-            half_open: dataplane.reopen(map_names::HALF_OPEN)?,
-            nat_flows: dataplane.reopen(map_names::NAT_FLOWS)?,
-            nat_replies: dataplane.reopen(map_names::NAT_REPLIES)?,
-        };
-        let (requests, incoming) = std_mpsc::channel::<ScanRequest>();
+        let mut tables = Tables::open(dataplane)?;
+        let (jobs, incoming) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("xdplb-scan".into())
             .spawn(move || {
                 // Ends when the agent drops its Scanner.
-                while let Ok(request) = incoming.recv() {
-                    if results.send(tables.scan(request)).is_err() {
-                        break;
+                while let Ok(job) = incoming.recv() {
+                    match job {
+                        Job::Scan(request) => {
+                            if results.send(tables.scan(request)).is_err() {
+                                break;
+                            }
+                        }
+                        Job::Reopened(reopened) => tables = *reopened,
                     }
                 }
             })
             .context("starting the table-scan thread")?;
-        Ok(Scanner { requests, in_flight: false })
+        Ok(Scanner { jobs, in_flight: false })
+    }
+
+    /// The data plane's program was swapped for one with other maps: scans
+    /// from now on read those.
+    pub fn reopen(&mut self, dataplane: &Dataplane) -> Result<()> {
+        let tables = Tables::open(dataplane)?;
+        self.jobs.send(Job::Reopened(Box::new(tables))).map_err(|_| anyhow!("the table-scan thread has ended"))
     }
 
     /// Asks for a scan unless one is still running (then its result is
@@ -191,7 +242,7 @@ impl Scanner {
         if self.in_flight {
             return false;
         }
-        self.in_flight = self.requests.send(request).is_ok();
+        self.in_flight = self.jobs.send(Job::Scan(request)).is_ok();
         self.in_flight
     }
 
@@ -276,7 +327,7 @@ mod tests {
         let flows = [
             (key(1, PROTO_TCP), translation(7, 0, NOW - NS_PER_SEC)),
             (key(2, PROTO_TCP), translation(8, 0, NOW - SYN_RETRANSMIT_WINDOW_NS - 1)),
-            // Pinned (past the handshake: in the connection table), finished, or UDP: no handshake.
+            // Pinned (past the handshake), finished, or UDP: no handshake.
             (key(3, PROTO_TCP), translation(9, NAT_FLOW_F_PINNED, NOW)),
             (key(4, PROTO_TCP), translation(10, FLOW_F_FINISHED, NOW)),
             (key(5, PROTO_UDP), translation(11, 0, NOW)),
@@ -292,5 +343,38 @@ mod tests {
         let scan = count_flows([], handshakes, NOW, TIMEOUTS);
         assert_eq!(scan.active, [(7, 1)].into_iter().collect());
         assert_eq!(scan.referenced, [7, 8].into_iter().collect());
+    }
+
+    #[test]
+    fn pinned_nat_translations_count_as_connection_table_entries_and_once() {
+        let translation =
+            |backend_id, flags, last_seen_ns| NatFlow { backend_id, flags, last_seen_ns, ..Default::default() };
+        let flows = [
+            (key(1, PROTO_TCP), translation(7, NAT_FLOW_F_PINNED, NOW - NS_PER_SEC)),
+            // Finished: referenced during its linger, not active.
+            (key(2, PROTO_TCP), translation(8, NAT_FLOW_F_PINNED | FLOW_F_FINISHED, NOW - NS_PER_SEC)),
+            (key(3, PROTO_UDP), translation(9, NAT_FLOW_F_PINNED, NOW - 31 * NS_PER_SEC)),
+            // A handshake: not a connection-table entry.
+            (key(4, PROTO_TCP), translation(10, 0, NOW)),
+        ];
+        let pinned: Vec<_> = nat_pinned(&flows).collect();
+        assert_eq!(
+            pinned,
+            [
+                (key(1, PROTO_TCP), entry(7, 0, NOW - NS_PER_SEC)),
+                (key(2, PROTO_TCP), entry(8, FLOW_F_FINISHED, NOW - NS_PER_SEC)),
+                (key(3, PROTO_UDP), entry(9, 0, NOW - 31 * NS_PER_SEC)),
+            ]
+        );
+        // An older data plane's connection-table entry of the first flow
+        // (not refreshed since the upgrade) is dropped; other flows stay.
+        let conntrack =
+            vec![(key(1, PROTO_TCP), entry(7, 0, NOW - 100 * NS_PER_SEC)), (key(5, PROTO_TCP), entry(11, 0, NOW))];
+        let kept = untranslated(conntrack.clone(), &flows);
+        assert_eq!(kept, conntrack[1..]);
+        assert_eq!(untranslated(conntrack.clone(), &[]), conntrack);
+        let scan = count_flows(kept.into_iter().chain(pinned), [], NOW, TIMEOUTS);
+        assert_eq!(scan.active, [(7, 1), (11, 1)].into_iter().collect());
+        assert_eq!(scan.referenced, [7, 8, 11].into_iter().collect());
     }
 }
