@@ -537,9 +537,13 @@ fn established_flows_keep_their_backend_when_the_ring_changes() {
 }
 
 #[test]
-fn idle_udp_flows_are_scheduled_afresh() {
+fn idle_udp_flows_are_scheduled_afresh_and_busy_ones_never_are() {
     in_world(|| {
-        let mut w = World::with_udp_timeout(Duration::from_secs(1));
+        // udp_idle_timeout_s = 1 as the agent gives it to the data plane:
+        // a flow's time is refreshed at most once a second, so a flow that
+        // sends every 0.7 s may hold a time 1.4 s old.
+        let timeout = Duration::from_nanos(xdplb::config::idle_timeout_ns(1));
+        let mut w = World::with_udp_timeout(timeout);
         let dns = |w: &World, b: u8| {
             service("dns", "198.18.0.100:53", Protocol::Udp, vec![w.tx_backend(&format!("198.18.1.{b}"), b, 1)])
         };
@@ -548,9 +552,13 @@ fn idle_udp_flows_are_scheduled_afresh() {
         assert_eq!(dst_mac(&w.run(&query).1), backend_mac(21));
         w.set(&[dns(&w, 22)]);
         // Within the timeout the flow stays where it was.
-        assert_eq!(dst_mac(&w.run(&query).1), backend_mac(21));
-        thread::sleep(Duration::from_millis(1600));
-        // Idle past the timeout: a new flow, through the new ring.
+        for round in 0..4 {
+            thread::sleep(Duration::from_millis(700));
+            assert_eq!(dst_mac(&w.run(&query).1), backend_mac(21), "round {round}: a live flow was taken for idle");
+        }
+        // Idle past the timeout (and a refresh interval): a new flow,
+        // through the new ring.
+        thread::sleep(timeout + Duration::from_millis(200));
         assert_eq!(dst_mac(&w.run(&query).1), backend_mac(22));
     });
 }

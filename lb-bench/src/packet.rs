@@ -193,6 +193,15 @@ pub fn fixtures() -> Vec<Fixture> {
     };
     list.extend([
         nat("nat_tcp_syn_new_flow", 3, |i| frames::tcp4_from(i, frames::SYN), 0, pool),
+        // A new connection's two packets from the client, in turn: the SYN
+        // (a new translation) and the ACK that completes its handshake.
+        nat(
+            "nat_tcp_handshake",
+            3,
+            |i| frames::tcp4_from(i / 2, if i % 2 == 0 { frames::SYN } else { frames::ACK }),
+            0,
+            pool,
+        ),
         nat("nat_tcp_ack_established", 3, |_| frames::tcp4(40031, frames::ACK), 1, pool),
         nat("nat_udp", 3, |_| frames::udp4(40032), 1, pool),
         nat("nat_reply_tcp_ack", 1, |_| frames::tcp4_nat_reply(40000, frames::ACK), 0, one_port),

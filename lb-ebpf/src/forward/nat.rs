@@ -118,7 +118,7 @@ fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<
     Some(super::transmit(ctx, backend))
 }
 
-/// Client → backend, the full way: after select (the connection table, the
+/// Client → backend, the full way: after select (the flow's record, the
 /// scheduler), which may have found the flow `untranslated` (then its
 /// translation is not looked for again). A subprogram: verified apart from
 /// the scheduler paths.

@@ -61,10 +61,7 @@ impl Agent {
         self.attach_probe_tunnels().await;
         let agent = &self.config.agent;
         let request = ScanRequest {
-            flows: FlowTimeouts {
-                tcp_idle_ns: agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
-                udp_idle_ns: agent.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
-            },
+            flows: FlowTimeouts { tcp_idle_ns: agent.tcp_idle_ns(), udp_idle_ns: agent.udp_idle_ns() },
             // While NAT slots exist (a retired one's flows still expire), and
             // once more after the last is freed: its flows' leftovers go too.
             nat: (!self.reconciler.nat_interfaces().is_empty() || !self.nat.translations.is_empty())

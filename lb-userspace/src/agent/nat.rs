@@ -79,8 +79,8 @@ impl Agent {
     pub(super) fn nat_timeouts(&self) -> NatTimeouts {
         let agent = &self.config.agent;
         NatTimeouts {
-            tcp_idle_ns: agent.tcp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
-            udp_idle_ns: agent.udp_idle_timeout_s.saturating_mul(lb_common::NS_PER_SEC),
+            tcp_idle_ns: agent.tcp_idle_ns(),
+            udp_idle_ns: agent.udp_idle_ns(),
             fin_linger_ns: agent.nat_fin_linger_s.saturating_mul(lb_common::NS_PER_SEC),
         }
     }

@@ -106,6 +106,27 @@ impl AgentConfig {
     pub fn pin_root(&self) -> PathBuf {
         self.pin_dir.clone().unwrap_or_else(|| Path::new("/sys/fs/bpf/xdplb").join(&self.interface))
     }
+
+    /// `udp_idle_timeout_s` as the data plane and the agent judge flows by
+    /// (`idle_timeout_ns`).
+    pub fn udp_idle_ns(&self) -> u64 {
+        idle_timeout_ns(self.udp_idle_timeout_s)
+    }
+
+    /// `tcp_idle_timeout_s` as the agent judges flows by (`idle_timeout_ns`).
+    pub fn tcp_idle_ns(&self) -> u64 {
+        idle_timeout_ns(self.tcp_idle_timeout_s)
+    }
+}
+
+/// An idle timeout in nanoseconds of table time. The data plane writes a
+/// flow's last-packet time at most once per `LAST_SEEN_REFRESH_NS`, so the
+/// time in its entry may be that much older than its last packet: a flow is
+/// idle once its entry is older than the timeout plus that. A flow that
+/// sends more often than its timeout is then never taken for idle; one that
+/// stops is after the timeout, at most one refresh interval later.
+pub fn idle_timeout_ns(seconds: u64) -> u64 {
+    seconds.saturating_mul(lb_common::NS_PER_SEC).saturating_add(lb_common::LAST_SEEN_REFRESH_NS)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]

@@ -144,7 +144,7 @@ impl DataplaneParams {
             max_services: *agent.max_services.get_ref(),
             conntrack_size: agent.conntrack_size,
             nat_table_size: *agent.nat_table_size.get_ref(),
-            udp_idle_timeout_ns: agent.udp_idle_timeout_s.saturating_mul(NS_PER_SEC),
+            udp_idle_timeout_ns: agent.udp_idle_ns(),
             syn_flood_threshold: agent.syn_flood_threshold,
             sync_flows: config.sync.is_some(),
             pin_dir,
