@@ -682,6 +682,10 @@ fn debug_logging_off_is_pruned_from_the_program() {
         let off = w.dataplane.program_size().unwrap();
         w.dataplane.set_debug_log(DebugLog::On).unwrap();
         let on = w.dataplane.program_size().unwrap();
+        eprintln!(
+            "measured: {} instructions processed with debug logging on",
+            w.dataplane.verified_instructions().unwrap()
+        );
         // The verifier removes the log calls when the level is a frozen 0:
         // the program with logging off is much smaller than with it on.
         eprintln!("measured: translated program size with debug logging off {off} B, on {on} B");
