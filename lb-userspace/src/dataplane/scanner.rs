@@ -113,7 +113,7 @@ pub fn nat_pinned(flows: &[(FlowKey, NatFlow)]) -> impl Iterator<Item = (FlowKey
 /// The connection table's entries, without those of flows a translation
 /// pins: an older data plane pinned NAT flows in both tables, and a flow
 /// counts once, by the translation its packets still refresh.
-pub fn untranslated(
+pub fn without_translated(
     conntrack: Vec<(FlowKey, FlowState)>,
     nat_flows: &[(FlowKey, NatFlow)],
 ) -> Vec<(FlowKey, FlowState)> {
@@ -150,6 +150,15 @@ struct Tables {
 }
 
 impl Tables {
+    fn open(dataplane: &Dataplane) -> Result<Self> {
+        Ok(Tables {
+            conntrack: dataplane.reopen(map_names::CONNTRACK)?,
+            half_open: dataplane.reopen(map_names::HALF_OPEN)?,
+            nat_flows: dataplane.reopen(map_names::NAT_FLOWS)?,
+            nat_replies: dataplane.reopen(map_names::NAT_REPLIES)?,
+        })
+    }
+
     fn scan(&self, request: ScanRequest) -> TableScan {
         let started = Instant::now();
         // Read once: NAT flows count with the connection table's, their
@@ -168,7 +177,7 @@ impl Tables {
 
     fn scan_flows(&self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
         let conntrack = batch::read_hash(&self.conntrack, map_names::CONNTRACK)?;
-        let conntrack = untranslated(conntrack, nat_flows).into_iter().chain(nat_pinned(nat_flows));
+        let conntrack = without_translated(conntrack, nat_flows).into_iter().chain(nat_pinned(nat_flows));
         let half_open = batch::read_hash(&self.half_open, map_names::HALF_OPEN)?;
         let half_open = half_open.into_iter().chain(nat_handshakes(nat_flows));
         Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
@@ -192,17 +201,6 @@ enum Job {
     /// Handles to the maps of a program swapped in since (its tables grew):
     /// scanning the old ones would read tables the data plane left.
     Reopened(Box<Tables>),
-}
-
-impl Tables {
-    fn open(dataplane: &Dataplane) -> Result<Self> {
-        Ok(Tables {
-            conntrack: dataplane.reopen(map_names::CONNTRACK)?,
-            half_open: dataplane.reopen(map_names::HALF_OPEN)?,
-            nat_flows: dataplane.reopen(map_names::NAT_FLOWS)?,
-            nat_replies: dataplane.reopen(map_names::NAT_REPLIES)?,
-        })
-    }
 }
 
 impl Scanner {
@@ -370,9 +368,9 @@ mod tests {
         // (not refreshed since the upgrade) is dropped; other flows stay.
         let conntrack =
             vec![(key(1, PROTO_TCP), entry(7, 0, NOW - 100 * NS_PER_SEC)), (key(5, PROTO_TCP), entry(11, 0, NOW))];
-        let kept = untranslated(conntrack.clone(), &flows);
+        let kept = without_translated(conntrack.clone(), &flows);
         assert_eq!(kept, conntrack[1..]);
-        assert_eq!(untranslated(conntrack.clone(), &[]), conntrack);
+        assert_eq!(without_translated(conntrack.clone(), &[]), conntrack);
         let scan = count_flows(kept.into_iter().chain(pinned), [], NOW, TIMEOUTS);
         assert_eq!(scan.active, [(7, 1), (11, 1)].into_iter().collect());
         assert_eq!(scan.referenced, [7, 8, 11].into_iter().collect());
