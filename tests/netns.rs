@@ -1122,7 +1122,18 @@ fn metrics_match_the_traffic_and_show_a_dead_backend() {
         );
     }
     assert_eq!(metric(&text, "xdplb_service_new_flows_total", "service=\"web\""), 300.0);
-    assert!(metric(&text, "xdplb_backend_probe_latency_seconds_count", "198.18.1.11") > 0.0);
+    // Probes run every 200 ms, apart from the traffic: the scrape may come
+    // before b1's first one is timed, so wait for one (at most 5 s).
+    let probed = |text: &str| {
+        text.lines().any(|l| l.starts_with("xdplb_backend_probe_latency_seconds_count{") && l.contains("198.18.1.11"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut latest = text.clone();
+    while !probed(&latest) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        latest = scrape(&topology, "127.0.0.1:9591");
+    }
+    assert!(metric(&latest, "xdplb_backend_probe_latency_seconds_count", "198.18.1.11") > 0.0);
     assert!(metric(&text, "xdplb_xdp_actions_total", "action=\"redirect\"") > 0.0);
     assert_eq!(metric(&text, "xdplb_backend_health", "198.18.1.11"), 1.0);
     assert_eq!(metric(&text, "xdplb_backend_in_ring", "198.18.1.11"), 1.0);
