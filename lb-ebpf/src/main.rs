@@ -69,7 +69,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         return action;
     }
 
-    let selected = select::select(&packet, &vip);
+    let selected = select::select_for(&packet, &vip);
     let selection = select::unpack(selected);
     let (backend_id, new_flow) = (selection.backend_id, selection.new_flow);
     let backend = match BACKENDS.get(backend_id) {

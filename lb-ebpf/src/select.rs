@@ -68,13 +68,46 @@ pub const NOTHING_SELECTED: Packed = u64::MAX;
 const NEW_FLOW_BIT: Packed = 1 << 32;
 const UNTRANSLATED_BIT: Packed = 1 << 33;
 
+/// Where a packet's backend comes from. An established packet of a
+/// service whose flows the connection table pins finds it there, inline:
+/// its way has no subprogram call (each costs 10-15 ns here). Any other
+/// non-SYN packet has its flow's records read by `find_flow`, told whether
+/// the connection table was just looked at in vain (a second miss costs
+/// as much as a new flow's whole insert); the scheduler (`select`) runs
+/// only for a flow that none of them pins.
+#[inline(always)]
+pub fn select_for(packet: &Packet, vip: &VipInfo) -> Packed {
+    let now = clock::now_ns();
+    let least_conn = vip.scheduler == scheduler::LEAST_CONN;
+    if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return select(packet, vip, now, NOTHING_FOUND);
+    }
+    let mut conntrack_missed = false;
+    if vip.flags & VIP_F_NAT == 0 {
+        match pinned_backend(packet, now, least_conn) {
+            Pinned::Hit(selection) => {
+                count(GlobalCounter::ConntrackHit);
+                return selection.backend_id as Packed;
+            }
+            Pinned::Miss => conntrack_missed = true,
+            // Looked at again by find_flow, which handles it: rare.
+            Pinned::Stale { .. } | Pinned::Handshake(_) => {}
+        }
+    }
+    let found = find_flow(packet, vip, now, least_conn, conntrack_missed);
+    if found & FOUND_PINNED != 0 {
+        return found as u32 as Packed;
+    }
+    select(packet, vip, now, found)
+}
+
 /// `select_backend` as a BPF subprogram (not inlined): its many paths (one
 /// per scheduler, hit, miss, retransmission...) end in one return, so what
 /// follows is verified once instead of once per path (half the verifier's
 /// work). Returns a scalar, which keeps the states after it alike.
 #[inline(never)]
-pub fn select(packet: &Packet, vip: &VipInfo) -> Packed {
-    match select_backend(packet, vip) {
+fn select(packet: &Packet, vip: &VipInfo, now: u64, found: Found) -> Packed {
+    match select_backend(packet, vip, now, found) {
         Some(s) => {
             s.backend_id as Packed
                 | if s.new_flow { NEW_FLOW_BIT } else { 0 }
@@ -107,18 +140,15 @@ enum Pinned {
     Miss,
 }
 
+/// The backend of a SYN, or of a non-SYN packet whose flow `find_flow`
+/// did not find pinned (`found`: what it found instead).
 #[inline(always)]
-pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
-    let now = clock::now_ns();
+fn select_backend(packet: &Packet, vip: &VipInfo, now: u64, found: Found) -> Option<Selection> {
     let least_conn = vip.scheduler == scheduler::LEAST_CONN;
     if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return syn(packet, vip, now, least_conn);
     }
-    let found = find_flow(packet, vip, now, least_conn);
     let found_id = found as u32;
-    if found & FOUND_PINNED != 0 {
-        return Some(Selection::kept(found_id));
-    }
     // A NAT flow is pinned by its translation (`forward::nat::translate`).
     let pins = vip.flags & VIP_F_NAT == 0;
     if found & FOUND_HANDSHAKE != 0 {
@@ -165,6 +195,7 @@ pub fn select_backend(packet: &Packet, vip: &VipInfo) -> Option<Selection> {
 /// What `find_flow` found, packed into one scalar: a backend id in the low
 /// 32 bits and one of these bits (none: nothing, schedule afresh).
 type Found = u64;
+const NOTHING_FOUND: Found = 0;
 /// The flow is pinned to the backend: keep it.
 const FOUND_PINNED: Found = 1 << 32;
 /// The client's ACK completing a handshake whose SYN went to the backend.
@@ -174,14 +205,17 @@ const FOUND_LEAVING: Found = 1 << 34;
 
 /// The record of a non-SYN packet's flow: its pin (a NAT service's
 /// translation, any other's connection-table entry, each falling back to
-/// the other: see the module's comment), else its handshake's record. A
-/// subprogram returning a scalar: the scheduler after it is verified once
-/// for all the ways through it, not once per way.
+/// the other: see the module's comment), else its handshake's record
+/// (`conntrack_missed`: `select_for` has just missed in the connection
+/// table). A subprogram returning a scalar, so that the lookups' many ways
+/// end in a few states for what follows.
 #[inline(never)]
-fn find_flow(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Found {
+fn find_flow(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool, conntrack_missed: bool) -> Found {
     let nat = vip.flags & VIP_F_NAT != 0;
     let mut pinned = if nat { translated(packet, vip, now, least_conn) } else { Pinned::Miss };
-    if let Pinned::Miss = pinned {
+    if let Pinned::Miss = pinned
+        && !conntrack_missed
+    {
         pinned = pinned_backend(packet, now, least_conn);
     }
     match pinned {
@@ -201,7 +235,7 @@ fn find_flow(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Foun
     }
     count(GlobalCounter::ConntrackMiss);
     if nat {
-        return 0;
+        return NOTHING_FOUND;
     }
     if packet.flow.proto == PROTO_TCP
         && let Some(backend_id) = half_open::take(packet)
@@ -215,7 +249,7 @@ fn find_flow(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Foun
     {
         return selection.backend_id as Found | FOUND_PINNED;
     }
-    0
+    NOTHING_FOUND
 }
 
 /// A SYN: see the module's comment.
