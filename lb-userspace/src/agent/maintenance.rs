@@ -67,7 +67,7 @@ impl Agent {
             nat: (!self.reconciler.nat_interfaces().is_empty() || !self.nat.translations.is_empty())
                 .then(|| self.nat_timeouts()),
         };
-        self.scanner.request(request);
+        self.scanner.request(&self.dataplane, request);
         self.log_exhausted_pools();
         self.reconcile_logged();
     }

@@ -409,9 +409,6 @@ impl Agent {
         match self.dataplane.use_tables(TablesInUse::of(&self.desired)) {
             Ok(true) => {
                 log::info!("tables in use: {:?} (program swapped in)", self.dataplane.params().tables);
-                if let Err(err) = self.scanner.reopen(&self.dataplane) {
-                    log::error!("the table scans go on reading the replaced tables: {err:#}");
-                }
             }
             Ok(false) => {}
             Err(err) => {

@@ -206,6 +206,10 @@ pub struct Dataplane {
     /// Interfaces besides the main one where the program runs, because NAT
     /// backends' replies arrive there: ifindex → link (pinned when pinning).
     reply_links: std::collections::BTreeMap<u32, FdLink>,
+    /// Programs swapped in since the load: whoever holds second handles to
+    /// the maps (`reopen`) opens them again when this moves, since a swap
+    /// may bring other maps.
+    swaps: u64,
 }
 
 impl Dataplane {
@@ -226,7 +230,13 @@ impl Dataplane {
             ring_writes: 0,
             probe_interfaces: Default::default(),
             reply_links: Default::default(),
+            swaps: 0,
         })
+    }
+
+    /// Programs swapped in since the load (see `reopen`).
+    pub fn swaps(&self) -> u64 {
+        self.swaps
     }
 
     /// Whether the program is attached to the main interface.
@@ -406,6 +416,7 @@ impl Dataplane {
         self.ebpf = ebpf;
         self.params = params;
         self.debug_log = debug_log;
+        self.swaps += 1;
         // The tc links belonged to the old object's program.
         for ifindex in std::mem::take(&mut self.probe_interfaces) {
             self.attach_probe_tunnel(ifindex)?;

@@ -112,16 +112,32 @@ pub fn nat_pinned(flows: &[(FlowKey, NatFlow)]) -> impl Iterator<Item = (FlowKey
 
 /// The connection table's entries, without those of flows a translation
 /// pins: an older data plane pinned NAT flows in both tables, and a flow
-/// counts once, by the translation its packets still refresh.
+/// counts once, by the translation its packets still refresh. This data
+/// plane never pins a flow in both, so once a scan finds no such entry
+/// (`Translated::Gone`) later scans skip the filter and its set of keys.
 pub fn without_translated(
     conntrack: Vec<(FlowKey, FlowState)>,
     nat_flows: &[(FlowKey, NatFlow)],
+    translated: &mut Translated,
 ) -> Vec<(FlowKey, FlowState)> {
-    if conntrack.is_empty() || nat_flows.is_empty() {
+    if *translated == Translated::Gone || conntrack.is_empty() || nat_flows.is_empty() {
         return conntrack;
     }
-    let translated: HashSet<&FlowKey> = nat_flows.iter().map(|(key, _)| key).collect();
-    conntrack.into_iter().filter(|(key, _)| !translated.contains(key)).collect()
+    let keys: HashSet<&FlowKey> = nat_flows.iter().map(|(key, _)| key).collect();
+    let before = conntrack.len();
+    let kept: Vec<_> = conntrack.into_iter().filter(|(key, _)| !keys.contains(key)).collect();
+    if kept.len() == before {
+        *translated = Translated::Gone;
+    }
+    kept
+}
+
+/// Whether the connection table may still hold flows a translation pins
+/// (an older data plane's, from before a hitless upgrade).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translated {
+    Possible,
+    Gone,
 }
 
 /// What the event loop asks for.
@@ -147,6 +163,7 @@ struct Tables {
     half_open: MapData,
     nat_flows: MapData,
     nat_replies: MapData,
+    translated: Translated,
 }
 
 impl Tables {
@@ -156,10 +173,11 @@ impl Tables {
             half_open: dataplane.reopen(map_names::HALF_OPEN)?,
             nat_flows: dataplane.reopen(map_names::NAT_FLOWS)?,
             nat_replies: dataplane.reopen(map_names::NAT_REPLIES)?,
+            translated: Translated::Possible,
         })
     }
 
-    fn scan(&self, request: ScanRequest) -> TableScan {
+    fn scan(&mut self, request: ScanRequest) -> TableScan {
         let started = Instant::now();
         // Read once: NAT flows count with the connection table's, their
         // handshakes with the half-open table's.
@@ -175,9 +193,10 @@ impl Tables {
         TableScan { flows, nat, took: started.elapsed() }
     }
 
-    fn scan_flows(&self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
+    fn scan_flows(&mut self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
         let conntrack = batch::read_hash(&self.conntrack, map_names::CONNTRACK)?;
-        let conntrack = without_translated(conntrack, nat_flows).into_iter().chain(nat_pinned(nat_flows));
+        let conntrack =
+            without_translated(conntrack, nat_flows, &mut self.translated).into_iter().chain(nat_pinned(nat_flows));
         let half_open = batch::read_hash(&self.half_open, map_names::HALF_OPEN)?;
         let half_open = half_open.into_iter().chain(nat_handshakes(nat_flows));
         Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
@@ -193,13 +212,17 @@ impl Tables {
 pub struct Scanner {
     jobs: std_mpsc::Sender<Job>,
     in_flight: bool,
+    /// The data plane's program (`Dataplane::swaps`) whose maps the
+    /// thread's handles are to.
+    opened_at: u64,
 }
 
 /// What the scanning thread is sent.
 enum Job {
     Scan(ScanRequest),
-    /// Handles to the maps of a program swapped in since (its tables grew):
-    /// scanning the old ones would read tables the data plane left.
+    /// Handles to the maps of a program swapped in since (its tables may
+    /// have grown): scanning the old ones would read tables the data plane
+    /// left.
     Reopened(Box<Tables>),
 }
 
@@ -224,21 +247,25 @@ impl Scanner {
                 }
             })
             .context("starting the table-scan thread")?;
-        Ok(Scanner { jobs, in_flight: false })
+        Ok(Scanner { jobs, in_flight: false, opened_at: dataplane.swaps() })
     }
 
-    /// The data plane's program was swapped for one with other maps: scans
-    /// from now on read those.
-    pub fn reopen(&mut self, dataplane: &Dataplane) -> Result<()> {
-        let tables = Tables::open(dataplane)?;
-        self.jobs.send(Job::Reopened(Box::new(tables))).map_err(|_| anyhow!("the table-scan thread has ended"))
-    }
-
-    /// Asks for a scan unless one is still running (then its result is
-    /// the next one anyway); whether one was asked for.
-    pub fn request(&mut self, request: ScanRequest) -> bool {
+    /// Asks for a scan of `dataplane`'s tables unless one is still running
+    /// (then its result is the next one anyway); whether one was asked
+    /// for. After a program swap the thread first opens the new program's
+    /// maps.
+    pub fn request(&mut self, dataplane: &Dataplane, request: ScanRequest) -> bool {
         if self.in_flight {
             return false;
+        }
+        if self.opened_at != dataplane.swaps() {
+            match Tables::open(dataplane) {
+                Ok(tables) => {
+                    self.opened_at = dataplane.swaps();
+                    let _ = self.jobs.send(Job::Reopened(Box::new(tables)));
+                }
+                Err(err) => log::error!("the table scans go on reading the replaced tables: {err:#}"),
+            }
         }
         self.in_flight = self.jobs.send(Job::Scan(request)).is_ok();
         self.in_flight
@@ -368,9 +395,16 @@ mod tests {
         // (not refreshed since the upgrade) is dropped; other flows stay.
         let conntrack =
             vec![(key(1, PROTO_TCP), entry(7, 0, NOW - 100 * NS_PER_SEC)), (key(5, PROTO_TCP), entry(11, 0, NOW))];
-        let kept = without_translated(conntrack.clone(), &flows);
+        let mut translated = Translated::Possible;
+        let kept = without_translated(conntrack.clone(), &flows, &mut translated);
         assert_eq!(kept, conntrack[1..]);
-        assert_eq!(without_translated(conntrack.clone(), &[]), conntrack);
+        assert_eq!(translated, Translated::Possible);
+        assert_eq!(without_translated(conntrack.clone(), &[], &mut translated), conntrack);
+        assert_eq!(translated, Translated::Possible, "no translation read: nothing learnt");
+        // A scan that finds none: the filter is skipped from then on.
+        assert_eq!(without_translated(kept.clone(), &flows, &mut translated), kept);
+        assert_eq!(translated, Translated::Gone);
+        assert_eq!(without_translated(conntrack.clone(), &flows, &mut translated), conntrack);
         let scan = count_flows(kept.into_iter().chain(pinned), [], NOW, TIMEOUTS);
         assert_eq!(scan.active, [(7, 1), (11, 1)].into_iter().collect());
         assert_eq!(scan.referenced, [7, 8, 11].into_iter().collect());
