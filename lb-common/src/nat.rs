@@ -8,7 +8,7 @@
 //! complement sum is byte-order independent (RFC 1071 §2(B)), so a checksum
 //! patched from raw words and stored back raw is correct on the wire.
 
-use crate::wire::fold;
+use crate::{FLOW_F_FINISHED, NAT_FLOW_F_PINNED, NatFlow, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, wire::fold};
 
 /// Sum of a 32-bit word's two 16-bit halves (one's-complement addends).
 #[inline(always)]
@@ -89,6 +89,48 @@ pub const fn pool_without(low: u16, high: u16, exclude: Option<(u16, u16)>) -> (
 #[inline(always)]
 pub const fn attempts(count: u32) -> u32 {
     if count < NAT_PORT_ATTEMPTS { count } else { NAT_PORT_ATTEMPTS }
+}
+
+/// What a translation says of its flow at `now`: the one reading of a
+/// `NatFlow`'s flags and age, for a SYN, for any other packet the full way,
+/// and for the established packet's shortcut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatFlowPhase {
+    /// A SYN's translation, not yet confirmed by the client's ACK (its
+    /// half-open record); `young`: a retransmitted SYN keeps its backend.
+    Handshake { young: bool },
+    /// A handshake the client ended (FIN or RST) before its ACK: the flow
+    /// keeps nothing.
+    Aborted,
+    /// Pinned to its backend by a packet after the SYN.
+    Live,
+    /// Pinned, and ended by FIN or RST: its last packets keep the backend.
+    Finished,
+    /// A pinned UDP flow idle past its timeout: scheduled afresh.
+    Idle,
+}
+
+impl NatFlow {
+    /// This translation's phase at `now`, for a flow of `proto`.
+    #[inline(always)]
+    pub fn phase(&self, now: u64, proto: u8, udp_idle_timeout_ns: u64) -> NatFlowPhase {
+        let finished = self.flags & FLOW_F_FINISHED != 0;
+        let idle_ns = now.saturating_sub(self.last_seen_ns);
+        if self.flags & NAT_FLOW_F_PINNED == 0 {
+            return if finished {
+                NatFlowPhase::Aborted
+            } else {
+                NatFlowPhase::Handshake { young: idle_ns <= SYN_RETRANSMIT_WINDOW_NS }
+            };
+        }
+        if finished {
+            NatFlowPhase::Finished
+        } else if proto == PROTO_UDP && idle_ns > udp_idle_timeout_ns {
+            NatFlowPhase::Idle
+        } else {
+            NatFlowPhase::Live
+        }
+    }
 }
 
 #[cfg(test)]
@@ -262,5 +304,26 @@ mod tests {
             (0..attempts(count)).map(|a| candidate_port(u32::MAX - 3, a, 1024, count, 0, 0)).collect();
         assert_eq!(ports.len() as u32, NAT_PORT_ATTEMPTS);
         assert!(ports.iter().all(|p| *p >= 1024));
+    }
+
+    #[test]
+    fn a_translation_reads_as_handshake_then_live_then_finished_or_idle() {
+        use crate::{NS_PER_SEC, PROTO_TCP};
+        const NOW: u64 = 1000 * NS_PER_SEC;
+        const UDP_IDLE: u64 = 30 * NS_PER_SEC;
+        let at = |flags: u32, age: u64| NatFlow { flags, last_seen_ns: NOW - age, ..Default::default() };
+        let phase = |flow: NatFlow, proto| flow.phase(NOW, proto, UDP_IDLE);
+        assert_eq!(phase(at(0, SYN_RETRANSMIT_WINDOW_NS), PROTO_TCP), NatFlowPhase::Handshake { young: true });
+        assert_eq!(phase(at(0, SYN_RETRANSMIT_WINDOW_NS + 1), PROTO_TCP), NatFlowPhase::Handshake { young: false });
+        assert_eq!(phase(at(FLOW_F_FINISHED, 0), PROTO_TCP), NatFlowPhase::Aborted);
+        assert_eq!(phase(at(NAT_FLOW_F_PINNED, 0), PROTO_TCP), NatFlowPhase::Live);
+        // TCP flows never idle out here (the agent's scan expires them).
+        assert_eq!(phase(at(NAT_FLOW_F_PINNED, 10 * UDP_IDLE), PROTO_TCP), NatFlowPhase::Live);
+        assert_eq!(phase(at(NAT_FLOW_F_PINNED | FLOW_F_FINISHED, 0), PROTO_TCP), NatFlowPhase::Finished);
+        assert_eq!(phase(at(NAT_FLOW_F_PINNED, UDP_IDLE), PROTO_UDP), NatFlowPhase::Live);
+        assert_eq!(phase(at(NAT_FLOW_F_PINNED, UDP_IDLE + 1), PROTO_UDP), NatFlowPhase::Idle);
+        // A clock read before the entry's own time (another CPU's): age 0.
+        let ahead = NatFlow { flags: NAT_FLOW_F_PINNED, last_seen_ns: NOW + 5, ..Default::default() };
+        assert_eq!(phase(ahead, PROTO_UDP), NatFlowPhase::Live);
     }
 }

@@ -16,12 +16,11 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    FLOW_F_FINISHED, FLOW_F_HALF_OPEN, FlowState, NAT_FLOW_F_PINNED, NS_PER_SEC, SYN_RETRANSMIT_WINDOW_NS, VipInfo,
-    scheduler,
+    FLOW_F_HALF_OPEN, FlowState, NS_PER_SEC, SYN_RETRANSMIT_WINDOW_NS, VipInfo, nat::NatFlowPhase, scheduler,
 };
 use lb_ebpf::parse::Packet;
 
-use crate::maps::{HALF_OPEN, NAT_FLOWS, SYN_RATE, syn_flood_threshold};
+use crate::maps::{HALF_OPEN, NAT_FLOWS, SYN_RATE, syn_flood_threshold, udp_idle_timeout_ns};
 
 /// What recording a SYN found.
 pub enum Recorded {
@@ -90,32 +89,11 @@ pub fn take(packet: &Packet) -> Option<u32> {
     Some(backend_id)
 }
 
-/// What a NAT flow's translation says of it, for select.
-pub enum NatRecord {
-    /// No translation: the flow is new to NAT.
-    Absent,
-    /// A translation whose flow ended (a new connection may reuse it).
-    Finished,
-    /// A SYN's translation, not yet confirmed by the client's ACK: its
-    /// backend, and whether the SYN is young enough to be retransmitted.
-    Handshake { backend_id: u32, young: bool },
-    /// A translation past its handshake: the flow is pinned to its backend.
-    Established(u32),
-}
-
-/// The translation of the packet's five-tuple.
+/// The translation of the packet's five-tuple, if it has one: its backend
+/// and what it says of the flow.
 #[inline(always)]
-pub fn nat_record(packet: &Packet, now: u64) -> NatRecord {
+pub fn nat_record(packet: &Packet, now: u64) -> Option<(u32, NatFlowPhase)> {
     // SAFETY: a hash lookup whose value outlives this run; only read.
-    let Some(entry) = (unsafe { NAT_FLOWS.get(&packet.flow) }) else {
-        return NatRecord::Absent;
-    };
-    if entry.flags & FLOW_F_FINISHED != 0 {
-        NatRecord::Finished
-    } else if entry.flags & NAT_FLOW_F_PINNED != 0 {
-        NatRecord::Established(entry.backend_id)
-    } else {
-        let young = now.saturating_sub(entry.last_seen_ns) <= SYN_RETRANSMIT_WINDOW_NS;
-        NatRecord::Handshake { backend_id: entry.backend_id, young }
-    }
+    let entry = unsafe { NAT_FLOWS.get(&packet.flow) }?;
+    Some((entry.backend_id, entry.phase(now, packet.flow.proto, udp_idle_timeout_ns())))
 }

@@ -32,14 +32,14 @@
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState, GlobalCounter,
-    LAST_SEEN_REFRESH_NS, NAT_FLOW_F_PINNED, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VipInfo, scheduler,
+    LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VipInfo, nat::NatFlowPhase, scheduler,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     affinity, clock,
     counters::count,
-    half_open::{self, NatRecord, Recorded},
+    half_open::{self, Recorded},
     maps::{BACKENDS, CONNTRACK, FLOW_EVENTS, NAT_FLOWS, sync_flows, udp_idle_timeout_ns},
     schedule,
 };
@@ -287,13 +287,13 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
     if vip.flags & VIP_F_NAT != 0 {
         // The translation `translate` makes (or keeps) is the record.
         match half_open::nat_record(packet, now) {
-            NatRecord::Absent => untranslated = true,
-            NatRecord::Handshake { backend_id: first, young: true } if serves_vip(first, vip) => {
+            None => untranslated = true,
+            Some((first, NatFlowPhase::Handshake { young: true })) if serves_vip(first, vip) => {
                 count(GlobalCounter::SynRetransmit);
                 return Some(Selection::kept(first));
             }
             // A live flow keeps its backend (as in the connection table above).
-            NatRecord::Established(first) if serves_vip(first, vip) => {
+            Some((first, NatFlowPhase::Live)) if serves_vip(first, vip) => {
                 count(GlobalCounter::SynToEstablished);
                 return Some(Selection::kept(first));
             }
@@ -401,7 +401,6 @@ fn translated(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Pin
         return Pinned::Miss;
     };
     let backend_id = entry.backend_id;
-    let finished = entry.flags & FLOW_F_FINISHED != 0;
     let Some(backend) = usable_backend(backend_id) else {
         return Pinned::Stale { backend_id, finished: true };
     };
@@ -411,17 +410,17 @@ fn translated(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Pin
         return Pinned::Stale { backend_id, finished: true };
     }
     let down = backend.flags & BACKEND_F_DOWN != 0;
-    if entry.flags & NAT_FLOW_F_PINNED == 0 {
+    let finished = match entry.phase(now, packet.flow.proto, udp_idle_timeout_ns()) {
         // A handshake that ended (or whose backend failed) before the
         // client's ACK: scheduled afresh, as a new flow.
-        return if finished || down {
-            Pinned::Stale { backend_id, finished: true }
-        } else {
-            Pinned::Handshake(backend_id)
-        };
-    }
-    let idle_udp = packet.flow.proto == PROTO_UDP && now.saturating_sub(entry.last_seen_ns) > udp_idle_timeout_ns();
-    if down || idle_udp {
+        NatFlowPhase::Aborted => return Pinned::Stale { backend_id, finished: true },
+        NatFlowPhase::Handshake { .. } if down => return Pinned::Stale { backend_id, finished: true },
+        NatFlowPhase::Handshake { .. } => return Pinned::Handshake(backend_id),
+        NatFlowPhase::Idle => return Pinned::Stale { backend_id, finished: false },
+        NatFlowPhase::Live => false,
+        NatFlowPhase::Finished => true,
+    };
+    if down {
         return Pinned::Stale { backend_id, finished };
     }
     if least_conn && !finished && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {

@@ -23,7 +23,7 @@ use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FLOW_F_FINISHED, FlowKey, GlobalCounter,
     LAST_SEEN_REFRESH_NS, MAX_NAT_SOURCES, NAT_F_PRESERVE_CLIENT, NAT_FLOW_F_PINNED, NatFlow, NatPool, NatReply,
     NatScratch, PROTO_TCP, PROTO_UDP, flow_hash, forwarding,
-    nat::{NAT_PORT_ATTEMPTS, address_words, attempts, candidate_port, replace, replace_udp},
+    nat::{NAT_PORT_ATTEMPTS, NatFlowPhase, address_words, attempts, candidate_port, replace, replace_udp},
     wire::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
         ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -88,15 +88,11 @@ fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<
     // SAFETY: a pointer to a live entry; plain words (a lost update of its
     // timestamp by another CPU is harmless).
     let entry = unsafe { &mut *entry };
-    if entry.flags & (NAT_FLOW_F_PINNED | FLOW_F_FINISHED) != NAT_FLOW_F_PINNED {
+    let now = crate::clock::now_ns();
+    if entry.phase(now, packet.flow.proto, udp_idle_timeout_ns()) != NatFlowPhase::Live {
         return None;
     }
-    let now = crate::clock::now_ns();
-    let idle_ns = now.saturating_sub(entry.last_seen_ns);
-    if idle_ns > LAST_SEEN_REFRESH_NS {
-        if packet.flow.proto == PROTO_UDP && idle_ns > udp_idle_timeout_ns() {
-            return None;
-        }
+    if now.saturating_sub(entry.last_seen_ns) > LAST_SEEN_REFRESH_NS {
         entry.last_seen_ns = now;
     }
     let backend = BACKENDS.get(entry.backend_id)?;
