@@ -8,7 +8,7 @@
 //! complement sum is byte-order independent (RFC 1071 §2(B)), so a checksum
 //! patched from raw words and stored back raw is correct on the wire.
 
-use crate::{FLOW_F_FINISHED, NAT_FLOW_F_PINNED, NatFlow, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, wire::fold};
+use crate::{FLOW_F_FINISHED, FlowKey, NAT_FLOW_F_PINNED, NatFlow, PROTO_UDP, SYN_RETRANSMIT_WINDOW_NS, wire::fold};
 
 /// Sum of a 32-bit word's two 16-bit halves (one's-complement addends).
 #[inline(always)]
@@ -89,6 +89,28 @@ pub const fn pool_without(low: u16, high: u16, exclude: Option<(u16, u16)>) -> (
 #[inline(always)]
 pub const fn attempts(count: u32) -> u32 {
     if count < NAT_PORT_ATTEMPTS { count } else { NAT_PORT_ATTEMPTS }
+}
+
+/// The five-tuple a backend's replies to a translated flow arrive with,
+/// which keys `NAT_REPLIES`: from the backend to the flow's NAT source
+/// (`nat_addr`, `nat_port`). Ports in network byte order.
+#[inline(always)]
+pub const fn reply_key(
+    flow: &FlowKey,
+    backend_addr: [u32; 4],
+    backend_port: u16,
+    nat_addr: [u32; 4],
+    nat_port: u16,
+) -> FlowKey {
+    FlowKey {
+        src: backend_addr,
+        dst: nat_addr,
+        sport: backend_port,
+        dport: nat_port,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+    }
 }
 
 /// What a translation says of its flow at `now`: the one reading of a

@@ -42,7 +42,7 @@ use aya_ebpf::{
 use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, DEFAULT_NAT_TABLE_SIZE, DEFAULT_RING_SIZE,
     FAMILY_IPV4, FLOW_TABLE_FLAGS, FlowKey, FlowState, MAX_VIPS, NatFlow, NatReply, NatScratch, SLOTS_PER_ELEMENT,
-    VipInfo, VipKey, flow_hash, forwarding,
+    VipInfo, VipKey, flow_hash, forwarding, nat::reply_key,
 };
 use lb_ebpf::{encap, parse, rewrite};
 use network_types::eth::EthHdr;
@@ -338,15 +338,7 @@ pub fn bench_floor_nat(ctx: XdpContext) -> u32 {
             // port, as xdplb's must; with one address most would find
             // theirs taken, and a refused insert costs less.
             let source = FLOOR_NAT_SOURCE + ((random >> 24) % FLOOR_NAT_SOURCES << 24);
-            scratch.key = FlowKey {
-                src: [FLOOR_NAT_BACKEND, 0, 0, 0],
-                dst: [source, 0, 0, 0],
-                sport: f.dport,
-                dport: port,
-                proto: f.proto,
-                family: f.family,
-                _pad: [0; 2],
-            };
+            scratch.key = reply_key(f, [FLOOR_NAT_BACKEND, 0, 0, 0], f.dport, [source, 0, 0, 0], port);
             scratch.reply = NatReply {
                 client: f.src,
                 vip: f.dst,

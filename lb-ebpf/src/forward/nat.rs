@@ -23,7 +23,7 @@ use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FLOW_F_FINISHED, FlowKey, GlobalCounter,
     LAST_SEEN_REFRESH_NS, MAX_NAT_SOURCES, NAT_F_PRESERVE_CLIENT, NAT_FLOW_F_PINNED, NatFlow, NatPool, NatReply,
     NatScratch, PROTO_TCP, PROTO_UDP, flow_hash, forwarding,
-    nat::{NAT_PORT_ATTEMPTS, NatFlowPhase, address_words, attempts, candidate_port, replace, replace_udp},
+    nat::{NAT_PORT_ATTEMPTS, NatFlowPhase, address_words, attempts, candidate_port, replace, replace_udp, reply_key},
     wire::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
         ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -191,15 +191,8 @@ pub fn translate(
 /// connection reuses, in both entries, so that its linger does not end it.
 #[inline(always)]
 fn restart(entry: *mut NatFlow, packet: &Packet, backend: &Backend, now: u64, scratch: &mut NatScratch) {
-    scratch.key = FlowKey {
-        src: backend.addr,
-        dst: scratch.flow.nat_addr,
-        sport: if backend.port != 0 { backend.port } else { packet.flow.dport },
-        dport: scratch.flow.nat_port,
-        proto: packet.flow.proto,
-        family: packet.flow.family,
-        _pad: [0; 2],
-    };
+    let backend_port = if backend.port != 0 { backend.port } else { packet.flow.dport };
+    scratch.key = reply_key(&packet.flow, backend.addr, backend_port, scratch.flow.nat_addr, scratch.flow.nat_port);
     // SAFETY: pointers to live map entries; plain words.
     unsafe {
         (*entry).flags = 0;
@@ -224,15 +217,8 @@ fn allocate(
     scratch: &mut NatScratch,
 ) -> Result<(), GlobalCounter> {
     let backend_port = if backend.port != 0 { backend.port } else { flow.dport };
-    scratch.key = FlowKey {
-        src: backend.addr,
-        dst: flow.src,
-        sport: backend_port,
-        dport: flow.sport,
-        proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
-    };
+    // DNAT's key (the client's own address and port); SNAT replaces both.
+    scratch.key = reply_key(flow, backend.addr, backend_port, flow.src, flow.sport);
     scratch.reply = NatReply {
         client: flow.src,
         vip: flow.dst,

@@ -124,15 +124,13 @@ mod tests {
             _pad: [0; 2],
         };
         let nat_port = (40000 + n).to_be();
-        let reply_key = FlowKey {
-            src: word([198, 18, 1, 11]),
-            dst: word([198, 18, 1, 1]),
-            sport: 8080u16.to_be(),
-            dport: nat_port,
-            proto,
-            family: FAMILY_IPV4,
-            _pad: [0; 2],
-        };
+        let reply_key = lb_common::nat::reply_key(
+            &flow_key,
+            word([198, 18, 1, 11]),
+            8080u16.to_be(),
+            word([198, 18, 1, 1]),
+            nat_port,
+        );
         let flow = NatFlow {
             nat_addr: reply_key.dst,
             nat_port,
