@@ -90,7 +90,8 @@ pub fn select_for(packet: &Packet, vip: &VipInfo) -> Packed {
                 return selection.backend_id as Packed;
             }
             Pinned::Miss => conntrack_missed = true,
-            // Looked at again by find_flow, which handles it: rare.
+            // A stale entry (backend down, idle UDP flow), rare: find_flow
+            // looks again and reschedules it. (No handshake is kept here.)
             Pinned::Stale { .. } | Pinned::Handshake(_) => {}
         }
     }
