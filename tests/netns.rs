@@ -172,6 +172,40 @@ fn new_connections_follow_equal_then_weighted_shares_and_replies_bypass_the_lb()
     assert!(summary_value(&summary, "global:", "action_redirect") > 0, "no XDP_REDIRECT to b1/b2\n{summary}");
 }
 
+#[test]
+fn syns_skip_the_connection_table_while_every_flow_follows_the_ring() {
+    let topology = topology();
+    let agent = Agent::start(&topology, &config_with_metrics(&config([1, 1, 1]), "127.0.0.1:9593"));
+    let follows = || agent.status().services.iter().find(|s| s.name == "web").unwrap().pins_follow_ring;
+    let until_follows = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !follows() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(200));
+        }
+        assert!(follows(), "{what}: no table scan found web's flows on its ring within 30 s");
+    };
+    // Every connection went where the ring said: a table scan (every 5 s)
+    // finds so, and the service's SYNs skip the connection table.
+    spread(&topology, VIP4, 300);
+    until_follows("after the first connections");
+    let gauge = |text: &str| metric(text, "xdplb_service_pins_follow_ring", "service=\"web\"");
+    assert_eq!(gauge(&scrape(&topology, "127.0.0.1:9593")), 1.0);
+
+    // The ring changes: until the old ring's flows are gone (finished ones
+    // after their linger, 10 s), SYNs look at the table again.
+    agent.reload(&config_with_metrics(&config([1, 2, 3]), "127.0.0.1:9593"));
+    assert!(!follows(), "the ring changed and web's SYNs still skip the connection table");
+    assert_eq!(gauge(&scrape(&topology, "127.0.0.1:9593")), 0.0);
+    let counts = spread(&topology, VIP4, 300);
+    assert_shares(&counts, [1, 2, 3], "1:2:3 after the change");
+    until_follows("after the reweighting");
+    agent.stop();
+}
+
+fn config_with_metrics(config: &str, listen: &str) -> String {
+    config.replacen("[agent]\n", &format!("[agent]\nmetrics_listen = \"{listen}\"\n"), 1)
+}
+
 /// A keep-alive HTTP connection that must keep answering from one backend.
 #[test]
 fn long_lived_connection_survives_backends_added_removed_and_reweighted() {

@@ -16,7 +16,7 @@ use lb_testkit::frames::{
 };
 use xdplb::{
     config::{BackendAddress, Forwarding, PortRange, Protocol, Scheduler},
-    dataplane::planner::{Reconciler, address_words},
+    dataplane::planner::{MapWrite, Reconciler, address_words},
     dataplane::{Dataplane, DataplaneParams, DebugLog, TablesInUse},
     netlink::L2Path,
     state::{DesiredBackend, DesiredNat, DesiredService},
@@ -916,6 +916,121 @@ fn a_syn_after_the_flow_finished_is_a_new_connection_but_one_on_a_live_flow_move
         assert_eq!(w.counter(GlobalCounter::SynToEstablished), 3);
         assert_eq!(w.counter(GlobalCounter::SynRetransmit), 0);
         assert_eq!(w.counter(GlobalCounter::SynScheduled), 5);
+    });
+}
+
+impl World {
+    /// What the agent does after a table scan: check every pin against
+    /// the rings, then plan `services` with that verdict. Whether the web
+    /// service's pins follow its ring.
+    fn scan_rings(&mut self, services: &[DesiredService]) -> bool {
+        let following = self.dataplane.pins_following_ring(&self.reconciler.ring_checks()).unwrap();
+        self.reconciler.set_pins_follow(&following);
+        self.set(services);
+        let web = self.reconciler.vip_id("web").unwrap();
+        assert_eq!(self.flagged(), following.iter().any(|(id, _)| *id == web), "the flag is not the verdict");
+        self.flagged()
+    }
+
+    /// Whether the web service's VIP entry carries `VIP_F_PINS_FOLLOW_RING`.
+    fn flagged(&self) -> bool {
+        let web = self.reconciler.vip_id("web").unwrap();
+        self.dataplane
+            .read_state()
+            .unwrap()
+            .vips
+            .iter()
+            .any(|(_, info)| info.id == web && info.flags & lb_common::VIP_F_PINS_FOLLOW_RING != 0)
+    }
+
+    /// The slot of web's backend `198.18.1.n`.
+    fn web_backend(&self, n: u8) -> u32 {
+        self.reconciler.backend_id("web", format!("198.18.1.{n}").parse().unwrap()).unwrap()
+    }
+
+    /// Pins `key` to backend `n` (`198.18.1.n`) as a peer's flow is pinned,
+    /// finished or not, last seen `idle` ago.
+    fn plant(&mut self, key: FlowKey, n: u8, finished: bool, idle: Duration) {
+        let state = lb_common::FlowState {
+            backend_id: self.web_backend(n),
+            flags: if finished { lb_common::FLOW_F_FINISHED } else { 0 },
+            last_seen_ns: xdplb::dataplane::monotonic_coarse_ns() - idle.as_nanos() as u64,
+        };
+        self.dataplane.apply(&[MapWrite::AdoptFlow { key, state }]).unwrap();
+    }
+}
+
+/// A backend of `web4` other than `n`.
+fn other_than(n: u8) -> u8 {
+    if n == 11 { 12 } else { 11 }
+}
+
+#[test]
+fn syns_skip_the_connection_table_only_while_every_pin_follows_the_ring() {
+    in_world(|| {
+        pin_to_one_cpu();
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        for port in 0..20u16 {
+            syn_to(&w, "198.18.0.2", 44000 + port);
+            w.run(&tcp("198.18.0.2", 44000 + port, VIP4, 80, ACK).bytes());
+        }
+        // Every flow went where the ring said: the scan sets the flag.
+        assert!(w.scan_rings(&[web4(&w)]));
+
+        // A flow that strays (pinned elsewhere, unseen by any scan yet): its
+        // packets keep their backend, but a SYN on its five-tuple takes the
+        // ring's pick without looking, and records a handshake there.
+        let key = tcp_key("198.18.0.2", 44100, VIP4, 80);
+        let pick = w.maglev_mac("web", &key)[5];
+        w.plant(key, other_than(pick), false, Duration::ZERO);
+        let ack = tcp("198.18.0.2", 44100, VIP4, 80, PSH_ACK).bytes();
+        assert_eq!(dst_mac(&w.run(&ack).1)[5], other_than(pick));
+        assert_eq!(syn_to(&w, "198.18.0.2", 44100), pick);
+        assert_eq!(w.counter(GlobalCounter::SynToEstablished), 0);
+        assert_eq!(dst_mac(&w.run(&ack).1)[5], other_than(pick), "the live flow moved");
+        // The next scan sees it and clears the flag: SYNs look again.
+        assert!(!w.scan_rings(&[web4(&w)]));
+        assert_eq!(syn_to(&w, "198.18.0.2", 44100), other_than(pick));
+        assert_eq!(w.counter(GlobalCounter::SynToEstablished), 1);
+
+        // Once the stray ended and its five-tuple was reused, every pin
+        // follows again. A peer's flow on the ring's pick keeps the flag; a
+        // stray one clears it (the agent then reconciles, before the flow
+        // is pinned), and the SYNs look again.
+        w.run(&tcp("198.18.0.2", 44100, VIP4, 80, RST).bytes());
+        assert_eq!(syn_to(&w, "198.18.0.2", 44100), pick);
+        w.run(&ack);
+        assert!(w.scan_rings(&[web4(&w)]), "every pin follows the ring again");
+        let peers = tcp_key("198.18.0.2", 44101, VIP4, 80);
+        let peers_pick = w.maglev_mac("web", &peers)[5];
+        assert!(!w.reconciler.admit_pins(&[(peers, w.web_backend(peers_pick))]));
+        assert!(w.reconciler.admit_pins(&[(peers, w.web_backend(other_than(peers_pick)))]));
+        w.set(&[web4(&w)]);
+        assert!(!w.flagged(), "a peer's stray flow left the flag on");
+        w.plant(peers, other_than(peers_pick), false, Duration::ZERO);
+        assert_eq!(syn_to(&w, "198.18.0.2", 44101), other_than(peers_pick));
+
+        // A finished flow past its linger is left to a new connection on its
+        // five-tuple, whose SYN does not look: its ACK takes the SYN's
+        // backend and pins it afresh. Within the linger it keeps its backend.
+        let mut w = World::new();
+        w.set(&[web4(&w)]);
+        assert!(w.scan_rings(&[web4(&w)]));
+        let ended = tcp_key("198.18.0.2", 44200, VIP4, 80);
+        let pick = w.maglev_mac("web", &ended)[5];
+        w.plant(ended, other_than(pick), true, Duration::from_secs(11));
+        assert!(w.scan_rings(&[web4(&w)]), "a finished flow past its linger held the flag off");
+        assert_eq!(syn_to(&w, "198.18.0.2", 44200), pick);
+        let ack = tcp("198.18.0.2", 44200, VIP4, 80, ACK).bytes();
+        assert_eq!(dst_mac(&w.run(&ack).1)[5], pick, "the new connection's ACK went to the ended flow's backend");
+        assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 1);
+        let lingering = tcp_key("198.18.0.2", 44201, VIP4, 80);
+        let pick = w.maglev_mac("web", &lingering)[5];
+        w.plant(lingering, other_than(pick), true, Duration::from_secs(1));
+        let ack = tcp("198.18.0.2", 44201, VIP4, 80, ACK).bytes();
+        assert_eq!(dst_mac(&w.run(&ack).1)[5], other_than(pick), "a flow within its linger lost its backend");
+        assert!(!w.scan_rings(&[web4(&w)]), "a lingering stray left the flag on");
     });
 }
 

@@ -57,6 +57,12 @@ pub struct Fixture {
     pub nat: Option<NatFixture>,
     /// Which load of xdplb measures it.
     pub variant: Variant,
+    /// Before its warm-up, xdplb's connection table is emptied and refilled
+    /// with this many other flows pinned under the fixture's ring, as a
+    /// busy node's table is (leftovers of fixtures with other rings would
+    /// stray from it); 0: left as it is. Every fixture's table is then
+    /// checked as the agent's scan checks it (`Programs::scan_rings`).
+    pub steady_flows: u32,
 }
 
 /// The xdplb loads the fixtures compare.
@@ -71,6 +77,10 @@ pub enum Variant {
     /// Connection-table sync on: every pinned flow is reported in the event
     /// ring (which a thread drains, as the agent does).
     Synced,
+    /// The default program as right after a ring change, before the
+    /// agent's table scan found every pin on the new ring: SYNs look at
+    /// the connection table (the others run after such a scan).
+    RingChanged,
 }
 
 #[derive(Clone, Copy)]
@@ -99,6 +109,7 @@ pub fn fixtures() -> Vec<Fixture> {
             forwarding: Forwarding::Dsr,
             nat: None,
             variant,
+            steady_flows: 0,
         };
         // A new five-tuple per packet, the table warmed to its default size:
         // SYNs (recorded half-open; flooded: nothing recorded; with sync on:
@@ -107,14 +118,16 @@ pub fn fixtures() -> Vec<Fixture> {
         // node), which are pinned and, with sync on, reported.
         let syn: fn(u32) -> Vec<u8> = |i| frames::tcp4_from(i, frames::SYN);
         let ack: fn(u32) -> Vec<u8> = |i| frames::tcp4_from(i, frames::ACK);
-        for (name, frame, variant) in [
-            ("tcp_syn_new_flow", syn, Variant::Default),
-            ("tcp_syn_new_flow_flooded", syn, Variant::Flooded),
-            ("tcp_syn_new_flow_synced", syn, Variant::Synced),
-            ("tcp_ack_new_flow", ack, Variant::Default),
-            ("tcp_ack_new_flow_synced", ack, Variant::Synced),
+        for (name, frame, variant, steady) in [
+            ("tcp_syn_new_flow", syn, Variant::Default, true),
+            ("tcp_syn_new_flow_flooded", syn, Variant::Flooded, true),
+            ("tcp_syn_new_flow_synced", syn, Variant::Synced, true),
+            ("tcp_syn_new_flow_ring_changed", syn, Variant::RingChanged, true),
+            ("tcp_ack_new_flow", ack, Variant::Default, false),
+            ("tcp_ack_new_flow_synced", ack, Variant::Synced, false),
         ] {
-            list.push(dsr(name, frame, lb_common::DEFAULT_CONNTRACK_SIZE, variant));
+            let table = lb_common::DEFAULT_CONNTRACK_SIZE;
+            list.push(Fixture { steady_flows: if steady { table } else { 0 }, ..dsr(name, frame, table, variant) });
         }
         list.extend([
             dsr("tcp_syn", |_| frames::tcp4(40000, frames::SYN), 1, Variant::Default),
@@ -146,6 +159,7 @@ pub fn fixtures() -> Vec<Fixture> {
             forwarding: Forwarding::Dsr,
             nat: None,
             variant: Variant::Default,
+            steady_flows: 0,
         });
     }
     // The tunnel paths: the same packets, encapsulated (IPv6 VIP → IPv6 backends).
@@ -158,6 +172,7 @@ pub fn fixtures() -> Vec<Fixture> {
         forwarding,
         nat: None,
         variant: Variant::Default,
+        steady_flows: 0,
     };
     list.extend([
         tunnel("ipip_tcp_syn", |_| frames::tcp4(40010, frames::SYN), Forwarding::Ipip),
@@ -182,6 +197,7 @@ pub fn fixtures() -> Vec<Fixture> {
         forwarding: Forwarding::Nat,
         nat: Some(nat),
         variant: Variant::Default,
+        steady_flows: 0,
     };
     let pool =
         NatFixture { ports: "1024-65535", sources: 8, prime: None, reply: false, max_calls: NAT_NEW_FLOWS_PER_ROUND };
@@ -210,6 +226,10 @@ pub fn fixtures() -> Vec<Fixture> {
     list
 }
 
+/// The first client of `Programs::steady_table`'s flows: above every
+/// fixture's range of new five-tuples (`frames::tcp4_from`).
+const STEADY_FLOWS: u32 = 0x7ff0_0000;
+
 /// The programs compared, each attached to its own idle veth.
 pub struct Programs {
     pub xdplb: Dataplane,
@@ -220,6 +240,8 @@ pub struct Programs {
     xdplb_synced: Dataplane,
     drain: Option<EventDrain>,
     pub reconciler: Reconciler,
+    /// The services `configure` last planned.
+    desired: Vec<DesiredService>,
     baselines: Ebpf,
 }
 
@@ -315,7 +337,15 @@ impl Programs {
             program.load()?;
             program.attach(dev, XdpMode::Driver)?;
         }
-        Ok(Self { xdplb, xdplb_flooded, xdplb_synced, drain, reconciler: Reconciler::new(RING, 4), baselines })
+        Ok(Self {
+            xdplb,
+            xdplb_flooded,
+            xdplb_synced,
+            drain,
+            reconciler: Reconciler::new(RING, 4),
+            desired: Vec::new(),
+            baselines,
+        })
     }
 
     /// Programs the maps for `backends` backends under `scheduler`, reached
@@ -370,6 +400,7 @@ impl Programs {
         if !errors.is_empty() {
             bail!("{errors:?}");
         }
+        self.desired = desired.to_vec();
         // Slots that left their service are freed at once: the agent frees
         // them when its table scan finds no flow left on them, and here
         // every fixture warms its own flows. (A retired NAT slot would also
@@ -387,28 +418,60 @@ impl Programs {
             self.xdplb.clear_nat_tables()?;
             self.clear_floor_nat_tables()?;
             if let Some(prime) = nat.prime {
-                let mut out = vec![0u8; 512];
-                let frame = prime();
-                self.xdplb.program()?.test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    data_out: Some(&mut out),
-                    ..Default::default()
-                })?;
+                send(self.xdplb.program()?, std::iter::once(prime()))?;
             }
         }
         Ok(())
+    }
+
+    /// Checks the pinned flows against the rings as the agent's table scan
+    /// does, after the warm-up, and writes the verdict
+    /// (`VIP_F_PINS_FOLLOW_RING`) to every program: their tables are
+    /// warmed alike. `RingChanged`: no scan yet, the flag cleared.
+    pub fn scan_rings(&mut self, fixture: &Fixture) -> Result<()> {
+        let following = match fixture.variant {
+            Variant::RingChanged => Vec::new(),
+            _ => self.dataplane(fixture).pins_following_ring(&self.reconciler.ring_checks())?,
+        };
+        if self.reconciler.set_pins_follow(&following) {
+            let (writes, errors) = self.reconciler.plan(&self.desired);
+            if !errors.is_empty() {
+                bail!("{errors:?}");
+            }
+            self.xdplb.apply(&writes)?;
+            self.xdplb_flooded.apply(&writes)?;
+            self.xdplb_synced.apply(&writes)?;
+        }
+        Ok(())
+    }
+
+    /// The load of xdplb that measures `fixture`.
+    fn dataplane(&self, fixture: &Fixture) -> &Dataplane {
+        match fixture.variant {
+            Variant::Flooded => &self.xdplb_flooded,
+            Variant::Synced => &self.xdplb_synced,
+            Variant::Default | Variant::RingChanged => &self.xdplb,
+        }
+    }
+
+    /// A steady table for `fixture` (`Fixture::steady_flows`): emptied,
+    /// then refilled with flows pinned by their first packet (an ACK),
+    /// five-tuples far from any fixture's.
+    pub fn steady_table(&self, fixture: &Fixture) -> Result<()> {
+        let dataplane = self.dataplane(fixture);
+        for name in [lb_common::map_names::CONNTRACK, lb_common::map_names::HALF_OPEN] {
+            let map = aya::maps::Map::LruHashMap(dataplane.reopen(name)?);
+            empty::<_, lb_common::FlowState>(aya::maps::HashMap::try_from(map)?)?;
+        }
+        let flows = (0..fixture.steady_flows).map(|i| frames::tcp4_from(STEADY_FLOWS + i, frames::ACK));
+        send(dataplane.program()?, flows)
     }
 
     /// Empties the NAT floor's tables, as `clear_nat_tables` does xdplb's.
     fn clear_floor_nat_tables(&mut self) -> Result<()> {
         fn clear<V: aya::Pod>(baselines: &mut Ebpf, name: &str) -> Result<()> {
             let map = baselines.map_mut(name).with_context(|| format!("{name} missing from the baselines"))?;
-            let mut table: aya::maps::HashMap<_, FlowKey, V> = aya::maps::HashMap::try_from(map)?;
-            let keys: Vec<FlowKey> = table.keys().collect::<Result<_, _>>()?;
-            for key in keys {
-                table.remove(&key)?;
-            }
-            Ok(())
+            empty::<_, V>(aya::maps::HashMap::try_from(map)?)
         }
         clear::<NatFlow>(&mut self.baselines, "FLOOR_NAT_FLOWS")?;
         clear::<NatReply>(&mut self.baselines, "FLOOR_NAT_REPLIES")
@@ -420,9 +483,7 @@ impl Programs {
                 self.baselines.program("bench_encap_gue").context("encap")?.try_into()?
             }
             "parse_encap_tx" => self.baselines.program("bench_encap_ipip").context("encap")?.try_into()?,
-            "xdplb" if fixture.variant == Variant::Flooded => self.xdplb_flooded.program()?,
-            "xdplb" if fixture.variant == Variant::Synced => self.xdplb_synced.program()?,
-            "xdplb" => self.xdplb.program()?,
+            "xdplb" => self.dataplane(fixture).program()?,
             "xdp_drop" => self.baselines.program("bench_drop").context("drop")?.try_into()?,
             "swap_plus_vip_lookup" => self.baselines.program("bench_vip_lookup").context("vip")?.try_into()?,
             "swap_plus_flow_lookup" => self.baselines.program("bench_flow_lookup").context("flow")?.try_into()?,
@@ -469,20 +530,31 @@ impl Programs {
     /// Sends the fixture's warm-up packets through xdplb and its floor, so
     /// that both tables hold the same flows.
     pub fn warm_up(&self, fixture: &Fixture, offset: u32) -> Result<()> {
-        let mut out = vec![0u8; 512];
         for which in ["xdplb", "floor"].into_iter().filter(|p| applies(p, fixture)) {
-            let program = self.program(which, fixture)?;
-            for i in 0..fixture.warmup {
-                let frame = (fixture.frame)(offset.wrapping_add(i));
-                program.test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    data_out: Some(&mut out),
-                    ..Default::default()
-                })?;
-            }
+            send(self.program(which, fixture)?, (0..fixture.warmup).map(|i| (fixture.frame)(offset.wrapping_add(i))))?;
         }
         Ok(())
     }
+}
+
+/// Runs `program` on each of `frames` (not measured).
+fn send(program: &Xdp, frames: impl Iterator<Item = Vec<u8>>) -> Result<()> {
+    let mut out = vec![0u8; 512];
+    for frame in frames {
+        program.test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() })?;
+    }
+    Ok(())
+}
+
+/// Removes every entry of a flow-keyed hash map.
+fn empty<T: std::borrow::BorrowMut<aya::maps::MapData>, V: aya::Pod>(
+    mut table: aya::maps::HashMap<T, FlowKey, V>,
+) -> Result<()> {
+    let keys: Vec<FlowKey> = table.keys().collect::<Result<_, _>>()?;
+    for key in keys {
+        table.remove(&key)?;
+    }
+    Ok(())
 }
 
 impl Programs {
@@ -559,6 +631,7 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool, chosen: &[String]) 
     if only_quick {
         for f in fixtures.iter_mut().filter(|f| f.name != "tcp_ack_60k_flows") {
             f.warmup = f.warmup.min(iterations * 4);
+            f.steady_flows = f.steady_flows.min(iterations * 4);
         }
     }
     let mut costs: Vec<Cost> = Vec::new();
@@ -574,7 +647,11 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool, chosen: &[String]) 
                 let per_round = iterations + fixture.warmup;
                 (index as u32 * rounds as u32 + round as u32).wrapping_mul(per_round)
             };
+            if fixture.steady_flows > 0 {
+                programs.steady_table(fixture)?;
+            }
             programs.warm_up(fixture, offset)?;
+            programs.scan_rings(fixture)?;
             let calls = fixture.nat.map_or(iterations, |nat| iterations.min(nat.max_calls));
             for program in PROGRAMS.into_iter().filter(|p| applies(p, fixture)) {
                 let ns = programs.measure(program, fixture, calls, offset + fixture.warmup)?;

@@ -123,6 +123,15 @@ pub const NAT_FLOW_F_PINNED: u32 = 4;
 /// `VipInfo::flags`: the service forwards by NAT, so its established
 /// packets are looked up in `NAT_FLOWS` first.
 pub const VIP_F_NAT: u32 = 1;
+/// `VipInfo::flags`: every TCP flow the connection and half-open tables
+/// pin for this service is on the backend its ring gives its five-tuple
+/// (checked by the agent's table scan since the ring last changed; a hash
+/// scheduler without client affinity). A SYN then goes to the ring's pick
+/// without looking at the connection table, where any live flow of its
+/// five-tuple would name the same backend (on a full table that lookup
+/// costs about 200 ns, a third of the SYN's path). Set by the one writer,
+/// cleared before the ring changes.
+pub const VIP_F_PINS_FOLLOW_RING: u32 = 2;
 
 /// How a VIP picks the backend of a new flow (`VipInfo::scheduler`). What
 /// its region of `RING_SLOTS` holds depends on it.

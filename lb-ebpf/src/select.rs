@@ -17,6 +17,11 @@
 //! table with its SYN's backend. A RST never creates an entry; the client's
 //! FIN or RST marks the flow finished.
 //!
+//! A hash-scheduled service whose pins the agent found all on its ring
+//! (`VIP_F_PINS_FOLLOW_RING`) spares its SYNs that lookup: a live flow's
+//! entry names the ring's pick anyway, and a finished flow's entry past its
+//! linger counts as gone, so the new connection's ACK takes its SYN's record.
+//!
 //! A NAT service's flows are pinned by their translations instead
 //! (`NAT_FLOWS`), never by the connection table: the SYN's translation is
 //! its half-open record (see `half_open`), the client's ACK marks it
@@ -31,8 +36,9 @@
 //! handshakes that never complete).
 
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState, GlobalCounter,
-    LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VipInfo, nat::NatFlowPhase, scheduler,
+    BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState,
+    GlobalCounter, LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo,
+    nat::NatFlowPhase, scheduler,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -84,7 +90,7 @@ pub fn select_for(packet: &Packet, vip: &VipInfo) -> Packed {
     }
     let mut conntrack_missed = false;
     if vip.flags & VIP_F_NAT == 0 {
-        match pinned_backend(packet, now, least_conn) {
+        match pinned_backend(packet, vip, now, least_conn) {
             Pinned::Hit(selection) => {
                 count(GlobalCounter::ConntrackHit);
                 return selection.backend_id as Packed;
@@ -217,7 +223,7 @@ fn find_flow(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool, conntra
     if let Pinned::Miss = pinned
         && !conntrack_missed
     {
-        pinned = pinned_backend(packet, now, least_conn);
+        pinned = pinned_backend(packet, vip, now, least_conn);
     }
     match pinned {
         Pinned::Hit(selection) => {
@@ -261,8 +267,10 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
     let picked = schedule::pick_raw(packet, vip, now);
     let mut leaves: Option<u32> = None;
     // A NAT service's flows are not in the connection table (its
-    // translation is looked at below).
-    if vip.flags & VIP_F_NAT == 0
+    // translation is looked at below). Where every pin follows the ring, a
+    // live flow's entry names the ring's pick, and a finished one past its
+    // linger is left to the new connection's ACK (`pinned_backend`).
+    if vip.flags & (VIP_F_NAT | VIP_F_PINS_FOLLOW_RING) == 0
         && let Some(entry) = CONNTRACK.get_ptr(&packet.flow)
     {
         // SAFETY: the map returned a pointer to a live entry.
@@ -360,7 +368,7 @@ fn report_pinned(flow: &FlowKey, backend_id: u32) {
 const BPF_RB_NO_WAKEUP: u64 = 1;
 
 #[inline(always)]
-fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
+fn pinned_backend(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Pinned {
     let Some(state) = CONNTRACK.get_ptr_mut(&packet.flow) else {
         return Pinned::Miss;
     };
@@ -370,6 +378,13 @@ fn pinned_backend(packet: &Packet, now: u64, least_conn: bool) -> Pinned {
     let state = unsafe { &mut *state };
     let finished = state.flags & FLOW_F_FINISHED != 0;
     let idle_ns = now.saturating_sub(state.last_seen_ns);
+    // A SYN of a service whose pins follow its ring leaves a finished
+    // flow's entry alone (`syn`): past the linger, a packet finding it
+    // belongs to a new connection on the same five-tuple, whose own
+    // record (or the ring) names its backend.
+    if finished && vip.flags & VIP_F_PINS_FOLLOW_RING != 0 && idle_ns > FINISHED_LINGER_NS {
+        return Pinned::Miss;
+    }
     if packet.flow.proto == PROTO_UDP && idle_ns > udp_idle_timeout_ns() {
         return Pinned::Stale { backend_id: state.backend_id, finished };
     }

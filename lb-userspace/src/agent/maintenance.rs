@@ -62,6 +62,7 @@ impl Agent {
         let agent = &self.config.agent;
         let request = ScanRequest {
             flows: FlowTimeouts { tcp_idle_ns: agent.tcp_idle_ns(), udp_idle_ns: agent.udp_idle_ns() },
+            rings: self.reconciler.ring_checks(),
             // While NAT slots exist (a retired one's flows still expire), and
             // once more after the last is freed: its flows' leftovers go too.
             nat: (!self.reconciler.nat_interfaces().is_empty() || !self.nat.translations.is_empty())
@@ -98,6 +99,10 @@ impl Agent {
                 if freed {
                     // The last retired NAT slot may be gone: so are its replies.
                     self.sync_reply_interfaces();
+                }
+                if self.reconciler.set_pins_follow(&flows.follow_ring) {
+                    // A service's SYNs start or stop skipping the connection table.
+                    self.reconcile_logged();
                 }
             }
             Err(err) => log::error!("scanning the connection table: {err}"),

@@ -51,6 +51,7 @@ impl Agent {
     pub(super) fn on_synced_flows(&mut self, flows: Vec<SyncedFlow>) {
         let now = monotonic_ns();
         let mut writes = Vec::with_capacity(flows.len());
+        let mut pins = Vec::with_capacity(flows.len());
         let mut unknown = 0;
         for flow in &flows {
             match self.local_backend(flow) {
@@ -64,11 +65,17 @@ impl Agent {
                         family: family(flow.vip.ip()),
                         _pad: [0; 2],
                     };
+                    pins.push((key, backend_id));
                     writes
                         .push(MapWrite::AdoptFlow { key, state: FlowState { backend_id, flags: 0, last_seen_ns: now } })
                 }
                 None => unknown += 1,
             }
+        }
+        if self.reconciler.admit_pins(&pins) {
+            // A peer's flow strays from this node's ring: the service's
+            // SYNs look at the connection table again before it is pinned.
+            self.reconcile_logged();
         }
         let adopted = writes.len() as u64;
         let applied = self.apply_writes(&writes);

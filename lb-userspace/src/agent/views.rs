@@ -85,6 +85,7 @@ impl Agent {
                 persistence_timeout_s: service.persistence_timeout_s,
                 fail_open: self.modes.get(name).is_some_and(|m| m.fail_open),
                 backup_active: self.modes.get(name).is_some_and(|m| m.backup_active),
+                pins_follow_ring: self.reconciler.syns_skip_conntrack(name),
                 packets: counters.packets,
                 bytes: counters.bytes,
                 new_flows: counters.new_flows,

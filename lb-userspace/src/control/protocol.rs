@@ -156,6 +156,11 @@ pub struct ServiceStatus {
     /// No primary backend is available and the backups take new flows.
     #[serde(default)]
     pub backup_active: bool,
+    /// Every flow the service pins is on its ring's pick (the last table
+    /// scan found so, and the ring has not changed since): its SYNs skip
+    /// the connection-table lookup.
+    #[serde(default)]
+    pub pins_follow_ring: bool,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -288,6 +293,7 @@ pub fn sample_status(packets: u64, bytes: u64) -> Status {
             new_flows: packets / 10,
             nat_port_exhausted: None,
             backup_active: false,
+            pins_follow_ring: false,
             backends: vec![backend],
         }],
     }

@@ -25,7 +25,10 @@ use tokio::sync::mpsc;
 
 use super::{
     Dataplane, batch, monotonic_coarse_ns,
-    planner::nat::{NatTimeouts, NatUpkeep, nat_upkeep},
+    planner::{
+        follow::{RingChecks, pins_following_ring},
+        nat::{NatTimeouts, NatUpkeep, nat_upkeep},
+    },
 };
 
 /// A half-open entry names its backend this long: an ACK arriving later
@@ -34,11 +37,13 @@ use super::{
 /// after five retransmissions, about 63 s.
 pub const HALF_OPEN_REFERENCE_NS: u64 = 64 * lb_common::NS_PER_SEC;
 
-/// Active flows per backend id, and the ids some entry may still send to.
+/// Active flows per backend id, the ids some entry may still send to, and
+/// the services whose pins all follow their rings (`planner::follow`).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct FlowScan {
     pub active: StdHashMap<u32, u64>,
     pub referenced: HashSet<u32>,
+    pub follow_ring: Vec<(u32, u64)>,
 }
 
 /// Idle timeouts the scan judges flows by, in nanoseconds.
@@ -141,9 +146,11 @@ pub enum Translated {
 }
 
 /// What the event loop asks for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ScanRequest {
     pub flows: FlowTimeouts,
+    /// The rings the pins are checked against.
+    pub rings: RingChecks,
     /// Also scan the NAT tables (while NAT services exist).
     pub nat: Option<NatTimeouts>,
 }
@@ -186,20 +193,28 @@ impl Tables {
             Some(Ok(flows)) => flows.as_slice(),
             _ => &[],
         };
-        let flows = self.scan_flows(request.flows, handshakes).map_err(|e| format!("{e:#}"));
+        let flows = self.scan_flows(request.flows, &request.rings, handshakes).map_err(|e| format!("{e:#}"));
         let nat = request.nat.zip(nat_flows).map(|(timeouts, flows)| {
             flows.and_then(|flows| self.scan_nat(&flows, &timeouts)).map_err(|e| format!("{e:#}"))
         });
         TableScan { flows, nat, took: started.elapsed() }
     }
 
-    fn scan_flows(&mut self, timeouts: FlowTimeouts, nat_flows: &[(FlowKey, NatFlow)]) -> Result<FlowScan> {
+    fn scan_flows(
+        &mut self,
+        timeouts: FlowTimeouts,
+        rings: &RingChecks,
+        nat_flows: &[(FlowKey, NatFlow)],
+    ) -> Result<FlowScan> {
+        // The half-open table first (see `pins_following_ring`).
+        let half_open = batch::read_hash(&self.half_open, map_names::HALF_OPEN)?;
         let conntrack = batch::read_hash(&self.conntrack, map_names::CONNTRACK)?;
+        let now = monotonic_coarse_ns();
+        let follow_ring = pins_following_ring(&half_open, &conntrack, rings, now);
         let conntrack =
             without_translated(conntrack, nat_flows, &mut self.translated).into_iter().chain(nat_pinned(nat_flows));
-        let half_open = batch::read_hash(&self.half_open, map_names::HALF_OPEN)?;
         let half_open = half_open.into_iter().chain(nat_handshakes(nat_flows));
-        Ok(count_flows(conntrack, half_open, monotonic_coarse_ns(), timeouts))
+        Ok(FlowScan { follow_ring, ..count_flows(conntrack, half_open, now, timeouts) })
     }
 
     fn scan_nat(&self, flows: &[(FlowKey, NatFlow)], timeouts: &NatTimeouts) -> Result<NatUpkeep> {
@@ -278,6 +293,14 @@ impl Scanner {
 }
 
 impl Dataplane {
+    /// `pins_following_ring` over this data plane's tables, read here (the
+    /// agent's scans run on their thread; the benchmark calls this).
+    pub fn pins_following_ring(&self, rings: &RingChecks) -> Result<Vec<(u32, u64)>> {
+        let half_open = batch::read_hash(self.hash_map(map_names::HALF_OPEN)?, map_names::HALF_OPEN)?;
+        let conntrack = batch::read_hash(self.hash_map(map_names::CONNTRACK)?, map_names::CONNTRACK)?;
+        Ok(pins_following_ring(&half_open, &conntrack, rings, monotonic_coarse_ns()))
+    }
+
     /// A second handle to the hash map `name`, independent of this one (for
     /// another thread): a duplicate of its descriptor (opening it by id would
     /// need CAP_SYS_ADMIN, which the agent does not have).

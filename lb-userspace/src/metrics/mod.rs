@@ -228,6 +228,14 @@ fn encode_services(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Res
         MetricType::Gauge,
         rows(|s| s.backup_active as i64),
     )?;
+    family(
+        encoder,
+        "service_pins_follow_ring",
+        "1 while every flow the service pins is on its ring's pick (last table scan, no ring change since): its \
+         SYNs skip the connection-table lookup",
+        MetricType::Gauge,
+        rows(|s| s.pins_follow_ring as i64),
+    )?;
     if let Some(d) = &status.discovery {
         let registry = || RegistryLabels { registry: "etcd" };
         family(

@@ -15,6 +15,7 @@
 //! pinned flows keep flowing, and its id is freed only once no
 //! connection-table entry refers to it (`collect_retired`).
 
+pub mod follow;
 pub mod nat;
 mod services;
 mod upkeep;
@@ -153,6 +154,13 @@ pub struct Reconciler {
     wildcard_vips: Option<u32>,
     /// As written to `NAT_SERVICES`; `None` when unknown.
     nat_services: Option<u32>,
+    /// Per VIP id in use, the generation of its ring (`follow`): the last
+    /// value of `ring_generation` when the ring was written.
+    ring_generations: BTreeMap<u32, u64>,
+    ring_generation: u64,
+    /// Per VIP id, the ring generation a table scan found all its TCP pins
+    /// following (`VIP_F_PINS_FOLLOW_RING` while still current).
+    pins_follow: BTreeMap<u32, u64>,
 }
 
 /// Why a desired state could not be applied in full.
@@ -191,6 +199,9 @@ impl Reconciler {
             stale_vips: BTreeSet::new(),
             wildcard_vips: Some(0),
             nat_services: Some(0),
+            ring_generations: BTreeMap::new(),
+            ring_generation: 0,
+            pins_follow: BTreeMap::new(),
         }
     }
 
@@ -382,6 +393,7 @@ impl Reconciler {
                 self.retired.insert(*id);
             }
             MapWrite::SetRingSlots { vip_id, slots } => {
+                self.ring_rewritten(*vip_id);
                 let size = self.ring_size as usize;
                 let ring = self.rings.entry(*vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
                 for (slot, _) in slots {

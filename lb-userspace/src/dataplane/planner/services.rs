@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{VIP_F_NAT, VipInfo, scheduler};
+use lb_common::{VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo, scheduler};
 
 use super::*;
 
@@ -89,14 +89,7 @@ impl Reconciler {
         }
         service.nat = pool;
 
-        let (ring, info) = self.scheduler_state(desired, service.vip_id, &members);
-        // A shorter sequence is announced before its tail is cleared, a
-        // longer one after it is written: the cursor never reads a hole.
-        let info_changed = service.info != Some(info);
-        let shrinking = service.info.is_some_and(|old| old.seq_len > info.seq_len);
-        if info_changed && shrinking {
-            writes.push(MapWrite::SetVip { key: service.key, info });
-        }
+        let (ring, mut info) = self.scheduler_state(desired, service.vip_id, &members);
         let size = self.ring_size as usize;
         let recorded = self.rings.entry(service.vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
         let slots: Vec<(u32, u32)> = ring
@@ -106,12 +99,27 @@ impl Reconciler {
             .filter(|(_, (new, old))| new != old)
             .map(|(i, (new, _))| (i as u32, *new))
             .collect();
+        *recorded = ring;
+        if !slots.is_empty() || !self.ring_generations.contains_key(&service.vip_id) {
+            self.ring_rewritten(service.vip_id);
+        }
+        if follow::may_follow(&info) && self.pins_follow(service.vip_id) {
+            info.flags |= VIP_F_PINS_FOLLOW_RING;
+        }
+        // A shorter sequence is announced before its tail is cleared, a
+        // longer one after it is written: the cursor never reads a hole.
+        // SYNs look at the connection table again before the ring changes.
+        let info_changed = service.info != Some(info);
+        let shrinking = service.info.is_some_and(|old| old.seq_len > info.seq_len);
+        let unflagging = service.info.is_some_and(|old| old.flags & !info.flags & VIP_F_PINS_FOLLOW_RING != 0);
+        if info_changed && (shrinking || unflagging) {
+            writes.push(MapWrite::SetVip { key: service.key, info });
+        }
         if !slots.is_empty() {
             writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
         }
-        *recorded = ring;
 
-        if info_changed && !shrinking {
+        if info_changed && !(shrinking || unflagging) {
             writes.push(MapWrite::SetVip { key: service.key, info });
         }
         service.info = Some(info);
@@ -173,6 +181,8 @@ impl Reconciler {
 
     /// Empties the ring of a VIP id no service uses any more.
     pub(super) fn clear_ring(&mut self, vip_id: u32, writes: &mut Vec<MapWrite>) {
+        self.ring_generations.remove(&vip_id);
+        self.pins_follow.remove(&vip_id);
         let ring = self.rings.remove(&vip_id).unwrap_or_default();
         let slots: Vec<(u32, u32)> = ring
             .iter()
