@@ -123,6 +123,14 @@ pub fn fixtures() -> Vec<Fixture> {
             ("tcp_syn_new_flow_flooded", syn, Variant::Flooded, true),
             ("tcp_syn_new_flow_synced", syn, Variant::Synced, true),
             ("tcp_syn_new_flow_ring_changed", syn, Variant::RingChanged, true),
+            // A connection's first two packets in turn: the SYN, then the
+            // client's ACK completing the handshake.
+            (
+                "tcp_handshake",
+                |i| frames::tcp4_from(i / 2, if i % 2 == 0 { frames::SYN } else { frames::ACK }),
+                Variant::Default,
+                true,
+            ),
             ("tcp_ack_new_flow", ack, Variant::Default, false),
             ("tcp_ack_new_flow_synced", ack, Variant::Synced, false),
         ] {
