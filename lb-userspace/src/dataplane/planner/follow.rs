@@ -317,6 +317,19 @@ mod tests {
         assert_eq!(vip_writes(&writes), vec![(0, true)]);
         assert!(!r.set_pins_follow(&[(check.vip_id, check.generation)]));
 
+        // An unflagging write the kernel refused leaves the entry unknown:
+        // the retry still clears the flag before the ring changes.
+        let check = r.ring_checks().vips.values().flatten().next().unwrap().clone();
+        assert!(r.set_pins_follow(&[(check.vip_id, check.generation)]));
+        r.plan(&[web(&[1, 2, 1])]);
+        let (writes, _) = r.plan(&[web(&[3, 2, 1])]);
+        assert_eq!(vip_writes(&writes), vec![(0, true)]);
+        for write in &writes {
+            r.forget(write);
+        }
+        let (writes, _) = r.plan(&[web(&[3, 2, 1])]);
+        assert_eq!(vip_writes(&writes), vec![(0, true)]);
+
         // Not for a service whose picks depend on more than the ring.
         let mut sticky = web(&[1, 1, 1]);
         sticky.persistence_timeout_s = 60;

@@ -161,6 +161,13 @@ pub struct Reconciler {
     /// Per VIP id, the ring generation a table scan found all its TCP pins
     /// following (`VIP_F_PINS_FOLLOW_RING` while still current).
     pins_follow: BTreeMap<u32, u64>,
+    /// VIP ids whose entry may carry `VIP_F_PINS_FOLLOW_RING` in the map:
+    /// written with it, and not since (surely) without it.
+    maybe_flagged: BTreeSet<u32>,
+    /// VIP ids the last plan wrote without the flag while it may have been
+    /// there: unless the write is forgotten (refused) before the next plan,
+    /// it was applied.
+    unflag_planned: BTreeSet<u32>,
 }
 
 /// Why a desired state could not be applied in full.
@@ -202,6 +209,8 @@ impl Reconciler {
             ring_generations: BTreeMap::new(),
             ring_generation: 0,
             pins_follow: BTreeMap::new(),
+            maybe_flagged: BTreeSet::new(),
+            unflag_planned: BTreeSet::new(),
         }
     }
 
@@ -221,6 +230,9 @@ impl Reconciler {
             let ring =
                 maps.rings.get(&info.id).cloned().unwrap_or_else(|| vec![lb_common::NO_BACKEND; ring_size as usize]);
             r.free_vip_ids.retain(|id| *id != info.id);
+            if info.flags & lb_common::VIP_F_PINS_FOLLOW_RING != 0 {
+                r.maybe_flagged.insert(info.id);
+            }
             r.vip_addresses.insert(vip_address_key(key));
             r.rings.insert(info.id, ring);
             r.services.insert(
@@ -282,6 +294,9 @@ impl Reconciler {
     /// Writes that take the maps to `desired`. Services or backends that do
     /// not fit are reported and left out; everything else is applied.
     pub fn plan(&mut self, desired: &[DesiredService]) -> (Vec<MapWrite>, Vec<ReconcileError>) {
+        for vip_id in std::mem::take(&mut self.unflag_planned) {
+            self.maybe_flagged.remove(&vip_id);
+        }
         let mut writes = Vec::new();
         let mut errors = Vec::new();
         let wanted: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
@@ -402,10 +417,12 @@ impl Reconciler {
                     }
                 }
             }
-            MapWrite::SetVip { key, .. } => {
+            MapWrite::SetVip { key, info } => {
                 if let Some(service) = self.services.values_mut().find(|s| s.key == *key) {
                     service.info = None;
                 }
+                // A refused write that would have cleared the flag left it.
+                self.unflag_planned.remove(&info.id);
             }
             MapWrite::RemoveVip { key } => {
                 self.stale_vips.insert(*key);

@@ -111,9 +111,15 @@ impl Reconciler {
         // SYNs look at the connection table again before the ring changes.
         let info_changed = service.info != Some(info);
         let shrinking = service.info.is_some_and(|old| old.seq_len > info.seq_len);
-        let unflagging = service.info.is_some_and(|old| old.flags & !info.flags & VIP_F_PINS_FOLLOW_RING != 0);
+        let unflagging = info.flags & VIP_F_PINS_FOLLOW_RING == 0 && self.maybe_flagged.contains(&service.vip_id);
         if info_changed && (shrinking || unflagging) {
             writes.push(MapWrite::SetVip { key: service.key, info });
+        }
+        if unflagging {
+            self.unflag_planned.insert(service.vip_id);
+        }
+        if info.flags & VIP_F_PINS_FOLLOW_RING != 0 {
+            self.maybe_flagged.insert(service.vip_id);
         }
         if !slots.is_empty() {
             writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
@@ -183,6 +189,7 @@ impl Reconciler {
     pub(super) fn clear_ring(&mut self, vip_id: u32, writes: &mut Vec<MapWrite>) {
         self.ring_generations.remove(&vip_id);
         self.pins_follow.remove(&vip_id);
+        self.maybe_flagged.remove(&vip_id);
         let ring = self.rings.remove(&vip_id).unwrap_or_default();
         let slots: Vec<(u32, u32)> = ring
             .iter()
