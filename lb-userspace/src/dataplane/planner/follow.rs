@@ -16,10 +16,7 @@
 //! flow strays from it: a scan's verdict counts only for the generation it
 //! was asked for.
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    sync::Arc,
-};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use lb_common::{
     FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowKey, FlowState, PROTO_TCP, VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo,
@@ -29,7 +26,7 @@ use lb_common::{
 use super::Reconciler;
 
 /// One service's ring as a scan checks it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RingCheck {
     pub vip_id: u32,
     pub generation: u64,
@@ -43,25 +40,30 @@ pub struct RingCheck {
 /// it: the exact port, then the port-0 wildcard).
 #[derive(Clone, Debug, Default)]
 pub struct RingChecks {
-    pub vips: HashMap<VipKey, Option<Arc<RingCheck>>>,
+    pub vips: HashMap<VipKey, Option<RingCheck>>,
 }
 
 impl RingChecks {
     /// The check of the service `key`'s packets reach, if it has one.
     fn of(&self, key: &FlowKey) -> Option<&RingCheck> {
-        let mut vip = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
-        let found = self.vips.get(&vip).or_else(|| {
-            vip.port = 0;
-            self.vips.get(&vip)
-        });
-        found?.as_deref()
+        service_of(key, |vip| self.vips.get(vip))?.as_ref()
     }
 }
 
+/// What `find` finds for the service a flow's packets reach: the exact
+/// port first, then the port-0 wildcard (as the data plane looks).
+fn service_of<'a, T>(key: &FlowKey, find: impl Fn(&VipKey) -> Option<&'a T>) -> Option<&'a T> {
+    let mut vip = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
+    find(&vip).or_else(|| {
+        vip.port = 0;
+        find(&vip)
+    })
+}
+
 /// The backend the ring gives `key`, as the data plane's scheduler picks it.
-pub fn ring_pick(check: &RingCheck, key: &FlowKey) -> u32 {
-    let hash = if check.scheduler == scheduler::SOURCE_HASH { source_hash(&key.src) } else { flow_hash(key) };
-    check.ring.get((hash % check.ring.len().max(1) as u32) as usize).copied().unwrap_or(lb_common::NO_BACKEND)
+pub fn ring_pick(scheduler: u32, ring: &[u32], key: &FlowKey) -> u32 {
+    let hash = if scheduler == scheduler::SOURCE_HASH { source_hash(&key.src) } else { flow_hash(key) };
+    ring.get((hash % ring.len().max(1) as u32) as usize).copied().unwrap_or(lb_common::NO_BACKEND)
 }
 
 /// The (VIP id, ring generation) of each checked service none of whose TCP
@@ -85,7 +87,7 @@ pub fn pins_following_ring<'a>(
             continue;
         }
         if let Some(check) = checks.of(key)
-            && ring_pick(check, key) != state.backend_id
+            && ring_pick(check.scheduler, &check.ring, key) != state.backend_id
         {
             strays.insert(check.vip_id);
         }
@@ -141,13 +143,11 @@ impl Reconciler {
                     .filter(may_follow)
                     .zip(self.rings.get(&service.vip_id))
                     .zip(self.ring_generations.get(&service.vip_id))
-                    .map(|((info, ring), generation)| {
-                        Arc::new(RingCheck {
-                            vip_id: service.vip_id,
-                            generation: *generation,
-                            scheduler: info.scheduler,
-                            ring: ring.clone(),
-                        })
+                    .map(|((info, ring), generation)| RingCheck {
+                        vip_id: service.vip_id,
+                        generation: *generation,
+                        scheduler: info.scheduler,
+                        ring: ring.clone(),
                     });
                 (service.key, check)
             })
@@ -173,21 +173,28 @@ impl Reconciler {
     /// the next `plan` clears its flag, which must be written before the
     /// flows are. Whether any service lost it.
     pub fn admit_pins(&mut self, pins: &[(FlowKey, u32)]) -> bool {
-        let checks = self.ring_checks();
-        let mut lost = false;
+        let vips: HashMap<VipKey, (u32, u32)> = self
+            .services
+            .values()
+            .filter_map(|s| Some((s.key, (s.vip_id, s.info.filter(may_follow)?.scheduler))))
+            .collect();
+        let mut strays = HashSet::new();
         for (key, backend_id) in pins {
-            if let Some(check) = checks.of(key)
-                && self.pins_follow(check.vip_id)
-                && ring_pick(check, key) != *backend_id
+            if let Some(&(vip_id, scheduler)) = service_of(key, |vip| vips.get(vip))
+                && self.pins_follow(vip_id)
+                && let Some(ring) = self.rings.get(&vip_id)
+                && ring_pick(scheduler, ring, key) != *backend_id
             {
-                // A new generation, not just a forgotten verdict: a scan
-                // already running (which cannot see this flow) would
-                // otherwise set the flag again.
-                self.ring_rewritten(check.vip_id);
-                lost = true;
+                strays.insert(vip_id);
             }
         }
-        lost
+        for vip_id in &strays {
+            // A new generation, not just a forgotten verdict: a scan
+            // already running (which cannot see this flow) would
+            // otherwise set the flag again.
+            self.ring_rewritten(*vip_id);
+        }
+        !strays.is_empty()
     }
 }
 
@@ -215,8 +222,8 @@ mod tests {
         }
     }
 
-    fn check(vip_id: u32, generation: u64, scheduler: u32) -> Option<Arc<RingCheck>> {
-        Some(Arc::new(RingCheck { vip_id, generation, scheduler, ring: vec![1, 2, 3, 4, 5, 6, 7] }))
+    fn check(vip_id: u32, generation: u64, scheduler: u32) -> Option<RingCheck> {
+        Some(RingCheck { vip_id, generation, scheduler, ring: vec![1, 2, 3, 4, 5, 6, 7] })
     }
 
     fn checks() -> RingChecks {
@@ -240,7 +247,8 @@ mod tests {
     /// An entry on its ring's pick for `vip`, or (`stray`) off it.
     fn entry(checks: &RingChecks, vip: VipKey, sport: u16, stray: bool) -> (FlowKey, FlowState) {
         let key = flow(vip, sport);
-        let pick = ring_pick(checks.of(&key).unwrap(), &key);
+        let check = checks.of(&key).unwrap();
+        let pick = ring_pick(check.scheduler, &check.ring, &key);
         pinned(key, if stray { pick % 7 + 1 } else { pick }, 0, NOW)
     }
 
@@ -310,9 +318,10 @@ mod tests {
         assert!(r.set_pins_follow(&[(check.vip_id, check.generation)]));
         r.plan(&[web(&[1, 2, 1])]);
         let key = flow(vip(80), 4242);
-        let pick = ring_pick(&check, &key);
+        let pick = ring_pick(check.scheduler, &check.ring, &key);
         assert!(!r.admit_pins(&[(key, pick)]));
-        assert!(r.admit_pins(&[(key, if pick == check.ring[0] { check.ring[1] } else { check.ring[0] })]));
+        let elsewhere = *check.ring.iter().find(|id| **id != pick).expect("three backends");
+        assert!(r.admit_pins(&[(key, pick), (key, elsewhere)]));
         let (writes, _) = r.plan(&[web(&[1, 2, 1])]);
         assert_eq!(vip_writes(&writes), vec![(0, true)]);
         assert!(!r.set_pins_follow(&[(check.vip_id, check.generation)]));
