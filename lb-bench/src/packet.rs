@@ -437,6 +437,9 @@ impl Programs {
     /// (`VIP_F_PINS_FOLLOW_RING`) to every program: their tables are
     /// warmed alike. `RingChanged`: no scan yet, the flag cleared.
     pub fn scan_rings(&mut self, fixture: &Fixture) -> Result<()> {
+        if fixture.forwarding == Forwarding::Nat {
+            return Ok(()); // NAT flows are pinned by their translations: never flagged
+        }
         let following = match fixture.variant {
             Variant::RingChanged => Vec::new(),
             _ => self.dataplane(fixture).pins_following_ring(&self.reconciler.ring_checks())?,

@@ -15,6 +15,13 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// What `find` finds for the VIP a packet to `port` reaches, looked up as
+/// the data plane does: the exact port first, then the port-0 wildcard.
+/// `port` is in the byte order `find` expects (0 reads the same in both).
+pub fn exact_port_or_wildcard<T>(port: u16, mut find: impl FnMut(u16) -> Option<T>) -> Option<T> {
+    find(port).or_else(|| find(0))
+}
+
 /// Value of the `VIPS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -97,11 +97,11 @@ impl Agent {
             return None;
         }
         let protocol = |s: &&crate::config::ServiceConfig| s.protocol.number() == flow.protocol;
-        let vip = |port: u16| {
+        let service = lb_common::exact_port_or_wildcard(flow.vip.port(), |port| {
             let wanted = SocketAddr::new(flow.vip.ip(), port);
             self.config.services.iter().filter(protocol).find(|s| *s.vip.get_ref() == wanted)
-        };
-        let service = vip(flow.vip.port()).or_else(|| vip(0)).filter(|s| s.forwarding != Forwarding::Nat)?;
+        })
+        .filter(|s| s.forwarding != Forwarding::Nat)?;
         let backend = service.backends.iter().find(|b| b.address.get_ref().ip == flow.backend)?;
         self.reconciler.backend_id(service.name.get_ref(), *backend.address.get_ref())
     }

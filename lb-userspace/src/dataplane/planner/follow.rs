@@ -16,11 +16,14 @@
 //! flow strays from it: a scan's verdict counts only for the generation it
 //! was asked for.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use lb_common::{
     FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowKey, FlowState, PROTO_TCP, VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo,
-    VipKey, flow_hash, scheduler, source_hash,
+    VipKey, exact_port_or_wildcard, flow_hash, scheduler, source_hash,
 };
 
 use super::Reconciler;
@@ -32,7 +35,9 @@ pub struct RingCheck {
     pub generation: u64,
     /// `scheduler::MAGLEV` or `scheduler::SOURCE_HASH`.
     pub scheduler: u32,
-    pub ring: Vec<u32>,
+    /// The planner's record, shared: a scan every few seconds must not
+    /// copy up to 16 MiB of rings.
+    pub ring: Arc<Vec<u32>>,
 }
 
 /// Every service's VIP, with its ring where its SYNs could skip the
@@ -50,13 +55,10 @@ impl RingChecks {
     }
 }
 
-/// What `find` finds for the service a flow's packets reach: the exact
-/// port first, then the port-0 wildcard (as the data plane looks).
+/// What `find` finds for the service a flow's packets reach.
 fn service_of<'a, T>(key: &FlowKey, find: impl Fn(&VipKey) -> Option<&'a T>) -> Option<&'a T> {
-    let mut vip = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
-    find(&vip).or_else(|| {
-        vip.port = 0;
-        find(&vip)
+    exact_port_or_wildcard(key.dport, |port| {
+        find(&VipKey { addr: key.dst, port, proto: key.proto, family: key.family })
     })
 }
 
@@ -147,7 +149,7 @@ impl Reconciler {
                         vip_id: service.vip_id,
                         generation: *generation,
                         scheduler: info.scheduler,
-                        ring: ring.clone(),
+                        ring: Arc::clone(ring),
                     });
                 (service.key, check)
             })
@@ -223,7 +225,7 @@ mod tests {
     }
 
     fn check(vip_id: u32, generation: u64, scheduler: u32) -> Option<RingCheck> {
-        Some(RingCheck { vip_id, generation, scheduler, ring: vec![1, 2, 3, 4, 5, 6, 7] })
+        Some(RingCheck { vip_id, generation, scheduler, ring: Arc::new(vec![1, 2, 3, 4, 5, 6, 7]) })
     }
 
     fn checks() -> RingChecks {

@@ -23,6 +23,7 @@ mod upkeep;
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -138,8 +139,9 @@ pub struct Reconciler {
     ring_size: u32,
     services: BTreeMap<String, AppliedService>,
     /// What `RING_SLOTS` holds per VIP id, for ids in use or whose clearing
-    /// failed; an id without a record holds only `NO_BACKEND`.
-    rings: BTreeMap<u32, Vec<u32>>,
+    /// failed; an id without a record holds only `NO_BACKEND`. Shared
+    /// with the table scan's checks, which must not copy every ring.
+    rings: BTreeMap<u32, Arc<Vec<u32>>>,
     /// What `BACKENDS` holds; a slot without a record is rewritten.
     backends: BTreeMap<u32, Backend>,
     retired: BTreeSet<u32>,
@@ -234,7 +236,7 @@ impl Reconciler {
                 r.maybe_flagged.insert(info.id);
             }
             r.vip_addresses.insert(vip_address_key(key));
-            r.rings.insert(info.id, ring);
+            r.rings.insert(info.id, Arc::new(ring));
             r.services.insert(
                 name,
                 AppliedService {
@@ -410,7 +412,8 @@ impl Reconciler {
             MapWrite::SetRingSlots { vip_id, slots } => {
                 self.ring_rewritten(*vip_id);
                 let size = self.ring_size as usize;
-                let ring = self.rings.entry(*vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
+                let ring = self.rings.entry(*vip_id).or_insert_with(|| Arc::new(vec![lb_common::NO_BACKEND; size]));
+                let ring = Arc::make_mut(ring);
                 for (slot, _) in slots {
                     if let Some(recorded) = ring.get_mut(*slot as usize) {
                         *recorded = UNKNOWN_SLOT;
@@ -599,7 +602,7 @@ mod tests {
     }
 
     fn ring_of(r: &Reconciler, name: &str) -> Vec<u32> {
-        r.rings[&r.services[name].vip_id].clone()
+        r.rings[&r.services[name].vip_id].to_vec()
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Reconciler {
 
         let (ring, mut info) = self.scheduler_state(desired, service.vip_id, &members);
         let size = self.ring_size as usize;
-        let recorded = self.rings.entry(service.vip_id).or_insert_with(|| vec![lb_common::NO_BACKEND; size]);
+        let recorded = self.rings.entry(service.vip_id).or_insert_with(|| Arc::new(vec![lb_common::NO_BACKEND; size]));
         let slots: Vec<(u32, u32)> = ring
             .iter()
             .zip(recorded.iter())
@@ -99,7 +99,10 @@ impl Reconciler {
             .filter(|(_, (new, old))| new != old)
             .map(|(i, (new, _))| (i as u32, *new))
             .collect();
-        *recorded = ring;
+        if **recorded != ring {
+            // A new allocation: a scan may still hold the old record.
+            *recorded = Arc::new(ring);
+        }
         if !slots.is_empty() || !self.ring_generations.contains_key(&service.vip_id) {
             self.ring_rewritten(service.vip_id);
         }
