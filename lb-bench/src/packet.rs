@@ -23,7 +23,7 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
-use lb_common::{FlowKey, NatFlow, NatReply};
+use lb_common::{FlowKey, FlowState, NatFlow, NatReply};
 use xdplb::{
     config::{Forwarding, Protocol, Scheduler},
     dataplane::planner::Reconciler,
@@ -60,8 +60,10 @@ pub struct Fixture {
     /// Before its warm-up, xdplb's connection table is emptied and refilled
     /// with this many other flows pinned under the fixture's ring, as a
     /// busy node's table is (leftovers of fixtures with other rings would
-    /// stray from it); 0: left as it is. Every fixture's table is then
-    /// checked as the agent's scan checks it (`Programs::scan_rings`).
+    /// stray from it), and so are the baselines' (`BASELINE_FLOW_TABLES`):
+    /// the tables then have the same history, which decides where their entries lie in memory (see
+    /// `working_set_flow`); 0: left as they are. Every fixture's table is
+    /// then checked as the agent's scan checks it (`Programs::scan_rings`).
     pub steady_flows: u32,
 }
 
@@ -140,8 +142,11 @@ pub fn fixtures() -> Vec<Fixture> {
         list.extend([
             dsr("tcp_syn", |_| frames::tcp4(40000, frames::SYN), 1, Variant::Default),
             dsr("tcp_ack_established", |_| frames::tcp4(40001, frames::ACK), 1, Variant::Default),
-            // The throughput generator's working set: 60000 established flows in turn.
-            dsr("tcp_ack_60k_flows", |i| frames::tcp4_from(i % 60_000, frames::ACK), 60_000, Variant::Default),
+            // The throughput generator's working set: 60000 established flows.
+            Fixture {
+                steady_flows: lb_common::DEFAULT_CONNTRACK_SIZE,
+                ..dsr("tcp_ack_60k_flows", working_set_flow, WORKING_SET, Variant::Default)
+            },
             dsr("udp", |_| frames::udp4(40002), 1, Variant::Default),
             dsr("ipv6_tcp_syn", |_| frames::tcp6(40003, frames::SYN), 1, Variant::Default),
             dsr("ipv6_tcp_ack", |_| frames::tcp6(40004, frames::ACK), 1, Variant::Default),
@@ -234,7 +239,31 @@ pub fn fixtures() -> Vec<Fixture> {
     list
 }
 
-/// The first client of `Programs::steady_table`'s flows: above every
+/// Flows of the `tcp_ack_60k_flows` working set.
+const WORKING_SET: u32 = 60_000;
+
+/// Call `i` of `tcp_ack_60k_flows`: the warm-up (the first `WORKING_SET`
+/// calls) pins the flows in client order, and every later call visits them
+/// in another order, as real traffic does. Visited in the order they were
+/// pinned, the flows' entries lie in memory in the order they are read
+/// whenever the table hands out its elements in sequence (a fresh table,
+/// or one whose free list kept its order), and the prefetcher reads ahead:
+/// the same program read 200 ns on such a table and 400 on one whose free
+/// list a userspace emptying had shuffled, so the figure followed the
+/// table's history, not the program (with `steady_flows`, both tables
+/// now have one history).
+fn working_set_flow(i: u32) -> Vec<u8> {
+    frames::tcp4_from(working_set_client(i), frames::ACK)
+}
+
+/// The client of `working_set_flow(i)`.
+fn working_set_client(i: u32) -> u32 {
+    // 7919 is a prime that does not divide 60000: a permutation, whose
+    // neighbours lie 7919 flows apart.
+    if i < WORKING_SET { i } else { (i % WORKING_SET) * 7919 % WORKING_SET }
+}
+
+/// The first client of `Programs::steady_tables`'s flows: above every
 /// fixture's range of new five-tuples (`frames::tcp4_from`).
 const STEADY_FLOWS: u32 = 0x7ff0_0000;
 
@@ -276,6 +305,10 @@ fn applies(program: &str, fixture: &Fixture) -> bool {
         _ => true,
     }
 }
+
+/// The baselines with a connection table, and its map: warmed as xdplb's
+/// is, and given the same history (`Fixture::steady_flows`).
+const BASELINE_FLOW_TABLES: [(&str, &str); 2] = [("floor", "FLOOR_FLOWS"), ("swap_plus_flow_lookup", "ANATOMY_FLOWS")];
 
 /// Idle veths the programs are attached to (`xb0`..).
 const VETHS: usize = 17;
@@ -465,17 +498,25 @@ impl Programs {
         }
     }
 
-    /// A steady table for `fixture` (`Fixture::steady_flows`): emptied,
-    /// then refilled with flows pinned by their first packet (an ACK),
-    /// five-tuples far from any fixture's.
-    pub fn steady_table(&self, fixture: &Fixture) -> Result<()> {
+    /// Steady tables for `fixture` (`Fixture::steady_flows`), xdplb's and
+    /// the baselines' (`BASELINE_FLOW_TABLES`): emptied, then refilled with
+    /// flows pinned by their first packet (an ACK), five-tuples far from
+    /// any fixture's.
+    pub fn steady_tables(&mut self, fixture: &Fixture) -> Result<()> {
         let dataplane = self.dataplane(fixture);
         for name in [lb_common::map_names::CONNTRACK, lb_common::map_names::HALF_OPEN] {
             let map = aya::maps::Map::LruHashMap(dataplane.reopen(name)?);
-            empty::<_, lb_common::FlowState>(aya::maps::HashMap::try_from(map)?)?;
+            empty::<_, FlowState>(aya::maps::HashMap::try_from(map)?)?;
         }
-        let flows = (0..fixture.steady_flows).map(|i| frames::tcp4_from(STEADY_FLOWS + i, frames::ACK));
-        send(dataplane.program()?, flows)
+        for (_, table) in BASELINE_FLOW_TABLES {
+            let map = self.baselines.map_mut(table).with_context(|| format!("{table} missing from the baselines"))?;
+            empty::<_, FlowState>(aya::maps::HashMap::try_from(map)?)?;
+        }
+        for which in std::iter::once("xdplb").chain(BASELINE_FLOW_TABLES.map(|(program, _)| program)) {
+            let flows = (0..fixture.steady_flows).map(|i| frames::tcp4_from(STEADY_FLOWS + i, frames::ACK));
+            send(self.program(which, fixture)?, flows)?;
+        }
+        Ok(())
     }
 
     /// Empties the NAT floor's tables, as `clear_nat_tables` does xdplb's.
@@ -538,10 +579,11 @@ impl Programs {
         Ok(total.as_nanos() as f64 / iterations as f64)
     }
 
-    /// Sends the fixture's warm-up packets through xdplb and its floor, so
-    /// that both tables hold the same flows.
+    /// Sends the fixture's warm-up packets through xdplb and the baselines
+    /// with a connection table, so that their tables hold the same flows.
     pub fn warm_up(&self, fixture: &Fixture, offset: u32) -> Result<()> {
-        for which in ["xdplb", "floor"].into_iter().filter(|p| applies(p, fixture)) {
+        let programs = std::iter::once("xdplb").chain(BASELINE_FLOW_TABLES.map(|(program, _)| program));
+        for which in programs.filter(|p| applies(p, fixture)) {
             send(self.program(which, fixture)?, (0..fixture.warmup).map(|i| (fixture.frame)(offset.wrapping_add(i))))?;
         }
         Ok(())
@@ -640,8 +682,10 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool, chosen: &[String]) 
         }
     }
     if only_quick {
-        for f in fixtures.iter_mut().filter(|f| f.name != "tcp_ack_60k_flows") {
-            f.warmup = f.warmup.min(iterations * 4);
+        for f in &mut fixtures {
+            if f.name != "tcp_ack_60k_flows" {
+                f.warmup = f.warmup.min(iterations * 4);
+            }
             f.steady_flows = f.steady_flows.min(iterations * 4);
         }
     }
@@ -659,7 +703,7 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool, chosen: &[String]) 
                 (index as u32 * rounds as u32 + round as u32).wrapping_mul(per_round)
             };
             if fixture.steady_flows > 0 {
-                programs.steady_table(fixture)?;
+                programs.steady_tables(fixture)?;
             }
             programs.warm_up(fixture, offset)?;
             programs.scan_rings(fixture)?;
@@ -690,4 +734,22 @@ pub fn run(iterations: u32, rounds: usize, only_quick: bool, chosen: &[String]) 
         }
     }
     Ok(costs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_working_set_is_visited_out_of_its_pinning_order() {
+        let pinned: Vec<u32> = (0..WORKING_SET).map(working_set_client).collect();
+        assert_eq!(pinned, (0..WORKING_SET).collect::<Vec<_>>());
+        for round in 1..3 {
+            let visited: Vec<u32> = (0..WORKING_SET).map(|i| working_set_client(round * WORKING_SET + i)).collect();
+            let mut sorted = visited.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, pinned, "every flow once per round");
+            assert!(visited.windows(2).all(|w| w[0].abs_diff(w[1]) > 1000), "no neighbours in a row");
+        }
+    }
 }
