@@ -26,10 +26,12 @@ pub enum Prepared {
 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, packet: &Packet, selection: &Selection, backend: &Backend) -> u32 {
-    let prepared = match backend.forwarding {
-        forwarding::IPIP | forwarding::GUE => tunnel::encapsulate(ctx, packet, backend),
-        forwarding::NAT => nat::translate(ctx, packet, selection.backend_id, selection.untranslated, backend),
-        _ => dsr::rewrite(ctx, backend),
+    let prepared = if backend.forwarding == forwarding::DSR {
+        dsr::rewrite(ctx, backend)
+    } else if backend.forwarding == forwarding::NAT {
+        nat::translate(ctx, packet, selection.backend_id, selection.untranslated, backend)
+    } else {
+        tunnel::encapsulate(ctx, packet, backend)
     };
     match prepared {
         Prepared::ToBackend => transmit(ctx, backend),
