@@ -26,6 +26,8 @@ pub enum Prepared {
 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, packet: &Packet, selection: &Selection, backend: &Backend) -> u32 {
+    // DSR, the default, tested first. The agent writes only the four
+    // `forwarding` values, so what is neither DSR nor NAT is a tunnel.
     let prepared = if backend.forwarding == forwarding::DSR {
         dsr::rewrite(ctx, backend)
     } else if backend.forwarding == forwarding::NAT {
