@@ -61,9 +61,10 @@ pub struct Fixture {
     /// with this many other flows pinned under the fixture's ring, as a
     /// busy node's table is (leftovers of fixtures with other rings would
     /// stray from it), and so are the baselines' (`BASELINE_FLOW_TABLES`):
-    /// the tables then have the same history, which decides where their entries lie in memory (see
-    /// `working_set_flow`); 0: left as they are. Every fixture's table is
-    /// then checked as the agent's scan checks it (`Programs::scan_rings`).
+    /// the tables then have the same history, which decides where their
+    /// entries lie in memory (see `working_set_flow`); 0: left as they are.
+    /// Every fixture's table is then checked as the agent's scan checks it
+    /// (`Programs::scan_rings`).
     pub steady_flows: u32,
 }
 

@@ -63,9 +63,9 @@ fn service_of<'a, T>(key: &FlowKey, find: impl Fn(&VipKey) -> Option<&'a T>) -> 
 }
 
 /// The backend the ring gives `key`, as the data plane's scheduler picks it.
-pub fn ring_pick(scheduler: u32, ring: &[u32], key: &FlowKey) -> u32 {
-    let hash = if scheduler == scheduler::SOURCE_HASH { source_hash(&key.src) } else { flow_hash(key) };
-    ring.get((hash % ring.len().max(1) as u32) as usize).copied().unwrap_or(lb_common::NO_BACKEND)
+pub fn ring_pick(check: &RingCheck, key: &FlowKey) -> u32 {
+    let hash = if check.scheduler == scheduler::SOURCE_HASH { source_hash(&key.src) } else { flow_hash(key) };
+    check.ring.get((hash % check.ring.len().max(1) as u32) as usize).copied().unwrap_or(lb_common::NO_BACKEND)
 }
 
 /// The (VIP id, ring generation) of each checked service none of whose TCP
@@ -89,7 +89,7 @@ pub fn pins_following_ring<'a>(
             continue;
         }
         if let Some(check) = checks.of(key)
-            && ring_pick(check.scheduler, &check.ring, key) != state.backend_id
+            && ring_pick(check, key) != state.backend_id
         {
             strays.insert(check.vip_id);
         }
@@ -175,28 +175,22 @@ impl Reconciler {
     /// the next `plan` clears its flag, which must be written before the
     /// flows are. Whether any service lost it.
     pub fn admit_pins(&mut self, pins: &[(FlowKey, u32)]) -> bool {
-        let vips: HashMap<VipKey, (u32, u32)> = self
-            .services
-            .values()
-            .filter_map(|s| Some((s.key, (s.vip_id, s.info.filter(may_follow)?.scheduler))))
-            .collect();
-        let mut strays = HashSet::new();
+        // Cheap: the checks share the planner's rings.
+        let checks = self.ring_checks();
+        let mut lost = false;
         for (key, backend_id) in pins {
-            if let Some(&(vip_id, scheduler)) = service_of(key, |vip| vips.get(vip))
-                && self.pins_follow(vip_id)
-                && let Some(ring) = self.rings.get(&vip_id)
-                && ring_pick(scheduler, ring, key) != *backend_id
+            if let Some(check) = checks.of(key)
+                && self.pins_follow(check.vip_id)
+                && ring_pick(check, key) != *backend_id
             {
-                strays.insert(vip_id);
+                // A new generation, not just a forgotten verdict: a scan
+                // already running (which cannot see this flow) would
+                // otherwise set the flag again.
+                self.ring_rewritten(check.vip_id);
+                lost = true;
             }
         }
-        for vip_id in &strays {
-            // A new generation, not just a forgotten verdict: a scan
-            // already running (which cannot see this flow) would
-            // otherwise set the flag again.
-            self.ring_rewritten(*vip_id);
-        }
-        !strays.is_empty()
+        lost
     }
 }
 
@@ -250,7 +244,7 @@ mod tests {
     fn entry(checks: &RingChecks, vip: VipKey, sport: u16, stray: bool) -> (FlowKey, FlowState) {
         let key = flow(vip, sport);
         let check = checks.of(&key).unwrap();
-        let pick = ring_pick(check.scheduler, &check.ring, &key);
+        let pick = ring_pick(check, &key);
         pinned(key, if stray { pick % 7 + 1 } else { pick }, 0, NOW)
     }
 
@@ -320,7 +314,7 @@ mod tests {
         assert!(r.set_pins_follow(&[(check.vip_id, check.generation)]));
         r.plan(&[web(&[1, 2, 1])]);
         let key = flow(vip(80), 4242);
-        let pick = ring_pick(check.scheduler, &check.ring, &key);
+        let pick = ring_pick(&check, &key);
         assert!(!r.admit_pins(&[(key, pick)]));
         let elsewhere = *check.ring.iter().find(|id| **id != pick).expect("three backends");
         assert!(r.admit_pins(&[(key, pick), (key, elsewhere)]));
