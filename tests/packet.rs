@@ -1911,8 +1911,8 @@ fn established_nat_packets_take_their_translation_and_every_other_packet_the_ful
         assert!(!pinned(&w));
         assert!(w.flows().is_empty());
         assert!(w.half_open().is_empty());
-        // The handshake's ACK goes the full way: it pins the flow to its
-        // translation, and writes nothing else (no connection-table entry).
+        // The handshake's ACK pins the flow to its translation, and writes
+        // nothing else (no connection-table entry).
         assert_eq!(sent(w.run(&client(ACK))), (first, port));
         assert_eq!(w.counter(GlobalCounter::HalfOpenPromoted), 1);
         assert!(pinned(&w));

@@ -64,7 +64,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 
     // A NAT flow's established packets: its translation names the backend.
     if vip.flags & VIP_F_NAT != 0
-        && let Some(action) = forward::nat::established(&ctx, &packet, vip.id)
+        && let Some(action) = forward::nat::established(&ctx, &packet, &vip)
     {
         return action;
     }

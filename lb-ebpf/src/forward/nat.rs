@@ -22,7 +22,7 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FLOW_F_FINISHED, FlowKey, GlobalCounter,
     LAST_SEEN_REFRESH_NS, MAX_NAT_SOURCES, NAT_F_PRESERVE_CLIENT, NAT_FLOW_F_PINNED, NatFlow, NatPool, NatReply,
-    NatScratch, PROTO_TCP, PROTO_UDP, flow_hash, forwarding,
+    NatScratch, PROTO_TCP, PROTO_UDP, VipInfo, flow_hash, forwarding,
     nat::{NAT_PORT_ATTEMPTS, NatFlowPhase, address_words, attempts, candidate_port, replace, replace_udp, reply_key},
     wire::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
@@ -56,16 +56,18 @@ pub fn enabled() -> bool {
 
 /// Client → backend, an established packet: its translation (the flow's
 /// only record, see `select`) names the backend, so select is skipped.
-/// Only for a flow past its handshake (`NAT_FLOW_F_PINNED`) and not
-/// ending; `None` sends the packet the full way (select, then
-/// `translate`): a SYN, FIN or RST, a UDP flow idle past its timeout, a
-/// backend marked down (rescheduled there) or a slot gone.
+/// Also the client's ACK that ends the handshake: the SYN's translation is
+/// its record, and pinning it here spares select's two more lookups of it
+/// (a service with persistence goes the full way, to remember the client).
+/// `None` sends the packet the full way (select, then `translate`): a SYN,
+/// FIN or RST, a UDP flow idle past its timeout, a backend marked down
+/// (rescheduled there) or a slot gone.
 #[inline(always)]
-pub fn established(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<u32> {
+pub fn established(ctx: &XdpContext, packet: &Packet, vip: &VipInfo) -> Option<u32> {
     if packet.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return None;
     }
-    let action = forward_established(ctx, packet, vip_id);
+    let action = forward_established(ctx, packet, vip.id, vip.persistence_timeout_ns == 0);
     (action != FULL_WAY).then_some(action)
 }
 
@@ -74,24 +76,26 @@ const FULL_WAY: u32 = u32::MAX;
 
 /// A subprogram returning a scalar: the paths after it are verified once,
 /// not once per way through it.
-#[inline(never)]
-fn forward_established(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> u32 {
-    let Some(action) = established_action(ctx, packet, vip_id) else {
+#[inline(always)]
+fn forward_established(ctx: &XdpContext, packet: &Packet, vip_id: u32, may_promote: bool) -> u32 {
+    let Some(action) = established_action(ctx, packet, vip_id, may_promote) else {
         return FULL_WAY;
     };
     action
 }
 
 #[inline(always)]
-fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<u32> {
+fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32, may_promote: bool) -> Option<u32> {
     let entry = NAT_FLOWS.get_ptr_mut(&packet.flow)?;
     // SAFETY: a pointer to a live entry; plain words (a lost update of its
-    // timestamp by another CPU is harmless).
+    // timestamp or flags by another CPU is harmless: both write the same).
     let entry = unsafe { &mut *entry };
     let now = crate::clock::now_ns();
-    if entry.phase(now, packet.flow.proto, udp_idle_timeout_ns()) != NatFlowPhase::Live {
-        return None;
-    }
+    let handshake = match entry.phase(now, packet.flow.proto, udp_idle_timeout_ns()) {
+        NatFlowPhase::Live => false,
+        NatFlowPhase::Handshake { .. } if may_promote => true,
+        _ => return None,
+    };
     if now.saturating_sub(entry.last_seen_ns) > LAST_SEEN_REFRESH_NS {
         entry.last_seen_ns = now;
     }
@@ -102,7 +106,15 @@ fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32) -> Option<
     {
         return None;
     }
-    count(GlobalCounter::ConntrackHit);
+    if handshake {
+        // As select counts it: no pin found, the SYN's record promoted.
+        // (least_conn counted the flow at its SYN.)
+        entry.flags |= NAT_FLOW_F_PINNED;
+        count(GlobalCounter::ConntrackMiss);
+        count(GlobalCounter::HalfOpenPromoted);
+    } else {
+        count(GlobalCounter::ConntrackHit);
+    }
     count_traffic(vip_id, entry.backend_id, (ctx.data_end() - ctx.data()) as u64, false);
     let backend_port = if backend.port != 0 { backend.port } else { packet.flow.dport };
     if !rewrite(ctx, packet, &entry.nat_addr, entry.nat_port, &backend.addr, backend_port)
