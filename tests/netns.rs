@@ -23,7 +23,7 @@ mod http;
 
 use agent::{Agent, XDPLB};
 use http::{LongLived, body_of, get_new_connection, get_new_connection_from, get_new_connection_within};
-use lb_testkit::{TempDir, topology::Topology};
+use lb_testkit::{TempDir, topology::Topology, wait_until};
 use xdplb::control::{Admin, BackendStatus, Health, Status};
 
 const XDP_PASS_OBJ: &str = concat!(env!("OUT_DIR"), "/xdp-pass");
@@ -178,11 +178,9 @@ fn syns_skip_the_connection_table_while_every_flow_follows_the_ring() {
     let agent = Agent::start(&topology, &config_with_metrics(&config([1, 1, 1]), "127.0.0.1:9593"));
     let follows = || agent.status().services.iter().find(|s| s.name == "web").unwrap().pins_follow_ring;
     let until_follows = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !follows() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(200));
-        }
-        assert!(follows(), "{what}: no table scan found web's flows on its ring within 30 s");
+        wait_until(Duration::from_secs(30), Duration::from_millis(200), follows, || {
+            format!("{what}: no table scan found web's flows on its ring")
+        });
     };
     // Every connection went where the ring said: a table scan (every 5 s)
     // finds so, and the service's SYNs skip the connection table.
@@ -731,11 +729,12 @@ fn the_cli_manages_backends_and_services_of_a_running_agent() {
         "--backend",
         &format!("{}=2", BACKENDS6[2]),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.status().services[1].backends.iter().any(|b| !b.in_ring) {
-        assert!(Instant::now() < deadline, "web6 backends never entered the ring");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || agent.status().services[1].backends.iter().all(|b| b.in_ring),
+        || "web6 backends never entered the ring".into(),
+    );
     let counts = spread(&topology, VIP6, 60);
     assert!(counts.keys().all(|k| k == "b1" || k == "b3") && counts.len() == 2, "{counts:?}");
     cli_ok(&["service", "remove", "web6"]);
@@ -985,11 +984,12 @@ fn changed_map_sizes_or_another_layout_are_refused_with_a_clear_message() {
     agent.stop(); // the program and the pinned maps stay
     let refused = |config: &str, expected: &str| {
         let mut agent = Agent::spawn(&topology, config);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !agent.log_text().contains(expected) {
-            assert!(Instant::now() < deadline, "no {expected:?} in:\n{}", agent.log_text());
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            Duration::from_secs(15),
+            Duration::from_millis(50),
+            || agent.log_text().contains(expected),
+            || format!("no {expected:?} in:\n{}", agent.log_text()),
+        );
         let status = agent.child.take().unwrap().wait().unwrap();
         assert!(!status.success(), "the agent started anyway:\n{}", agent.log_text());
     };
@@ -1216,11 +1216,12 @@ fn a_refused_map_write_is_reported_counted_and_retried_while_the_data_plane_forw
 
     // The kernel accepts writes again: the next retry converges.
     agent.refuse_map_writes(false);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while agent.status().outstanding_map_write.is_some() {
-        assert!(Instant::now() < deadline, "the refused write was never applied");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || agent.status().outstanding_map_write.is_none(),
+        || "the refused write was never applied".into(),
+    );
     let counts = spread(&topology, VIP4, 60);
     assert_eq!(counts.get("b3"), None, "weight 0 is in the data plane now: {counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 60);
@@ -2006,10 +2007,13 @@ fn plain_backends(topology: &Topology) {
     in_netns(&topology.ns("client"), move || {
         let deadline = Instant::now() + Duration::from_secs(10);
         for target in targets {
-            while get_new_connection_within(target, Duration::from_millis(500)).is_err() {
-                assert!(Instant::now() < deadline, "backend server at {target} did not come up");
-                thread::sleep(Duration::from_millis(100));
-            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            wait_until(
+                remaining,
+                Duration::from_millis(100),
+                || get_new_connection_within(target, Duration::from_millis(500)).is_ok(),
+                || format!("backend server at {target} did not come up"),
+            );
         }
     });
 }
@@ -2213,11 +2217,12 @@ fn long_lived_connections_survive_their_service_switching_between_dsr_and_nat() 
     // Once the NAT connection has ended and lingered, its slot is freed and
     // the program leaves the interface its replies arrived on.
     drop(by_nat);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !agent.log_text().contains("no NAT backend behind it") {
-        assert!(Instant::now() < deadline, "the program stayed for NAT replies:\n{}", agent.log_text());
-        thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || agent.log_text().contains("no NAT backend behind it"),
+        || format!("the program stayed for NAT replies:\n{}", agent.log_text()),
+    );
     assert_eq!(by_dsr.get(), dsr_home);
     agent.stop();
 }
@@ -2314,11 +2319,12 @@ impl Etcd {
             .spawn()
             .expect("starting etcd");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self.ctl_status(&["endpoint", "health"]).0 {
-            assert!(Instant::now() < deadline, "etcd did not come up");
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(
+            Duration::from_secs(15),
+            Duration::from_millis(100),
+            || self.ctl_status(&["endpoint", "health"]).0,
+            || "etcd did not come up".into(),
+        );
     }
 
     fn kill(&mut self) {
@@ -2459,11 +2465,12 @@ fn backends_follow_etcd_registrations_heartbeats_and_deregistration() {
     let sidecars: Vec<Sidecar> = [("b1", BACKENDS4[0]), ("b2", BACKENDS4[1]), ("b3", BACKENDS4[2])]
         .map(|(n, a)| Sidecar::start(&topology, n, a, &[]))
         .into();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while etcd.keys().len() < 3 {
-        assert!(Instant::now() < deadline, "the sidecars did not register: {:?}", etcd.keys());
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || etcd.keys().len() >= 3,
+        || format!("the sidecars did not register: {:?}", etcd.keys()),
+    );
     let agent = Agent::start(&topology, &discovery_config("", ""));
     let backends = backends_of(&agent);
     assert_eq!(backends.values().filter(|o| *o == "etcd").count(), 3, "{backends:?}");
@@ -2608,11 +2615,12 @@ fn discovery_and_registration_work_over_tls_with_etcd_users() {
     let (ca, backend_password) = (file("ca.pem"), file("backend-password"));
     let args = ["--etcd", url, "--ca-file", &ca, "--username", "backend", "--password-file", &backend_password];
     let sidecar = Sidecar::start_with(&topology, "b1", BACKENDS4[0], &args);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while etcd.keys().is_empty() {
-        assert!(Instant::now() < deadline, "the sidecar did not register over TLS: {}", sidecar.log_text());
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || !etcd.keys().is_empty(),
+        || format!("the sidecar did not register over TLS: {}", sidecar.log_text()),
+    );
     let discovery = format!(
         "[discovery]\netcd = [\"{url}\"]\nca_file = \"{}\"\nusername = \"xdplb\"\npassword_file = \"{}\"\n",
         file("ca.pem"),
@@ -2635,11 +2643,12 @@ fn the_pool_survives_an_etcd_outage_and_the_agent_catches_up_when_it_returns() {
     let mut etcd = Etcd::start(&topology);
     let _sidecars: Vec<Sidecar> =
         [("b1", BACKENDS4[0]), ("b2", BACKENDS4[1])].map(|(n, a)| Sidecar::start(&topology, n, a, &[])).into();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while etcd.keys().len() < 2 {
-        assert!(Instant::now() < deadline, "the sidecars did not register");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || etcd.keys().len() >= 2,
+        || "the sidecars did not register".into(),
+    );
     let metrics = "127.0.0.1:9594";
     let static_b3 = format!("\n[[service.backend]]\naddress = \"{}\"\n", BACKENDS4[2]);
     let agent = Agent::start(&topology, &discovery_config(&format!("metrics_listen = \"{metrics}\"\n"), &static_b3));
@@ -2673,11 +2682,12 @@ fn the_pool_survives_an_etcd_outage_and_the_agent_catches_up_when_it_returns() {
     etcd.ctl(&["compact", &revision.to_string()]);
     let took = until_backends(&agent, "b4 after etcd returned", |b| b.contains_key("198.18.1.14"));
     eprintln!("measured: the agent caught up {took:?} after etcd returned");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.status().discovery.unwrap().up {
-        assert!(Instant::now() < deadline, "discovery never came back up");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || agent.status().discovery.unwrap().up,
+        || "discovery never came back up".into(),
+    );
     assert_eq!(metric(&scrape(&topology, metrics), "xdplb_discovery_up", "registry=\"etcd\""), 1.0);
     thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

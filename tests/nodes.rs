@@ -22,7 +22,7 @@ use std::{
 
 use agent::Agent;
 use http::{LongLived, get_new_connection_from, steady_stream_from};
-use lb_testkit::{TempDir, topology::Topology};
+use lb_testkit::{TempDir, topology::Topology, wait_until};
 use xdplb::announce::{Cause, NodeState};
 
 const XDP_PASS_OBJ: &str = concat!(env!("OUT_DIR"), "/xdp-pass");
@@ -454,11 +454,12 @@ fn connections_broken_by_a_kill_after_a_backend_change(sync: bool) -> (usize, us
         assert!(ok, "{out}{err}");
     }
     for agent in [&lb, &lb2] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !agent.backend("web", "198.18.1.14").in_ring {
-            assert!(Instant::now() < deadline, "the added backend never entered the ring");
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || agent.backend("web", "198.18.1.14").in_ring,
+            || "the added backend never entered the ring".into(),
+        );
     }
     if sync {
         let status = lb.status().sync.expect("status shows sync");

@@ -1,14 +1,20 @@
 //! What xdplb's tests (`tests/`) and benchmarks (`lb-bench`) share, written
 //! once: entering network namespaces, pinning to a CPU, building frames, a
 //! live-frames traffic generator, the harness topology's lifecycle, and
-//! reading `xdplb status` as typed data.
+//! reading `xdplb status` as typed data, waiting for a condition.
 
 pub mod frames;
 pub mod fuzz;
 pub mod generator;
 pub mod topology;
 
-use std::{fs::File, path::Path, process::Command, thread};
+use std::{
+    fs::File,
+    path::Path,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use xdplb::control::Status;
@@ -68,5 +74,53 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `done` every `every` until it holds; panics with `what()` once
+/// `within` has passed without it. The tests' bounded waits for an agent,
+/// a registry or a server.
+pub fn wait_until(within: Duration, every: Duration, mut done: impl FnMut() -> bool, what: impl FnOnce() -> String) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{} (waited {within:?})", what());
+        thread::sleep(every);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::Cell,
+        panic,
+        time::{Duration, Instant},
+    };
+
+    use super::wait_until;
+
+    #[test]
+    fn wait_until_returns_once_the_condition_holds() {
+        let calls = Cell::new(0);
+        wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            || {
+                calls.set(calls.get() + 1);
+                calls.get() == 3
+            },
+            String::new,
+        );
+        assert_eq!(calls.get(), 3);
+    }
+
+    #[test]
+    fn wait_until_fails_with_its_message_after_the_time_given() {
+        let started = Instant::now();
+        let failed = panic::catch_unwind(|| {
+            wait_until(Duration::from_millis(50), Duration::from_millis(5), || false, || "never".to_string())
+        });
+        let message = failed.unwrap_err().downcast::<String>().unwrap();
+        assert!(message.starts_with("never (waited 50ms)"), "{message}");
+        assert!(started.elapsed() >= Duration::from_millis(50));
     }
 }
