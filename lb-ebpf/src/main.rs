@@ -62,7 +62,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         return pass(GlobalCounter::PassNonVip);
     };
 
-    // A NAT flow's established packets: its translation names the backend.
+    // A NAT flow's established packets and handshake's last ACK: its translation names the backend.
     if vip.flags & VIP_F_NAT != 0
         && let Some(action) = forward::nat::established(&ctx, &packet, &vip)
     {

@@ -74,8 +74,10 @@ pub fn established(ctx: &XdpContext, packet: &Packet, vip: &VipInfo) -> Option<u
 /// `forward_established`'s "go the full way" (no XDP action).
 const FULL_WAY: u32 = u32::MAX;
 
-/// A subprogram returning a scalar: the paths after it are verified once,
-/// not once per way through it.
+/// One scalar for every way through it (`FULL_WAY` for none). It was a
+/// subprogram, to spare the verifier; inlined, the verifier's work is
+/// lower still (603,987 instructions against 606,220), and NAT's
+/// established packets are spared a call.
 #[inline(always)]
 fn forward_established(ctx: &XdpContext, packet: &Packet, vip_id: u32, may_promote: bool) -> u32 {
     let Some(action) = established_action(ctx, packet, vip_id, may_promote) else {
