@@ -77,7 +77,10 @@ const FULL_WAY: u32 = u32::MAX;
 /// One scalar for every way through it (`FULL_WAY` for none). It was a
 /// subprogram, to spare the verifier; inlined, the verifier's work is
 /// lower still (603,987 instructions against 606,220), and NAT's
-/// established packets are spared a call.
+/// established packets are spared a call. Not folded into `established`:
+/// returning the `Option` straight from `established_action` is simpler
+/// and verifies in fewer instructions (598,556), but compiled so that NAT's
+/// established and UDP packets took 8-12 ns more in A/B runs.
 #[inline(always)]
 fn forward_established(ctx: &XdpContext, packet: &Packet, vip_id: u32, may_promote: bool) -> u32 {
     let Some(action) = established_action(ctx, packet, vip_id, may_promote) else {
