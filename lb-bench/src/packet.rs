@@ -283,7 +283,7 @@ pub struct Programs {
     baselines: Ebpf,
 }
 
-pub const PROGRAMS: [&str; 10] = [
+pub const PROGRAMS: [&str; 12] = [
     "xdplb",
     "xdp_drop",
     "parse_macswap_tx",
@@ -294,6 +294,8 @@ pub const PROGRAMS: [&str; 10] = [
     "swap_plus_coarse_clock",
     "swap_plus_ns_clock",
     "swap_plus_jiffies",
+    "swap_plus_counters",
+    "backend_macs",
 ];
 
 /// Whether `program` is measured on `fixture`: the encapsulation baseline
@@ -301,8 +303,13 @@ pub const PROGRAMS: [&str; 10] = [
 fn applies(program: &str, fixture: &Fixture) -> bool {
     match program {
         "parse_encap_tx" => fixture.forwarding.is_tunnel(),
-        // What a clock read costs does not depend on the packet.
-        "swap_plus_coarse_clock" | "swap_plus_ns_clock" | "swap_plus_jiffies" => fixture.name == "tcp_ack_established",
+        // What a clock read, the counters or the backend's MACs cost does
+        // not depend on the packet.
+        "swap_plus_coarse_clock"
+        | "swap_plus_ns_clock"
+        | "swap_plus_jiffies"
+        | "swap_plus_counters"
+        | "backend_macs" => fixture.name == "tcp_ack_established",
         _ => true,
     }
 }
@@ -312,12 +319,12 @@ fn applies(program: &str, fixture: &Fixture) -> bool {
 const BASELINE_FLOW_TABLES: [(&str, &str); 2] = [("floor", "FLOOR_FLOWS"), ("swap_plus_flow_lookup", "ANATOMY_FLOWS")];
 
 /// Idle veths the programs are attached to (`xb0`..).
-const VETHS: usize = 17;
+const VETHS: usize = 19;
 
 impl Programs {
     /// Must run on a thread that has its own network namespace.
     pub fn new() -> Result<Self> {
-        // One idle veth per program: xb0..xb16, each with its peer xbNp.
+        // One idle veth per program: xb0..xb18, each with its peer xbNp.
         let ip = |args: &[&str]| -> Result<()> {
             let status = Command::new("ip").args(args).status().context("ip")?;
             if !status.success() {
@@ -374,6 +381,8 @@ impl Programs {
             ("bench_clock_jiffies", "xb14"),
             ("bench_floor_nat", "xb15"),
             ("bench_floor_nat_reply", "xb16"),
+            ("bench_counters", "xb17"),
+            ("bench_backend_macs", "xb18"),
         ] {
             let program: &mut Xdp = baselines.program_mut(name).context("baseline")?.try_into()?;
             program.load()?;
@@ -543,6 +552,8 @@ impl Programs {
             "swap_plus_coarse_clock" => self.baselines.program("bench_clock_coarse").context("clock")?.try_into()?,
             "swap_plus_ns_clock" => self.baselines.program("bench_clock_ns").context("clock")?.try_into()?,
             "swap_plus_jiffies" => self.baselines.program("bench_clock_jiffies").context("clock")?.try_into()?,
+            "swap_plus_counters" => self.baselines.program("bench_counters").context("counters")?.try_into()?,
+            "backend_macs" => self.baselines.program("bench_backend_macs").context("backend")?.try_into()?,
             "floor" => {
                 let name = match (fixture.forwarding, fixture.nat) {
                     (Forwarding::Ipip, _) => "bench_floor_ipip",

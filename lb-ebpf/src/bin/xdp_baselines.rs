@@ -41,8 +41,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_GUE_PORT, DEFAULT_NAT_TABLE_SIZE, DEFAULT_RING_SIZE,
-    FAMILY_IPV4, FLOW_TABLE_FLAGS, FlowKey, FlowState, MAX_VIPS, NatFlow, NatReply, NatScratch, SLOTS_PER_ELEMENT,
-    VipInfo, VipKey, flow_hash, forwarding, nat::reply_key,
+    FAMILY_IPV4, FLOW_TABLE_FLAGS, FlowKey, FlowState, GLOBAL_COUNTER_SLOTS, GlobalCounter, MAX_BACKENDS, MAX_VIPS,
+    NatFlow, NatReply, NatScratch, SLOTS_PER_ELEMENT, TrafficCounters, VipInfo, VipKey, flow_hash, forwarding,
+    nat::reply_key,
 };
 use lb_ebpf::{encap, parse, rewrite};
 use network_types::eth::EthHdr;
@@ -151,6 +152,69 @@ pub fn bench_clock_ns(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_clock_jiffies(ctx: XdpContext) -> u32 {
     clock_and_tx(&ctx, || unsafe { bpf_jiffies64() })
+}
+
+/// xdplb's per-packet counters, same shapes and sizes (`GLOBAL_COUNTERS`,
+/// `VIP_COUNTERS`, `BACKEND_COUNTERS`).
+#[map]
+static ANATOMY_GLOBAL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_COUNTER_SLOTS, 0);
+#[map]
+static ANATOMY_VIP_COUNTERS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+static ANATOMY_BACKEND_COUNTERS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Parse, then the five counter updates of an established DSR packet in
+/// xdplb (connection-table hit, forwarded by DSR, XDP_TX, the VIP's and
+/// the backend's packets and bytes), then swap: what xdplb's counting
+/// costs.
+#[xdp]
+pub fn bench_counters(ctx: XdpContext) -> u32 {
+    if !matches!(parse::parse(&ctx), parse::Parsed::Packet(_)) {
+        return xdp_action::XDP_PASS;
+    }
+    for counter in [GlobalCounter::ConntrackHit, GlobalCounter::ForwardedDsr, GlobalCounter::ActionTx] {
+        if let Some(value) = ANATOMY_GLOBAL_COUNTERS.get_ptr_mut(counter as u32) {
+            // SAFETY: a per-CPU slot: no other CPU writes it.
+            unsafe { *value += 1 };
+        }
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if let Some(vip) = ANATOMY_VIP_COUNTERS.get_ptr_mut(1) {
+        // SAFETY: a per-CPU slot: no other CPU writes it (also below).
+        unsafe { count_packet(&mut *vip, bytes) };
+    }
+    if let Some(backend) = ANATOMY_BACKEND_COUNTERS.get_ptr_mut(1) {
+        unsafe { count_packet(&mut *backend, bytes) };
+    }
+    swap_and_tx(&ctx)
+}
+
+#[inline(always)]
+fn count_packet(traffic: &mut TrafficCounters, bytes: u64) {
+    traffic.packets += 1;
+    traffic.bytes += bytes;
+}
+
+/// xdplb's backend slots, same shape and size (`BACKENDS`).
+#[map]
+static ANATOMY_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Parse, then the frame's MACs from a backend slot (an array lookup, as
+/// xdplb's `BACKENDS`) instead of a swap: what reading the backend costs.
+#[xdp]
+pub fn bench_backend_macs(ctx: XdpContext) -> u32 {
+    if !matches!(parse::parse(&ctx), parse::Parsed::Packet(_)) {
+        return xdp_action::XDP_PASS;
+    }
+    let start = ctx.data();
+    let Some(backend) = ANATOMY_BACKENDS.get(1) else { return xdp_action::XDP_PASS };
+    if start + EthHdr::LEN > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the Ethernet header was bounds-checked against data_end just
+    // above; the addresses are in a map value.
+    unsafe { lb_ebpf::eth::set_addresses(start, &backend.dst_mac, &backend.src_mac) };
+    xdp_action::XDP_TX
 }
 
 #[xdp]
