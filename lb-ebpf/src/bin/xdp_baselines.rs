@@ -165,13 +165,13 @@ static ANATOMY_BACKEND_COUNTERS: PerCpuArray<TrafficCounters> = PerCpuArray::wit
 
 /// Parse, then the five counter updates of an established DSR packet in
 /// xdplb (connection-table hit, forwarded by DSR, XDP_TX, the VIP's and
-/// the backend's packets and bytes), then swap: what xdplb's counting
-/// costs.
+/// the backend's packets, bytes and new flows), then swap: what xdplb's
+/// counting costs.
 #[xdp]
 pub fn bench_counters(ctx: XdpContext) -> u32 {
-    if !matches!(parse::parse(&ctx), parse::Parsed::Packet(_)) {
-        return xdp_action::XDP_PASS;
-    }
+    let parse::Parsed::Packet(packet) = parse::parse(&ctx) else { return xdp_action::XDP_PASS };
+    // As xdplb's: a runtime flag (false for an established packet).
+    let new_flow = packet.tcp_flags & parse::TCP_SYN != 0;
     for counter in [GlobalCounter::ConntrackHit, GlobalCounter::ForwardedDsr, GlobalCounter::ActionTx] {
         if let Some(value) = ANATOMY_GLOBAL_COUNTERS.get_ptr_mut(counter as u32) {
             // SAFETY: a per-CPU slot: no other CPU writes it.
@@ -181,18 +181,19 @@ pub fn bench_counters(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     if let Some(vip) = ANATOMY_VIP_COUNTERS.get_ptr_mut(1) {
         // SAFETY: a per-CPU slot: no other CPU writes it (also below).
-        unsafe { count_packet(&mut *vip, bytes) };
+        unsafe { count_packet(&mut *vip, bytes, new_flow) };
     }
     if let Some(backend) = ANATOMY_BACKEND_COUNTERS.get_ptr_mut(1) {
-        unsafe { count_packet(&mut *backend, bytes) };
+        unsafe { count_packet(&mut *backend, bytes, new_flow) };
     }
     swap_and_tx(&ctx)
 }
 
 #[inline(always)]
-fn count_packet(traffic: &mut TrafficCounters, bytes: u64) {
+fn count_packet(traffic: &mut TrafficCounters, bytes: u64, new_flow: bool) {
     traffic.packets += 1;
     traffic.bytes += bytes;
+    traffic.new_flows += new_flow as u64;
 }
 
 /// xdplb's backend slots, same shape and size (`BACKENDS`).
