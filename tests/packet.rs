@@ -1670,24 +1670,42 @@ fn a_nat_flow_to_another_backend_port_or_source_never_shares_a_translation() {
             vec![w.nat_backend("198.18.1.11", 11)],
             "40000-40001",
         )]);
-        let mut seen = Vec::new();
-        for client_port in [1000u16, 1001] {
-            let (action, out) = w.run(&tcp("198.18.0.2", client_port, VIP4, 80, SYN).checksummed());
-            assert_eq!(action, XDP_TX);
-            seen.push(source_port(&out));
+        // The first port a new flow tries is drawn at random: in 16 rounds
+        // the second flow finds it taken (its translation then names the
+        // port it reserved instead) all but surely.
+        for round in 0..16u64 {
+            w.dataplane.clear_nat_tables().unwrap();
+            let mut seen = Vec::new();
+            for client_port in [1000u16, 1001] {
+                let (action, out) = w.run(&tcp("198.18.0.2", client_port, VIP4, 80, SYN).checksummed());
+                assert_eq!(action, XDP_TX);
+                seen.push(source_port(&out));
+            }
+            let mut ports = seen.clone();
+            ports.sort();
+            assert_eq!(ports, [40000, 40001], "round {round}: both ports, each once");
+            // Each translation names the port its reply entry holds.
+            let (flows, replies) = w.dataplane.nat_tables().unwrap();
+            for (_, flow) in &flows {
+                assert!(
+                    replies.iter().any(|(key, _)| key.dport == flow.nat_port),
+                    "round {round}: a translation names a port no reply entry holds"
+                );
+            }
+            // The pool is exhausted: the next new flow is dropped and counted,
+            // never mis-translated, and leaves no entry behind.
+            let (action, _) = w.run(&tcp("198.18.0.3", 1000, VIP4, 80, SYN).checksummed());
+            assert_eq!(action, XDP_DROP);
+            assert_eq!(w.counter(GlobalCounter::DropNatPortExhausted), round + 1);
+            assert_eq!(w.dataplane.nat_exhausted(0).unwrap(), round + 1);
+            assert_eq!(w.nat_entries(), (2, 2));
+            // Established flows go on, each with its own port.
+            for (client_port, port) in [1000u16, 1001].into_iter().zip(&seen) {
+                let (action, out) = w.run(&tcp("198.18.0.2", client_port, VIP4, 80, PSH_ACK).checksummed());
+                assert_eq!(action, XDP_TX);
+                assert_eq!(source_port(&out), *port, "round {round}");
+            }
         }
-        seen.sort();
-        assert_eq!(seen, [40000, 40001], "both ports, each once");
-        // The pool is exhausted: the next new flow is dropped and counted, never mis-translated.
-        let (action, _) = w.run(&tcp("198.18.0.3", 1000, VIP4, 80, SYN).checksummed());
-        assert_eq!(action, XDP_DROP);
-        assert_eq!(w.counter(GlobalCounter::DropNatPortExhausted), 1);
-        assert_eq!(w.dataplane.nat_exhausted(0).unwrap(), 1);
-        assert_eq!(w.nat_entries(), (2, 2));
-        // Established flows go on.
-        let (action, out) = w.run(&tcp("198.18.0.2", 1001, VIP4, 80, PSH_ACK).checksummed());
-        assert_eq!(action, XDP_TX);
-        assert!(seen.contains(&source_port(&out)));
     });
 }
 
@@ -1989,6 +2007,7 @@ fn a_nat_handshake_is_recorded_by_its_translation_alone() {
         // The first SYN again (retransmitted): its backend and source port.
         assert_eq!(sent(w.run(&client(1000, SYN))), first);
         assert_eq!(w.counter(GlobalCounter::SynRetransmit), 1);
+        assert_eq!(w.counter(GlobalCounter::SynScheduled), 2, "a retransmission counted as scheduled");
         // The handshake's ACK: the SYN's backend, pinned by the translation
         // alone (NAT flows never enter the connection table, so no flood
         // can evict them from it).
@@ -2007,6 +2026,7 @@ fn a_nat_handshake_is_recorded_by_its_translation_alone() {
         assert_eq!(new_flows(&w), 2);
         assert_eq!(sent(w.run(&client(1000, SYN))), first);
         assert_eq!(w.counter(GlobalCounter::SynToEstablished), 1);
+        assert_eq!(w.counter(GlobalCounter::SynScheduled), 2);
         assert_eq!(sent(w.run(&client(1000, FIN_ACK))), first);
         assert_eq!(sent(w.run(&client(1000, ACK))), first, "a last ACK left the ended flow's backend");
         assert_eq!(new_flows(&w), 2, "the flow was scheduled afresh");

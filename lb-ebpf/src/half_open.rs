@@ -10,9 +10,9 @@
 //! hashing again (unless the ring changes within that round trip).
 //!
 //! A NAT service's flows are not recorded here: the translation its SYN
-//! gets (`NAT_FLOWS`, written by `forward::nat::translate`) already names
-//! the backend, so it is the half-open record (`nat_record`), and a
-//! second insert per SYN would only cost time.
+//! gets (`NAT_FLOWS`, made by `select::claim_nat_syn`) already names the
+//! backend, so it is the half-open record (`nat_record`), and a second
+//! insert per SYN would only cost time.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{

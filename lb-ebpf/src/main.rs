@@ -69,7 +69,12 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         return action;
     }
 
-    let selected = select::select_for(&packet, &vip);
+    let mut selected = select::select_for(&packet, &vip);
+    // A NAT service's new SYN: select picked its backend; its translation
+    // is made here, out of select's stack.
+    if select::unclaimed(selected) {
+        selected = select::claim_nat_syn(&packet, &vip, selected);
+    }
     let selection = select::unpack(selected);
     let (backend_id, new_flow) = (selection.backend_id, selection.new_flow);
     let backend = match BACKENDS.get(backend_id) {

@@ -45,6 +45,7 @@ use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::{
     affinity, clock,
     counters::count,
+    forward::nat::{self, NewTranslation, Translation},
     half_open::{self, Recorded},
     maps::{BACKENDS, CONNTRACK, FLOW_EVENTS, NAT_FLOWS, sync_flows, udp_idle_timeout_ns},
     schedule,
@@ -53,26 +54,26 @@ use crate::{
 pub struct Selection {
     pub backend_id: u32,
     pub new_flow: bool,
-    /// A NAT flow that select found without a translation: `translate`
-    /// need not look for one.
-    pub untranslated: bool,
+    /// What select knows of a NAT flow's translation.
+    pub translation: Translation,
 }
 
 impl Selection {
     /// A flow that keeps `backend_id`.
     #[inline(always)]
     fn kept(backend_id: u32) -> Self {
-        Selection { backend_id, new_flow: false, untranslated: false }
+        Selection { backend_id, new_flow: false, translation: Translation::Unknown }
     }
 }
 
 /// `select_backend` packed into one scalar: the backend id in the low 32
-/// bits, the new-flow flag in bit 32, the untranslated flag in bit 33;
+/// bits, the new-flow flag in bit 32, the translation in bits 33-35;
 /// `NOTHING_SELECTED` when there is no usable backend.
 pub type Packed = u64;
 pub const NOTHING_SELECTED: Packed = u64::MAX;
 const NEW_FLOW_BIT: Packed = 1 << 32;
-const UNTRANSLATED_BIT: Packed = 1 << 33;
+const TRANSLATION_SHIFT: u32 = 33;
+const TRANSLATION_MASK: Packed = 7;
 
 /// Where a packet's backend comes from. An established packet of a
 /// service whose flows the connection table pins finds it there, inline:
@@ -118,7 +119,7 @@ fn select(packet: &Packet, vip: &VipInfo, now: u64, found: Found) -> Packed {
         Some(s) => {
             s.backend_id as Packed
                 | if s.new_flow { NEW_FLOW_BIT } else { 0 }
-                | if s.untranslated { UNTRANSLATED_BIT } else { 0 }
+                | (s.translation as Packed) << TRANSLATION_SHIFT
         }
         None => NOTHING_SELECTED,
     }
@@ -130,7 +131,13 @@ pub fn unpack(packed: Packed) -> Selection {
     Selection {
         backend_id: packed as u32,
         new_flow: packed & NEW_FLOW_BIT != 0,
-        untranslated: packed & UNTRANSLATED_BIT != 0,
+        translation: match (packed >> TRANSLATION_SHIFT) & TRANSLATION_MASK {
+            0 => Translation::Unknown,
+            1 => Translation::Missing,
+            2 => Translation::Made,
+            3 => Translation::Refused,
+            _ => Translation::Unclaimed,
+        },
     }
 }
 
@@ -193,10 +200,10 @@ fn select_backend(packet: &Packet, vip: &VipInfo, now: u64, found: Found) -> Opt
             schedule::account(backend_id, 1);
         }
     }
-    // `untranslated` stays false, though find_flow may have found no
-    // translation: one more state through the schedulers would cost the
-    // verifier as much as all of them.
-    Some(Selection { backend_id, new_flow, untranslated: false })
+    // The translation stays `Unknown`, though find_flow may have found
+    // none: one more state through the schedulers would cost the verifier
+    // as much as all of them.
+    Some(Selection { backend_id, new_flow, translation: Translation::Unknown })
 }
 
 /// What `find_flow` found, packed into one scalar: a backend id in the low
@@ -292,23 +299,11 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
     if flooded {
         count(GlobalCounter::SynFlood);
     }
-    let mut untranslated = false;
     if vip.flags & VIP_F_NAT != 0 {
-        // The translation `translate` makes (or keeps) is the record.
-        match half_open::nat_record(packet, now) {
-            None => untranslated = true,
-            Some((first, NatFlowPhase::Handshake { young: true })) if serves_vip(first, vip) => {
-                count(GlobalCounter::SynRetransmit);
-                return Some(Selection::kept(first));
-            }
-            // A live flow keeps its backend (as in the connection table above).
-            Some((first, NatFlowPhase::Live)) if serves_vip(first, vip) => {
-                count(GlobalCounter::SynToEstablished);
-                return Some(Selection::kept(first));
-            }
-            _ => {}
-        }
-    } else if !(flooded && half_open::stateless_scheduler(vip))
+        // Its record is its translation: see `claim_nat_syn`.
+        return Some(Selection { backend_id, new_flow: true, translation: Translation::Unclaimed });
+    }
+    if !(flooded && half_open::stateless_scheduler(vip))
         && let Recorded::Retransmission(first) = half_open::record(packet, backend_id, now, serves)
     {
         count(GlobalCounter::SynRetransmit);
@@ -321,7 +316,55 @@ fn syn(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool) -> Option<Sel
         }
         schedule::account(backend_id, 1);
     }
-    Some(Selection { backend_id, new_flow: true, untranslated })
+    Some(Selection { backend_id, new_flow: true, translation: Translation::Unknown })
+}
+
+/// A NAT service's SYN, whose backend select picked (`Unclaimed`): its
+/// translation, which is its record, made now unless the five-tuple has one
+/// (a retransmitted SYN, a live flow's, one that ended: looked at only
+/// then, see `new_translation`), and the SYN counted as select counts
+/// others. Outside select, on the main path: `new_translation` is a
+/// subprogram, and called from select the stack of three frames would pass
+/// the verifier's 512 bytes.
+#[inline(always)]
+pub fn claim_nat_syn(packet: &Packet, vip: &VipInfo, picked: Packed) -> Packed {
+    let backend_id = picked as u32;
+    let Some(backend) = usable_backend(backend_id) else {
+        return NOTHING_SELECTED;
+    };
+    let now = clock::now_ns();
+    // SAFETY: `usable_backend` returns a pointer into the BACKENDS array.
+    let translation = match nat::new_translation(packet, backend_id, unsafe { &*backend }, now) {
+        NewTranslation::Made => Translation::Made,
+        NewTranslation::Refused => Translation::Refused,
+        NewTranslation::Exists => match half_open::nat_record(packet, now) {
+            // Gone since: `translate` makes one.
+            None => Translation::Missing,
+            Some((first, NatFlowPhase::Handshake { young: true })) if serves_vip(first, vip) => {
+                count(GlobalCounter::SynRetransmit);
+                return first as Packed;
+            }
+            // A live flow keeps its backend (as in the connection table, see `syn`).
+            Some((first, NatFlowPhase::Live)) if serves_vip(first, vip) => {
+                count(GlobalCounter::SynToEstablished);
+                return first as Packed;
+            }
+            // `translate` keeps the translation if it names this backend,
+            // else replaces it.
+            _ => Translation::Unknown,
+        },
+    };
+    count(GlobalCounter::SynScheduled);
+    if vip.scheduler == scheduler::LEAST_CONN {
+        schedule::account(backend_id, 1);
+    }
+    backend_id as Packed | NEW_FLOW_BIT | (translation as Packed) << TRANSLATION_SHIFT
+}
+
+/// Whether a selection is a NAT SYN's that `claim_nat_syn` must complete.
+#[inline(always)]
+pub fn unclaimed(packed: Packed) -> bool {
+    packed != NOTHING_SELECTED && (packed >> TRANSLATION_SHIFT) & TRANSLATION_MASK == Translation::Unclaimed as Packed
 }
 
 /// Pins a flow to `backend_id` in the connection table (`finished`: the

@@ -31,7 +31,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, selection: &Selection, backend
     let prepared = if backend.forwarding == forwarding::DSR {
         dsr::rewrite(ctx, backend)
     } else if backend.forwarding == forwarding::NAT {
-        nat::translate(ctx, packet, selection.backend_id, selection.untranslated, backend)
+        nat::translate(ctx, packet, selection.backend_id, selection.translation, backend)
     } else {
         tunnel::encapsulate(ctx, packet, backend)
     };

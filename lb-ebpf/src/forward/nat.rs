@@ -131,64 +131,57 @@ fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32, may_promot
     Some(super::transmit(ctx, backend))
 }
 
+/// What select knows of a NAT flow's translation when `translate` runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Translation {
+    /// Not looked for: `translate` looks for it.
+    Unknown = 0,
+    /// Looked for in vain: `translate` makes one.
+    Missing = 1,
+    /// Made for this SYN by `new_translation` (select's `syn`), and in the
+    /// CPU's scratch slot.
+    Made = 2,
+    /// `new_translation` could make none (counted): the packet is dropped.
+    Refused = 3,
+    /// A SYN whose backend select picked, before `claim_nat_syn`.
+    Unclaimed = 4,
+}
+
 /// Client → backend, the full way: after select (the flow's record, the
-/// scheduler), which may have found the flow `untranslated` (then its
-/// translation is not looked for again). A subprogram: verified apart from
-/// the scheduler paths.
+/// scheduler), which may have looked for the flow's translation already
+/// (`translation`). A subprogram: verified apart from the scheduler paths.
 #[inline(never)]
 pub fn translate(
     ctx: &XdpContext,
     packet: &Packet,
     backend_id: u32,
-    untranslated: bool,
+    translation: Translation,
     backend: &Backend,
 ) -> Prepared {
-    let (Some(pool), Some(scratch)) = (NAT_POOLS.get(backend.vip_id), NAT_SCRATCH.get_ptr_mut(0)) else {
+    let Some(scratch) = NAT_SCRATCH.get_ptr_mut(0) else {
         return Prepared::Drop;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this packet.
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this
+    // packet (a translation `new_translation` made for it waits there).
     let scratch = unsafe { &mut *scratch };
-    let now = crate::clock::now_ns();
-    let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    // Any packet but a SYN pins the flow to its translation's backend (a
-    // SYN's translation is only its half-open record): its next packets
-    // take the translation alone (`established`), and a flow that ends
-    // with this packet keeps its backend for its last ACKs.
-    let pinned = if packet.tcp_flags & TCP_SYN == 0 { NAT_FLOW_F_PINNED } else { 0 };
-    let finished = if finishing { FLOW_F_FINISHED } else { 0 };
-    let entry = if untranslated { None } else { NAT_FLOWS.get_ptr_mut(&packet.flow) };
+    let entry = match translation {
+        Translation::Made => None,
+        Translation::Refused | Translation::Unclaimed => return Prepared::Drop,
+        Translation::Missing => Some(None),
+        Translation::Unknown => Some(NAT_FLOWS.get_ptr_mut(&packet.flow)),
+    };
     match entry {
+        None => {}
         // SAFETY: a pointer to a live entry; plain words, written whole.
-        Some(entry) if unsafe { (*entry).backend_id } == backend_id => unsafe {
+        Some(Some(entry)) if unsafe { (*entry).backend_id } == backend_id => unsafe {
             // Not `scratch.flow = *entry`: see `copy_address`.
             core::ptr::copy_nonoverlapping(entry, &mut scratch.flow, 1);
-            if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && scratch.flow.flags & FLOW_F_FINISHED != 0 {
-                // The client opens a new connection on the five-tuple of one
-                // that ended: it keeps the translation, which lives again.
-                restart(entry, packet, backend, now, scratch);
-            } else if now.wrapping_sub(scratch.flow.last_seen_ns) > LAST_SEEN_REFRESH_NS
-                || (finishing && scratch.flow.flags & FLOW_F_FINISHED == 0)
-            {
-                (*entry).last_seen_ns = now;
-                if finishing {
-                    (*entry).flags |= FLOW_F_FINISHED;
-                }
-            }
-            if pinned != 0 && scratch.flow.flags & NAT_FLOW_F_PINNED == 0 {
-                (*entry).flags |= NAT_FLOW_F_PINNED;
-            }
+            keep(entry, packet, backend, scratch);
         },
         // New, or rescheduled to another backend: a new translation (the old
         // reply entry is left to the agent, which removes orphans).
-        _ => {
-            if let Err(refused) = allocate(&packet.flow, backend_id, backend, pool, now, pinned | finished, scratch) {
-                count(refused);
-                if refused == GlobalCounter::DropNatPortExhausted
-                    && let Some(exhausted) = NAT_EXHAUSTED.get_ptr_mut(backend.vip_id)
-                {
-                    // SAFETY: a per-CPU slot: no other CPU writes it.
-                    unsafe { *exhausted += 1 };
-                }
+        Some(_) => {
+            if allocate(packet, backend_id, backend, crate::clock::now_ns(), false, scratch) != NewTranslation::Made {
                 return Prepared::Drop;
             }
         }
@@ -202,6 +195,49 @@ pub fn translate(
     }
     count(GlobalCounter::ForwardedNat);
     Prepared::ToBackend
+}
+
+/// A packet that keeps its flow's translation (`scratch.flow`, a copy of
+/// `entry`): its marks and timestamp.
+///
+/// # Safety
+/// `entry` points to a live `NAT_FLOWS` entry.
+#[inline(always)]
+unsafe fn keep(entry: *mut NatFlow, packet: &Packet, backend: &Backend, scratch: &mut NatScratch) {
+    let now = crate::clock::now_ns();
+    let finishing = packet.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // SAFETY (whole body): the caller's pointer to a live entry; plain words.
+    unsafe {
+        if packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && scratch.flow.flags & FLOW_F_FINISHED != 0 {
+            // The client opens a new connection on the five-tuple of one
+            // that ended: it keeps the translation, which lives again.
+            restart(entry, packet, backend, now, scratch);
+        } else if now.wrapping_sub(scratch.flow.last_seen_ns) > LAST_SEEN_REFRESH_NS
+            || (finishing && scratch.flow.flags & FLOW_F_FINISHED == 0)
+        {
+            (*entry).last_seen_ns = now;
+            if finishing {
+                (*entry).flags |= FLOW_F_FINISHED;
+            }
+        }
+        // Any packet but a SYN pins the flow to its translation's backend
+        // (see `flow_flags`).
+        if packet.tcp_flags & TCP_SYN == 0 && scratch.flow.flags & NAT_FLOW_F_PINNED == 0 {
+            (*entry).flags |= NAT_FLOW_F_PINNED;
+        }
+    }
+}
+
+/// A new translation's marks. Any packet but a SYN pins the flow to its
+/// translation's backend (a SYN's translation is only its half-open
+/// record): its next packets take the translation alone (`established`),
+/// and a flow that ends with this packet keeps its backend for its last
+/// ACKs.
+#[inline(always)]
+fn flow_flags(packet: &Packet) -> u32 {
+    let pinned = if packet.tcp_flags & TCP_SYN == 0 { NAT_FLOW_F_PINNED } else { 0 };
+    let finished = if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 { FLOW_F_FINISHED } else { 0 };
+    pinned | finished
 }
 
 /// Clears the "finished" marks of a translation whose five-tuple a new
@@ -221,21 +257,85 @@ fn restart(entry: *mut NatFlow, packet: &Packet, backend: &Backend, now: u64, sc
     }
 }
 
-/// A new translation into `scratch.flow`: the reply entry first (its insert
-/// is what reserves the source port), then the flow's.
+/// What making a new translation did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NewTranslation {
+    /// Made, into `NAT_FLOWS`, `NAT_REPLIES` and the CPU's scratch slot.
+    Made,
+    /// Only if none was asked for, and the five-tuple has a translation:
+    /// nothing done.
+    Exists,
+    /// No source port or no room (counted): nothing done.
+    Refused,
+}
+
+/// A new flow's SYN (`select::claim_nat_syn`): its translation, unless the
+/// five-tuple has one (`Exists`). The insert that makes it is also the look
+/// for an earlier one (`allocate`), which spares the SYN of a new flow a
+/// lookup in that table: 40-60 ns of its 650-700 here. A subprogram
+/// returning a scalar.
+#[inline(never)]
+pub fn new_translation(packet: &Packet, backend_id: u32, backend: &Backend, now: u64) -> NewTranslation {
+    let Some(scratch) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return NewTranslation::Refused;
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this packet.
+    allocate(packet, backend_id, backend, now, true, unsafe { &mut *scratch })
+}
+
+/// A new translation for the packet's flow to `backend`, in the CPU's
+/// scratch slot (`scratch.flow`) and both tables. The flow's entry goes in
+/// first: with `only_if_none` (`BPF_NOEXIST`) its insert is also the look
+/// for an earlier translation of the five-tuple; otherwise it replaces one.
+/// Then the reply entry, whose insert is what reserves the source port (the
+/// flow's entry is corrected when the first port tried is taken). Inlined
+/// in `translate`: a call to `new_translation` from there would take the
+/// stack of three frames past the verifier's 512 bytes.
 #[inline(always)]
 fn allocate(
-    flow: &FlowKey,
+    packet: &Packet,
     backend_id: u32,
     backend: &Backend,
-    pool: &NatPool,
     now: u64,
-    flags: u32,
+    only_if_none: bool,
     scratch: &mut NatScratch,
-) -> Result<(), GlobalCounter> {
+) -> NewTranslation {
+    let Some(pool) = NAT_POOLS.get(backend.vip_id) else {
+        return NewTranslation::Refused;
+    };
+    let flow = &packet.flow;
     let backend_port = if backend.port != 0 { backend.port } else { flow.dport };
     // DNAT's key (the client's own address and port); SNAT replaces both.
     scratch.key = reply_key(flow, backend.addr, backend_port, flow.src, flow.sport);
+    let preserve_client = pool.flags & NAT_F_PRESERVE_CLIENT != 0;
+    // SAFETY: a helper without arguments or preconditions.
+    let start = if preserve_client { 0 } else { unsafe { bpf_get_prandom_u32() } };
+    if !preserve_client {
+        let source = if pool.source_count == 0 {
+            &backend.tunnel_src
+        } else {
+            let index = (flow_hash(flow) % pool.source_count) as usize & (MAX_NAT_SOURCES - 1);
+            &pool.sources[index]
+        };
+        copy_address(&mut scratch.key.dst, source);
+        scratch.key.dport =
+            candidate_port(start, 0, pool.port_low, pool.port_count, pool.skip_from, pool.skip_len).to_be();
+    }
+    scratch.flow = NatFlow {
+        nat_addr: scratch.key.dst,
+        nat_port: scratch.key.dport,
+        _pad: 0,
+        backend_id,
+        flags: flow_flags(packet),
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    let insert_flags = if only_if_none { BPF_NOEXIST as u64 } else { 0 };
+    match NAT_FLOWS.insert(flow, &scratch.flow, insert_flags) {
+        Ok(()) => {}
+        Err(err) if err == -EEXIST => return NewTranslation::Exists,
+        Err(_) => return refused(GlobalCounter::DropNatTableFull, backend.vip_id),
+    }
     scratch.reply = NatReply {
         client: flow.src,
         vip: flow.dst,
@@ -246,66 +346,76 @@ fn allocate(
         flags: 0,
         last_seen_ns: now,
     };
-    if pool.flags & NAT_F_PRESERVE_CLIENT != 0 {
-        // DNAT: the reply carries the client's own address and port.
-        if let Err(err) = NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64) {
-            if err != -EEXIST {
-                return Err(GlobalCounter::DropNatTableFull);
-            }
-            // SAFETY: a hash lookup whose value outlives this run; only read.
-            let owner = unsafe { NAT_REPLIES.get(&scratch.key) };
-            // This flow's own entry (an earlier translation) is taken over;
-            // another VIP's flow from the same client port is not.
-            if !owner.is_some_and(|o| o.vip == flow.dst && o.vip_port == flow.dport) {
-                return Err(GlobalCounter::DropNatPortExhausted);
-            }
-            let _ = NAT_REPLIES.insert(&scratch.key, &scratch.reply, 0);
+    let reserved =
+        if preserve_client { reserve_client_port(flow, scratch) } else { reserve_port(pool, start, scratch) };
+    if let Err(refusal) = reserved {
+        let _ = NAT_FLOWS.remove(flow);
+        return refused(refusal, backend.vip_id);
+    }
+    if scratch.key.dport != scratch.flow.nat_port {
+        // The first port tried was taken: the flow's entry names the one reserved.
+        scratch.flow.nat_port = scratch.key.dport;
+        if NAT_FLOWS.insert(flow, &scratch.flow, 0).is_err() {
+            let _ = NAT_REPLIES.remove(&scratch.key);
+            let _ = NAT_FLOWS.remove(flow);
+            return refused(GlobalCounter::DropNatTableFull, backend.vip_id);
         }
-    } else {
-        let source = if pool.source_count == 0 {
-            &backend.tunnel_src
-        } else {
-            let index = (flow_hash(flow) % pool.source_count) as usize & (MAX_NAT_SOURCES - 1);
-            &pool.sources[index]
-        };
-        copy_address(&mut scratch.key.dst, source);
-        // SAFETY: a helper without arguments or preconditions.
-        let start = unsafe { bpf_get_prandom_u32() };
-        let tries = attempts(pool.port_count);
-        let mut found = false;
-        for attempt in 0..NAT_PORT_ATTEMPTS {
-            if attempt >= tries {
-                break;
-            }
-            let port = candidate_port(start, attempt, pool.port_low, pool.port_count, pool.skip_from, pool.skip_len);
-            scratch.key.dport = port.to_be();
-            match NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64) {
-                Ok(()) => {
-                    found = true;
-                    break;
-                }
-                Err(err) if err == -EEXIST => {}
-                Err(_) => return Err(GlobalCounter::DropNatTableFull),
-            }
+    }
+    NewTranslation::Made
+}
+
+/// DNAT: the reply carries the client's own address and port, so the
+/// reply entry's key (`scratch.key`) is fixed.
+#[inline(always)]
+fn reserve_client_port(flow: &FlowKey, scratch: &mut NatScratch) -> Result<(), GlobalCounter> {
+    if let Err(err) = NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64) {
+        if err != -EEXIST {
+            return Err(GlobalCounter::DropNatTableFull);
         }
-        if !found {
+        // SAFETY: a hash lookup whose value outlives this run; only read.
+        let owner = unsafe { NAT_REPLIES.get(&scratch.key) };
+        // This flow's own entry (an earlier translation) is taken over;
+        // another VIP's flow from the same client port is not.
+        if !owner.is_some_and(|o| o.vip == flow.dst && o.vip_port == flow.dport) {
             return Err(GlobalCounter::DropNatPortExhausted);
         }
-    }
-    scratch.flow = NatFlow {
-        nat_addr: scratch.key.dst,
-        nat_port: scratch.key.dport,
-        _pad: 0,
-        backend_id,
-        flags,
-        _pad2: 0,
-        last_seen_ns: now,
-    };
-    if NAT_FLOWS.insert(flow, &scratch.flow, 0).is_err() {
-        let _ = NAT_REPLIES.remove(&scratch.key);
-        return Err(GlobalCounter::DropNatTableFull);
+        let _ = NAT_REPLIES.insert(&scratch.key, &scratch.reply, 0);
     }
     Ok(())
+}
+
+/// SNAT: the first free port of the candidates (`candidate_port`) from
+/// `start`, reserved by inserting the reply entry under it
+/// (`scratch.key.dport`).
+#[inline(always)]
+fn reserve_port(pool: &NatPool, start: u32, scratch: &mut NatScratch) -> Result<(), GlobalCounter> {
+    let tries = attempts(pool.port_count);
+    for attempt in 0..NAT_PORT_ATTEMPTS {
+        if attempt >= tries {
+            break;
+        }
+        let port = candidate_port(start, attempt, pool.port_low, pool.port_count, pool.skip_from, pool.skip_len);
+        scratch.key.dport = port.to_be();
+        match NAT_REPLIES.insert(&scratch.key, &scratch.reply, BPF_NOEXIST as u64) {
+            Ok(()) => return Ok(()),
+            Err(err) if err == -EEXIST => {}
+            Err(_) => return Err(GlobalCounter::DropNatTableFull),
+        }
+    }
+    Err(GlobalCounter::DropNatPortExhausted)
+}
+
+/// Counts a translation refused; `Refused`.
+#[inline(always)]
+fn refused(refusal: GlobalCounter, vip_id: u32) -> NewTranslation {
+    count(refusal);
+    if refusal == GlobalCounter::DropNatPortExhausted
+        && let Some(exhausted) = NAT_EXHAUSTED.get_ptr_mut(vip_id)
+    {
+        // SAFETY: a per-CPU slot: no other CPU writes it.
+        unsafe { *exhausted += 1 };
+    }
+    NewTranslation::Refused
 }
 
 /// Backend → client: `None` when the packet is no NAT reply.
