@@ -138,8 +138,8 @@ pub enum Translation {
     Unknown = 0,
     /// Looked for in vain: `translate` makes one.
     Missing = 1,
-    /// Made for this SYN by `new_translation` (select's `syn`), and in the
-    /// CPU's scratch slot.
+    /// Made for this SYN by `new_translation` (`select::claim_nat_syn`),
+    /// and in the CPU's scratch slot.
     Made = 2,
     /// `new_translation` could make none (counted): the packet is dropped.
     Refused = 3,
@@ -286,9 +286,11 @@ pub fn new_translation(packet: &Packet, backend_id: u32, backend: &Backend, now:
 /// A new translation for the packet's flow to `backend`, in the CPU's
 /// scratch slot (`scratch.flow`) and both tables. The flow's entry goes in
 /// first: with `only_if_none` (`BPF_NOEXIST`) its insert is also the look
-/// for an earlier translation of the five-tuple; otherwise it replaces one.
-/// Then the reply entry, whose insert is what reserves the source port (the
-/// flow's entry is corrected when the first port tried is taken). Inlined
+/// for an earlier translation of the five-tuple; otherwise it replaces one
+/// (which is gone, too, if no port is then found: the flow's next packet is
+/// scheduled afresh). Then the reply entry, whose insert is what reserves
+/// the source port (the flow's entry is corrected when the first port tried
+/// is taken). Inlined
 /// in `translate`: a call to `new_translation` from there would take the
 /// stack of three frames past the verifier's 512 bytes.
 #[inline(always)]
