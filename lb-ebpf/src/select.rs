@@ -132,11 +132,10 @@ pub fn unpack(packed: Packed) -> Selection {
         backend_id: packed as u32,
         new_flow: packed & NEW_FLOW_BIT != 0,
         translation: match (packed >> TRANSLATION_SHIFT) & TRANSLATION_MASK {
-            0 => Translation::Unknown,
-            1 => Translation::Missing,
-            2 => Translation::Made,
-            3 => Translation::Refused,
-            _ => Translation::Unclaimed,
+            1 => Translation::Made,
+            2 => Translation::Refused,
+            4 => Translation::Unclaimed,
+            _ => Translation::Unknown,
         },
     }
 }
@@ -338,8 +337,6 @@ pub fn claim_nat_syn(packet: &Packet, vip: &VipInfo, picked: Packed) -> Packed {
         NewTranslation::Made => Translation::Made,
         NewTranslation::Refused => Translation::Refused,
         NewTranslation::Exists => match half_open::nat_record(packet, now) {
-            // Gone since: `translate` makes one.
-            None => Translation::Missing,
             Some((first, NatFlowPhase::Handshake { young: true })) if serves_vip(first, vip) => {
                 count(GlobalCounter::SynRetransmit);
                 return first as Packed;
@@ -350,7 +347,7 @@ pub fn claim_nat_syn(packet: &Packet, vip: &VipInfo, picked: Packed) -> Packed {
                 return first as Packed;
             }
             // `translate` keeps the translation if it names this backend,
-            // else replaces it.
+            // else replaces it (or makes one, if it is gone since).
             _ => Translation::Unknown,
         },
     };
@@ -362,10 +359,13 @@ pub fn claim_nat_syn(packet: &Packet, vip: &VipInfo, picked: Packed) -> Packed {
 }
 
 /// Whether a selection is a NAT SYN's that `claim_nat_syn` must complete.
+/// Every selected packet asks, so one test: `NOTHING_SELECTED`'s field
+/// reads 7, never `Unclaimed`.
 #[inline(always)]
 pub fn unclaimed(packed: Packed) -> bool {
-    packed != NOTHING_SELECTED && (packed >> TRANSLATION_SHIFT) & TRANSLATION_MASK == Translation::Unclaimed as Packed
+    (packed >> TRANSLATION_SHIFT) & TRANSLATION_MASK == Translation::Unclaimed as Packed
 }
+const _: () = assert!((NOTHING_SELECTED >> TRANSLATION_SHIFT) & TRANSLATION_MASK != Translation::Unclaimed as Packed);
 
 /// Pins a flow to `backend_id` in the connection table (`finished`: the
 /// client is already ending it).

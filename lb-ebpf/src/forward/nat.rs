@@ -132,17 +132,17 @@ fn established_action(ctx: &XdpContext, packet: &Packet, vip_id: u32, may_promot
 }
 
 /// What select knows of a NAT flow's translation when `translate` runs.
+/// (Values for a 3-bit field of the packed selection; `Unclaimed` is the
+/// one value that `NOTHING_SELECTED`, all ones, cannot be read as.)
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Translation {
-    /// Not looked for: `translate` looks for it.
+    /// Not looked for: `translate` looks for it (and keeps it, or makes one).
     Unknown = 0,
-    /// Looked for in vain: `translate` makes one.
-    Missing = 1,
     /// Made for this SYN by `new_translation` (`select::claim_nat_syn`),
     /// and in the CPU's scratch slot.
-    Made = 2,
+    Made = 1,
     /// `new_translation` could make none (counted): the packet is dropped.
-    Refused = 3,
+    Refused = 2,
     /// A SYN whose backend select picked, before `claim_nat_syn`.
     Unclaimed = 4,
 }
@@ -164,27 +164,25 @@ pub fn translate(
     // SAFETY: this CPU's scratch slot; nothing else uses it during this
     // packet (a translation `new_translation` made for it waits there).
     let scratch = unsafe { &mut *scratch };
-    let entry = match translation {
-        Translation::Made => None,
+    match translation {
+        Translation::Made => {}
         Translation::Refused | Translation::Unclaimed => return Prepared::Drop,
-        Translation::Missing => Some(None),
-        Translation::Unknown => Some(NAT_FLOWS.get_ptr_mut(&packet.flow)),
-    };
-    match entry {
-        None => {}
-        // SAFETY: a pointer to a live entry; plain words, written whole.
-        Some(Some(entry)) if unsafe { (*entry).backend_id } == backend_id => unsafe {
-            // Not `scratch.flow = *entry`: see `copy_address`.
-            core::ptr::copy_nonoverlapping(entry, &mut scratch.flow, 1);
-            keep(entry, packet, backend, scratch);
-        },
-        // New, or rescheduled to another backend: a new translation (the old
-        // reply entry is left to the agent, which removes orphans).
-        Some(_) => {
-            if allocate(packet, backend_id, backend, crate::clock::now_ns(), false, scratch) != NewTranslation::Made {
-                return Prepared::Drop;
+        Translation::Unknown => match NAT_FLOWS.get_ptr_mut(&packet.flow) {
+            // SAFETY: a pointer to a live entry; plain words, written whole.
+            Some(entry) if unsafe { (*entry).backend_id } == backend_id => unsafe {
+                // Not `scratch.flow = *entry`: see `copy_address`.
+                core::ptr::copy_nonoverlapping(entry, &mut scratch.flow, 1);
+                keep(entry, packet, backend, scratch);
+            },
+            // New, or rescheduled to another backend: a new translation (the
+            // old reply entry is left to the agent, which removes orphans).
+            _ => {
+                if allocate(packet, backend_id, backend, crate::clock::now_ns(), false, scratch) != NewTranslation::Made
+                {
+                    return Prepared::Drop;
+                }
             }
-        }
+        },
     }
     let backend_port = if backend.port != 0 { backend.port } else { packet.flow.dport };
     if !rewrite(ctx, packet, &scratch.flow.nat_addr, scratch.flow.nat_port, &backend.addr, backend_port) {
