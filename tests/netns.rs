@@ -1396,6 +1396,17 @@ fn scheduler_least_conn_sends_new_connections_away_from_a_loaded_backend() {
     assert!(counts.get("b2").unwrap_or(&0) >= &15 && counts.get("b3").unwrap_or(&0) >= &15, "{counts:?}");
     let (_, table, _) = agent.cli(&["status"]);
     assert!(table.contains("(lc 20)"), "{table}");
+    // A restarted agent swaps in a new program, whose candidate map it
+    // writes before the swap: new connections still find a backend, and
+    // still avoid the loaded one.
+    agent.stop();
+    let agent = Agent::start(&topology, &scheduler_config("least_conn", "", &[(0, 1), (1, 1), (2, 1)]));
+    assert!(agent.log_text().contains("adopting the pinned state"), "{}", agent.log_text());
+    let counts = spread(&topology, VIP4, 30);
+    assert!(!counts.contains_key("b1"), "after a restart, new connections reached the loaded backend: {counts:?}");
+    for c in &mut held {
+        assert_eq!(c.get(), "b1");
+    }
     drop(held);
     agent.stop();
 }

@@ -817,6 +817,13 @@ fn least_conn_picks_the_backend_with_fewest_active_flows_per_weight() {
         w.run(&tcp("198.18.0.3", 32000, VIP4, 80, RST).bytes());
         let before = w.dataplane.least_conn_counts(&ids).unwrap();
         assert_eq!(before.values().map(|c| c.0).sum::<u64>(), 5 + 20 + 10 + 1 - 1);
+        // Drained (weight 0), 11 takes no new flow though it has the fewest.
+        w.set(&[scheduled(&w, Scheduler::LeastConn, 0, &[(11, 0), (12, 2), (13, 1)])]);
+        let picks: Vec<u8> = (0..6).map(|p| syn_to(&w, "198.18.0.5", 35000 + p)).collect();
+        assert!(!picks.contains(&11), "{picks:?}");
+        // Its weight back: it is the least loaded again.
+        w.set(&[scheduled(&w, Scheduler::LeastConn, 0, &[(11, 1), (12, 2), (13, 1)])]);
+        assert_eq!(syn_to(&w, "198.18.0.5", 35100), 11);
     });
 }
 

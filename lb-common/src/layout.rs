@@ -142,6 +142,28 @@ pub struct FlowEvent {
     pub _pad: u32,
 }
 
+/// Value of `LEAST_CONN_CANDIDATES`: a least_conn VIP's candidates (the
+/// first `VipInfo::seq_len`), their backend ids and weights side by side.
+/// A new flow's scan reads them in four cache lines, where reading each
+/// candidate's ring slot and `BACKENDS` entry took two lookups and a cache
+/// line per candidate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeastConnCandidates {
+    pub ids: [u16; crate::MAX_LEAST_CONN_CANDIDATES as usize],
+    /// 0: takes no new flows.
+    pub weights: [u16; crate::MAX_LEAST_CONN_CANDIDATES as usize],
+}
+
+impl Default for LeastConnCandidates {
+    fn default() -> Self {
+        LeastConnCandidates {
+            ids: [0; crate::MAX_LEAST_CONN_CANDIDATES as usize],
+            weights: [0; crate::MAX_LEAST_CONN_CANDIDATES as usize],
+        }
+    }
+}
+
 /// Value of `CLOCK`: one CPU's last reading of the coarse clock and the
 /// jiffies it was taken at.
 #[repr(C)]

@@ -37,6 +37,7 @@ mod pod {
     unsafe impl aya::Pod for NatScratch {}
     unsafe impl aya::Pod for ClockReading {}
     unsafe impl aya::Pod for SynRate {}
+    unsafe impl aya::Pod for LeastConnCandidates {}
 }
 
 #[cfg(test)]
@@ -58,6 +59,7 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 48);
         assert_eq!(size_of::<SynRate>(), 16);
         assert_eq!(size_of::<ClockReading>(), 16);
+        assert_eq!(size_of::<LeastConnCandidates>(), 4 * MAX_LEAST_CONN_CANDIDATES as usize);
         assert_eq!(size_of::<TrafficCounters>(), 24);
         assert_eq!(size_of::<DevmapValue>(), 8);
         assert_eq!(size_of::<NatPool>(), 16 * MAX_NAT_SOURCES + 20);

@@ -104,6 +104,11 @@ macro_rules! for_each_map {
             /// and changed with atomic adds (only on new and finished flows).
             ACTIVE_FLOWS: Array<u32, u64>,
                 Fixed($crate::MAX_BACKENDS), $crate::BPF_F_NO_FLAGS, pinned;
+            /// Per least_conn VIP (VIP id): its candidates and their weights, in
+            /// one value (the ring's first `seq_len` slots name the same ids).
+            /// Not pinned: every agent writes it before its program attaches.
+            LEAST_CONN_CANDIDATES: Array<u32, $crate::LeastConnCandidates>,
+                Fixed($crate::MAX_VIPS), $crate::BPF_F_NO_FLAGS, private;
             /// Written by the agent only: its connection-table scan's count minus
             /// `ACTIVE_FLOWS` (which cannot see LRU evictions or idle expiry).
             ACTIVE_CORRECTION: Array<u32, i64>,

@@ -4,16 +4,13 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{
-    BACKEND_F_IN_USE, MAX_LEAST_CONN_CANDIDATES, NO_BACKEND, SLOTS_PER_ELEMENT, VipInfo, flow_hash, scheduler,
-    source_hash,
-};
+use lb_common::{MAX_LEAST_CONN_CANDIDATES, NO_BACKEND, SLOTS_PER_ELEMENT, VipInfo, flow_hash, scheduler, source_hash};
 
 use lb_ebpf::parse::Packet;
 
 use crate::{
     affinity,
-    maps::{ACTIVE_CORRECTION, ACTIVE_FLOWS, BACKENDS, CURSORS, RING_SLOTS, ring_size},
+    maps::{ACTIVE_CORRECTION, ACTIVE_FLOWS, CURSORS, LEAST_CONN_CANDIDATES, RING_SLOTS, ring_size},
 };
 
 /// The backend for a new flow of `vip`, client affinity first; `remember`:
@@ -108,36 +105,34 @@ fn sequence(vip: &VipInfo) -> Option<u32> {
 /// fresh random salt per scan: each tied candidate is as likely to win, so
 /// they never all go to one backend. (A counting reservoir would do the
 /// same but makes the verifier track every tie count: too many states.)
+/// The candidates and weights come from one value (`LEAST_CONN_CANDIDATES`):
+/// reading each one's ring slot and `BACKENDS` entry cost a new flow 40 ns
+/// more at 32 backends. (The ring's first slots name the same candidates,
+/// for a program of an older release while an upgrade swaps it out.)
 #[inline(always)]
 fn least_conn(vip: &VipInfo) -> Option<u32> {
-    let base = vip.id.wrapping_mul(ring_size());
+    let candidates = LEAST_CONN_CANDIDATES.get(vip.id)?;
     // SAFETY: a helper without arguments or preconditions.
     let salt = unsafe { bpf_get_prandom_u32() };
-    let mut best: Option<(u32, u64, u64, u32)> = None; // (id, active, weight, tie key)
-    for i in 0..MAX_LEAST_CONN_CANDIDATES {
-        if i >= vip.seq_len {
+    // The best so far; plain words, not an Option (whose unset fields the
+    // compiler spills unread, which the verifier refuses).
+    let (mut best_id, mut best_active, mut best_weight, mut best_key) = (NO_BACKEND, 0u64, 0u64, 0u32);
+    for i in 0..MAX_LEAST_CONN_CANDIDATES as usize {
+        if i as u32 >= vip.seq_len {
             break;
         }
-        let Some(id) = slot(base.wrapping_add(i)) else { break };
-        let Some(backend) = BACKENDS.get(id) else { continue };
-        if backend.flags & BACKEND_F_IN_USE == 0 || backend.weight == 0 {
-            continue;
-        }
-        let weight = backend.weight as u64;
+        // The agent writes backends in use with a weight only (no test
+        // here: a branch more per candidate costs the verifier its limit);
+        // `select` checks the pick.
+        let (id, weight) = (u32::from(candidates.ids[i]), u64::from(candidates.weights[i]));
         let active = active_flows(id);
         let key = (id ^ salt).wrapping_mul(0x9e37_79b1).rotate_left(13);
-        let take = match best {
-            None => true,
-            Some((_, best_active, best_weight, best_key)) => {
-                let (this, other) = (active * best_weight, best_active * weight);
-                this < other || (this == other && key < best_key)
-            }
-        };
-        if take {
-            best = Some((id, active, weight, key));
+        let (this, other) = (active * best_weight, best_active * weight);
+        if best_id == NO_BACKEND || this < other || (this == other && key < best_key) {
+            (best_id, best_active, best_weight, best_key) = (id, active, weight, key);
         }
     }
-    best.map(|(id, ..)| id)
+    (best_id != NO_BACKEND).then_some(best_id)
 }
 
 #[inline(always)]

@@ -8,7 +8,10 @@ use std::fmt;
 
 use anyhow::Result;
 use aya::maps::{Array, DevMapHash, HashMap, MapData};
-use lb_common::{Backend, FlowKey, FlowState, NatFlow, NatPool, NatReply, VipAddressKey, VipInfo, VipKey, map_names};
+use lb_common::{
+    Backend, FlowKey, FlowState, LeastConnCandidates, NatFlow, NatPool, NatReply, VipAddressKey, VipInfo, VipKey,
+    map_names,
+};
 
 use super::{Dataplane, planner::MapWrite};
 
@@ -190,6 +193,11 @@ impl Dataplane {
                 let mut map: Array<&mut MapData, NatPool> = self.map_mut(map_names::NAT_POOLS)?;
                 map.set(*vip_id, pool, 0)?;
             }
+            MapWrite::SetLeastConnCandidates { vip_id, candidates } => {
+                let mut map: Array<&mut MapData, LeastConnCandidates> =
+                    self.map_mut(map_names::LEAST_CONN_CANDIDATES)?;
+                map.set(*vip_id, candidates, 0)?;
+            }
             MapWrite::SetNatServices { count } => {
                 let mut map: Array<&mut MapData, u32> = self.map_mut(map_names::NAT_SERVICES)?;
                 map.set(0, count, 0)?;
@@ -269,6 +277,9 @@ pub fn describe(write: &MapWrite) -> String {
         MapWrite::SetActiveCorrection { id, .. } => format!("{} set id {id}", map_names::ACTIVE_CORRECTION),
         MapWrite::SetWildcardVips { count } => format!("{} set count {count}", map_names::WILDCARD_VIPS),
         MapWrite::SetNatPool { vip_id, .. } => format!("{} set VIP id {vip_id}", map_names::NAT_POOLS),
+        MapWrite::SetLeastConnCandidates { vip_id, .. } => {
+            format!("{} set VIP id {vip_id}", map_names::LEAST_CONN_CANDIDATES)
+        }
         MapWrite::SetNatServices { count } => format!("{} set count {count}", map_names::NAT_SERVICES),
         MapWrite::RemoveNatFlow { key } => format!("{} remove {}", map_names::NAT_FLOWS, flow(key)),
         MapWrite::RemoveNatReply { key } => format!("{} remove {}", map_names::NAT_REPLIES, flow(key)),
@@ -357,6 +368,7 @@ mod tests {
                 MapWrite::SetActiveCorrection { .. } => {}
                 MapWrite::SetWildcardVips { count } => self.wildcards = *count,
                 MapWrite::SetNatPool { .. }
+                | MapWrite::SetLeastConnCandidates { .. }
                 | MapWrite::SetNatServices { .. }
                 | MapWrite::RemoveNatFlow { .. }
                 | MapWrite::RemoveNatReply { .. }

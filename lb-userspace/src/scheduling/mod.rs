@@ -5,7 +5,10 @@
 
 pub mod maglev;
 
-use lb_common::{EWMA_ALPHA, LATENCY_DAMPING as DAMPING, LATENCY_DEAD_BAND as DEAD_BAND, LATENCY_FLOOR_MS, MAX_WEIGHT};
+use lb_common::{
+    EWMA_ALPHA, LATENCY_DAMPING as DAMPING, LATENCY_DEAD_BAND as DEAD_BAND, LATENCY_FLOOR_MS, LeastConnCandidates,
+    MAX_WEIGHT,
+};
 
 /// Smooth weighted round robin (nginx's algorithm): every step each backend
 /// gains its weight, the richest is picked and pays the total. Each backend
@@ -55,6 +58,18 @@ pub fn least_conn_candidates(backends: &[(u32, u64, u32)]) -> Vec<u32> {
     let mut members: Vec<_> = backends.iter().filter(|(_, _, w)| *w > 0).collect();
     members.sort_by_key(|(id, identity, _)| (*identity, *id));
     members.into_iter().map(|(id, _, _)| *id).collect()
+}
+
+/// The `LEAST_CONN_CANDIDATES` entry of a least_conn service: its first
+/// `MAX_LEAST_CONN_CANDIDATES` candidates (`least_conn_candidates`), each
+/// with its weight (capped at `u16::MAX`, as `BACKENDS` holds it).
+pub fn least_conn_block(candidates: &[u32], weight: impl Fn(u32) -> u32) -> LeastConnCandidates {
+    let mut block = LeastConnCandidates::default();
+    for (i, id) in candidates.iter().take(block.ids.len()).enumerate() {
+        block.ids[i] = u16::try_from(*id).unwrap_or(0);
+        block.weights[i] = if block.ids[i] == 0 { 0 } else { weight(*id).min(u16::MAX as u32) as u16 };
+    }
+    block
 }
 
 pub fn identity(address: std::net::IpAddr) -> u64 {
@@ -189,6 +204,18 @@ mod tests {
         let mut m = members(&[1, 0, 3]);
         m.reverse();
         assert_eq!(least_conn_candidates(&m), [1, 3]);
+    }
+
+    #[test]
+    fn the_least_conn_block_pairs_each_candidate_with_its_weight() {
+        let block = least_conn_block(&[7, 3, 9], |id| if id == 9 { 70_000 } else { id * 10 });
+        assert_eq!(block.ids[..4], [7, 3, 9, 0]);
+        // Capped as `BACKENDS` holds weights.
+        assert_eq!(block.weights[..4], [70, 30, u16::MAX, 0]);
+        let many: Vec<u32> = (1..=40).collect();
+        let block = least_conn_block(&many, |_| 1);
+        assert_eq!(block.ids.len(), lb_common::MAX_LEAST_CONN_CANDIDATES as usize);
+        assert_eq!((block.ids[31], block.weights[31]), (32, 1));
     }
 
     #[test]

@@ -27,8 +27,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_ELIGIBLE, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
-    NAT_F_PRESERVE_CLIENT, NatPool, VipAddressKey, VipInfo, VipKey, forwarding::NAT,
+    BACKEND_F_DOWN, BACKEND_F_ELIGIBLE, BACKEND_F_IN_USE, Backend, FAMILY_IPV4, FAMILY_IPV6, LeastConnCandidates,
+    MAX_BACKENDS, NAT_F_PRESERVE_CLIENT, NatPool, VipAddressKey, VipInfo, VipKey, forwarding::NAT,
 };
 
 use crate::{
@@ -102,6 +102,12 @@ pub enum MapWrite {
         vip_id: u32,
         pool: NatPool,
     },
+    /// A least_conn service's candidates and weights
+    /// (`LEAST_CONN_CANDIDATES`), written with its ring.
+    SetLeastConnCandidates {
+        vip_id: u32,
+        candidates: LeastConnCandidates,
+    },
     /// How many NAT services exist (`NAT_SERVICES`).
     SetNatServices {
         count: u32,
@@ -132,6 +138,9 @@ struct AppliedService {
     backends: BTreeMap<BackendAddress, u32>,
     /// As written to `NAT_POOLS` (NAT services); `None` until written.
     nat: Option<NatPool>,
+    /// As written to `LEAST_CONN_CANDIDATES` (least_conn services); `None`
+    /// until written (a map each program has its own of: never adopted).
+    candidates: Option<LeastConnCandidates>,
 }
 
 #[derive(Debug)]
@@ -245,6 +254,7 @@ impl Reconciler {
                     info: Some(*info),
                     backends: BTreeMap::new(),
                     nat: maps.nat_pools.get(&info.id).copied(),
+                    candidates: None,
                 },
             );
         }
@@ -442,6 +452,11 @@ impl Reconciler {
             MapWrite::SetNatPool { vip_id, .. } => {
                 if let Some(service) = self.services.values_mut().find(|s| s.vip_id == *vip_id) {
                     service.nat = None;
+                }
+            }
+            MapWrite::SetLeastConnCandidates { vip_id, .. } => {
+                if let Some(service) = self.services.values_mut().find(|s| s.vip_id == *vip_id) {
+                    service.candidates = None;
                 }
             }
             MapWrite::SetNatServices { .. } => self.nat_services = None,
@@ -974,6 +989,22 @@ mod tests {
     }
 
     #[test]
+    fn adopting_a_least_conn_service_writes_its_candidates_and_nothing_else() {
+        // The new program's candidate map is its own, empty: only it is written.
+        let mut web = service("web", &[(11, 1), (12, 2)]);
+        web.scheduler = Scheduler::LeastConn;
+        let desired = [web, service_on("dns", 53, &[(21, 1)])];
+        let (before, maps) = maps_after(&desired);
+        let mut adopted = Reconciler::adopt(RING, 4, &maps, &names_and_keys(&desired));
+        let (writes, errors) = adopted.plan(&desired);
+        assert!(errors.is_empty(), "{errors:?}");
+        let [MapWrite::SetLeastConnCandidates { vip_id, candidates }] = writes.as_slice() else { panic!("{writes:?}") };
+        assert_eq!(Some(*vip_id), before.vip_id("web"));
+        assert_eq!(Some(*candidates), before.services["web"].candidates);
+        assert!(adopted.plan(&desired).0.is_empty());
+    }
+
+    #[test]
     fn adopting_then_changing_reconciles_to_the_new_config() {
         let old = [service("web", &[(11, 1), (12, 1)]), service_on("dns", 53, &[(21, 1)])];
         let (before, maps) = maps_after(&old);
@@ -1024,6 +1055,54 @@ mod tests {
         desired.backends = service("web", &[(11, 1), (12, 5)]).backends;
         r.plan(&[desired]);
         assert_eq!(r.services["web"].info.unwrap().seq_len, 2);
+    }
+
+    #[test]
+    fn a_least_conn_service_gets_its_candidates_with_their_weights_before_its_vip_entry() {
+        let mut r = Reconciler::new(RING, 4);
+        let mut desired = service("web", &[(11, 1), (12, 5), (13, 0)]);
+        desired.scheduler = Scheduler::LeastConn;
+        let candidates_of = |writes: &[MapWrite]| -> Vec<(usize, LeastConnCandidates)> {
+            writes
+                .iter()
+                .enumerate()
+                .filter_map(|(at, w)| match w {
+                    MapWrite::SetLeastConnCandidates { candidates, .. } => Some((at, *candidates)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (writes, _) = r.plan(&[desired.clone()]);
+        let written = candidates_of(&writes);
+        assert_eq!(written.len(), 1, "{writes:?}");
+        let (at, block) = written[0];
+        let vip_at = writes.iter().position(|w| matches!(w, MapWrite::SetVip { .. })).unwrap();
+        assert!(at < vip_at, "{writes:?}");
+        // The weighted backends, in the ring's order, each with its weight.
+        let ring = ring_of(&r, "web");
+        let ids: Vec<u32> =
+            [11, 12].iter().map(|n| r.backend_id("web", backend_address([198, 18, 1, *n])).unwrap()).collect();
+        let id = |n: u8| ids[(n - 11) as usize];
+        assert_eq!(ring[..2], [u32::from(block.ids[0]), u32::from(block.ids[1])]);
+        let mut pairs: Vec<(u32, u16)> = (0..2).map(|i| (u32::from(block.ids[i]), block.weights[i])).collect();
+        pairs.sort();
+        assert_eq!(pairs, [(id(11), 1), (id(12), 5)]);
+        assert!(block.ids[2..].iter().chain(&block.weights[2..]).all(|v| *v == 0), "{block:?}");
+        // Unchanged: not written again. A weight change: written again.
+        assert!(candidates_of(&r.plan(&[desired.clone()]).0).is_empty());
+        desired.backends[1].weight = 3;
+        let (writes, _) = r.plan(&[desired.clone()]);
+        let written = candidates_of(&writes);
+        assert_eq!(written.len(), 1, "{writes:?}");
+        assert!((0..2).any(|i| (u32::from(written[0].1.ids[i]), written[0].1.weights[i]) == (id(12), 3)));
+        // A refused write is written again by the next plan.
+        for write in &writes {
+            r.forget(write);
+        }
+        assert_eq!(candidates_of(&r.plan(&[desired.clone()]).0).len(), 1);
+        // Any other scheduler: none.
+        desired.scheduler = Scheduler::RoundRobin;
+        assert!(candidates_of(&r.plan(&[desired]).0).is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo, scheduler};
+use lb_common::{LeastConnCandidates, VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo, scheduler};
 
 use super::*;
 
@@ -18,7 +18,14 @@ impl Reconciler {
             let vip_id = self.free_vip_ids.pop().ok_or_else(|| ReconcileError::OutOfVipIds(desired.name.clone()))?;
             self.services.insert(
                 desired.name.clone(),
-                AppliedService { vip_id, key: vip_key(desired), info: None, backends: BTreeMap::new(), nat: None },
+                AppliedService {
+                    vip_id,
+                    key: vip_key(desired),
+                    info: None,
+                    backends: BTreeMap::new(),
+                    nat: None,
+                    candidates: None,
+                },
             );
         }
         let mut result = Ok(());
@@ -89,7 +96,7 @@ impl Reconciler {
         }
         service.nat = pool;
 
-        let (ring, mut info) = self.scheduler_state(desired, service.vip_id, &members);
+        let (ring, mut info, candidates) = self.scheduler_state(desired, service.vip_id, &members);
         let size = self.ring_size as usize;
         let recorded = self.rings.entry(service.vip_id).or_insert_with(|| Arc::new(vec![lb_common::NO_BACKEND; size]));
         let slots: Vec<(u32, u32)> = ring
@@ -127,6 +134,13 @@ impl Reconciler {
         if !slots.is_empty() {
             writes.push(MapWrite::SetRingSlots { vip_id: service.vip_id, slots });
         }
+        // With the ring: the data plane reads the first `seq_len`.
+        if let Some(candidates) = candidates
+            && service.candidates != Some(candidates)
+        {
+            writes.push(MapWrite::SetLeastConnCandidates { vip_id: service.vip_id, candidates });
+        }
+        service.candidates = candidates;
 
         if info_changed && !(shrinking || unflagging) {
             writes.push(MapWrite::SetVip { key: service.key, info });
@@ -137,13 +151,14 @@ impl Reconciler {
         result
     }
 
-    /// What the VIP's slot region holds and its `VIPS` entry, by scheduler.
+    /// What the VIP's slot region holds, its `VIPS` entry, and (least_conn)
+    /// its `LEAST_CONN_CANDIDATES` entry, by scheduler.
     pub(super) fn scheduler_state(
         &self,
         desired: &DesiredService,
         vip_id: u32,
         members: &[MaglevBackend],
-    ) -> (Vec<u32>, VipInfo) {
+    ) -> (Vec<u32>, VipInfo, Option<LeastConnCandidates>) {
         let weighted: Vec<(u32, u64, u32)> = members.iter().map(|m| (m.id, m.identity, m.weight)).collect();
         let unweighted: Vec<(u32, u64, u32)> = weighted.iter().map(|(id, i, w)| (*id, *i, (*w > 0) as u32)).collect();
         let (kind, list) = match desired.scheduler {
@@ -158,6 +173,11 @@ impl Reconciler {
             }
             Scheduler::LeastConn => (scheduler::LEAST_CONN, Some(scheduling::least_conn_candidates(&weighted))),
         };
+        let candidates = (kind == scheduler::LEAST_CONN).then(|| {
+            let list = list.as_deref().unwrap_or_default();
+            let weight = |id: u32| members.iter().find(|m| m.id == id).map_or(0, |m| m.weight);
+            scheduling::least_conn_block(list, weight)
+        });
         let (ring, seq_len) = match list {
             None => (maglev::build_table(members, self.ring_size), 0),
             Some(list) => {
@@ -175,7 +195,7 @@ impl Reconciler {
             seq_len,
             persistence_timeout_ns: desired.persistence_timeout_s as u64 * lb_common::NS_PER_SEC,
         };
-        (ring, info)
+        (ring, info, candidates)
     }
 
     pub(super) fn remove_service(&mut self, name: &str, writes: &mut Vec<MapWrite>) {
