@@ -106,7 +106,7 @@ fn sequence(vip: &VipInfo) -> Option<u32> {
 /// they never all go to one backend. (A counting reservoir would do the
 /// same but makes the verifier track every tie count: too many states.)
 /// The candidates and weights come from one value (`LEAST_CONN_CANDIDATES`):
-/// reading each one's ring slot and `BACKENDS` entry cost a new flow 40 ns
+/// reading each one's ring slot and `BACKENDS` entry cost a new flow 65 ns
 /// more at 32 backends. (The ring's first slots name the same candidates,
 /// for a program of an older release while an upgrade swaps it out.)
 #[inline(always)]
