@@ -52,22 +52,23 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// least_conn's candidates: every weighted backend, in a stable order (the
-/// data plane breaks ties by rotating where its scan starts).
-pub fn least_conn_candidates(backends: &[(u32, u64, u32)]) -> Vec<u32> {
+/// least_conn's candidates: every weighted backend as (id, weight), in a
+/// stable order (the data plane breaks ties by rotating where its scan
+/// starts).
+pub fn least_conn_candidates(backends: &[(u32, u64, u32)]) -> Vec<(u32, u32)> {
     let mut members: Vec<_> = backends.iter().filter(|(_, _, w)| *w > 0).collect();
     members.sort_by_key(|(id, identity, _)| (*identity, *id));
-    members.into_iter().map(|(id, _, _)| *id).collect()
+    members.into_iter().map(|(id, _, weight)| (*id, *weight)).collect()
 }
 
 /// The `LEAST_CONN_CANDIDATES` entry of a least_conn service: its first
 /// `MAX_LEAST_CONN_CANDIDATES` candidates (`least_conn_candidates`), each
 /// with its weight (capped at `u16::MAX`, as `BACKENDS` holds it).
-pub fn least_conn_block(candidates: &[u32], weight: impl Fn(u32) -> u32) -> LeastConnCandidates {
+pub fn least_conn_block(candidates: &[(u32, u32)]) -> LeastConnCandidates {
     let mut block = LeastConnCandidates::default();
-    for (i, id) in candidates.iter().take(block.ids.len()).enumerate() {
+    for (i, (id, weight)) in candidates.iter().take(block.ids.len()).enumerate() {
         block.ids[i] = u16::try_from(*id).unwrap_or(0);
-        block.weights[i] = if block.ids[i] == 0 { 0 } else { weight(*id).min(u16::MAX as u32) as u16 };
+        block.weights[i] = if block.ids[i] == 0 { 0 } else { (*weight).min(u16::MAX as u32) as u16 };
     }
     block
 }
@@ -203,17 +204,17 @@ mod tests {
     fn least_conn_candidates_are_weighted_backends_in_stable_order() {
         let mut m = members(&[1, 0, 3]);
         m.reverse();
-        assert_eq!(least_conn_candidates(&m), [1, 3]);
+        assert_eq!(least_conn_candidates(&m), [(1, 1), (3, 3)]);
     }
 
     #[test]
     fn the_least_conn_block_pairs_each_candidate_with_its_weight() {
-        let block = least_conn_block(&[7, 3, 9], |id| if id == 9 { 70_000 } else { id * 10 });
+        let block = least_conn_block(&[(7, 70), (3, 30), (9, 70_000)]);
         assert_eq!(block.ids[..4], [7, 3, 9, 0]);
         // Capped as `BACKENDS` holds weights.
         assert_eq!(block.weights[..4], [70, 30, u16::MAX, 0]);
-        let many: Vec<u32> = (1..=40).collect();
-        let block = least_conn_block(&many, |_| 1);
+        let many: Vec<(u32, u32)> = (1..=40).map(|id| (id, 1)).collect();
+        let block = least_conn_block(&many);
         assert_eq!(block.ids.len(), lb_common::MAX_LEAST_CONN_CANDIDATES as usize);
         assert_eq!((block.ids[31], block.weights[31]), (32, 1));
     }

@@ -161,23 +161,24 @@ impl Reconciler {
     ) -> (Vec<u32>, VipInfo, Option<LeastConnCandidates>) {
         let weighted: Vec<(u32, u64, u32)> = members.iter().map(|m| (m.id, m.identity, m.weight)).collect();
         let unweighted: Vec<(u32, u64, u32)> = weighted.iter().map(|(id, i, w)| (*id, *i, (*w > 0) as u32)).collect();
-        let (kind, list) = match desired.scheduler {
-            Scheduler::Maglev | Scheduler::LeastResponseTime => (scheduler::MAGLEV, None),
-            Scheduler::Random => (scheduler::RANDOM, None),
-            Scheduler::SourceHash => (scheduler::SOURCE_HASH, None),
+        let (kind, list, candidates) = match desired.scheduler {
+            Scheduler::Maglev | Scheduler::LeastResponseTime => (scheduler::MAGLEV, None, None),
+            Scheduler::Random => (scheduler::RANDOM, None, None),
+            Scheduler::SourceHash => (scheduler::SOURCE_HASH, None, None),
             Scheduler::RoundRobin => {
-                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&unweighted, self.ring_size as usize)))
+                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&unweighted, self.ring_size as usize)), None)
             }
             Scheduler::WeightedRoundRobin => {
-                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&weighted, self.ring_size as usize)))
+                (scheduler::SEQUENCE, Some(scheduling::smooth_sequence(&weighted, self.ring_size as usize)), None)
             }
-            Scheduler::LeastConn => (scheduler::LEAST_CONN, Some(scheduling::least_conn_candidates(&weighted))),
+            Scheduler::LeastConn => {
+                // The ring's first slots name the candidates too, for an
+                // older release's program during an upgrade.
+                let candidates = scheduling::least_conn_candidates(&weighted);
+                let ids = candidates.iter().map(|(id, _)| *id).collect();
+                (scheduler::LEAST_CONN, Some(ids), Some(scheduling::least_conn_block(&candidates)))
+            }
         };
-        let candidates = (kind == scheduler::LEAST_CONN).then(|| {
-            let list = list.as_deref().unwrap_or_default();
-            let weight = |id: u32| members.iter().find(|m| m.id == id).map_or(0, |m| m.weight);
-            scheduling::least_conn_block(list, weight)
-        });
         let (ring, seq_len) = match list {
             None => (maglev::build_table(members, self.ring_size), 0),
             Some(list) => {
