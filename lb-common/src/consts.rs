@@ -132,6 +132,13 @@ pub const VIP_F_NAT: u32 = 1;
 /// costs about 200 ns, a third of the SYN's path). Set by the one writer,
 /// cleared before the ring changes.
 pub const VIP_F_PINS_FOLLOW_RING: u32 = 2;
+/// `VipInfo::flags`: the service switched away from NAT and a retired NAT
+/// slot of its VIP may still carry flows, which their translations pin: a
+/// new-looking packet looks in `NAT_FLOWS` before it is scheduled. Without
+/// it (every service that never was NAT, or whose NAT flows ended) that
+/// miss is spared: on a large table it cost a new flow more than its
+/// whole insert.
+pub const VIP_F_NAT_FLOWS_LINGER: u32 = 4;
 
 /// How a VIP picks the backend of a new flow (`VipInfo::scheduler`). What
 /// its region of `RING_SLOTS` holds depends on it.

@@ -37,8 +37,8 @@
 
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_IN_USE, Backend, FINISHED_LINGER_NS, FLOW_F_FINISHED, FlowEvent, FlowKey, FlowState,
-    GlobalCounter, LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo,
-    nat::NatFlowPhase, scheduler,
+    GlobalCounter, LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP, VIP_F_NAT, VIP_F_NAT_FLOWS_LINGER,
+    VIP_F_PINS_FOLLOW_RING, VipInfo, nat::NatFlowPhase, scheduler,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -257,7 +257,7 @@ fn find_flow(packet: &Packet, vip: &VipInfo, now: u64, least_conn: bool, conntra
         return backend_id as Found | FOUND_HANDSHAKE;
     }
     // A NAT flow of a service that switched away from NAT.
-    if crate::forward::nat::enabled()
+    if vip.flags & VIP_F_NAT_FLOWS_LINGER != 0
         && let Pinned::Hit(selection) = translated(packet, vip, now, least_conn)
     {
         return selection.backend_id as Found | FOUND_PINNED;

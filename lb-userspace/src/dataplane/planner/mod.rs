@@ -731,19 +731,48 @@ mod tests {
         let (writes, _) = r.plan(std::slice::from_ref(&translated));
         assert!(writes.is_empty(), "{writes:?}");
         // And back: new slots again, the NAT ones retired with their flows.
+        // Its VIP says its NAT flows linger: a packet its connection table
+        // does not pin looks for their translations.
         let (writes, _) = r.plan(std::slice::from_ref(&dsr));
-        assert!(writes.iter().any(|w| matches!(w, MapWrite::SetVip { info, .. } if info.flags == 0)));
+        let lingering = lb_common::VIP_F_NAT_FLOWS_LINGER;
+        assert!(writes.iter().any(|w| matches!(w, MapWrite::SetVip { info, .. } if info.flags == lingering)));
         let back_id = r.backend_id("web", address).unwrap();
         assert!(![dsr_id, nat_id].contains(&back_id));
         assert!(r.retired().contains(&nat_id));
+        // Planned again, it says so still.
+        assert!(r.plan(std::slice::from_ref(&dsr)).0.is_empty());
         // Its replies still arrive behind the NAT slots' interface until
         // the scan finds them unreferenced.
         let nat_ifindex = r.backends[&nat_id].ifindex;
         assert_eq!(r.nat_interfaces(), BTreeSet::from([nat_ifindex]));
-        r.collect_retired(&HashSet::from([nat_id]));
+        let writes = r.collect_retired(&HashSet::from([nat_id]));
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::SetVip { .. })), "{writes:?}");
         assert_eq!(r.nat_interfaces(), BTreeSet::from([nat_ifindex]));
-        r.collect_retired(&HashSet::new());
+        // The last NAT flow ended: the VIP stops looking, once.
+        let writes = r.collect_retired(&HashSet::new());
         assert!(r.nat_interfaces().is_empty());
+        assert!(writes.iter().any(|w| matches!(w, MapWrite::SetVip { info, .. } if info.flags == 0)), "{writes:?}");
+        assert!(r.collect_retired(&HashSet::new()).is_empty());
+        assert!(r.plan(std::slice::from_ref(&dsr)).0.is_empty());
+    }
+
+    #[test]
+    fn a_service_that_never_was_nat_does_not_look_for_translations() {
+        let mut r = Reconciler::new(RING, 4);
+        let mut gateway = nat("gw", &[(21, 8080)]);
+        gateway.vip = "198.18.0.101:80".parse().unwrap();
+        let (writes, _) = r.plan(&[service("web", &[(11, 1)]), gateway]);
+        let flags: Vec<u32> = writes
+            .iter()
+            .filter_map(|w| if let MapWrite::SetVip { info, .. } = w { Some(info.flags) } else { None })
+            .collect();
+        assert_eq!(flags.len(), 2);
+        assert!(flags.iter().all(|f| f & lb_common::VIP_F_NAT_FLOWS_LINGER == 0), "{flags:?}");
+        // Nor after the NAT service is removed, its slots retired with their
+        // flows: those are another VIP's.
+        let (writes, _) = r.plan(&[service("web", &[(11, 1)])]);
+        assert!(!writes.iter().any(|w| matches!(w, MapWrite::SetVip { .. })), "{writes:?}");
+        assert!(!r.retired().is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{LeastConnCandidates, VIP_F_NAT, VIP_F_PINS_FOLLOW_RING, VipInfo, scheduler};
+use lb_common::{LeastConnCandidates, VIP_F_NAT, VIP_F_NAT_FLOWS_LINGER, VIP_F_PINS_FOLLOW_RING, VipInfo, scheduler};
 
 use super::*;
 
@@ -116,6 +116,9 @@ impl Reconciler {
         if follow::may_follow(&info) && self.pins_follow(service.vip_id) {
             info.flags |= VIP_F_PINS_FOLLOW_RING;
         }
+        if info.flags & VIP_F_NAT == 0 && self.nat_flows_linger(service.vip_id, &retiring) {
+            info.flags |= VIP_F_NAT_FLOWS_LINGER;
+        }
         // A shorter sequence is announced before its tail is cleared, a
         // longer one after it is written: the cursor never reads a hole.
         // SYNs look at the connection table again before the ring changes.
@@ -197,6 +200,16 @@ impl Reconciler {
             persistence_timeout_ns: desired.persistence_timeout_s as u64 * lb_common::NS_PER_SEC,
         };
         (ring, info, candidates)
+    }
+
+    /// Whether a retired NAT slot of `vip_id` (or one `retiring` now) may
+    /// still carry flows, which their translations pin
+    /// (`VIP_F_NAT_FLOWS_LINGER`).
+    pub(super) fn nat_flows_linger(&self, vip_id: u32, retiring: &[u32]) -> bool {
+        self.retired
+            .iter()
+            .chain(retiring)
+            .any(|id| self.backends.get(id).is_some_and(|b| b.forwarding == NAT && b.vip_id == vip_id))
     }
 
     pub(super) fn remove_service(&mut self, name: &str, writes: &mut Vec<MapWrite>) {

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use lb_common::scheduler;
+use lb_common::{VIP_F_NAT_FLOWS_LINGER, scheduler};
 
 use super::*;
 
@@ -36,7 +36,8 @@ impl Reconciler {
     }
 
     /// Frees retired backend slots that no connection-table entry refers to
-    /// (and lowers the NAT count once no retired NAT slot is left).
+    /// (and lowers the NAT count once no retired NAT slot is left; a VIP
+    /// whose last retired NAT slot went stops looking for its translations).
     pub fn collect_retired(&mut self, referenced: &HashSet<u32>) -> Vec<MapWrite> {
         let free: Vec<u32> = self.retired.iter().filter(|id| !referenced.contains(id)).copied().collect();
         let mut writes = Vec::new();
@@ -45,6 +46,21 @@ impl Reconciler {
             self.backends.remove(&id);
             self.free_backend_ids.push(id);
             writes.push(MapWrite::ClearBackend { id });
+        }
+        let ended: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                s.info.is_some_and(|info| info.flags & VIP_F_NAT_FLOWS_LINGER != 0)
+                    && !self.nat_flows_linger(s.vip_id, &[])
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in ended {
+            let service = self.services.get_mut(&name).expect("listed above");
+            let Some(info) = service.info.as_mut() else { continue };
+            info.flags &= !VIP_F_NAT_FLOWS_LINGER;
+            writes.push(MapWrite::SetVip { key: service.key, info: *info });
         }
         self.lower_nat_services(&mut writes);
         writes
