@@ -2081,6 +2081,16 @@ fn a_nat_flow_keeps_its_translation_both_ways_after_its_service_turns_nat_off() 
         // A new flow goes by DSR: its addresses and ports stay.
         let (action, out) = w.run(&tcp("198.18.0.2", 2000, VIP4, 80, SYN).checksummed());
         assert_eq!((action, source_port(&out), ip_destination(&out)), (XDP_TX, 2000, VIP4.parse().ok()));
+        // What made the flow look for its translation is the VIP's flag:
+        // once the agent clears it (the scan found the NAT slots
+        // unreferenced; here only that write is applied, the slots kept),
+        // the flow's packets go by DSR like any other unpinned one.
+        let mut writes = w.reconciler.collect_retired(&std::collections::HashSet::new());
+        writes.retain(|write| matches!(write, MapWrite::SetVip { .. }));
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        w.dataplane.apply(&writes).expect("apply");
+        let (action, out) = w.run(&client(PSH_ACK));
+        assert_eq!((action, source_port(&out)), (XDP_TX, 1000));
     });
 }
 

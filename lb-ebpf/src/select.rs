@@ -29,7 +29,7 @@
 //! connection writes its translation and no connection-table entry. A flow
 //! that began before its service switched to or from NAT is still found in
 //! the other table (the connection table for a NAT service; for any other,
-//! the translations while NAT is in use).
+//! the translations while its NAT flows linger: `VIP_F_NAT_FLOWS_LINGER`).
 //!
 //! For least_conn VIPs every way a flow starts or ends on a backend is
 //! counted in `ACTIVE_FLOWS` here (a SYN counts: the agent's scan corrects
