@@ -372,8 +372,13 @@ impl Reconciler {
     /// away from NAT): their replies are translated until they end.
     fn nat_in_use(&self) -> u32 {
         let services = self.services.values().filter(|s| s.nat.is_some()).count() as u32;
-        let lingering = self.retired.iter().any(|id| self.backends.get(id).is_some_and(|b| b.forwarding == NAT));
-        services + u32::from(lingering)
+        services + u32::from(self.retired_nat_slots().next().is_some())
+    }
+
+    /// Retired NAT slots: their flows may still run, pinned by their
+    /// translations, until the table scan frees them.
+    fn retired_nat_slots(&self) -> impl Iterator<Item = &Backend> {
+        self.retired.iter().filter_map(|id| self.backends.get(id)).filter(|b| b.forwarding == NAT)
     }
 
     /// Interfaces that NAT slots, serving or retired with their flows, reach

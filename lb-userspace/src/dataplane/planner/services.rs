@@ -86,6 +86,7 @@ impl Reconciler {
             });
         }
         writes.append(&mut backend_writes);
+        self.retired.extend(retiring);
 
         // The translation settings before anything can reach the VIP.
         let pool = desired.nat.as_ref().map(nat_pool);
@@ -116,7 +117,7 @@ impl Reconciler {
         if follow::may_follow(&info) && self.pins_follow(service.vip_id) {
             info.flags |= VIP_F_PINS_FOLLOW_RING;
         }
-        if info.flags & VIP_F_NAT == 0 && self.nat_flows_linger(service.vip_id, &retiring) {
+        if info.flags & VIP_F_NAT == 0 && self.nat_flows_linger(service.vip_id) {
             info.flags |= VIP_F_NAT_FLOWS_LINGER;
         }
         // A shorter sequence is announced before its tail is cleared, a
@@ -149,7 +150,6 @@ impl Reconciler {
             writes.push(MapWrite::SetVip { key: service.key, info });
         }
         service.info = Some(info);
-        self.retired.extend(retiring);
         self.services.insert(desired.name.clone(), service);
         result
     }
@@ -202,14 +202,10 @@ impl Reconciler {
         (ring, info, candidates)
     }
 
-    /// Whether a retired NAT slot of `vip_id` (or one `retiring` now) may
-    /// still carry flows, which their translations pin
-    /// (`VIP_F_NAT_FLOWS_LINGER`).
-    pub(super) fn nat_flows_linger(&self, vip_id: u32, retiring: &[u32]) -> bool {
-        self.retired
-            .iter()
-            .chain(retiring)
-            .any(|id| self.backends.get(id).is_some_and(|b| b.forwarding == NAT && b.vip_id == vip_id))
+    /// Whether a retired NAT slot of `vip_id` may still carry flows, which
+    /// their translations pin (`VIP_F_NAT_FLOWS_LINGER`).
+    pub(super) fn nat_flows_linger(&self, vip_id: u32) -> bool {
+        self.retired_nat_slots().any(|slot| slot.vip_id == vip_id)
     }
 
     pub(super) fn remove_service(&mut self, name: &str, writes: &mut Vec<MapWrite>) {

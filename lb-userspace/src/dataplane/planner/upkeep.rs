@@ -51,8 +51,7 @@ impl Reconciler {
             .services
             .iter()
             .filter(|(_, s)| {
-                s.info.is_some_and(|info| info.flags & VIP_F_NAT_FLOWS_LINGER != 0)
-                    && !self.nat_flows_linger(s.vip_id, &[])
+                s.info.is_some_and(|info| info.flags & VIP_F_NAT_FLOWS_LINGER != 0) && !self.nat_flows_linger(s.vip_id)
             })
             .map(|(name, _)| name.clone())
             .collect();
