@@ -1214,7 +1214,7 @@ fn flow_of(frame: &Frame) -> FlowKey {
 
 /// The tunnel xdplb must build for `frame` to `backend`.
 fn expected_tunnel(frame: &Frame, forwarding: Forwarding, backend: &str) -> Tunnel {
-    let hash = lb_common::flow_hash(&flow_of(frame));
+    let hash = lb_common::tunnel_entropy(&flow_of(frame));
     let source = if backend.contains(':') { TUNNEL_SRC6 } else { TUNNEL_SRC4 };
     Tunnel {
         src: source.parse().unwrap(),

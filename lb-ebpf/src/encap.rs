@@ -4,7 +4,7 @@
 
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    Backend, FAMILY_IPV4, flow_hash, forwarding,
+    Backend, FAMILY_IPV4, FlowKey, forwarding, tunnel_entropy,
     wire::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, UDP_HLEN, tunnel_overhead},
 };
 
@@ -25,21 +25,13 @@ pub struct Inner {
     pub tos: u8,
     /// Inner IPv4 DF (IPv6: always set); the outer IPv4 header copies it.
     pub df: bool,
-    /// Stable per flow: GUE source port, outer IPv6 flow label.
-    pub flow_hash: u32,
 }
 
 impl Inner {
     /// What the outer headers take from a parsed packet.
     #[inline(always)]
     pub fn of(packet: &Packet) -> Self {
-        Inner {
-            family: packet.flow.family,
-            len: packet.ip.len,
-            tos: packet.ip.tos,
-            df: packet.ip.df,
-            flow_hash: flow_hash(&packet.flow),
-        }
+        Inner { family: packet.flow.family, len: packet.ip.len, tos: packet.ip.tos, df: packet.ip.df }
     }
 }
 
@@ -59,8 +51,28 @@ pub fn encapsulate_xdp(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> 
         return false; // unreachable: see MIN_TUNNELLED_FRAME
     }
     // SAFETY: MIN_TUNNELLED_FRAME bytes from `start` were bounds-checked just above.
-    unsafe { write_headers(start, backend, &Inner::of(packet)) };
+    unsafe { write_headers(start, backend, &Inner::of(packet), Entropy::OfFlow(&packet.flow)) };
     true
+}
+
+/// A value stable per flow for the outer headers (GUE source port, outer
+/// IPv6 flow label).
+pub enum Entropy<'a> {
+    /// Hashed from the flow only if a header carries it: an IPv4 IPIP
+    /// packet does not wait for a hash it never writes.
+    OfFlow(&'a FlowKey),
+    Known(u32),
+}
+
+impl Entropy<'_> {
+    /// Inlined: as a BPF subprogram, its call would cost about what it saves.
+    #[inline(always)]
+    fn value(&self) -> u32 {
+        match self {
+            Entropy::OfFlow(flow) => tunnel_entropy(flow),
+            Entropy::Known(value) => *value,
+        }
+    }
 }
 
 /// Writes Ethernet and outer headers at `start`, where the caller made
@@ -69,8 +81,9 @@ pub fn encapsulate_xdp(ctx: &XdpContext, packet: &Packet, backend: &Backend) -> 
 /// # Safety
 /// `start..start + MIN_TUNNELLED_FRAME` must be writable packet memory.
 #[inline(always)]
-pub unsafe fn write_headers(start: usize, backend: &Backend, inner: &Inner) {
+pub unsafe fn write_headers(start: usize, backend: &Backend, inner: &Inner, entropy: Entropy) {
     let gue = backend.forwarding == forwarding::GUE;
+    let entropy = if gue || backend.family != FAMILY_IPV4 { entropy.value() } else { 0 };
     let ether_type = if backend.family == FAMILY_IPV4 { ETH_P_IP } else { ETH_P_IPV6 };
     let mut eth = [0u8; ETH_HLEN];
     eth[..6].copy_from_slice(&backend.dst_mac);
@@ -88,13 +101,12 @@ pub unsafe fn write_headers(start: usize, backend: &Backend, inner: &Inner) {
             core::ptr::write_unaligned((start + ETH_HLEN) as *mut [u8; IPV4_HLEN], ip);
             start + ETH_HLEN + IPV4_HLEN
         } else {
-            let ip =
-                wire::outer_ipv6(inner.tos, inner.flow_hash, payload_len, protocol, &backend.tunnel_src, &backend.addr);
+            let ip = wire::outer_ipv6(inner.tos, entropy, payload_len, protocol, &backend.tunnel_src, &backend.addr);
             core::ptr::write_unaligned((start + ETH_HLEN) as *mut [u8; IPV6_HLEN], ip);
             start + ETH_HLEN + IPV6_HLEN
         };
         if gue {
-            let udp = wire::gue_udp_header(wire::gue_source_port(inner.flow_hash), backend.gue_port, inner.len);
+            let udp = wire::gue_udp_header(wire::gue_source_port(entropy), backend.gue_port, inner.len);
             core::ptr::write_unaligned(udp_at as *mut [u8; UDP_HLEN], udp);
         }
     }

@@ -17,7 +17,7 @@ use lb_common::{
     BACKEND_F_IN_USE, FAMILY_IPV4, FAMILY_IPV6, PROBE_MARK, PROBE_MARK_MASK, forwarding,
     wire::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_DF, tunnel_overhead},
 };
-use lb_ebpf::encap::{self, Inner, MIN_TUNNELLED_FRAME};
+use lb_ebpf::encap::{self, Entropy, Inner, MIN_TUNNELLED_FRAME};
 
 use crate::maps::BACKENDS;
 
@@ -65,9 +65,9 @@ pub fn encapsulate_probe(ctx: &TcContext) -> i32 {
     }
     // SAFETY: a helper that reads (and may compute) the skb's flow hash.
     let flow_hash = unsafe { bpf_get_hash_recalc(skb) };
-    let inner = Inner { family, len: inner_len, tos, df, flow_hash };
+    let inner = Inner { family, len: inner_len, tos, df };
     // SAFETY: MIN_TUNNELLED_FRAME bytes from `start` were bounds-checked just above.
-    unsafe { encap::write_headers(start, backend, &inner) };
+    unsafe { encap::write_headers(start, backend, &inner, Entropy::Known(flow_hash)) };
     // Unmarked, the packet passes this program when it leaves by the
     // backend's interface.
     ctx.set_mark(0);
