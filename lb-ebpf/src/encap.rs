@@ -65,7 +65,8 @@ pub enum Entropy<'a> {
 }
 
 impl Entropy<'_> {
-    /// Inlined: as a BPF subprogram, its call would cost about what it saves.
+    /// Inlined: compiled as a BPF subprogram (a closure was), its call cost
+    /// GUE packets 6-10 ns of the 12-14 saved.
     #[inline(always)]
     fn value(&self) -> u32 {
         match self {
